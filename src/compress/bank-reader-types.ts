@@ -1,0 +1,62 @@
+/**
+ * What the engine needs from a bank: one adapter's parts, and a cluster's shared bases, each loaded
+ * on demand. Implemented by the bank reader (src/compress); consumed by the engine's adapter cache.
+ */
+
+/** One slot of one adapter, as stored in the bank. */
+export type BankSlotPart =
+  | {
+      readonly kind: 'raw';
+      readonly path: string;
+      readonly rank: number;
+      readonly inFeatures: number;
+      readonly outFeatures: number;
+      /** A: [rank, in] f32 */
+      readonly a: Float32Array;
+      /** B: [out, rank] f32 with the adapter's scale folded in */
+      readonly b: Float32Array;
+    }
+  | {
+      readonly kind: 'compressed';
+      readonly path: string;
+      /** Identifies the shared bases (cluster × slot) this core multiplies; pass to loadBases. */
+      readonly basesKey: string;
+      readonly rank: number;
+      readonly diagonal: boolean;
+      /** [rank, rank] (full) or [rank] (diagonal) f32, with the adapter's scale folded in: ΔW = U · Σ · Vᵀ */
+      readonly core: Float32Array;
+    };
+
+export interface BankAdapterParts {
+  readonly id: string;
+  readonly cluster: number;
+  /** Keyed by canonical module path ("model.layers.3.self_attn.q_proj"). Zero slots are omitted. */
+  readonly slots: ReadonlyMap<string, BankSlotPart>;
+  /** Bytes these parts occupy in memory (cores and raw factors; bases not included). */
+  readonly bytes: number;
+}
+
+export interface SharedBases {
+  readonly key: string;
+  readonly path: string;
+  readonly rank: number;
+  readonly inFeatures: number;
+  readonly outFeatures: number;
+  /** U: [out, rank] f32, row-major */
+  readonly u: Float32Array;
+  /** Vᵀ: [rank, in] f32, row-major */
+  readonly vt: Float32Array;
+  readonly bytes: number;
+}
+
+export interface BankReader {
+  readonly dir: string;
+  readonly baseModel: string | null;
+  /** Adapter ids in the bank, sorted. */
+  ids(): readonly string[];
+  has(id: string): boolean;
+  /** Reads only this adapter's cores and raw slots; throws SoppuError(ADAPTER_NOT_FOUND | BANK_CORRUPT). */
+  loadAdapter(id: string): Promise<BankAdapterParts>;
+  /** Reads one cluster × slot pair of shared bases. */
+  loadBases(key: string): Promise<SharedBases>;
+}

@@ -1,0 +1,126 @@
+/**
+ * The engine's public API, which the server and the CLI build on. Internals are camelCase; the
+ * server translates to LoRAX/OpenAI snake_case in one place.
+ */
+
+export interface SamplingParams {
+  /** 0 or undefined with doSample false → greedy. */
+  readonly temperature?: number;
+  readonly topK?: number;
+  readonly topP?: number;
+  readonly typicalP?: number;
+  readonly repetitionPenalty?: number;
+  readonly frequencyPenalty?: number;
+  readonly presencePenalty?: number;
+  readonly doSample?: boolean;
+  /** Same seed → same output. When absent the engine picks one and reports it. */
+  readonly seed?: number;
+}
+
+export interface GenerateRequest {
+  /** Prompt text (tokenized by the engine, with BOS as the tokenizer config says) or token ids. */
+  readonly prompt: string | readonly number[];
+  /** null/'' → base model. */
+  readonly adapterId?: string | null;
+  /** Where to load the adapter from: 'bank' (default when the bank has the id) or 'local' (a PEFT directory path). */
+  readonly adapterSource?: 'bank' | 'local';
+  /** For adapterSource 'local': the PEFT directory (the server validates confinement before this). */
+  readonly adapterPath?: string;
+  readonly maxNewTokens: number;
+  readonly sampling?: SamplingParams;
+  readonly stop?: readonly string[];
+  readonly ignoreEos?: boolean;
+  /** Keep only the last N prompt tokens. */
+  readonly truncate?: number;
+  /** Report this many top alternatives per generated token (0 = none). */
+  readonly topAlternatives?: number;
+  /** Also return the prompt tokens' logprobs. */
+  readonly prefillDetails?: boolean;
+  /** Cancels the request; its rows and KV blocks are freed at the next step. */
+  readonly signal?: AbortSignal;
+}
+
+export interface TokenInfo {
+  readonly id: number;
+  readonly text: string;
+  readonly logprob: number;
+  readonly special: boolean;
+}
+
+export type FinishReason = 'length' | 'eos_token' | 'stop_sequence';
+
+export type GenerateEvent =
+  | {
+      readonly type: 'token';
+      readonly token: TokenInfo;
+      readonly alternatives?: readonly TokenInfo[];
+    }
+  | {
+      readonly type: 'done';
+      readonly finishReason: FinishReason;
+      /** Generated text, stop sequence excluded. */
+      readonly generatedText: string;
+      readonly promptTokens: number;
+      readonly generatedTokens: number;
+      readonly seed: number | null;
+      readonly prefill?: readonly TokenInfo[];
+    };
+
+export interface AdapterStatus {
+  readonly id: string;
+  readonly source: 'bank' | 'local';
+  readonly storage: 'compressed' | 'raw';
+  readonly tier: 'resident' | 'disk' | 'loading' | 'failed';
+  readonly pinned: boolean;
+  readonly bytes: number;
+  readonly error?: string;
+}
+
+export interface EngineStats {
+  readonly running: number;
+  readonly waiting: number;
+  readonly batchSize: number;
+  readonly kvBlocksUsed: number;
+  readonly kvBlocksTotal: number;
+  readonly adapterHits: number;
+  readonly adapterMisses: number;
+  readonly adapterLoads: number;
+  readonly adapterEvictions: number;
+  readonly adapterBytesResident: number;
+  readonly generatedTokens: number;
+}
+
+export interface EngineInfo {
+  readonly modelId: string;
+  readonly modelDtype: string;
+  readonly maxInputTokens: number;
+  readonly maxTotalTokens: number;
+  readonly maxBatchTokens: number;
+  readonly eosTokenIds: readonly number[];
+  readonly kernel: string;
+}
+
+export interface Engine {
+  readonly info: EngineInfo;
+  /**
+   * Starts a request; yields one event per generated token, then one 'done'. Errors before the first
+   * token are thrown from the first `next()` as SoppuError (VALIDATION, ADAPTER_NOT_FOUND,
+   * ADAPTER_LOAD …), so callers can answer with a real HTTP status.
+   */
+  generate(request: GenerateRequest): AsyncIterable<GenerateEvent>;
+  tokenize(text: string): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] };
+  detokenize(ids: readonly number[]): string;
+  /** Chat messages → prompt text through the model's chat template. */
+  applyChatTemplate(messages: readonly { role: string; content: string }[], addGenerationPrompt?: boolean): string;
+  /** Adapters known to the engine (bank ids and registered local ones). */
+  listAdapters(): AdapterStatus[];
+  hasAdapter(id: string): boolean;
+  /** Registers a PEFT directory under `id`: projected into the bank (`compress: true`) or served raw. Replaces an existing id (hot reload). */
+  registerAdapter(id: string, dir: string, options?: { compress?: boolean }): Promise<AdapterStatus>;
+  removeAdapter(id: string): Promise<void>;
+  pinAdapter(id: string, pinned: boolean): Promise<void>;
+  stats(): EngineStats;
+  /** Stops accepting requests; resolves when running ones finish or the deadline passes (then they are cancelled). */
+  drain(deadlineMs: number): Promise<void>;
+  close(): Promise<void>;
+}

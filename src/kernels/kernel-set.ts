@@ -1,0 +1,146 @@
+import type { WeightMatrix } from '../tensor/weight-matrix.js';
+
+/**
+ * The one op interface. `ref/` implements it in plain TypeScript (the spec); the native addon
+ * implements it in C++ with several ISA variants. Every implementation must agree with `ref`
+ * within float tolerance on the shared case list (test/kernels).
+ *
+ * Conventions
+ * - All activations are row-major f32 (`Float32Array`); shapes are given in comments as
+ *   `x: [rows, cols]`. Arrays may be subarrays of larger buffers (the byteOffset is honoured).
+ * - Outputs are written in place; no op allocates its output.
+ * - Ops never retain a reference to an argument after returning.
+ * - Dimension names (docs/glossary.md): M = rows of the batch (tokens), K = in features,
+ *   N = out features, R = adapter rank, H = query heads, Hkv = key/value heads, D = head dim.
+ */
+export interface KernelSet {
+  /** e.g. "ref", "native-avx512", "native-avx2", "native-scalar". */
+  readonly name: string;
+
+  /**
+   * y[M,N] = x[M,K] · W[N,K]ᵀ, or y += … when `accumulate`. W is f32, bf16 or f16 and is
+   * converted on the fly (never widened in memory).
+   */
+  matmul(y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, accumulate?: boolean): void;
+
+  /**
+   * General f32 GEMM: C[m,n] = alpha · op(A) · op(B) + beta · C, row-major with leading dimensions.
+   * op(A) is [m,k]: A is [m,lda≥k] when !transA, or [k,lda≥m] read transposed when transA.
+   * op(B) is [k,n]: B is [k,ldb≥n] when !transB, or [n,ldb≥k] read transposed when transB.
+   * When beta = 0, C is not read (may hold NaN).
+   */
+  gemmF32(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
+    a: Float32Array, lda: number, b: Float32Array, ldb: number, beta: number, c: Float32Array, ldc: number): void;
+
+  /** The same contract as gemmF32 in f64 (linear algebra where precision matters). */
+  gemmF64(transA: boolean, transB: boolean, m: number, n: number, k: number, alpha: number,
+    a: Float64Array, lda: number, b: Float64Array, ldb: number, beta: number, c: Float64Array, ldc: number): void;
+
+  /** out[r,:] = x[r,:] / sqrt(mean(x[r,:]²) + eps) · weight  — x, out: [rows, dim]; weight: [dim]. out may alias x. */
+  rmsnorm(out: Float32Array, x: Float32Array, weight: Float32Array, rows: number, dim: number, eps: number): void;
+
+  /**
+   * Rotary embedding in place, HF "rotate_half" layout: within each head of D, element i pairs with
+   * i + D/2 (i < D/2), angle = positions[t] · invFreq[i].
+   *   x'[i]       = x[i]·cos − x[i+D/2]·sin
+   *   x'[i+D/2]   = x[i+D/2]·cos + x[i]·sin
+   * x: [tokens, heads·D]; positions: [tokens]; invFreq: [D/2] (Llama-3 rope scaling is folded into
+   * invFreq by `ropeInvFreq` in ref/rope.ts).
+   */
+  rope(x: Float32Array, positions: Int32Array, tokens: number, heads: number, headDim: number, invFreq: Float32Array): void;
+
+  /** Row-wise softmax in place, numerically stable (subtract the max). x: [rows, cols]. */
+  softmax(x: Float32Array, rows: number, cols: number): void;
+
+  /** out[i] = silu(gate[i]) · up[i] with silu(g) = g / (1 + e^−g); n elements. out may alias gate. */
+  siluMul(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
+
+  /** out[i] = a[i] + b[i]; n elements; out may alias a (residual add). */
+  add(out: Float32Array, a: Float32Array, b: Float32Array, n: number): void;
+
+  /** y[r,c] += bias[c] — y: [rows, cols]; bias: [cols] (Qwen2 q/k/v biases). */
+  addBias(y: Float32Array, bias: Float32Array, rows: number, cols: number): void;
+
+  /** out[t,:] = table[ids[t],:] widened to f32 — table: [vocab, dim] in its stored dtype; out: [tokens, dim]. */
+  embedding(out: Float32Array, table: WeightMatrix, ids: Int32Array, tokens: number): void;
+
+  /**
+   * Causal grouped-query attention over a paged KV cache, for prefill and decode alike.
+   * See AttentionArgs. Query head h reads KV head floor(h / (H / Hkv)).
+   */
+  attention(args: AttentionArgs): void;
+
+  /**
+   * Raw LoRA shrink over segments: for each segment s and row r in [s.start, s.end):
+   *   t[r, 0:s.a.rows] = x[r,:] · s.a[R,K]ᵀ     (t: [M, tStride]; x: [M, K])
+   * Rows not covered by a segment (adapter 0, the base model) are not touched.
+   * Also used for the compressed form's shared shrink, with a = Vᵀ: [R, K] per cluster.
+   */
+  loraShrink(t: Float32Array, tStride: number, x: Float32Array, k: number, segments: readonly LoraSegment[]): void;
+
+  /**
+   * Raw LoRA expand over segments, accumulating: for each segment s and row r in [s.start, s.end):
+   *   y[r,:] += t[r, 0:R] · s.b[N,R]ᵀ     (y: [M, N]; t: [M, tStride]; scale is pre-folded into b)
+   * Also the compressed form's shared expand, with b = U: [N, R] per cluster.
+   */
+  loraExpand(y: Float32Array, n: number, t: Float32Array, tStride: number, segments: readonly LoraSegment[]): void;
+
+  /**
+   * Per-row core of the compressed form: for each row r with cores[r] defined:
+   *   full:     out[r, 0:R] = Σ[R,R] · t[r, 0:R]     (out[r,i] = Σ_j Σ[i,j] · t[r,j])
+   *   diagonal: out[r, 0:R] = σ[R] ∘ t[r, 0:R]
+   * Rows whose entry is undefined/null (base model or raw adapters) are not touched.
+   * t, out: [M, stride]; out must not alias t.
+   */
+  loraCore(out: Float32Array, t: Float32Array, stride: number, rows: number, cores: readonly (LoraCore | null | undefined)[]): void;
+}
+
+/** A contiguous run of batch rows that share one adapter (or one cluster's shared basis). */
+export interface LoraSegment {
+  /** First row (inclusive). */
+  readonly start: number;
+  /** Last row (exclusive). */
+  readonly end: number;
+  /** Shrink factor, f32 [R, K] (LoRA A, or Vᵀ of a cluster). Used by loraShrink. */
+  readonly a?: WeightMatrix;
+  /** Expand factor, f32 [N, R] with the scale folded in (LoRA s·B, or U of a cluster). Used by loraExpand. */
+  readonly b?: WeightMatrix;
+}
+
+/** One adapter's core in the compressed form, f32. */
+export interface LoraCore {
+  readonly rank: number;
+  readonly diagonal: boolean;
+  /** [R, R] row-major when full; [R] when diagonal. The adapter's scale is folded in. */
+  readonly data: Float32Array;
+}
+
+/**
+ * Paged-KV attention arguments. The KV cache of one layer is a pool of blocks:
+ * kCache, vCache: [numBlocks, blockSize, Hkv, D] f32.
+ * The batch holds `seqs` sequences; sequence s owns query rows [qStart[s], qStart[s] + qLen[s]) of q
+ * and out, and its context (all tokens so far, the new ones included, whose K/V are already written
+ * to the cache) has ctxLen[s] tokens stored in blocks blockTable[blockTableStart[s] + j], j = 0…
+ * The i-th new token of s sits at position ctxLen[s] − qLen[s] + i and attends to positions 0…that
+ * position (causal).
+ */
+export interface AttentionArgs {
+  /** [M, H·D] */
+  readonly out: Float32Array;
+  /** [M, H·D] (RoPE already applied) */
+  readonly q: Float32Array;
+  readonly kCache: Float32Array;
+  readonly vCache: Float32Array;
+  readonly blockTable: Int32Array;
+  readonly blockTableStart: Int32Array;
+  readonly qStart: Int32Array;
+  readonly qLen: Int32Array;
+  readonly ctxLen: Int32Array;
+  readonly seqs: number;
+  readonly heads: number;
+  readonly kvHeads: number;
+  readonly headDim: number;
+  readonly blockSize: number;
+  /** Usually 1/√D. */
+  readonly scale: number;
+}

@@ -1,0 +1,21 @@
+/**
+ * KernelSet over the native addon for one ISA variant. Ops the addon does not export yet fall back
+ * to the reference, so the set is always complete; `nativeOps` lists which are native.
+ */
+import type { KernelSet } from './kernel-set.js';
+import { loadNativeAddon } from './native-addon.js';
+import { refKernels } from './ref/index.js';
+
+const cache = new Map<number, KernelSet>();
+
+export function nativeKernelSet(variantIndex: number): KernelSet {
+  const hit = cache.get(variantIndex);
+  if (hit) return hit;
+  const { addon } = loadNativeAddon();
+  if (!addon) throw new Error('native addon is not built');
+  const variant = addon.variants()[variantIndex];
+  if (!variant?.supported) throw new Error(`native variant ${variantIndex} is not supported on this CPU`);
+  const set: KernelSet = { ...refKernels, name: `native-${variant.name}` };
+  cache.set(variantIndex, set);
+  return set;
+}

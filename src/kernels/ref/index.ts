@@ -1,0 +1,30 @@
+/**
+ * The reference kernel set: plain TypeScript, single-threaded, written to be read. It is the
+ * specification every native variant is tested against.
+ */
+import type { KernelSet } from '../kernel-set.js';
+import { matmul } from './matmul.js';
+import { gemm } from './gemm.js';
+import { add, addBias, embedding, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
+import { attention } from './attention.js';
+import { loraCore, loraExpand, loraShrink } from './lora.js';
+
+export { ropeInvFreq, type RopeScaling } from './rope-inv-freq.js';
+
+export const refKernels: KernelSet = {
+  name: 'ref',
+  matmul,
+  gemmF32: gemm,
+  gemmF64: gemm,
+  rmsnorm,
+  rope,
+  softmax,
+  siluMul,
+  add,
+  addBias,
+  embedding,
+  attention,
+  loraShrink,
+  loraExpand,
+  loraCore,
+};

@@ -1,0 +1,50 @@
+import type { LoraCore, LoraSegment } from '../kernel-set.js';
+import { weightAt } from '../../tensor/weight-matrix.js';
+
+// t: [M, tStride]; x: [M, k]; segment.a: [R, k]
+export function loraShrink(t: Float32Array, tStride: number, x: Float32Array, k: number, segments: readonly LoraSegment[]): void {
+  for (const segment of segments) {
+    const a = segment.a;
+    if (!a) throw new TypeError('loraShrink: segment without a');
+    for (let r = segment.start; r < segment.end; r++) {
+      for (let j = 0; j < a.rows; j++) {
+        let sum = 0;
+        for (let c = 0; c < k; c++) sum += x[r * k + c]! * weightAt(a, j, c);
+        t[r * tStride + j] = sum;
+      }
+    }
+  }
+}
+
+// y: [M, n]; t: [M, tStride]; segment.b: [n, R]
+export function loraExpand(y: Float32Array, n: number, t: Float32Array, tStride: number, segments: readonly LoraSegment[]): void {
+  for (const segment of segments) {
+    const b = segment.b;
+    if (!b) throw new TypeError('loraExpand: segment without b');
+    for (let r = segment.start; r < segment.end; r++) {
+      for (let o = 0; o < n; o++) {
+        let sum = 0;
+        for (let j = 0; j < b.cols; j++) sum += t[r * tStride + j]! * weightAt(b, o, j);
+        y[r * n + o] = y[r * n + o]! + sum;
+      }
+    }
+  }
+}
+
+// out, t: [M, stride]
+export function loraCore(out: Float32Array, t: Float32Array, stride: number, rows: number, cores: readonly (LoraCore | null | undefined)[]): void {
+  for (let r = 0; r < rows; r++) {
+    const core = cores[r];
+    if (!core) continue;
+    const base = r * stride;
+    for (let i = 0; i < core.rank; i++) {
+      if (core.diagonal) {
+        out[base + i] = core.data[i]! * t[base + i]!;
+        continue;
+      }
+      let sum = 0;
+      for (let j = 0; j < core.rank; j++) sum += core.data[i * core.rank + j]! * t[base + j]!;
+      out[base + i] = sum;
+    }
+  }
+}

@@ -1,0 +1,32 @@
+/** Llama-3 style rope_scaling block of config.json. */
+export interface RopeScaling {
+  readonly ropeType: 'llama3';
+  readonly factor: number;
+  readonly lowFreqFactor: number;
+  readonly highFreqFactor: number;
+  readonly originalMaxPositionEmbeddings: number;
+}
+
+/**
+ * invFreq[i] = theta^(−2i/D), i < D/2, with Llama-3 scaling when given: long wavelengths are divided by
+ * `factor`, short ones kept, and the band between is interpolated smoothly (as in HF transformers).
+ */
+export function ropeInvFreq(headDim: number, theta: number, scaling?: RopeScaling | null): Float32Array {
+  const half = headDim / 2;
+  const invFreq = new Float32Array(half);
+  for (let i = 0; i < half; i++) {
+    let frequency = 1 / theta ** ((2 * i) / headDim);
+    if (scaling) {
+      const lowFreqWavelength = scaling.originalMaxPositionEmbeddings / scaling.lowFreqFactor;
+      const highFreqWavelength = scaling.originalMaxPositionEmbeddings / scaling.highFreqFactor;
+      const wavelength = (2 * Math.PI) / frequency;
+      if (wavelength > lowFreqWavelength) frequency /= scaling.factor;
+      else if (wavelength >= highFreqWavelength) {
+        const smooth = (scaling.originalMaxPositionEmbeddings / wavelength - scaling.lowFreqFactor) / (scaling.highFreqFactor - scaling.lowFreqFactor);
+        frequency = (1 - smooth) * (frequency / scaling.factor) + smooth * frequency;
+      }
+    }
+    invFreq[i] = frequency;
+  }
+  return invFreq;
+}
