@@ -1,5 +1,279 @@
-#include "common.h"
+// Native LoRA segment ops: loraShrink, loraExpand (accumulating) and loraCore (full or diagonal),
+// contracts in src/kernels/kernel-set.ts, spec in src/kernels/ref/lora.ts. Segments arrive flattened
+// from TS: Int32Array starts/ends/ranks/dtypes plus a JS array of weight arrays, one per segment
+// (Float32Array for f32, Uint16Array of raw bits for bf16/f16; 16-bit tiles are widened in scratch).
+#include "native-args.h"
+#include <algorithm>
+#include <vector>
 
 namespace soppu {
-void RegisterLora(Napi::Env, Napi::Object) {}
+namespace scalar {
+#define SOPPU_ISA 0
+#include "simd.inc"
+#include "lora-kernels.inc"
+#undef SOPPU_ISA
+}  // namespace scalar
+}  // namespace soppu
+
+SOPPU_BEGIN_AVX2
+namespace soppu {
+namespace avx2 {
+#define SOPPU_ISA 1
+#include "simd.inc"
+#include "lora-kernels.inc"
+#undef SOPPU_ISA
+}  // namespace avx2
+}  // namespace soppu
+SOPPU_END_ISA
+
+SOPPU_BEGIN_AVX512
+namespace soppu {
+namespace avx512 {
+#define SOPPU_ISA 2
+#include "simd.inc"
+#include "lora-kernels.inc"
+#undef SOPPU_ISA
+}  // namespace avx512
+}  // namespace soppu
+SOPPU_END_ISA
+
+namespace soppu {
+namespace {
+
+constexpr int64_t kRowTile = 4;
+
+struct Segment {
+  int64_t start, end, rank;
+  const void* weights;
+  int dtype;  // 0 f32, 1 bf16, 2 f16
+};
+
+constexpr int64_t kShrinkColumns = 16;  // j per shrink tile
+constexpr int64_t kExpandColumns = 128; // outputs per expand tile
+
+struct Tile {
+  int64_t segment, r0, r1, c0, c1;  // rows [r0, r1), columns (j or o) [c0, c1)
+};
+
+/**
+ * Reads segments from (starts, ends, weights, ranks, dtypes) at info[first…first+4] and checks each:
+ * rows within [0, maxRows), rank in [1, maxRank], weights a Float32Array (dtype 0) or Uint16Array
+ * (dtype 1 bf16, 2 f16) of at least rank·weightCols elements.
+ */
+bool ReadSegments(const Napi::CallbackInfo& info, size_t first, const char* op, const char* weightName,
+                  int64_t maxRows, int64_t maxRank, int64_t weightCols, std::vector<Segment>* segments) {
+  const Napi::Env env = info.Env();
+  ArrayArg<int32_t> starts, ends, ranks, dtypes;
+  if (!GetI32(info, first, op, "starts", &starts) || !GetI32(info, first + 1, op, "ends", &ends) ||
+      !GetI32(info, first + 3, op, "ranks", &ranks) || !GetI32(info, first + 4, op, "dtypes", &dtypes))
+    return false;
+  if (!info[first + 2].IsArray()) return Fail(env, std::string("soppu native ") + op + ": weights must be an array");
+  const Napi::Array weights = info[first + 2].As<Napi::Array>();
+  const int64_t count = weights.Length();
+  if (!NeedLength(env, op, "starts", starts.length, count) || !NeedLength(env, op, "ends", ends.length, count) ||
+      !NeedLength(env, op, "ranks", ranks.length, count) || !NeedLength(env, op, "dtypes", dtypes.length, count))
+    return false;
+  for (int64_t s = 0; s < count; s++) {
+    const std::string where = std::string("soppu native ") + op + ": segment " + std::to_string(s) + ": ";
+    const int64_t start = starts.data[s], end = ends.data[s], rank = ranks.data[s];
+    if (start < 0 || end < start || end > maxRows)
+      return Fail(env, where + "rows [" + std::to_string(start) + ", " + std::to_string(end) + ") outside [0, " +
+                           std::to_string(maxRows) + ")");
+    if (rank < 1 || rank > maxRank)
+      return Fail(env, where + "rank " + std::to_string(rank) + " outside [1, " + std::to_string(maxRank) + "]");
+    const int dtype = dtypes.data[s];
+    if (dtype < 0 || dtype > 2) return Fail(env, where + "dtype index " + std::to_string(dtype) + " is not 0, 1 or 2");
+    const Napi::Value value = weights.Get(static_cast<uint32_t>(s));
+    napi_typedarray_type type;
+    size_t length = 0;
+    void* data = nullptr;
+    if (!value.IsTypedArray() ||
+        napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
+        type != (dtype == 0 ? napi_float32_array : napi_uint16_array))
+      return Fail(env, where + weightName + (dtype == 0 ? " must be a Float32Array" : " must be a Uint16Array"));
+    if (static_cast<int64_t>(length) < rank * weightCols)
+      return Fail(env, where + weightName + " has " + std::to_string(length) + " elements, needs " +
+                           std::to_string(rank * weightCols));
+    segments->push_back(Segment{start, end, rank, data, dtype});
+  }
+  return true;
+}
+
+bool Disjoint(const std::vector<Segment>& segments) {
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  for (const Segment& s : segments)
+    if (s.end > s.start) spans.emplace_back(s.start, s.end);
+  std::sort(spans.begin(), spans.end());
+  for (size_t i = 1; i < spans.size(); i++)
+    if (spans[i].first < spans[i - 1].second) return false;
+  return true;
+}
+
+// Tiles of every segment, in segment order; columns [0, columns(segment)) in tiles of columnTile.
+template <typename Columns>
+std::vector<Tile> MakeTiles(const std::vector<Segment>& segments, int64_t columnTile, Columns columns,
+                            std::vector<size_t>* segmentFirstTile) {
+  std::vector<Tile> tiles;
+  for (size_t s = 0; s < segments.size(); s++) {
+    segmentFirstTile->push_back(tiles.size());
+    const int64_t total = columns(segments[s]);
+    for (int64_t r = segments[s].start; r < segments[s].end; r += kRowTile)
+      for (int64_t c = 0; c < total; c += columnTile)
+        tiles.push_back(Tile{static_cast<int64_t>(s), r, std::min(r + kRowTile, segments[s].end), c,
+                             std::min(c + columnTile, total)});
+  }
+  segmentFirstTile->push_back(tiles.size());
+  return tiles;
+}
+
+// Runs every tile; all at once when segments are disjoint (no two tiles write one element), else
+// one segment after another, as the reference does, so overlapping segments keep its meaning.
+template <typename Fn>
+void RunTiles(const std::vector<Segment>& segments, const std::vector<Tile>& tiles,
+              const std::vector<size_t>& segmentFirstTile, Fn fn) {
+  const auto body = [&](size_t offset) {
+    return [&, offset](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; i++) fn(tiles[offset + static_cast<size_t>(i)]);
+    };
+  };
+  if (Disjoint(segments)) {
+    ParallelFor(static_cast<int64_t>(tiles.size()), 1, body(0));
+    return;
+  }
+  for (size_t s = 0; s < segments.size(); s++) {
+    const size_t first = segmentFirstTile[s], last = segmentFirstTile[s + 1];
+    ParallelFor(static_cast<int64_t>(last - first), 1, body(first));
+  }
+}
+
+// Scratch for one tile's widened 16-bit weight rows, reused across calls on each thread.
+float* TileScratch(int64_t floats) {
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(static_cast<size_t>(floats));
+  return scratch.data();
+}
+
+// loraShrink(isa, t, tStride, x, k, rows, starts, ends, weights (a: [R, k] each), ranks, dtypes)
+Napi::Value LoraShrink(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  const char* op = "loraShrink";
+  ArrayArg<float> t, x;
+  int64_t tStride, k, rows;
+  if (!GetF32(info, 1, op, "t", &t) || !GetInt(info, 2, op, "tStride", 1, &tStride) || !GetF32(info, 3, op, "x", &x) ||
+      !GetInt(info, 4, op, "k", 1, &k) || !GetInt(info, 5, op, "rows", 0, &rows) ||
+      !NeedLength(env, op, "t", t.length, rows * tStride) || !NeedLength(env, op, "x", x.length, rows * k))
+    return env.Undefined();
+  std::vector<Segment> segments;
+  if (!ReadSegments(info, 6, op, "a", rows, tStride, k, &segments)) return env.Undefined();
+  std::vector<size_t> firstTile;
+  const std::vector<Tile> tiles = MakeTiles(segments, kShrinkColumns, [](const Segment& s) { return s.rank; }, &firstTile);
+  RunTiles(segments, tiles, firstTile, [&](const Tile& tile) {
+    const Segment& segment = segments[static_cast<size_t>(tile.segment)];
+    float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kShrinkColumns * k);
+    SOPPU_DISPATCH(isa, ShrinkTileAny(t.data, tStride, x.data, k, segment.weights, segment.dtype, tile.r0, tile.r1, tile.c0,
+                                      tile.c1, scratch));
+  });
+  return env.Undefined();
+}
+
+// loraExpand(isa, y, n, t, tStride, rows, starts, ends, weights (b: [n, R] each), ranks, dtypes)
+Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  const char* op = "loraExpand";
+  ArrayArg<float> y, t;
+  int64_t n, tStride, rows;
+  if (!GetF32(info, 1, op, "y", &y) || !GetInt(info, 2, op, "n", 1, &n) || !GetF32(info, 3, op, "t", &t) ||
+      !GetInt(info, 4, op, "tStride", 1, &tStride) || !GetInt(info, 5, op, "rows", 0, &rows) ||
+      !NeedLength(env, op, "y", y.length, rows * n) || !NeedLength(env, op, "t", t.length, rows * tStride))
+    return env.Undefined();
+  std::vector<Segment> segments;
+  if (!ReadSegments(info, 6, op, "b", rows, tStride, n, &segments)) return env.Undefined();
+  std::vector<size_t> firstTile;
+  const std::vector<Tile> tiles = MakeTiles(segments, kExpandColumns, [n](const Segment&) { return n; }, &firstTile);
+  RunTiles(segments, tiles, firstTile, [&](const Tile& tile) {
+    const Segment& segment = segments[static_cast<size_t>(tile.segment)];
+    float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kExpandColumns * segment.rank);
+    SOPPU_DISPATCH(isa, ExpandTileAny(y.data, n, t.data, tStride, segment.weights, segment.dtype, segment.rank, tile.r0,
+                                      tile.r1, tile.c0, tile.c1, scratch));
+  });
+  return env.Undefined();
+}
+
+// loraCore(isa, out, t, stride, rows, coreOfRow (Int32Array [rows], −1 = none), cores (Float32Array
+// each), coreRanks (Int32Array), coreDiagonal (Int32Array, 0/1))
+Napi::Value LoraCore(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  const char* op = "loraCore";
+  ArrayArg<float> out, t;
+  ArrayArg<int32_t> coreOfRow, ranks, diagonal;
+  int64_t stride, rows;
+  if (!GetF32(info, 1, op, "out", &out) || !GetF32(info, 2, op, "t", &t) || !GetInt(info, 3, op, "stride", 1, &stride) ||
+      !GetInt(info, 4, op, "rows", 0, &rows) || !GetI32(info, 5, op, "coreOfRow", &coreOfRow) ||
+      !GetI32(info, 7, op, "coreRanks", &ranks) || !GetI32(info, 8, op, "coreDiagonal", &diagonal) ||
+      !NeedLength(env, op, "out", out.length, rows * stride) || !NeedLength(env, op, "t", t.length, rows * stride) ||
+      !NeedLength(env, op, "coreOfRow", coreOfRow.length, rows))
+    return env.Undefined();
+  if (!info[6].IsArray()) {
+    Fail(env, "soppu native loraCore: cores must be an array");
+    return env.Undefined();
+  }
+  const Napi::Array coreArrays = info[6].As<Napi::Array>();
+  const int64_t count = coreArrays.Length();
+  if (!NeedLength(env, op, "coreRanks", ranks.length, count) || !NeedLength(env, op, "coreDiagonal", diagonal.length, count))
+    return env.Undefined();
+  std::vector<const float*> cores;
+  for (int64_t c = 0; c < count; c++) {
+    const int64_t rank = ranks.data[c];
+    const std::string where = "soppu native loraCore: core " + std::to_string(c) + ": ";
+    if (rank < 1 || rank > stride) {
+      Fail(env, where + "rank " + std::to_string(rank) + " outside [1, stride " + std::to_string(stride) + "]");
+      return env.Undefined();
+    }
+    const Napi::Value value = coreArrays.Get(static_cast<uint32_t>(c));
+    napi_typedarray_type type;
+    size_t length = 0;
+    void* data = nullptr;
+    if (!value.IsTypedArray() || napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
+        type != napi_float32_array) {
+      Fail(env, where + "data must be a Float32Array");
+      return env.Undefined();
+    }
+    const int64_t needed = diagonal.data[c] ? rank : rank * rank;
+    if (static_cast<int64_t>(length) < needed) {
+      Fail(env, where + "data has " + std::to_string(length) + " elements, needs " + std::to_string(needed));
+      return env.Undefined();
+    }
+    cores.push_back(static_cast<const float*>(data));
+  }
+  for (int64_t r = 0; r < rows; r++) {
+    if (coreOfRow.data[r] < -1 || coreOfRow.data[r] >= count) {
+      Fail(env, "soppu native loraCore: row " + std::to_string(r) + " names core " + std::to_string(coreOfRow.data[r]) +
+                    " of " + std::to_string(count));
+      return env.Undefined();
+    }
+  }
+  ParallelFor(rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; r++) {
+      const int32_t c = coreOfRow.data[r];
+      if (c < 0) continue;
+      SOPPU_DISPATCH(isa, CoreRow(out.data, t.data, stride, r, cores[static_cast<size_t>(c)], ranks.data[c], diagonal.data[c] != 0));
+    }
+  });
+  return env.Undefined();
+}
+
+}  // namespace
+
+void RegisterLora(Napi::Env env, Napi::Object exports) {
+  exports.Set("loraShrink", Napi::Function::New(env, LoraShrink));
+  exports.Set("loraExpand", Napi::Function::New(env, LoraExpand));
+  exports.Set("loraCore", Napi::Function::New(env, LoraCore));
+}
+
 }  // namespace soppu

@@ -1,5 +1,199 @@
+// matmul: y[M,N] = x[M,K] · W[N,K]ᵀ (or +=), W in f32, bf16 or f16, converted in registers.
+// Three ISA variants of the same kernel live side by side (matmul-isa.inc, included per variant).
+// GCC 12 flags its own AVX-512 intrinsics (the _mm512_undefined_* self-initialisation) as
+// uninitialised once they are inlined into target-attributed functions; silence that false positive.
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include "common.h"
+#include "simd-common.h"
+#include <immintrin.h>
+#include <algorithm>
+#include <array>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace soppu {
-void RegisterMatmul(Napi::Env, Napi::Object) {}
+
+struct MatmulArgs {
+  float* y;
+  const float* x;
+  const void* w;
+  WeightDtype dtype;
+  int64_t m, n, k;
+  int64_t kBlock;
+  bool accumulate;
+};
+
+namespace scalar {
+#define SOPPU_ISA_LEVEL 0
+#define SOPPU_TARGET
+#include "simd-isa.inc"
+#include "matmul-isa.inc"
+#undef SOPPU_ISA_LEVEL
+#undef SOPPU_TARGET
+#undef SOPPU_INLINE
+}  // namespace scalar
+
+namespace avx2 {
+#define SOPPU_ISA_LEVEL 1
+#define SOPPU_TARGET __attribute__((target("avx2,fma,f16c")))
+#include "simd-isa.inc"
+#include "matmul-isa.inc"
+#undef SOPPU_ISA_LEVEL
+#undef SOPPU_TARGET
+#undef SOPPU_INLINE
+}  // namespace avx2
+
+namespace avx512 {
+#define SOPPU_ISA_LEVEL 2
+#define SOPPU_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,f16c")))
+#include "simd-isa.inc"
+#include "matmul-isa.inc"
+#undef SOPPU_ISA_LEVEL
+#undef SOPPU_TARGET
+#undef SOPPU_INLINE
+}  // namespace avx512
+
+namespace {
+
+using BlockFn = void (*)(const MatmulArgs&, int64_t, int64_t, int64_t, int64_t);
+using SumFn = double (*)(const float*, int64_t);
+
+// Indexed by Isa. A later AVX512-BF16 / AMX variant adds a row here (and an Isa value in common.h).
+constexpr BlockFn kBlockFns[kIsaCount] = {&scalar::MatmulBlockAny, &avx2::MatmulBlockAny, &avx512::MatmulBlockAny};
+constexpr SumFn kSumFns[kIsaCount] = {&scalar::SumRange, &avx2::SumRange, &avx512::SumRange};
+
+constexpr int64_t kRowBlock = 64;   // rows of x per task when M is large (x block stays in L2)
+constexpr int64_t kColumnUnit = 24; // rows of W per scheduling unit (a multiple of every NR)
+constexpr int64_t kMinMacsPerChunk = 1 << 16;
+
+// K slice per pass. Measured on Zen 5 (1 MiB L2): the panel of NR rows of W over all of K stays in
+// L2 and the per-slice reductions cost more than they save, so K is only split when very long.
+// Few rows of x stream W once anyway: never split.
+int64_t KBlock(int64_t m, int64_t k) { return m <= 4 || k <= 4096 ? k : 2048; }
+
+}  // namespace
+
+void Matmul(Isa isa, const MatmulArgs& args) {
+  if (args.m <= 0 || args.n <= 0) return;
+  if (args.k == 0) {
+    if (!args.accumulate) std::fill(args.y, args.y + args.m * args.n, 0.0f);
+    return;
+  }
+  MatmulArgs a = args;
+  a.kBlock = KBlock(a.m, a.k);
+  const BlockFn block = kBlockFns[static_cast<int>(isa)];
+  const int64_t rowBlocks = (a.m + kRowBlock - 1) / kRowBlock;
+  const int64_t rowsPerBlock = (a.m + rowBlocks - 1) / rowBlocks;
+  const int64_t units = (a.n + kColumnUnit - 1) / kColumnUnit;
+  const int64_t macsPerUnit = rowsPerBlock * kColumnUnit * a.k;
+  const int64_t grain = std::max<int64_t>(1, kMinMacsPerChunk / std::max<int64_t>(1, macsPerUnit));
+  // Task t covers row block t / units and column unit t % units: consecutive tasks share x.
+  ParallelFor(rowBlocks * units, grain, [&](int64_t begin, int64_t end) {
+    while (begin < end) {
+      const int64_t rowBlock = begin / units;
+      const int64_t unitEnd = std::min(end, (rowBlock + 1) * units);
+      const int64_t m0 = rowBlock * rowsPerBlock, m1 = std::min(a.m, m0 + rowsPerBlock);
+      const int64_t n0 = (begin - rowBlock * units) * kColumnUnit;
+      const int64_t n1 = std::min(a.n, (unitEnd - rowBlock * units) * kColumnUnit);
+      block(a, m0, m1, n0, n1);
+      begin = unitEnd;
+    }
+  });
+}
+
+namespace {
+
+bool Fail(const Napi::Env& env, const std::string& message) {
+  Napi::RangeError::New(env, "soppu native: " + message).ThrowAsJavaScriptException();
+  return false;
+}
+
+bool GetInt(const Napi::Value& v, const char* name, int64_t& out) {
+  if (!v.IsNumber()) return Fail(v.Env(), std::string(name) + " must be a number");
+  const double d = v.As<Napi::Number>().DoubleValue();
+  if (!(d >= 0) || d > 9.0e15 || d != static_cast<double>(static_cast<int64_t>(d)))
+    return Fail(v.Env(), std::string(name) + " must be a non-negative integer");
+  out = static_cast<int64_t>(d);
+  return true;
+}
+
+// matmul(isa, y: Float32Array, x: Float32Array, w: Float32Array|Uint16Array, dtype, m, n, k, accumulate)
+Napi::Value MatmulJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  if (info.Length() < 9 || !info[1].IsTypedArray() || !info[2].IsTypedArray() || !info[3].IsTypedArray()) {
+    Fail(env, "matmul(isa, y, x, w, dtype, m, n, k, accumulate): bad arguments");
+    return env.Undefined();
+  }
+  int64_t dtype, m, n, k;
+  if (!GetInt(info[4], "matmul dtype", dtype) || !GetInt(info[5], "matmul m", m) ||
+      !GetInt(info[6], "matmul n", n) || !GetInt(info[7], "matmul k", k))
+    return env.Undefined();
+  Napi::TypedArray yArray = info[1].As<Napi::TypedArray>(), xArray = info[2].As<Napi::TypedArray>(),
+                   wArray = info[3].As<Napi::TypedArray>();
+  if (yArray.TypedArrayType() != napi_float32_array || xArray.TypedArrayType() != napi_float32_array) {
+    Fail(env, "matmul: y and x must be Float32Array");
+    return env.Undefined();
+  }
+  const napi_typedarray_type wantW = dtype == 0 ? napi_float32_array : napi_uint16_array;
+  if (dtype > 2 || wArray.TypedArrayType() != wantW) {
+    Fail(env, "matmul: weight dtype code " + std::to_string(dtype) + " does not match the weight array type");
+    return env.Undefined();
+  }
+  if (static_cast<int64_t>(yArray.ElementLength()) < m * n || static_cast<int64_t>(xArray.ElementLength()) < m * k ||
+      static_cast<int64_t>(wArray.ElementLength()) < n * k) {
+    Fail(env, "matmul: array too short for m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k));
+    return env.Undefined();
+  }
+  MatmulArgs a;
+  a.y = yArray.As<Napi::Float32Array>().Data();
+  a.x = xArray.As<Napi::Float32Array>().Data();
+  a.w = dtype == 0 ? static_cast<const void*>(wArray.As<Napi::Float32Array>().Data())
+                   : static_cast<const void*>(wArray.As<Napi::Uint16Array>().Data());
+  a.dtype = static_cast<WeightDtype>(dtype);
+  a.m = m;
+  a.n = n;
+  a.k = k;
+  a.kBlock = k;
+  a.accumulate = info[8].ToBoolean().Value();
+  Matmul(isa, a);
+  return env.Undefined();
+}
+
+// memoryReadSum(isa, data: Float32Array): sums the array on the pool (bandwidth probe).
+Napi::Value MemoryReadSumJs(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  if (info.Length() < 2 || !info[1].IsTypedArray() ||
+      info[1].As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
+    Fail(env, "memoryReadSum(isa, data: Float32Array): bad arguments");
+    return env.Undefined();
+  }
+  Napi::Float32Array data = info[1].As<Napi::Float32Array>();
+  const float* p = data.Data();
+  const int64_t n = static_cast<int64_t>(data.ElementLength());
+  const SumFn sum = kSumFns[static_cast<int>(isa)];
+  constexpr int64_t kChunk = 1 << 16;  // floats per scheduling unit (256 KiB)
+  const int64_t units = (n + kChunk - 1) / kChunk;
+  std::vector<double> partial(static_cast<size_t>(units), 0.0);
+  ParallelFor(units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; u++)
+      partial[static_cast<size_t>(u)] = sum(p + u * kChunk, std::min(kChunk, n - u * kChunk));
+  });
+  double total = 0;
+  for (double v : partial) total += v;
+  return Napi::Number::New(env, total);
+}
+
+}  // namespace
+
+void RegisterMatmul(Napi::Env env, Napi::Object exports) {
+  exports.Set("matmul", Napi::Function::New(env, MatmulJs));
+  exports.Set("memoryReadSum", Napi::Function::New(env, MemoryReadSumJs));
+}
+
 }  // namespace soppu

@@ -1,5 +1,206 @@
-#include "common.h"
+// Native element-wise and row-wise ops (rmsnorm, rope, softmax, siluMul, add, addBias, embedding),
+// each in scalar / AVX2 / AVX-512 variants. Contracts: src/kernels/kernel-set.ts; spec: src/kernels/ref.
+#include "native-args.h"
+#include <vector>
 
 namespace soppu {
-void RegisterOps(Napi::Env, Napi::Object) {}
+namespace scalar {
+#define SOPPU_ISA 0
+#include "simd.inc"
+#include "ops-kernels.inc"
+#undef SOPPU_ISA
+}  // namespace scalar
+}  // namespace soppu
+
+SOPPU_BEGIN_AVX2
+namespace soppu {
+namespace avx2 {
+#define SOPPU_ISA 1
+#include "simd.inc"
+#include "ops-kernels.inc"
+#undef SOPPU_ISA
+}  // namespace avx2
+}  // namespace soppu
+SOPPU_END_ISA
+
+SOPPU_BEGIN_AVX512
+namespace soppu {
+namespace avx512 {
+#define SOPPU_ISA 2
+#include "simd.inc"
+#include "ops-kernels.inc"
+#undef SOPPU_ISA
+}  // namespace avx512
+}  // namespace soppu
+SOPPU_END_ISA
+
+namespace soppu {
+namespace {
+
+constexpr int64_t kElementGrain = 1 << 14;  // elements per parallel chunk for streaming ops
+
+int64_t RowGrain(int64_t cols) { return cols >= kElementGrain ? 1 : kElementGrain / (cols > 0 ? cols : 1); }
+
+// rmsnorm(isa, out, x, weight, rows, dim, eps)
+Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  ArrayArg<float> out, x, weight;
+  int64_t rows, dim;
+  double eps;
+  const char* op = "rmsnorm";
+  if (!GetF32(info, 1, op, "out", &out) || !GetF32(info, 2, op, "x", &x) || !GetF32(info, 3, op, "weight", &weight) ||
+      !GetInt(info, 4, op, "rows", 0, &rows) || !GetInt(info, 5, op, "dim", 1, &dim) ||
+      !GetNumber(info, 6, op, "eps", &eps) || !NeedLength(env, op, "out", out.length, rows * dim) ||
+      !NeedLength(env, op, "x", x.length, rows * dim) || !NeedLength(env, op, "weight", weight.length, dim))
+    return env.Undefined();
+  ParallelFor(rows, RowGrain(dim), [&](int64_t begin, int64_t end) {
+    SOPPU_DISPATCH(isa, RmsnormRows(out.data, x.data, weight.data, begin, end, dim, eps));
+  });
+  return env.Undefined();
+}
+
+// rope(isa, x, positions, tokens, heads, headDim, invFreq)
+Napi::Value Rope(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  ArrayArg<float> x, invFreq;
+  ArrayArg<int32_t> positions;
+  int64_t tokens, heads, headDim;
+  const char* op = "rope";
+  if (!GetF32(info, 1, op, "x", &x) || !GetI32(info, 2, op, "positions", &positions) ||
+      !GetInt(info, 3, op, "tokens", 0, &tokens) || !GetInt(info, 4, op, "heads", 1, &heads) ||
+      !GetInt(info, 5, op, "headDim", 2, &headDim) || !GetF32(info, 6, op, "invFreq", &invFreq))
+    return env.Undefined();
+  if (headDim % 2 != 0) {
+    Fail(env, "soppu native rope: headDim " + std::to_string(headDim) + " must be even");
+    return env.Undefined();
+  }
+  if (!NeedLength(env, op, "x", x.length, tokens * heads * headDim) ||
+      !NeedLength(env, op, "positions", positions.length, tokens) ||
+      !NeedLength(env, op, "invFreq", invFreq.length, headDim / 2))
+    return env.Undefined();
+  ParallelFor(tokens, RowGrain(heads * headDim), [&](int64_t begin, int64_t end) {
+    std::vector<float> cosBuffer(static_cast<size_t>(headDim / 2)), sinBuffer(static_cast<size_t>(headDim / 2));
+    SOPPU_DISPATCH(isa, RopeTokens(x.data, positions.data, begin, end, heads, headDim, invFreq.data, cosBuffer.data(),
+                                   sinBuffer.data()));
+  });
+  return env.Undefined();
+}
+
+// softmax(isa, x, rows, cols)
+Napi::Value Softmax(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  ArrayArg<float> x;
+  int64_t rows, cols;
+  const char* op = "softmax";
+  if (!GetF32(info, 1, op, "x", &x) || !GetInt(info, 2, op, "rows", 0, &rows) || !GetInt(info, 3, op, "cols", 0, &cols) ||
+      !NeedLength(env, op, "x", x.length, rows * cols))
+    return env.Undefined();
+  if (cols == 0) return env.Undefined();
+  ParallelFor(rows, RowGrain(cols), [&](int64_t begin, int64_t end) { SOPPU_DISPATCH(isa, SoftmaxRows(x.data, begin, end, cols)); });
+  return env.Undefined();
+}
+
+// siluMul(isa, out, gate, up, n) and add(isa, out, a, b, n): the same shape of call
+template <bool kSilu>
+Napi::Value Binary(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  ArrayArg<float> out, a, b;
+  int64_t n;
+  const char* op = kSilu ? "siluMul" : "add";
+  if (!GetF32(info, 1, op, "out", &out) || !GetF32(info, 2, op, kSilu ? "gate" : "a", &a) ||
+      !GetF32(info, 3, op, kSilu ? "up" : "b", &b) || !GetInt(info, 4, op, "n", 0, &n) ||
+      !NeedLength(env, op, "out", out.length, n) || !NeedLength(env, op, kSilu ? "gate" : "a", a.length, n) ||
+      !NeedLength(env, op, kSilu ? "up" : "b", b.length, n))
+    return env.Undefined();
+  ParallelFor(n, kElementGrain, [&](int64_t begin, int64_t end) {
+    if (kSilu) {
+      SOPPU_DISPATCH(isa, SiluMulVectors(out.data + begin, a.data + begin, b.data + begin, end - begin));
+    } else {
+      SOPPU_DISPATCH(isa, AddVectors(out.data + begin, a.data + begin, b.data + begin, end - begin));
+    }
+  });
+  return env.Undefined();
+}
+
+// addBias(isa, y, bias, rows, cols)
+Napi::Value AddBias(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  ArrayArg<float> y, bias;
+  int64_t rows, cols;
+  const char* op = "addBias";
+  if (!GetF32(info, 1, op, "y", &y) || !GetF32(info, 2, op, "bias", &bias) || !GetInt(info, 3, op, "rows", 0, &rows) ||
+      !GetInt(info, 4, op, "cols", 0, &cols) || !NeedLength(env, op, "y", y.length, rows * cols) ||
+      !NeedLength(env, op, "bias", bias.length, cols))
+    return env.Undefined();
+  ParallelFor(rows, RowGrain(cols), [&](int64_t begin, int64_t end) { SOPPU_DISPATCH(isa, AddBiasRows(y.data, bias.data, begin, end, cols)); });
+  return env.Undefined();
+}
+
+// embedding(isa, out, tableData, dtype (0 f32, 1 bf16, 2 f16), vocab, dim, ids, tokens)
+Napi::Value Embedding(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  ArrayArg<float> out, tableF32;
+  ArrayArg<uint16_t> table16;
+  ArrayArg<int32_t> ids;
+  int64_t dtype, vocab, dim, tokens;
+  const char* op = "embedding";
+  if (!GetF32(info, 1, op, "out", &out) || !GetInt(info, 3, op, "dtype", 0, &dtype) ||
+      !GetInt(info, 4, op, "vocab", 0, &vocab) || !GetInt(info, 5, op, "dim", 0, &dim) ||
+      !GetI32(info, 6, op, "ids", &ids) || !GetInt(info, 7, op, "tokens", 0, &tokens))
+    return env.Undefined();
+  if (dtype > 2) {
+    Fail(env, "soppu native embedding: dtype index " + std::to_string(dtype) + " is not 0 (f32), 1 (bf16) or 2 (f16)");
+    return env.Undefined();
+  }
+  const void* table = nullptr;
+  int64_t tableLength = 0;
+  if (dtype == 0) {
+    if (!GetF32(info, 2, op, "table", &tableF32)) return env.Undefined();
+    table = tableF32.data;
+    tableLength = tableF32.length;
+  } else {
+    if (!GetArray(info, 2, napi_uint16_array, op, "table", &table16)) return env.Undefined();
+    table = table16.data;
+    tableLength = table16.length;
+  }
+  if (!NeedLength(env, op, "table", tableLength, vocab * dim) || !NeedLength(env, op, "out", out.length, tokens * dim) ||
+      !NeedLength(env, op, "ids", ids.length, tokens))
+    return env.Undefined();
+  for (int64_t t = 0; t < tokens; t++) {
+    if (ids.data[t] < 0 || ids.data[t] >= vocab) {
+      Fail(env, "soppu native embedding: token id " + std::to_string(ids.data[t]) + " at position " + std::to_string(t) +
+                    " is outside the vocabulary of " + std::to_string(vocab));
+      return env.Undefined();
+    }
+  }
+  ParallelFor(tokens, RowGrain(dim), [&](int64_t begin, int64_t end) {
+    SOPPU_DISPATCH(isa, EmbeddingTokens(out.data, table, static_cast<int>(dtype), dim, ids.data, begin, end));
+  });
+  return env.Undefined();
+}
+
+}  // namespace
+
+void RegisterOps(Napi::Env env, Napi::Object exports) {
+  exports.Set("rmsnorm", Napi::Function::New(env, Rmsnorm));
+  exports.Set("rope", Napi::Function::New(env, Rope));
+  exports.Set("softmax", Napi::Function::New(env, Softmax));
+  exports.Set("siluMul", Napi::Function::New(env, Binary<true>));
+  exports.Set("add", Napi::Function::New(env, Binary<false>));
+  exports.Set("addBias", Napi::Function::New(env, AddBias));
+  exports.Set("embedding", Napi::Function::New(env, Embedding));
+}
+
 }  // namespace soppu

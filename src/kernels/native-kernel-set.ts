@@ -4,6 +4,8 @@
  */
 import type { KernelSet } from './kernel-set.js';
 import { loadNativeAddon } from './native-addon.js';
+import { nativeCoreOps } from './native-core-ops.js';
+import { nativeOps } from './native-ops.js';
 import { refKernels } from './ref/index.js';
 
 const cache = new Map<number, KernelSet>();
@@ -16,6 +18,8 @@ export function nativeKernelSet(variantIndex: number): KernelSet {
   const variant = addon.variants()[variantIndex];
   if (!variant?.supported) throw new Error(`native variant ${variantIndex} is not supported on this CPU`);
   const set: KernelSet = { ...refKernels, name: `native-${variant.name}` };
+  Object.assign(set, nativeCoreOps(addon, variantIndex)); // matmul, gemmF32, gemmF64
+  Object.assign(set, nativeOps(addon, variantIndex)); // element-wise, attention, LoRA segment ops
   cache.set(variantIndex, set);
   return set;
 }

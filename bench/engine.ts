@@ -1,0 +1,318 @@
+/**
+ * Engine benchmark: decode tokens/s of a SmolLM-135M-shaped model (generated weights, f32 and bf16)
+ * at several batch sizes, for three row mixes measured in the same run:
+ *   base        every row the base model (the peer: the same engine with no adapters)
+ *   raw         every row a distinct raw LoRA adapter (rank r over --targets)
+ *   compressed  every row a distinct compressed adapter from an in-memory bank of --bank-size ids
+ *               (--clusters clusters, shared rank --shared-rank, full cores)
+ * plus batch-1 decode time against the bandwidth roofline (weight bytes / measured read bandwidth),
+ * and the resident-set growth with --rss-adapters adapters resident, raw vs compressed (each in its
+ * own child process).
+ *
+ *   npm run bench -- engine [--dtypes f32,bf16] [--batches 1,8,32,64] [--steps 8] [--rounds 3] [--layers N]
+ *                           [--rank 8] [--targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]
+ *                           [--bank-size 1000] [--clusters 4] [--shared-rank 16] [--rss-adapters 1000]
+ *                           [--rss-targets q_proj,v_proj] [--no-write]
+ *
+ * The compressed bank is synthesised in memory with the shapes the compressor writes (U, Σ, Vᵀ):
+ * its speed does not depend on the values. node-llama-cpp is not measured (no GGUF exporter yet).
+ */
+import { execFileSync } from 'node:child_process';
+import { existsSync } from 'node:fs';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import type { BankAdapterParts, BankReader, BankSlotPart, SharedBases } from '../src/compress/bank-reader-types.js';
+import { AdapterCache } from '../src/engine/adapter-cache.js';
+import { createEngine, slotShapeOf } from '../src/engine/engine.js';
+import type { Engine, GenerateRequest } from '../src/engine/engine-types.js';
+import { BASE_SHAPES } from '../src/io/fixtures/base-shapes.js';
+import { AdapterGenerator } from '../src/io/fixtures/generate-adapters.js';
+import { generateModel } from '../src/io/fixtures/generate-model.js';
+import type { LoraAdapter } from '../src/io/lora-types.js';
+import { getKernels } from '../src/kernels/index.js';
+import { loadNativeAddon } from '../src/kernels/native-addon.js';
+import { TARGET_MODULES, type TargetModule } from '../src/model/adapter-hook.js';
+import type { LlamaConfig } from '../src/model/llama-config.js';
+import { loadLlamaModel, modelWeightBytes, type LlamaModel } from '../src/model/llama-model.js';
+import { Random } from '../src/tensor/random.js';
+import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
+import { fmt } from './helpers/timing.js';
+
+type Mode = 'base' | 'raw' | 'compressed';
+
+interface Args {
+  dtypes: ('f32' | 'bf16')[];
+  batches: number[];
+  steps: number;
+  rounds: number;
+  layers: number | undefined;
+  rank: number;
+  targets: TargetModule[];
+  bankSize: number;
+  clusters: number;
+  sharedRank: number;
+  rssAdapters: number;
+  rssTargets: TargetModule[];
+  write: boolean;
+  rssChild: Mode | null;
+}
+
+function parseArgs(argv: readonly string[]): Args {
+  const value = (name: string): string | undefined => {
+    const at = argv.indexOf(`--${name}`);
+    return at >= 0 ? argv[at + 1] : argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
+  };
+  const list = (name: string, fallback: string): string[] => (value(name) ?? fallback).split(',').filter(Boolean);
+  const targets = list('targets', TARGET_MODULES.join(','));
+  for (const t of targets) if (!TARGET_MODULES.includes(t as TargetModule)) throw new Error(`--targets: unknown module ${t}`);
+  return {
+    dtypes: list('dtypes', 'f32,bf16') as ('f32' | 'bf16')[],
+    batches: list('batches', '1,8,32,64').map(Number),
+    steps: Number(value('steps') ?? 8),
+    rounds: Number(value('rounds') ?? 3),
+    layers: value('layers') ? Number(value('layers')) : undefined,
+    rank: Number(value('rank') ?? 8),
+    targets: targets as TargetModule[],
+    bankSize: Number(value('bank-size') ?? 1000),
+    clusters: Number(value('clusters') ?? 4),
+    sharedRank: Number(value('shared-rank') ?? 16),
+    rssAdapters: Number(value('rss-adapters') ?? 1000),
+    rssTargets: list('rss-targets', 'q_proj,v_proj') as TargetModule[],
+    write: !argv.includes('--no-write'),
+    rssChild: (value('rss-child') as Mode | undefined) ?? null,
+  };
+}
+
+const here = dirname(fileURLToPath(import.meta.url));
+
+async function modelDir(root: string, dtype: 'f32' | 'bf16', layers: number | undefined): Promise<string> {
+  const dir = join(root, 'bench', 'out', `smollm-135m-${dtype}${layers ? `-l${layers}` : ''}`);
+  if (!existsSync(join(dir, 'config.json'))) {
+    process.stderr.write(`generating ${dir}\n`);
+    await generateModel({ out: dir, shape: 'smollm-135m', dtype, seed: 1, ...(layers ? { numLayers: layers } : {}) });
+  }
+  return dir;
+}
+
+/** Raw adapters generated on demand (no disk), the generator's own seeded stream per index. */
+function rawLoader(config: LlamaConfig, args: Args): (dir: string) => Promise<LoraAdapter> {
+  const generator = new AdapterGenerator({ base: { ...BASE_SHAPES['smollm-135m'], numHiddenLayers: config.numLayers }, rank: args.rank, targets: args.targets, seed: 3 });
+  return async (dir) => generator.adapter(Number(dir.slice(dir.lastIndexOf('-') + 1)));
+}
+
+/** An in-memory bank with the compressor's shapes: per cluster and slot U [out,R], Vᵀ [R,in]; per adapter a full R×R core. */
+function syntheticBank(config: LlamaConfig, args: Args): BankReader {
+  const shape = slotShapeOf(config);
+  const random = new Random(5);
+  const bases = new Map<string, SharedBases>();
+  const R = args.sharedRank;
+  const slots: { path: string; layer: number; module: TargetModule }[] = [];
+  for (let layer = 0; layer < config.numLayers; layer++) {
+    for (const module of args.targets) {
+      const block = ['gate_proj', 'up_proj', 'down_proj'].includes(module) ? 'mlp' : 'self_attn';
+      slots.push({ path: `model.layers.${layer}.${block}.${module}`, layer, module });
+    }
+  }
+  const basesOf = (key: string): SharedBases => {
+    const found = bases.get(key);
+    if (found) return found;
+    const [cluster, path] = [key.slice(0, key.indexOf('/')), key.slice(key.indexOf('/') + 1)];
+    const slot = slots.find((s) => s.path === path)!;
+    const { inFeatures, outFeatures } = shape(slot.layer, slot.module)!;
+    const made: SharedBases = {
+      key,
+      path: `${cluster}/${path}`,
+      rank: R,
+      inFeatures,
+      outFeatures,
+      u: random.fillNormal(new Float32Array(outFeatures * R), 1 / Math.sqrt(outFeatures)),
+      vt: random.fillNormal(new Float32Array(R * inFeatures), 1 / Math.sqrt(inFeatures)),
+      bytes: (outFeatures + inFeatures) * R * 4,
+    };
+    bases.set(key, made);
+    return made;
+  };
+  const ids = Array.from({ length: args.bankSize }, (_, i) => `u${String(i).padStart(4, '0')}`);
+  const idSet = new Set(ids);
+  return {
+    dir: 'memory:synthetic-bank',
+    baseModel: null,
+    ids: () => ids,
+    has: (id) => idSet.has(id),
+    async loadAdapter(id): Promise<BankAdapterParts> {
+      const index = Number(id.slice(1));
+      const cluster = index % args.clusters;
+      const adapterRandom = new Random(1000 + index);
+      const parts = new Map<string, BankSlotPart>();
+      for (const slot of slots) {
+        const core = adapterRandom.fillNormal(new Float32Array(R * R), 0.01);
+        parts.set(slot.path, { kind: 'compressed', path: slot.path, basesKey: `c${cluster}/${slot.path}`, rank: R, diagonal: false, core });
+      }
+      return { id, cluster, slots: parts, bytes: slots.length * R * R * 4 };
+    },
+    async loadBases(key) {
+      return basesOf(key);
+    },
+  };
+}
+
+function requestFor(mode: Mode, index: number, maxNewTokens: number): GenerateRequest {
+  const prompt = Array.from({ length: 16 }, (_, i) => 100 + ((index * 31 + i * 7) % 1000));
+  const adapter: Partial<GenerateRequest> =
+    mode === 'raw' ? { adapterId: `raw-${index}`, adapterSource: 'local', adapterPath: `mem:raw-${index}` } : mode === 'compressed' ? { adapterId: `u${String(index).padStart(4, '0')}` } : {};
+  return { prompt, maxNewTokens, ignoreEos: true, ...adapter };
+}
+
+/** Decode tokens/s with `batch` concurrent requests: tokens after every request's first, over that time. */
+async function decodeRate(engine: Engine, mode: Mode, batch: number, steps: number, offset: number): Promise<number> {
+  const maxNew = steps + 1;
+  let firstTokens = 0;
+  let startedAt = 0;
+  const runs = Array.from({ length: batch }, async (_, i) => {
+    let seen = 0;
+    for await (const event of engine.generate(requestFor(mode, offset + i, maxNew))) {
+      if (event.type === 'token' && ++seen === 1 && ++firstTokens === batch) startedAt = performance.now();
+    }
+  });
+  await Promise.all(runs);
+  const seconds = (performance.now() - startedAt) / 1000;
+  return (batch * steps) / seconds;
+}
+
+function bandwidth(): number | null {
+  const { addon } = loadNativeAddon();
+  const read = (addon as unknown as { memoryReadSum?: (variant: number, data: Float32Array) => number; bestVariant(): number } | null);
+  if (!read?.memoryReadSum) return null;
+  const data = new Float32Array((1 * 2 ** 30) / 4).fill(1);
+  const variant = read.bestVariant();
+  read.memoryReadSum(variant, data);
+  let best = Infinity;
+  for (let i = 0; i < 3; i++) {
+    const start = performance.now();
+    read.memoryReadSum(variant, data);
+    best = Math.min(best, (performance.now() - start) / 1000);
+  }
+  return data.byteLength / best;
+}
+
+/** Child process: make `count` adapters resident and print the RSS growth in bytes. */
+async function rssChild(args: Args, mode: Mode): Promise<void> {
+  const root = repositoryRoot(here);
+  const model = await loadLlamaModel(await modelDir(root, 'bf16', args.layers));
+  const rssArgs = { ...args, bankSize: args.rssAdapters, targets: args.rssTargets };
+  const bank = syntheticBank(model.config, rssArgs);
+  const cache = new AdapterCache({ budgetBytes: Number.MAX_SAFE_INTEGER, bank, loadLocal: rawLoader(model.config, rssArgs), slotShape: slotShapeOf(model.config), maxConcurrentLoads: 1 });
+  const gc = (globalThis as { gc?: () => void }).gc;
+  gc?.();
+  const before = process.memoryUsage().rss;
+  let peak = before;
+  for (let i = 0; i < args.rssAdapters; i++) {
+    const id = mode === 'raw' ? `raw-${i}` : `u${String(i).padStart(4, '0')}`;
+    if (mode === 'raw') cache.register(id, { source: 'local', dir: `mem:raw-${i}` });
+    const entry = cache.acquire(id);
+    while (entry.state !== 'resident') {
+      if (entry.state === 'failed') throw entry.error;
+      await new Promise((resolve) => setImmediate(resolve));
+    }
+    if (i % 50 === 0) peak = Math.max(peak, process.memoryUsage().rss);
+  }
+  gc?.();
+  peak = Math.max(peak, process.memoryUsage().rss);
+  process.stdout.write(JSON.stringify({ mode, adapters: args.rssAdapters, rssGrowth: peak - before, cacheBytes: cache.bytesResident }) + '\n');
+}
+
+export async function run(argv: string[]): Promise<void> {
+  const args = parseArgs(argv);
+  if (args.rssChild) return rssChild(args, args.rssChild);
+  const root = repositoryRoot(here);
+  const kernels = getKernels();
+  const lines: string[] = [];
+  const log = (line: string): void => {
+    process.stderr.write(`${line}\n`);
+  };
+  const measuredBandwidth = bandwidth();
+  log(`kernel ${kernels.name}; read bandwidth ${measuredBandwidth ? (measuredBandwidth / 1e9).toFixed(1) + ' GB/s' : 'not measurable (no native memoryReadSum)'}`);
+  const table: string[] = ['| dtype | batch | base tok/s | raw tok/s | raw / base | compressed tok/s | compressed / base |', '|---|---|---|---|---|---|---|'];
+  const roofline: string[] = [];
+  for (const dtype of args.dtypes) {
+    const dir = await modelDir(root, dtype, args.layers);
+    const model: LlamaModel = await loadLlamaModel(dir);
+    const engine = await createEngine({
+      modelDir: dir,
+      model,
+      bank: syntheticBank(model.config, args),
+      loadLocalAdapter: rawLoader(model.config, args),
+      kernels,
+      kvBudgetBytes: 512 << 20,
+      adapterBudgetBytes: 4 * 2 ** 30,
+      maxBatchTokens: 16 * Math.max(...args.batches),
+      maxRunningRequests: Math.max(...args.batches),
+      maxInputTokens: 64,
+      maxTotalTokens: 256,
+      blockSize: 16,
+    });
+    // warm-up: scratch buffers, JIT
+    await decodeRate(engine, 'base', Math.max(...args.batches), 1, 0);
+    for (const batch of args.batches) {
+      const rates: Record<Mode, number> = { base: 0, raw: 0, compressed: 0 };
+      // adapters loaded by a first short run, so the timed runs measure decode only
+      for (const mode of ['raw', 'compressed'] as const) await decodeRate(engine, mode, batch, 1, 0);
+      // modes interleaved over rounds, best round kept (the machine is shared)
+      for (let round = 0; round < args.rounds; round++) {
+        for (const mode of ['base', 'raw', 'compressed'] as const) {
+          const rate = await decodeRate(engine, mode, batch, args.steps, 0);
+          rates[mode] = Math.max(rates[mode], rate);
+          log(`${dtype} batch ${batch} ${mode} round ${round}: ${rate.toFixed(2)} tok/s`);
+        }
+      }
+      table.push(`| ${dtype} | ${batch} | ${fmt(rates.base)} | ${fmt(rates.raw)} | ${fmt(rates.raw / rates.base)} | ${fmt(rates.compressed)} | ${fmt(rates.compressed / rates.base)} |`);
+      if (batch === 1) {
+        const weightBytes = modelWeightBytes(model);
+        const measured = 1 / rates.base;
+        const bound = measuredBandwidth ? weightBytes / measuredBandwidth : null;
+        roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(measured * 1000)} ms | ${bound ? fmt(bound * 1000) + ' ms' : '–'} | ${bound ? fmt(measured / bound) : '–'} |`);
+      }
+    }
+    await engine.close();
+  }
+  // resident-set growth, each mode in a fresh child process
+  const rss: string[] = [];
+  for (const mode of ['compressed', 'raw'] as const) {
+    try {
+      const out = execFileSync(process.execPath, ['--expose-gc', process.argv[1]!, 'engine', ...argv, '--rss-child', mode], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20 });
+      const result = JSON.parse(out.trim().split('\n').pop()!) as { rssGrowth: number; cacheBytes: number };
+      rss.push(`| ${mode} | ${args.rssAdapters} | ${(result.cacheBytes / 2 ** 20).toFixed(1)} MiB | ${(result.rssGrowth / 2 ** 20).toFixed(1)} MiB |`);
+      log(`rss ${mode}: ${(result.rssGrowth / 2 ** 20).toFixed(1)} MiB`);
+    } catch (e) {
+      rss.push(`| ${mode} | ${args.rssAdapters} | – | failed: ${(e as Error).message.split('\n')[0]} |`);
+    }
+  }
+  const command = `npm run bench -- engine ${argv.join(' ')}`.trim();
+  lines.push(
+    '## Engine: decode throughput with many adapters',
+    '',
+    `Command: \`${command}\` — ${new Date().toISOString().slice(0, 10)}, ${machineDescription()}, kernel ${kernels.name}.`,
+    `Model: SmolLM-135M shapes (generated weights${args.layers ? `, ${args.layers} layers` : ''}). Raw adapters: rank ${args.rank} on ${args.targets.join(', ')}, one distinct adapter per row. ` +
+      `Compressed: a synthetic in-memory bank of ${args.bankSize} adapters, ${args.clusters} clusters, shared rank ${args.sharedRank}, full cores, one distinct adapter per row. ` +
+      `Decode tok/s = batch × ${args.steps} steps / time after every request's first token (prompts of 16 tokens), best of ${args.rounds} interleaved rounds. Targets at batch 32: compressed ≥ 0.9× base, raw ≥ 0.7× base.`,
+    '',
+    ...table,
+    '',
+    'Batch-1 decode step vs the roofline (weight bytes / measured read bandwidth; target within 1.3×):',
+    '',
+    '| dtype | weights | measured step | roofline | ratio |',
+    '|---|---|---|---|---|',
+    ...roofline,
+    '',
+    `Resident-set growth with every adapter resident (each mode in a fresh process, bf16 model; adapters on ${args.rssTargets.join(', ')}, raw rank ${args.rank}, compressed shared rank ${args.sharedRank}):`,
+    '',
+    '| storage | adapters | cache bytes | RSS growth |',
+    '|---|---|---|---|',
+    ...rss,
+    '',
+    'node-llama-cpp 3.21.1 peer: not measured (needs a GGUF exporter of the same weights; not written).',
+  );
+  const markdown = lines.join('\n');
+  process.stdout.write(`${markdown}\n`);
+  if (args.write) log(`wrote ${writeBenchmarkSection(root, 'engine', markdown)}`);
+}

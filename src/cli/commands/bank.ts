@@ -1,0 +1,83 @@
+import type { Command } from 'commander';
+import { resolve } from 'node:path';
+import { addToBank } from '../../compress/bank-add.js';
+import { openBank } from '../../compress/bank-reader.js';
+import { refitBank } from '../../compress/bank-refit.js';
+import { parseAdapterArgument } from '../../compress/bank-source.js';
+import { bankStatistics } from '../../compress/report-statistics.js';
+import { loadLoraAdapter } from '../../io/load-lora-adapter.js';
+import { parseError, progressBar, summaryLines } from './compress.js';
+
+/** `soppu bank add | refit | ls`. */
+export function register(program: Command): void {
+  const bank = program.command('bank').description('change or list an adapter bank');
+
+  bank
+    .command('add')
+    .description('add one adapter to a bank by projecting it onto the existing bases (no refit); slots the bases cannot serve within the budget are kept raw and a refit is advised')
+    .argument('<bank>', 'bank directory')
+    .argument('<adapter>', 'PEFT adapter directory')
+    .option('--id <name>', 'adapter id (default: the directory name)')
+    .option('--max-error <e>', 'error budget for the projection (default: the bank\'s)')
+    .option('--json', 'print the result as JSON')
+    .action(async (dir: string, adapterDir: string, options: { id?: string; maxError?: string; json?: boolean }) => {
+      const id = options.id ?? parseAdapterArgument(adapterDir).id;
+      const adapter = await loadLoraAdapter(resolve(adapterDir));
+      const maxError = parseError(options.maxError, 'max-error');
+      const result = await addToBank(dir, id, adapter, maxError !== undefined ? { maxError } : {});
+      if (options.json) {
+        process.stdout.write(`${JSON.stringify({ id, cluster: result.entry.cluster, max_error: result.maxError, raw_slots: result.rawSlots, per_slot: result.entry.perSlot, refit_advised: result.manifest.refitAdvised }, null, 2)}\n`);
+        return;
+      }
+      const slots = Object.values(result.entry.perSlot);
+      process.stdout.write(`added ${id} to ${dir}: cluster ${result.entry.cluster}, ${slots.filter((p) => p.storage === 'compressed').length} compressed / ${result.rawSlots.length} raw / ${slots.filter((p) => p.storage === 'zero').length} zero slot(s), max relative error ${result.maxError.toFixed(4)}\n`);
+      for (const raw of result.rawSlots) process.stdout.write(`  kept raw: ${raw.path} (${raw.reason})\n`);
+      if (result.manifest.refitAdvised) process.stdout.write(`refit advised (soppu bank refit ${dir}): ${result.manifest.refitReasons.join('; ')}\n`);
+    });
+
+  bank
+    .command('refit')
+    .description('recompress every adapter of the bank jointly with its recorded options. Default input: the bank\'s own reconstruction (always available; exact for raw slots), errors then recorded as bounds (previous + refit). --from-sources reloads the recorded source directories instead and measures errors against them')
+    .argument('<bank>', 'bank directory')
+    .option('--from-sources', 'refit from the recorded source adapter directories (all must exist)')
+    .action(async (dir: string, options: { fromSources?: boolean }) => {
+      const bar = progressBar('refit');
+      let manifest;
+      try {
+        manifest = await refitBank(dir, { fromSources: options.fromSources ?? false, onProgress: bar.onProgress });
+      } finally {
+        bar.stop();
+      }
+      for (const line of summaryLines(manifest, dir)) process.stdout.write(`${line}\n`);
+    });
+
+  bank
+    .command('ls')
+    .description('list the adapters of a bank: cluster, per-slot storage, ranks and errors')
+    .argument('<bank>', 'bank directory')
+    .option('--json', 'print JSON')
+    .action(async (dir: string, options: { json?: boolean }) => {
+      const opened = await openBank(dir);
+      const manifest = opened.manifest;
+      if (options.json) {
+        const adapters = manifest.adapters.map((a) => ({
+          id: a.id, cluster: a.cluster, source: a.source, flags: a.flags, added_by: a.addedBy, error_basis: a.errorBasis,
+          slots: Object.entries(a.perSlot).map(([path, p]) => ({ path, storage: p.storage, rank: p.rank ?? null, relative_error: p.relativeError, ...(p.reason ? { reason: p.reason } : {}) })),
+        }));
+        process.stdout.write(`${JSON.stringify({ dir, generation: manifest.generation, method: manifest.method, clusters: manifest.clusters, base_model: manifest.baseModel, refit_advised: manifest.refitAdvised, refit_reasons: manifest.refitReasons, slots: manifest.slots.map((s) => ({ path: s.path, in_features: s.inFeatures, out_features: s.outFeatures, ranks: s.ranks })), adapters }, null, 2)}\n`);
+        return;
+      }
+      const stats = bankStatistics(manifest);
+      process.stdout.write(`${dir}: generation ${manifest.generation}, ${manifest.method}, ${manifest.clusters} cluster(s), ${manifest.adapters.length} adapters, ${manifest.slots.length} slots, ${stats.parameterRatio.toFixed(2)}× fewer parameters\n`);
+      for (const slot of manifest.slots) process.stdout.write(`  slot ${slot.path} [${slot.outFeatures}×${slot.inFeatures}] ranks per cluster: ${slot.ranks.map((r) => r ?? '-').join(', ')}\n`);
+      for (const a of manifest.adapters) {
+        const entries = Object.entries(a.perSlot);
+        const max = entries.reduce((m, [, p]) => Math.max(m, p.relativeError), 0);
+        process.stdout.write(`${a.id}  cluster ${a.cluster}  max error ${max.toFixed(4)}${a.flags.length ? `  flags ${a.flags.join(',')}` : ''}\n`);
+        for (const [path, p] of entries) {
+          process.stdout.write(`    ${path}  ${p.storage}${p.rank !== undefined ? ` r=${p.rank}` : ''}  error ${p.relativeError.toFixed(4)}${p.reason ? `  (${p.reason})` : ''}\n`);
+        }
+      }
+      if (manifest.refitAdvised) process.stdout.write(`refit advised: ${manifest.refitReasons.join('; ')}\n`);
+    });
+}

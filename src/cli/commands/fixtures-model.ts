@@ -1,0 +1,66 @@
+import type { Command } from 'commander';
+import { SoppuError } from '../../errors/soppu-error.js';
+import type { ModelArchName, ModelDtypeName, ModelShapeName } from '../../io/fixtures/generate-model.js';
+import { generateModel, MODEL_SHAPES } from '../../io/fixtures/generate-model.js';
+
+interface ModelOptions {
+  out: string;
+  shape: string;
+  dtype: string;
+  seed: string;
+  arch: string;
+  tied?: boolean;
+  shards?: string;
+  layers?: string;
+  json?: boolean;
+}
+
+function choice<T extends string>(value: string, allowed: readonly T[], option: string): T {
+  if (!(allowed as readonly string[]).includes(value)) {
+    throw new SoppuError('CONFIG', `--${option} must be one of ${allowed.join(', ')} (got "${value}")`, { field: option, limit: allowed.join(', ') });
+  }
+  return value as T;
+}
+
+function integer(value: string | undefined, option: string, min: number): number | undefined {
+  if (value === undefined) return undefined;
+  const parsed = Number(value);
+  if (!/^\d+$/.test(value) || !Number.isSafeInteger(parsed) || parsed < min) {
+    throw new SoppuError('CONFIG', `--${option} must be an integer ≥ ${min} (got "${value}")`, { field: option, limit: min });
+  }
+  return parsed;
+}
+
+/** `soppu fixtures model`: added to the `fixtures` group by fixtures.ts. */
+export function addFixturesModelCommand(fixtures: Command): void {
+  fixtures
+    .command('model')
+    .description('write a deterministic random Llama-family model (config, safetensors, tokenizer, chat template)')
+    .requiredOption('--out <dir>', 'output folder')
+    .option('--shape <name>', `model shape: ${Object.keys(MODEL_SHAPES).join(' | ')}`, 'tiny')
+    .option('--dtype <dtype>', 'weight dtype: f32 | bf16 | f16', 'f32')
+    .option('--seed <n>', 'random seed', '0')
+    .option('--arch <arch>', 'architecture: llama | qwen2 | mistral', 'llama')
+    .option('--tied', 'tie lm_head to the embedding (default: the shape\'s default)')
+    .option('--no-tied', 'keep a separate lm_head')
+    .option('--shards <n>', 'number of safetensors shards (default: 1, or ≤ 2 GiB each)')
+    .option('--layers <n>', 'override the number of layers')
+    .option('--json', 'print a JSON summary')
+    .action(async (options: ModelOptions) => {
+      const generated = await generateModel({
+        out: options.out,
+        shape: choice(options.shape, Object.keys(MODEL_SHAPES) as ModelShapeName[], 'shape'),
+        dtype: choice<ModelDtypeName>(options.dtype, ['f32', 'bf16', 'f16'], 'dtype'),
+        arch: choice<ModelArchName>(options.arch, ['llama', 'qwen2', 'mistral'], 'arch'),
+        seed: integer(options.seed, 'seed', 0),
+        tied: options.tied,
+        shards: integer(options.shards, 'shards', 1),
+        numLayers: integer(options.layers, 'layers', 1),
+      });
+      if (options.json) {
+        process.stdout.write(`${JSON.stringify({ dir: generated.dir, files: generated.files, weight_bytes: generated.weightBytes, config: generated.config }, null, 2)}\n`);
+        return;
+      }
+      process.stdout.write(`wrote ${generated.dir}: ${generated.files.join(', ')} (${(generated.weightBytes / 1024 ** 2).toFixed(1)} MiB of weights)\n`);
+    });
+}

@@ -1,0 +1,113 @@
+import type { Command } from 'commander';
+import { SoppuError } from '../../errors/soppu-error.js';
+import { createEngine } from '../../engine/engine.js';
+import { loadLlamaModel } from '../../model/llama-model.js';
+import type { GenerateRequest } from '../../engine/engine-types.js';
+
+interface GenerateOptions {
+  model: string;
+  adapter?: string;
+  bank?: string;
+  adapterId?: string;
+  prompt: string;
+  maxNewTokens: string;
+  temperature?: string;
+  topK?: string;
+  topP?: string;
+  seed?: string;
+  ignoreEos?: boolean;
+  stop?: string[];
+}
+
+function integer(value: string | undefined, field: string, min: number): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < min) throw new SoppuError('CONFIG', `--${field} must be an integer >= ${min}, got "${value}"`, { field, limit: `>= ${min}` });
+  return n;
+}
+
+function number(value: string | undefined, field: string): number | undefined {
+  if (value === undefined) return undefined;
+  const n = Number(value);
+  if (!Number.isFinite(n)) throw new SoppuError('CONFIG', `--${field} must be a number, got "${value}"`, { field });
+  return n;
+}
+
+/**
+ * `soppu generate`: one completion, greedy unless a temperature is given. The generated text alone
+ * goes to stdout; logs and timings go to stderr.
+ */
+export function register(program: Command): void {
+  program
+    .command('generate')
+    .description('generate a completion for one prompt with the base model, a PEFT adapter or a bank adapter')
+    .requiredOption('--model <dir>', 'model directory (config.json, safetensors, tokenizer.json)')
+    .option('--adapter <dir>', 'PEFT LoRA adapter directory')
+    .option('--bank <dir>', 'adapter bank directory (with --adapter-id)')
+    .option('--adapter-id <id>', 'adapter id in the bank')
+    .requiredOption('--prompt <text>', 'prompt text')
+    .option('--max-new-tokens <n>', 'tokens to generate', '64')
+    .option('--temperature <t>', 'sample with this temperature (default: greedy)')
+    .option('--top-k <k>', 'sample among the k most likely tokens')
+    .option('--top-p <p>', 'nucleus sampling mass')
+    .option('--seed <n>', 'sampling seed')
+    .option('--ignore-eos', 'keep generating past end-of-sequence')
+    .option('--stop <text...>', 'stop sequences')
+    .action(async (options: GenerateOptions) => {
+      if (options.adapter && (options.bank || options.adapterId)) {
+        throw new SoppuError('CONFIG', 'use either --adapter DIR or --bank DIR --adapter-id ID, not both', { field: 'adapter' });
+      }
+      if (Boolean(options.bank) !== Boolean(options.adapterId)) {
+        throw new SoppuError('CONFIG', '--bank and --adapter-id go together', { field: options.bank ? 'adapter-id' : 'bank' });
+      }
+      const maxNewTokens = integer(options.maxNewTokens, 'max-new-tokens', 1)!;
+      const temperature = number(options.temperature, 'temperature');
+      const started = performance.now();
+      const model = await loadLlamaModel(options.model);
+      const maxTotalTokens = Math.min(4096, model.config.maxPositionEmbeddings);
+      const engine = await createEngine({
+        modelDir: options.model,
+        model,
+        ...(options.bank ? { bankDir: options.bank } : {}),
+        kvBudgetBytes: 256 * 1024 * 1024,
+        adapterBudgetBytes: 1024 * 1024 * 1024,
+        maxBatchTokens: 512,
+        maxRunningRequests: 1,
+        maxInputTokens: maxTotalTokens - 1,
+        maxTotalTokens,
+        blockSize: 16,
+      });
+      const loaded = performance.now();
+      const request: GenerateRequest = {
+        prompt: options.prompt,
+        maxNewTokens,
+        ...(options.adapter ? { adapterId: 'cli-adapter', adapterSource: 'local' as const, adapterPath: options.adapter } : {}),
+        ...(options.adapterId ? { adapterId: options.adapterId, adapterSource: 'bank' as const } : {}),
+        sampling: {
+          ...(temperature !== undefined ? { temperature, doSample: temperature > 0 } : {}),
+          ...(options.topK !== undefined ? { topK: integer(options.topK, 'top-k', 0)! } : {}),
+          ...(options.topP !== undefined ? { topP: number(options.topP, 'top-p')! } : {}),
+          ...(options.seed !== undefined ? { seed: integer(options.seed, 'seed', 0)! } : {}),
+        },
+        ...(options.stop ? { stop: options.stop } : {}),
+        ...(options.ignoreEos ? { ignoreEos: true } : {}),
+      };
+      let firstToken = 0;
+      for await (const event of engine.generate(request)) {
+        if (event.type === 'token') {
+          if (firstToken === 0) firstToken = performance.now();
+          continue;
+        }
+        const done = performance.now();
+        process.stdout.write(`${event.generatedText}\n`);
+        const decodeSeconds = (done - firstToken) / 1000;
+        const rate = event.generatedTokens > 1 && decodeSeconds > 0 ? ((event.generatedTokens - 1) / decodeSeconds).toFixed(1) : 'n/a';
+        process.stderr.write(
+          `soppu generate: kernel ${engine.info.kernel}, load ${(loaded - started).toFixed(0)} ms, prompt ${event.promptTokens} tokens, ` +
+            `first token ${(firstToken - loaded).toFixed(0)} ms, ${event.generatedTokens} tokens (${event.finishReason}), decode ${rate} tokens/s` +
+            `${event.seed !== null ? `, seed ${event.seed}` : ''}\n`,
+        );
+      }
+      await engine.close();
+    });
+}

@@ -1,0 +1,120 @@
+import type { Command } from 'commander';
+import { openBank, type Bank } from '../../compress/bank-reader.js';
+import { loadAdapterArguments } from '../../compress/bank-source.js';
+import { verifyBank, type ModelCheck, type ModelCheckResult } from '../../compress/verify-bank.js';
+import { createEngine } from '../../engine/engine.js';
+import type { Engine, GenerateEvent } from '../../engine/engine-types.js';
+import type { LoraAdapter } from '../../io/lora-types.js';
+import { parseError, parseInteger } from './compress.js';
+
+function formatError(e: number): string {
+  return Number.isFinite(e) ? e.toFixed(4) : 'inf';
+}
+
+/** Fixed prompts for the model check (deterministic: greedy decoding). */
+const CHECK_PROMPTS = ['The quick brown fox', 'Hello, how are you today?', 'Each user may bring their own adapter'];
+
+async function run(engine: Engine, request: Parameters<Engine['generate']>[0]): Promise<{ tokens: number[]; logprobs: number[]; prefill: number[] }> {
+  const tokens: number[] = [];
+  const logprobs: number[] = [];
+  let prefill: number[] = [];
+  for await (const event of engine.generate(request) as AsyncIterable<GenerateEvent>) {
+    if (event.type === 'token') {
+      tokens.push(event.token.id);
+      logprobs.push(event.token.logprob);
+    } else if (event.prefill) {
+      prefill = event.prefill.map((t) => t.logprob);
+    }
+  }
+  return { tokens, logprobs, prefill };
+}
+
+/**
+ * The model check behind `verify --model`: greedy continuations of fixed prompts with the original
+ * adapter (served raw from its directory) and with the bank's version; the bank's logprobs of the
+ * original's tokens come from one teacher-forced prefill.
+ */
+export function engineModelCheck(engine: Engine, newTokens: number): ModelCheck {
+  return async (_bank: Bank, id: string, source: LoraAdapter | null): Promise<ModelCheckResult> => {
+    if (!source) return { tokens: 0, meanLogprobGap: Number.NaN, maxLogprobGap: Number.NaN, top1Agreement: Number.NaN };
+    let count = 0, gapSum = 0, gapMax = 0, agree = 0;
+    for (const text of CHECK_PROMPTS) {
+      const prompt = engine.tokenize(text).ids;
+      const common = { maxNewTokens: newTokens, ignoreEos: true } as const;
+      const original = await run(engine, { ...common, prompt, adapterId: `verify-source:${id}`, adapterSource: 'local', adapterPath: source.source });
+      const fromBank = await run(engine, { ...common, prompt, adapterId: id, adapterSource: 'bank' });
+      const forced = await run(engine, { prompt: [...prompt, ...original.tokens], maxNewTokens: 1, adapterId: id, adapterSource: 'bank', prefillDetails: true });
+      const bankLogprobs = forced.prefill.slice(prompt.length);
+      for (let i = 0; i < original.tokens.length; i++) {
+        const gap = original.logprobs[i]! - (bankLogprobs[i] ?? Number.NEGATIVE_INFINITY);
+        gapSum += gap;
+        gapMax = Math.max(gapMax, Math.abs(gap));
+        if (fromBank.tokens[i] === original.tokens[i]) agree++;
+        count++;
+      }
+    }
+    return { tokens: count, meanLogprobGap: count ? gapSum / count : 0, maxLogprobGap: gapMax, top1Agreement: count ? agree / count : 1 };
+  };
+}
+
+interface VerifyCliOptions {
+  adapters?: string[];
+  maxError?: string;
+  json?: boolean;
+  model?: string;
+  tokens: string;
+}
+
+/** `soppu verify bank/ [--adapters dirs...] [--max-error e] [--model dir]`; exit code 1 when any adapter is over budget or a file is bad. */
+export function register(program: Command): void {
+  program
+    .command('verify')
+    .description('check a bank: checksums of every file, and per adapter and slot the relative weight error (against the original adapters when given, paired by id; else the recorded errors), worst first. Exit code 1 when an adapter exceeds the budget or a file is corrupt')
+    .argument('<bank>', 'bank directory')
+    .option('--adapters <dirs...>', 'original adapter directories (id = directory name, or id=dir)')
+    .option('--max-error <e>', 'error budget (default: the bank\'s)')
+    .option('--model <dir>', 'also compare greedy continuations of fixed prompts, original vs bank, with this base model (needs --adapters)')
+    .option('--tokens <n>', 'tokens generated per prompt by the model check', '16')
+    .option('--json', 'print JSON')
+    .action(async (dir: string, options: VerifyCliOptions) => {
+      const bank = await openBank(dir);
+      const sources = new Map((await loadAdapterArguments(options.adapters ?? [])).map(({ id, adapter }) => [id, adapter]));
+      const maxError = parseError(options.maxError, 'max-error');
+      let engine: Engine | null = null;
+      if (options.model) {
+        engine = await createEngine({
+          modelDir: options.model, bank, kvBudgetBytes: 64 * 1024 * 1024, adapterBudgetBytes: 256 * 1024 * 1024,
+          maxBatchTokens: 512, maxRunningRequests: 1, maxInputTokens: 1023, maxTotalTokens: 1024, blockSize: 16, seed: 0,
+        });
+      }
+      let report;
+      try {
+        report = await verifyBank(bank, {
+          sources,
+          ...(maxError !== undefined ? { maxError } : {}),
+          ...(engine ? { modelCheck: engineModelCheck(engine, parseInteger(options.tokens, 'tokens', 1, 512)!) } : {}),
+        });
+      } finally {
+        await engine?.close();
+      }
+      if (options.json) {
+        process.stdout.write(`${JSON.stringify(report, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n`);
+      } else {
+        for (const problem of report.fileProblems) process.stdout.write(`CORRUPT ${problem.file}: ${problem.message}\n`);
+        process.stdout.write(`${report.adapters.length} adapters, budget ${report.maxErrorBudget ?? 'none'}; errors ${sources.size > 0 ? `measured against ${sources.size} original(s)` : 'as recorded'} (worst first)\n`);
+        for (const a of report.adapters) {
+          const check = a.modelCheck && a.modelCheck.tokens > 0
+            ? `  model: top-1 agreement ${(100 * a.modelCheck.top1Agreement).toFixed(1)}%, logprob gap mean ${a.modelCheck.meanLogprobGap.toFixed(4)} max ${a.modelCheck.maxLogprobGap.toFixed(4)} over ${a.modelCheck.tokens} tokens`
+            : '';
+          process.stdout.write(`${a.overBudget ? 'OVER' : 'ok  '} ${a.id}  cluster ${a.cluster}  max ${formatError(a.maxError)}  mean ${formatError(a.meanError)}  [${a.basis}]${check}\n`);
+          for (const s of [...a.slots].sort((x, y) => y.relativeError - x.relativeError).slice(0, a.overBudget ? a.slots.length : 3)) {
+            process.stdout.write(`      ${s.path}  ${s.storage}  ${formatError(s.relativeError)}${s.recordedError !== null && a.basis === 'source' ? `  (recorded ${formatError(s.recordedError)})` : ''}\n`);
+          }
+        }
+      }
+      if (report.overBudget.length > 0 || report.fileProblems.length > 0) {
+        process.stderr.write(`soppu verify: ${report.overBudget.length} adapter(s) over budget${report.fileProblems.length ? `, ${report.fileProblems.length} corrupt file(s)` : ''}\n`);
+        process.exitCode = 1;
+      }
+    });
+}

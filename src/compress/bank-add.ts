@@ -1,0 +1,102 @@
+/**
+ * `bank add`: projects one new adapter onto an existing bank's bases (no refit), writes its file and
+ * switches the manifest. Slots the projection cannot serve within the bank's error budget (or that
+ * the bank lacks) are kept raw, and the manifest records that a refit is advised.
+ */
+import { SoppuError } from '../errors/soppu-error.js';
+import type { LoraAdapter } from '../io/lora-types.js';
+import { adapterConfigJsonOrNull } from './bank-source.js';
+import { basesKeyOf, checkAdapterId, type BankManifest, type ManifestAdapter, type ManifestAdapterSlot, type ManifestSlot } from './bank-manifest.js';
+import { openBank } from './bank-reader.js';
+import { adapterTensors, commitManifest, manifestSlotEntry, refitReasonsOf, withBankLock, writeAdapterFile } from './bank-writer.js';
+import type { AdapterSlotResult, SlotBases } from './compression-types.js';
+import { projectAdapter, type BankSlotBases } from './project-adapter.js';
+
+export interface AddToBankResult {
+  readonly manifest: BankManifest;
+  readonly entry: ManifestAdapter;
+  /** Largest relative error among the compressed slots. */
+  readonly maxError: number;
+  /** Slots kept raw, with the reason. */
+  readonly rawSlots: readonly { path: string; reason: string }[];
+}
+
+export interface AddToBankOptions {
+  /** Error budget for the projection (default: the budget the bank was fitted with). */
+  readonly maxError?: number;
+}
+
+/** Adds `adapter` as `id` to the bank in `dir`. Throws BANK_CONFLICT when the id exists. */
+export async function addToBank(dir: string, id: string, adapter: LoraAdapter, options: AddToBankOptions = {}): Promise<AddToBankResult> {
+  checkAdapterId(id);
+  return withBankLock(dir, async () => {
+    const bank = await openBank(dir);
+    const manifest = bank.manifest;
+    if (bank.has(id)) throw new SoppuError('BANK_CONFLICT', `${dir}: the bank already holds an adapter "${id}"; choose another --id`, { file: dir, field: 'id' });
+    if (manifest.baseModel !== null && adapter.config.baseModelNameOrPath !== null && adapter.config.baseModelNameOrPath !== manifest.baseModel) {
+      throw new SoppuError('ADAPTER_INCOMPATIBLE', `${adapter.source}: base model "${adapter.config.baseModelNameOrPath}" differs from the bank's "${manifest.baseModel}"`, { file: adapter.source, field: 'base_model_name_or_path' });
+    }
+    const slots = new Map<string, BankSlotBases>();
+    for (const slot of manifest.slots) {
+      if (!adapter.modules.has(slot.path)) continue;
+      const bases: (SlotBases | null)[] = [];
+      for (let c = 0; c < manifest.clusters; c++) {
+        if (slot.ranks[c] === null) {
+          bases.push(null);
+          continue;
+        }
+        const loaded = await bank.loadBases(basesKeyOf(c, slot.path));
+        bases.push({ rank: loaded.rank, u: loaded.u, vt: loaded.vt });
+      }
+      slots.set(slot.path, { method: slot.method, inFeatures: slot.inFeatures, outFeatures: slot.outFeatures, bases });
+    }
+    const maxError = options.maxError ?? manifest.options.maxError;
+    const projection = projectAdapter(adapter, slots, maxError !== undefined ? { maxError } : {});
+
+    const newSlots: ManifestSlot[] = [...manifest.slots];
+    const slotByPath = new Map(manifest.slots.map((s) => [s.path, s]));
+    const perSlotResults = new Map<string, { slot: AdapterSlotResult; inFeatures: number; outFeatures: number; rank: number | null; diagonal: boolean }>();
+    const perSlot: Record<string, ManifestAdapterSlot> = {};
+    const rawSlots: { path: string; reason: string }[] = [];
+    let zeroSlots = 0;
+    for (const [path, result] of projection.slots) {
+      const module = adapter.modules.get(path)!;
+      let slot = slotByPath.get(path);
+      if (!slot) {
+        slot = { path, inFeatures: module.inFeatures, outFeatures: module.outFeatures, method: manifest.method, ranks: new Array<null>(manifest.clusters).fill(null), sweeps: 0 };
+        newSlots.push(slot);
+        slotByPath.set(path, slot);
+      }
+      const rank = slot.ranks[projection.cluster] ?? null;
+      perSlotResults.set(path, { slot: result, inFeatures: slot.inFeatures, outFeatures: slot.outFeatures, rank, diagonal: slot.method === 'jd-diag' });
+      perSlot[path] = { ...manifestSlotEntry(result, rank), sourceRank: module.rank };
+      if (result.storage === 'raw') rawSlots.push({ path, reason: slotByPath.has(path) && rank !== null ? result.reason : 'slot-not-in-bank' });
+      if (result.storage === 'zero') zeroSlots++;
+    }
+    const written = await writeAdapterFile(dir, id, adapterTensors(perSlotResults, adapter.passthrough));
+    const flags = new Set<string>(adapter.flags);
+    if (zeroSlots > 0) flags.add(zeroSlots === adapter.modules.size ? 'all-zero' : 'zero-modules');
+    let rawParameters = 0;
+    for (const m of adapter.modules.values()) rawParameters += m.rank * (m.inFeatures + m.outFeatures);
+    const entry: ManifestAdapter = {
+      id, source: adapter.source, cluster: projection.cluster, baseModel: adapter.config.baseModelNameOrPath,
+      sourceDtype: adapter.sourceDtype, flags: [...flags], rawParameters, addedBy: 'add', errorBasis: 'source',
+      perSlot, file: written?.path ?? null, config: adapterConfigJsonOrNull(adapter),
+    };
+    const adapters = [...manifest.adapters, entry];
+    const reasons = refitReasonsOf(adapters);
+    const next: BankManifest = {
+      ...manifest,
+      generation: manifest.generation + 1,
+      updatedAt: new Date().toISOString(),
+      baseModel: manifest.baseModel ?? (manifest.adapters.length === 0 ? adapter.config.baseModelNameOrPath : null),
+      slots: newSlots,
+      adapters,
+      refitAdvised: reasons.length > 0,
+      refitReasons: reasons,
+      files: written ? { ...manifest.files, [written.path]: written.entry } : manifest.files,
+    };
+    await commitManifest(dir, next, manifest);
+    return { manifest: next, entry, maxError: projection.maxError, rawSlots };
+  });
+}

@@ -1,0 +1,60 @@
+/**
+ * Smallest shared rank R with every member's relative error ≤ maxError: doubling from R = 1 until
+ * one passes (or the cap is reached), then bisection between the last failing and the first passing
+ * rank. Each rank's fit is deterministic (its seed depends on the rank only), so the answer R comes
+ * with a fit at R − 1 that was seen to fail.
+ */
+import type { JdMethod } from './compression-types.js';
+import { deriveSeed, fitSlot, type SlotFit } from './fit-slot.js';
+import type { JdFitOptions } from './jd-full.js';
+import type { SlotProblem } from './slot-problem.js';
+
+export interface RankPoint {
+  readonly rank: number;
+  readonly maxError: number;
+  readonly meanError: number;
+}
+
+export interface RankSelection {
+  /** The fit at the chosen rank (at the cap when no rank met the budget). */
+  readonly fit: SlotFit;
+  /** True when the chosen fit meets the budget for every member. */
+  readonly withinBudget: boolean;
+  /** Every rank that was fitted, ascending. */
+  readonly errorByRank: readonly RankPoint[];
+}
+
+export function selectRank(problem: SlotProblem, method: JdMethod, maxError: number, maxRank: number,
+  options: JdFitOptions & { readonly label: string }): RankSelection {
+  const fits = new Map<number, SlotFit>();
+  const fitAt = (rank: number): SlotFit => {
+    let fit = fits.get(rank);
+    if (!fit) {
+      fit = fitSlot(problem, method, rank, { ...options, seed: deriveSeed(options.seed, options.label, rank) });
+      fits.set(rank, fit);
+    }
+    return fit;
+  };
+  const passes = (fit: SlotFit): boolean => fit.errors.every((e) => e <= maxError);
+  let failing = 0;
+  let passing = -1;
+  for (let rank = 1; ; rank = Math.min(rank * 2, maxRank)) {
+    if (passes(fitAt(rank))) { passing = rank; break; }
+    failing = rank;
+    if (rank >= maxRank) break;
+  }
+  if (passing > 0) {
+    while (passing - failing > 1) {
+      const middle = Math.floor((passing + failing) / 2);
+      if (passes(fitAt(middle))) passing = middle;
+      else failing = middle;
+    }
+  }
+  const chosen = passing > 0 ? passing : maxRank;
+  const errorByRank = [...fits.entries()].sort((x, y) => x[0] - y[0]).map(([rank, fit]) => ({
+    rank,
+    maxError: Math.max(...fit.errors),
+    meanError: fit.errors.reduce((a, b) => a + b, 0) / Math.max(fit.errors.length, 1),
+  }));
+  return { fit: fitAt(chosen), withinBudget: passing > 0, errorByRank };
+}

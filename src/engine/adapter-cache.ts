@@ -1,0 +1,355 @@
+/**
+ * Resident adapters within a byte budget. Adapters load asynchronously (from a bank: the adapter's
+ * own parts plus its cluster's shared bases, which are refcounted and shared; or from a PEFT
+ * directory), so the running batch never waits: a request waits only for its own adapter. Eviction
+ * is least-recently-used among adapters that no request holds and that are not pinned. A load
+ * failure fails only the requests holding that adapter. Re-registering an id (hot reload) swaps in a
+ * fresh entry; requests already holding the old one finish with it.
+ */
+import { SoppuError, isSoppuError } from '../errors/soppu-error.js';
+import type { BankReader } from '../compress/bank-reader-types.js';
+import type { LoraAdapter } from '../io/lora-types.js';
+import { residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
+
+export type AdapterSpec = { readonly source: 'bank' } | { readonly source: 'local'; readonly dir: string };
+
+export interface AdapterCacheOptions {
+  readonly budgetBytes: number;
+  readonly bank: BankReader | null;
+  /** Loads a PEFT directory (the io loader). */
+  readonly loadLocal: (dir: string) => Promise<LoraAdapter>;
+  readonly slotShape: SlotShape;
+  /** Loads in flight at once (default 4). */
+  readonly maxConcurrentLoads?: number;
+  /** Called when a load finishes or fails, so the engine can schedule waiting requests. */
+  readonly onSettled?: () => void;
+}
+
+export type EntryState = 'disk' | 'loading' | 'resident' | 'failed';
+
+/** One adapter id's cache entry. Requests hold the entry object itself (hot reload swaps it). */
+export class AdapterEntry {
+  readonly id: string;
+  readonly spec: AdapterSpec;
+  state: EntryState = 'disk';
+  resident: ResidentAdapter | null = null;
+  error: SoppuError | null = null;
+  users = 0;
+  pinned = false;
+  lastUse = 0;
+  /** Bytes when last resident (an estimate for planning the next load). */
+  knownBytes = 0;
+  /** Replaced by a re-registration or removed: freed when its last user releases it. */
+  stale = false;
+
+  constructor(id: string, spec: AdapterSpec) {
+    this.id = id;
+    this.spec = spec;
+  }
+}
+
+export interface AdapterCacheCounts {
+  hits: number;
+  misses: number;
+  loads: number;
+  evictions: number;
+}
+
+export class AdapterCache {
+  readonly counts: AdapterCacheCounts = { hits: 0, misses: 0, loads: 0, evictions: 0 };
+  private options: AdapterCacheOptions;
+  private readonly entries = new Map<string, AdapterEntry>();
+  /** Stale entries still held by requests: they load, count and free like the others. */
+  private readonly staleHeld = new Set<AdapterEntry>();
+  private readonly bases = new Map<string, { bases: ResidentBases; refs: number }>();
+  private readonly basesLoading = new Map<string, Promise<ResidentBases>>();
+  private loading = 0;
+  private clock = 0;
+  private adapterBytes = 0;
+  private basesBytes = 0;
+
+  constructor(options: AdapterCacheOptions) {
+    if (!(options.budgetBytes >= 0)) {
+      throw new SoppuError('CONFIG', `adapter cache budget must be >= 0 bytes, got ${options.budgetBytes}`, { field: 'adapterBudgetBytes', limit: '>= 0' });
+    }
+    this.options = options;
+  }
+
+  get budgetBytes(): number {
+    return this.options.budgetBytes;
+  }
+
+  /** Bytes of resident adapter parts plus shared bases. */
+  get bytesResident(): number {
+    return this.adapterBytes + this.basesBytes;
+  }
+
+  /** Swaps in a reopened bank (after an adapter was added to it); cached parts stay valid. */
+  setBank(bank: BankReader | null): void {
+    this.options = { ...this.options, bank };
+  }
+
+  /** True when `id` is registered locally or held by the bank. */
+  has(id: string): boolean {
+    return this.entries.has(id) || (this.options.bank?.has(id) ?? false);
+  }
+
+  /** The entry for `id` if one exists now (no load, no counting). */
+  peek(id: string): AdapterEntry | undefined {
+    return this.entries.get(id);
+  }
+
+  /** Every id known: registered entries and bank ids. */
+  ids(): string[] {
+    const ids = new Set(this.entries.keys());
+    for (const id of this.options.bank?.ids() ?? []) ids.add(id);
+    return [...ids].sort();
+  }
+
+  /** Registers (or replaces: hot reload) `id`. The old entry's cached copy is invalidated. */
+  register(id: string, spec: AdapterSpec): AdapterEntry {
+    this.invalidate(id);
+    const entry = new AdapterEntry(id, spec);
+    this.entries.set(id, entry);
+    return entry;
+  }
+
+  /** Forgets `id`; requests already holding it finish with their copy. */
+  remove(id: string): boolean {
+    const existed = this.entries.has(id);
+    this.invalidate(id);
+    return existed;
+  }
+
+  pin(id: string, pinned: boolean): AdapterEntry {
+    const entry = this.entryFor(id);
+    entry.pinned = pinned;
+    if (pinned) this.pump();
+    else this.evictToFit();
+    return entry;
+  }
+
+  /**
+   * A request takes hold of `id`'s entry (loading it when there is room). Throws ADAPTER_NOT_FOUND.
+   * The caller must `release` it exactly once.
+   */
+  acquire(id: string): AdapterEntry {
+    const entry = this.entryFor(id);
+    entry.users++;
+    entry.lastUse = ++this.clock;
+    if (entry.state === 'resident') this.counts.hits++;
+    else this.counts.misses++;
+    if (entry.state === 'failed') {
+      // a new request retries: the file may have been fixed
+      entry.state = 'disk';
+      entry.error = null;
+    }
+    this.pump();
+    return entry;
+  }
+
+  release(entry: AdapterEntry): void {
+    if (entry.users <= 0) throw new SoppuError('INTERNAL', `adapter ${entry.id} released more often than acquired`);
+    entry.users--;
+    entry.lastUse = ++this.clock;
+    if (entry.users === 0 && entry.stale) this.drop(entry);
+    else this.evictToFit();
+    this.pump();
+  }
+
+  /**
+   * Starts loads for held entries still on disk, oldest first, while the budget has room that no
+   * request and no pin holds.
+   */
+  pump(): void {
+    const max = this.options.maxConcurrentLoads ?? 4;
+    if (this.loading >= max) return;
+    const waiting = [...this.entries.values(), ...this.staleHeld]
+      .filter((e) => e.state === 'disk' && (e.users > 0 || e.pinned))
+      .sort((p, q) => p.lastUse - q.lastUse);
+    for (const entry of waiting) {
+      if (this.loading >= max) return;
+      // when nothing is loading and no request holds a resident adapter, nothing would ever free
+      // room: the load starts anyway (a budget smaller than one adapter, or filled by pins)
+      if (this.loading > 0 || this.residentInUse()) {
+        if (this.heldBytes() + this.loadingEstimate() + this.estimate(entry) > this.options.budgetBytes) return;
+      }
+      void this.load(entry);
+    }
+  }
+
+  private residentInUse(): boolean {
+    for (const e of this.entries.values()) if (e.resident && e.users > 0) return true;
+    for (const e of this.staleHeld) if (e.resident) return true;
+    return false;
+  }
+
+  private estimate(entry: AdapterEntry): number {
+    if (entry.knownBytes > 0) return entry.knownBytes;
+    let total = 0;
+    let count = 0;
+    for (const e of this.entries.values()) {
+      if (e.knownBytes > 0) {
+        total += e.knownBytes;
+        count++;
+      }
+    }
+    return count > 0 ? total / count : 0;
+  }
+
+  private loadingEstimate(): number {
+    let bytes = 0;
+    for (const e of this.entries.values()) if (e.state === 'loading') bytes += this.estimate(e);
+    for (const e of this.staleHeld) if (e.state === 'loading') bytes += this.estimate(e);
+    return bytes;
+  }
+
+  /** Bytes nobody may evict now: adapters held by requests or pinned, and the bases they use. */
+  private heldBytes(): number {
+    let bytes = 0;
+    const keys = new Set<string>();
+    const count = (resident: ResidentAdapter): void => {
+      bytes += resident.bytes;
+      for (const key of resident.basesKeys) keys.add(key);
+    };
+    for (const e of this.entries.values()) if (e.resident && (e.users > 0 || e.pinned)) count(e.resident);
+    for (const e of this.staleHeld) if (e.resident) count(e.resident);
+    for (const key of keys) bytes += this.bases.get(key)?.bases.bytes ?? 0;
+    return bytes;
+  }
+
+  private entryFor(id: string): AdapterEntry {
+    const existing = this.entries.get(id);
+    if (existing) return existing;
+    if (this.options.bank?.has(id)) return this.register(id, { source: 'bank' });
+    throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${id} is not in the bank and is not registered`, { field: 'adapter_id' });
+  }
+
+  private async load(entry: AdapterEntry): Promise<void> {
+    entry.state = 'loading';
+    this.loading++;
+    const heldBases: string[] = [];
+    try {
+      let resident: ResidentAdapter;
+      if (entry.spec.source === 'local') {
+        const adapter = await this.options.loadLocal(entry.spec.dir);
+        resident = residentFromLora(entry.id, adapter, this.options.slotShape);
+      } else {
+        const bank = this.options.bank;
+        if (!bank) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${entry.id}: no bank is open`, { field: 'adapter_id' });
+        const parts = await bank.loadAdapter(entry.id);
+        const keys = new Set<string>();
+        for (const part of parts.slots.values()) if (part.kind === 'compressed') keys.add(part.basesKey);
+        const loaded = new Map<string, ResidentBases>();
+        for (const key of keys) {
+          loaded.set(key, await this.holdBases(key));
+          heldBases.push(key);
+        }
+        resident = residentFromBank(parts, loaded, this.options.slotShape, bank.dir);
+      }
+      if (entry.stale && entry.users === 0) {
+        for (const key of heldBases) this.releaseBases(key);
+        return;
+      }
+      entry.resident = resident;
+      entry.knownBytes = resident.bytes;
+      entry.state = 'resident';
+      this.adapterBytes += resident.bytes;
+      this.counts.loads++;
+    } catch (e) {
+      for (const key of heldBases) this.releaseBases(key);
+      entry.state = 'failed';
+      entry.error = loadError(entry, e, this.options.bank?.dir);
+    } finally {
+      this.loading--;
+    }
+    this.evictToFit();
+    this.pump();
+    this.options.onSettled?.();
+  }
+
+  private async holdBases(key: string): Promise<ResidentBases> {
+    const held = this.bases.get(key);
+    if (held) {
+      held.refs++;
+      return held.bases;
+    }
+    let pending = this.basesLoading.get(key);
+    if (!pending) {
+      const bank = this.options.bank!;
+      pending = bank.loadBases(key).then(residentBases);
+      this.basesLoading.set(key, pending);
+      pending.then(
+        () => this.basesLoading.delete(key),
+        () => this.basesLoading.delete(key),
+      );
+    }
+    const bases = await pending;
+    const now = this.bases.get(key);
+    if (now) {
+      now.refs++;
+      return now.bases;
+    }
+    this.bases.set(key, { bases, refs: 1 });
+    this.basesBytes += bases.bytes;
+    return bases;
+  }
+
+  private releaseBases(key: string): void {
+    const held = this.bases.get(key);
+    if (!held) return;
+    held.refs--;
+    if (held.refs === 0) {
+      this.bases.delete(key);
+      this.basesBytes -= held.bases.bytes;
+    }
+  }
+
+  /** Evicts least-recently-used unheld, unpinned adapters until the budget holds. */
+  private evictToFit(): void {
+    if (this.bytesResident <= this.options.budgetBytes) return;
+    const candidates = [...this.entries.values()]
+      .filter((e) => e.state === 'resident' && e.users === 0 && !e.pinned)
+      .sort((p, q) => p.lastUse - q.lastUse);
+    for (const entry of candidates) {
+      if (this.bytesResident <= this.options.budgetBytes) return;
+      this.unload(entry);
+      this.counts.evictions++;
+    }
+  }
+
+  private unload(entry: AdapterEntry): void {
+    const resident = entry.resident;
+    if (!resident) return;
+    this.adapterBytes -= resident.bytes;
+    for (const key of resident.basesKeys) this.releaseBases(key);
+    entry.resident = null;
+    entry.state = 'disk';
+    this.staleHeld.delete(entry);
+  }
+
+  private invalidate(id: string): void {
+    const old = this.entries.get(id);
+    if (!old) return;
+    this.entries.delete(id);
+    old.stale = true;
+    if (old.users === 0) this.drop(old);
+    else this.staleHeld.add(old);
+  }
+
+  private drop(entry: AdapterEntry): void {
+    this.unload(entry);
+    this.staleHeld.delete(entry);
+  }
+}
+
+/** Wraps any load failure as ADAPTER_LOAD naming the adapter, the file and the reason. */
+function loadError(entry: AdapterEntry, e: unknown, bankDir: string | undefined): SoppuError {
+  const file = entry.spec.source === 'local' ? entry.spec.dir : (bankDir ?? '');
+  const detailFile = isSoppuError(e) && typeof e.context.file === 'string' ? e.context.file : file;
+  const reason = e instanceof Error ? e.message : String(e);
+  return new SoppuError('ADAPTER_LOAD', `adapter ${entry.id} could not be loaded from ${detailFile}: ${reason}`, {
+    file: detailFile,
+    reason: isSoppuError(e) ? e.code : 'error',
+  }, { cause: e });
+}

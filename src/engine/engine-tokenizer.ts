@@ -1,0 +1,66 @@
+/**
+ * What the engine needs from a tokenizer. The model's tokenizer loader is adapted to this in
+ * engine.ts; tests pass small in-memory implementations.
+ */
+import type { ModelTokenizer } from '../model/tokenizer.js';
+
+export interface EngineTokenizer {
+  /** Token ids of `text`; BOS etc. added when `addSpecialTokens`. */
+  encode(text: string, addSpecialTokens: boolean): number[];
+  /** Tokens of `text` with their [start, stop) offsets in it (for /tokenize). */
+  tokenizeWithOffsets(text: string, addSpecialTokens: boolean): { id: number; text: string; start: number; stop: number }[];
+  /** Text of `ids`; special tokens dropped when `skipSpecialTokens`. */
+  decode(ids: readonly number[], skipSpecialTokens: boolean): string;
+  isSpecial(id: number): boolean;
+  /** Chat messages → prompt text through the chat template. */
+  applyChatTemplate(messages: readonly { role: string; content: string }[], addGenerationPrompt: boolean): string;
+}
+
+/** The model layer's tokenizer seen through this interface. */
+export function engineTokenizerOf(tokenizer: ModelTokenizer): EngineTokenizer {
+  return {
+    encode: (text, addSpecialTokens) => tokenizer.encode(text, { addSpecialTokens }),
+    tokenizeWithOffsets: (text, addSpecialTokens) =>
+      tokenizer.tokenizeWithOffsets(text, { addSpecialTokens }).map((t) => ({ id: t.id, text: t.text, start: t.start, stop: t.stop })),
+    decode: (ids, skipSpecialTokens) => tokenizer.decode(ids, { skipSpecialTokens }),
+    isSpecial: (id) => tokenizer.isSpecial(id),
+    applyChatTemplate: (messages, addGenerationPrompt) => tokenizer.applyChatTemplate(messages, { addGenerationPrompt }),
+  };
+}
+
+/**
+ * Streaming detokenization (as TGI's decode_token): a token's text is the growth of the decoded
+ * window, withheld while the window ends in an incomplete UTF-8 sequence.
+ */
+export class IncrementalDecoder {
+  private prefixOffset = 0;
+  private readOffset = 0;
+  private readonly tokenizer: EngineTokenizer;
+  private readonly ids: number[] = [];
+
+  constructor(tokenizer: EngineTokenizer) {
+    this.tokenizer = tokenizer;
+  }
+
+  /** Appends `id`; returns the new text it completes (may be ''). */
+  push(id: number): string {
+    this.ids.push(id);
+    return this.pending(false);
+  }
+
+  /** Whatever text is still withheld (call once at the end). */
+  flush(): string {
+    return this.pending(true);
+  }
+
+  private pending(force: boolean): string {
+    const prefix = this.tokenizer.decode(this.ids.slice(this.prefixOffset, this.readOffset), true);
+    const full = this.tokenizer.decode(this.ids.slice(this.prefixOffset), true);
+    if (full.length > prefix.length && (force || !full.endsWith('\uFFFD'))) {
+      this.prefixOffset = this.readOffset;
+      this.readOffset = this.ids.length;
+      return full.slice(prefix.length);
+    }
+    return '';
+  }
+}

@@ -1,0 +1,659 @@
+/**
+ * The inference engine: continuous batching of many users' adapters (raw LoRA and compressed bank
+ * adapters) in one forward pass per step. The step loop is async and yields to the event loop
+ * between steps, so HTTP keeps flowing; the compute of a step is synchronous.
+ */
+import { SoppuError, isSoppuError } from '../errors/soppu-error.js';
+import type { BankReader } from '../compress/bank-reader-types.js';
+import type { LoraAdapter } from '../io/lora-types.js';
+import { getKernels } from '../kernels/index.js';
+import type { KernelSet } from '../kernels/kernel-set.js';
+import type { TargetModule } from '../model/adapter-hook.js';
+import type { ForwardBatch } from '../model/forward-batch.js';
+import { ForwardScratch, forward } from '../model/forward.js';
+import type { LlamaConfig } from '../model/llama-config.js';
+import { loadLlamaModel, type LlamaModel } from '../model/llama-model.js';
+import { loadTokenizer } from '../model/tokenizer.js';
+import { loadLoraAdapter } from '../io/load-lora-adapter.js';
+import { addToBank } from '../compress/bank-add.js';
+import { openBank } from '../compress/bank-reader.js';
+import { AdapterBatcher, compareAdapters } from './adapter-batch.js';
+import { AdapterCache, type AdapterEntry } from './adapter-cache.js';
+import type {
+  AdapterStatus,
+  Engine,
+  EngineInfo,
+  EngineStats,
+  FinishReason,
+  GenerateEvent,
+  GenerateRequest,
+  TokenInfo,
+} from './engine-types.js';
+import { IncrementalDecoder, engineTokenizerOf, type EngineTokenizer } from './engine-tokenizer.js';
+import { EventQueue } from './event-queue.js';
+import { KvBlockPool } from './kv-block-pool.js';
+import { residentFromLora, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
+import { Sampler, resolveSampling } from './sampler.js';
+import { Scheduler, type ScheduledSequence, type StepEntry } from './scheduler.js';
+
+export interface EngineOptions {
+  /** Model directory (config.json, safetensors, tokenizer files); or pass `model` and `tokenizer`. */
+  readonly modelDir?: string;
+  readonly model?: LlamaModel;
+  readonly tokenizer?: EngineTokenizer;
+  /** Reported as info.modelId (default: the model directory). */
+  readonly modelId?: string;
+  /** An open bank reader (or null for none); or `bankDir` to open one. */
+  readonly bank?: BankReader | null;
+  readonly bankDir?: string;
+  /** Loads a PEFT directory (default: the io loader). */
+  readonly loadLocalAdapter?: (dir: string) => Promise<LoraAdapter>;
+  readonly kernels?: KernelSet;
+  readonly kvBudgetBytes: number;
+  readonly adapterBudgetBytes: number;
+  readonly maxBatchTokens: number;
+  readonly maxRunningRequests: number;
+  readonly maxInputTokens: number;
+  readonly maxTotalTokens: number;
+  readonly blockSize: number;
+  /** Adapter loads in flight at once (default 4). */
+  readonly maxConcurrentLoads?: number;
+  /** Seeds the seeds chosen for requests that give none (default: time based). */
+  readonly seed?: number;
+}
+
+/** Loaders that replace the defaults (the model layer's tokenizer, the io layer's PEFT loader, the bank reader). */
+export interface EngineDefaults {
+  loadTokenizer?: (modelDir: string, config: LlamaConfig) => Promise<EngineTokenizer>;
+  loadLocalAdapter?: (dir: string) => Promise<LoraAdapter>;
+  openBank?: (dir: string) => Promise<BankReader>;
+}
+
+/** One request in flight. */
+class RequestState implements ScheduledSequence {
+  readonly id: number;
+  readonly tokens: number[];
+  computed = 0;
+  preemptions = 0;
+  readonly promptLength: number;
+  readonly request: GenerateRequest;
+  readonly entry: AdapterEntry | null;
+  readonly sampler: Sampler;
+  readonly queue = new EventQueue<GenerateEvent>();
+  readonly decoder: IncrementalDecoder;
+  readonly stops: readonly string[];
+  text = '';
+  generated = 0;
+  started = false;
+  finished = false;
+  prefill: TokenInfo[] | null;
+
+  constructor(id: number, prompt: number[], request: GenerateRequest, entry: AdapterEntry | null, sampler: Sampler, tokenizer: EngineTokenizer) {
+    this.id = id;
+    this.tokens = prompt;
+    this.promptLength = prompt.length;
+    this.request = request;
+    this.entry = entry;
+    this.sampler = sampler;
+    this.decoder = new IncrementalDecoder(tokenizer);
+    this.stops = (request.stop ?? []).filter((s) => s.length > 0);
+    this.prefill = request.prefillDetails ? [] : null;
+  }
+
+  ready(): boolean {
+    return this.entry === null || this.entry.state === 'resident';
+  }
+}
+
+class SoppuEngine implements Engine {
+  readonly info: EngineInfo;
+  private readonly model: LlamaModel;
+  private readonly config: LlamaConfig;
+  private readonly kernels: KernelSet;
+  private readonly tokenizer: EngineTokenizer;
+  private readonly options: EngineOptions;
+  private readonly pool: KvBlockPool;
+  private readonly scheduler: Scheduler<RequestState>;
+  private readonly cache: AdapterCache;
+  private readonly batcher: AdapterBatcher;
+  private readonly scratch: ForwardScratch;
+  private readonly loadLocal: (dir: string) => Promise<LoraAdapter>;
+  private readonly openBank: (dir: string) => Promise<BankReader>;
+  private bank: BankReader | null;
+  private readonly slotShape: SlotShape;
+  private readonly all = new Set<RequestState>();
+  private nextId = 1;
+  private seedCounter: number;
+  private loopRunning = false;
+  private draining = false;
+  private closed = false;
+  private lastBatchSize = 0;
+  private generatedTokens = 0;
+  private idleWaiters: (() => void)[] = [];
+
+  constructor(options: EngineOptions, model: LlamaModel, tokenizer: EngineTokenizer, loadLocal: (dir: string) => Promise<LoraAdapter>, reopenBank: (dir: string) => Promise<BankReader>) {
+    this.options = options;
+    this.bank = options.bank ?? null;
+    this.openBank = reopenBank;
+    this.model = model;
+    this.config = model.config;
+    this.kernels = options.kernels ?? getKernels();
+    this.tokenizer = tokenizer;
+    this.loadLocal = loadLocal;
+    checkLimits(options, this.config);
+    this.pool = new KvBlockPool(
+      { layers: this.config.numLayers, kvHeads: this.config.numKvHeads, headDim: this.config.headDim, blockSize: options.blockSize },
+      options.kvBudgetBytes,
+    );
+    this.scheduler = new Scheduler<RequestState>(this.pool, { maxBatchTokens: options.maxBatchTokens, maxRunningRequests: options.maxRunningRequests });
+    this.slotShape = slotShapeOf(this.config);
+    this.cache = new AdapterCache({
+      budgetBytes: options.adapterBudgetBytes,
+      bank: options.bank ?? null,
+      loadLocal,
+      slotShape: this.slotShape,
+      maxConcurrentLoads: options.maxConcurrentLoads,
+      onSettled: () => this.onAdapterSettled(),
+    });
+    this.batcher = new AdapterBatcher(this.kernels);
+    this.scratch = new ForwardScratch(this.config, 1);
+    this.seedCounter = options.seed ?? (Date.now() >>> 0);
+    this.info = {
+      modelId: options.modelId ?? options.modelDir ?? 'model',
+      modelDtype: model.weights.layers[0]?.q.weight.dtype ?? model.weights.embedding.dtype,
+      maxInputTokens: options.maxInputTokens,
+      maxTotalTokens: options.maxTotalTokens,
+      maxBatchTokens: options.maxBatchTokens,
+      eosTokenIds: this.config.eosTokenIds,
+      kernel: this.kernels.name,
+    };
+  }
+
+  // ---------------------------------------------------------------- requests
+
+  generate(request: GenerateRequest): AsyncIterable<GenerateEvent> {
+    // an async generator: a submit error is thrown from the first next()
+    const engine = this;
+    return (async function* events(): AsyncGenerator<GenerateEvent> {
+      const state = engine.submit(request);
+      try {
+        for await (const event of state.queue) yield event;
+      } finally {
+        if (!state.finished) engine.cancel(state);
+      }
+    })();
+  }
+
+  private submit(request: GenerateRequest): RequestState {
+    if (this.closed || this.draining) throw new SoppuError('SHUTTING_DOWN', 'the engine is draining and accepts no new requests');
+    if (request.signal?.aborted) throw new SoppuError('CANCELLED', 'the request was cancelled before it started');
+    const maxNew = request.maxNewTokens;
+    if (!Number.isInteger(maxNew) || maxNew < 1) {
+      throw new SoppuError('VALIDATION', `max_new_tokens must be a positive integer, got ${String(maxNew)}`, { field: 'max_new_tokens', limit: '>= 1' });
+    }
+    let prompt = this.promptIds(request.prompt);
+    if (request.truncate !== undefined) {
+      if (!Number.isInteger(request.truncate) || request.truncate < 1) {
+        throw new SoppuError('VALIDATION', `truncate must be a positive integer, got ${String(request.truncate)}`, { field: 'truncate', limit: '>= 1' });
+      }
+      if (prompt.length > request.truncate) prompt = prompt.slice(prompt.length - request.truncate);
+    }
+    if (prompt.length === 0) throw new SoppuError('VALIDATION', 'the prompt is empty', { field: 'inputs' });
+    const { maxInputTokens, maxTotalTokens } = this.options;
+    if (prompt.length > maxInputTokens) {
+      throw new SoppuError('VALIDATION', `the prompt has ${prompt.length} tokens, more than max_input_tokens ${maxInputTokens}`, { field: 'inputs', limit: maxInputTokens });
+    }
+    if (prompt.length + maxNew > maxTotalTokens) {
+      throw new SoppuError(
+        'VALIDATION',
+        `prompt tokens (${prompt.length}) + max_new_tokens (${maxNew}) must be <= max_total_tokens ${maxTotalTokens}`,
+        { field: 'max_new_tokens', limit: maxTotalTokens - prompt.length },
+      );
+    }
+    const capacity = this.pool.totalBlocks * this.pool.blockSize;
+    if (prompt.length + maxNew > capacity) {
+      throw new SoppuError('VALIDATION', `prompt tokens + max_new_tokens (${prompt.length + maxNew}) exceed the KV cache capacity of ${capacity} tokens`, {
+        field: 'max_new_tokens',
+        limit: capacity,
+      });
+    }
+    const topAlternatives = request.topAlternatives ?? 0;
+    if (!Number.isInteger(topAlternatives) || topAlternatives < 0 || topAlternatives > 100) {
+      throw new SoppuError('VALIDATION', `top_n_tokens must be an integer in [0, 100], got ${String(topAlternatives)}`, { field: 'top_n_tokens', limit: 100 });
+    }
+    if (request.stop && request.stop.length > 16) {
+      throw new SoppuError('VALIDATION', `at most 16 stop sequences are allowed, got ${request.stop.length}`, { field: 'stop', limit: 16 });
+    }
+    const settings = resolveSampling(request.sampling);
+    const seed = request.sampling?.seed ?? this.nextSeed();
+    const entry = this.acquireAdapter(request);
+    const state = new RequestState(this.nextId++, prompt, request, entry, new Sampler(settings, seed, prompt), this.tokenizer);
+    this.all.add(state);
+    this.scheduler.add(state);
+    if (request.signal) {
+      request.signal.addEventListener('abort', () => {
+        if (!state.finished) {
+          this.cancel(state);
+        }
+      }, { once: true });
+    }
+    this.wake();
+    return state;
+  }
+
+  private promptIds(prompt: string | readonly number[]): number[] {
+    if (typeof prompt === 'string') return this.tokenizer.encode(prompt, true);
+    if (!Array.isArray(prompt)) throw new SoppuError('VALIDATION', 'the prompt must be text or a list of token ids', { field: 'inputs' });
+    const vocab = this.config.vocabSize;
+    return prompt.map((id, i) => {
+      if (!Number.isInteger(id) || id < 0 || id >= vocab) {
+        throw new SoppuError('VALIDATION', `prompt token ${i} is ${String(id)}, outside the vocabulary [0, ${vocab})`, { field: 'inputs', limit: vocab });
+      }
+      return id;
+    });
+  }
+
+  private acquireAdapter(request: GenerateRequest): AdapterEntry | null {
+    const id = request.adapterId ?? '';
+    if (id === '') return null;
+    if (request.adapterSource === 'local') {
+      const dir = request.adapterPath;
+      if (!dir) throw new SoppuError('VALIDATION', `adapter ${id}: adapter_source "local" needs a directory path`, { field: 'adapter_id' });
+      const known = this.cache.peek(id);
+      if (!known || known.spec.source !== 'local' || known.spec.dir !== dir) this.cache.register(id, { source: 'local', dir });
+    }
+    return this.cache.acquire(id);
+  }
+
+  private nextSeed(): number {
+    this.seedCounter = (Math.imul(this.seedCounter ^ (this.seedCounter >>> 15), 0x2c1b3c6d) + 0x6d2b79f5) >>> 0;
+    return this.seedCounter;
+  }
+
+  /** Ends a request that was cancelled (by its signal or by the caller abandoning the iterator). */
+  private cancel(state: RequestState): void {
+    this.finish(state, null, new SoppuError('CANCELLED', `request ${state.id} was cancelled`));
+    this.wake();
+  }
+
+  private finish(state: RequestState, reason: FinishReason | null, error?: unknown): void {
+    if (state.finished) return;
+    state.finished = true;
+    this.scheduler.remove(state);
+    if (state.entry) this.cache.release(state.entry);
+    this.all.delete(state);
+    if (reason) {
+      const tail = state.decoder.flush();
+      let text = state.text + tail;
+      if (reason === 'stop_sequence') text = state.text;
+      state.queue.push({
+        type: 'done',
+        finishReason: reason,
+        generatedText: text,
+        promptTokens: state.promptLength,
+        generatedTokens: state.generated,
+        seed: state.sampler.settings.sample ? state.sampler.seed : null,
+        ...(state.prefill ? { prefill: state.prefill } : {}),
+      });
+      state.queue.close();
+    } else {
+      state.queue.fail(error);
+    }
+    if (this.all.size === 0) this.notifyIdle();
+  }
+
+  // ---------------------------------------------------------------- step loop
+
+  private wake(): void {
+    if (this.loopRunning || this.closed) return;
+    this.loopRunning = true;
+    setImmediate(() => void this.loop());
+  }
+
+  private onAdapterSettled(): void {
+    // fail the requests whose adapter failed to load; the others may now be scheduled
+    for (const state of [...this.all]) {
+      if (state.entry?.state === 'failed' && !state.started) this.finish(state, null, state.entry.error);
+    }
+    this.wake();
+  }
+
+  private async loop(): Promise<void> {
+    try {
+      while (!this.closed) {
+        for (const state of [...this.all]) {
+          if (state.entry?.state === 'failed' && !state.started) this.finish(state, null, state.entry.error);
+        }
+        if (this.scheduler.idle) break;
+        const entries = this.scheduler.schedule();
+        if (entries.length === 0) break; // waiting for adapter loads; onSettled wakes the loop
+        this.step(entries);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    } finally {
+      this.loopRunning = false;
+    }
+  }
+
+  /** One forward step over `entries` (synchronous compute). */
+  private step(entries: StepEntry<RequestState>[]): void {
+    // rows of one adapter (and of one cluster) contiguous; ties by arrival
+    const ordered = [...entries].sort(
+      (p, q) => compareAdapters(p.seq.entry?.resident ?? null, q.seq.entry?.resident ?? null) || p.seq.id - q.seq.id,
+    );
+    const batch = this.buildBatch(ordered);
+    const rowAdapters = ordered.flatMap((e) => new Array<ResidentAdapter | null>(e.count).fill(e.seq.entry?.resident ?? null));
+    let logits: Float32Array;
+    try {
+      const hook = this.batcher.hook(rowAdapters);
+      logits = forward(this.model, this.kernels, batch.forward, this.pool.storage, hook, this.scratch);
+    } catch (e) {
+      const error = isSoppuError(e) ? e : new SoppuError('GENERATION', `forward step failed: ${e instanceof Error ? e.message : String(e)}`, {}, { cause: e });
+      for (const entry of ordered) this.finish(entry.seq, null, error);
+      return;
+    }
+    this.lastBatchSize = batch.forward.tokens.length;
+    this.scheduler.commit(ordered);
+    const vocab = this.config.vocabSize;
+    for (let i = 0; i < ordered.length; i++) {
+      const entry = ordered[i]!;
+      const state = entry.seq;
+      const rows = batch.logitRowsOf[i]!;
+      if (state.prefill && state.generated === 0 && rows.length > 1) this.recordPrefill(state, entry, logits, rows);
+      if (!entry.wantsNext || state.finished) continue;
+      const row = rows[rows.length - 1]!;
+      this.emitToken(state, logits.subarray(row * vocab, (row + 1) * vocab));
+    }
+  }
+
+  private buildBatch(ordered: readonly StepEntry<RequestState>[]): { forward: ForwardBatch; logitRowsOf: number[][] } {
+    const m = ordered.reduce((n, e) => n + e.count, 0);
+    const tokens = new Int32Array(m);
+    const positions = new Int32Array(m);
+    const seqs = ordered.length;
+    const qStart = new Int32Array(seqs);
+    const qLen = new Int32Array(seqs);
+    const ctxLen = new Int32Array(seqs);
+    const blockTableStart = new Int32Array(seqs);
+    const table: number[] = [];
+    const logitRows: number[] = [];
+    const logitRowsOf: number[][] = [];
+    let row = 0;
+    ordered.forEach((entry, s) => {
+      const state = entry.seq;
+      qStart[s] = row;
+      qLen[s] = entry.count;
+      ctxLen[s] = entry.start + entry.count;
+      blockTableStart[s] = table.length;
+      table.push(...this.pool.table(state.id));
+      // prompt logprobs need every prompt row's logits, on the first pass only
+      const allRows = state.prefill !== null && state.generated === 0 && state.preemptions === 0;
+      const mine: number[] = [];
+      for (let i = 0; i < entry.count; i++) {
+        tokens[row] = state.tokens[entry.start + i]!;
+        positions[row] = entry.start + i;
+        if (allRows || (entry.wantsNext && i === entry.count - 1)) {
+          mine.push(logitRows.length);
+          logitRows.push(row);
+        }
+        row++;
+      }
+      logitRowsOf.push(mine);
+    });
+    return {
+      forward: { tokens, positions, seqs, qStart, qLen, ctxLen, blockTable: Int32Array.from(table), blockTableStart, logitRows: Int32Array.from(logitRows) },
+      logitRowsOf,
+    };
+  }
+
+  /** Prompt logprobs: logits of row p − 1 score prompt token p (the first token has none). */
+  private recordPrefill(state: RequestState, entry: StepEntry<RequestState>, logits: Float32Array, rows: readonly number[]): void {
+    const prefill = state.prefill!;
+    const vocab = this.config.vocabSize;
+    if (entry.start === 0) prefill.push(this.tokenInfo(state.tokens[0]!, Number.NaN));
+    for (let i = 0; i < entry.count; i++) {
+      const position = entry.start + i + 1;
+      if (position >= state.promptLength) break;
+      const row = rows[i]!;
+      const id = state.tokens[position]!;
+      prefill.push(this.tokenInfo(id, logSoftmaxAt(logits.subarray(row * vocab, (row + 1) * vocab), id)));
+    }
+  }
+
+  private tokenInfo(id: number, logprob: number): TokenInfo {
+    return { id, text: this.tokenizer.decode([id], false), logprob, special: this.tokenizer.isSpecial(id) };
+  }
+
+  private emitToken(state: RequestState, logitRow: Float32Array): void {
+    const request = state.request;
+    const sampled = state.sampler.sample(logitRow, request.topAlternatives ?? 0);
+    state.sampler.observe(sampled.id);
+    state.tokens.push(sampled.id);
+    state.generated++;
+    state.started = true;
+    this.generatedTokens++;
+    const special = this.tokenizer.isSpecial(sampled.id);
+    const piece = state.decoder.push(sampled.id);
+    const before = state.text.length;
+    state.text += piece;
+    const token: TokenInfo = { id: sampled.id, text: special ? this.tokenizer.decode([sampled.id], false) : piece, logprob: sampled.logprob, special };
+    state.queue.push({
+      type: 'token',
+      token,
+      ...(request.topAlternatives ? { alternatives: sampled.alternatives.map((a) => this.tokenInfo(a.id, a.logprob)) } : {}),
+    });
+    if (!request.ignoreEos && this.config.eosTokenIds.includes(sampled.id)) {
+      this.finish(state, 'eos_token');
+      return;
+    }
+    if (state.stops.length > 0) {
+      let cut = -1;
+      for (const stop of state.stops) {
+        const at = state.text.indexOf(stop, Math.max(0, before - stop.length + 1));
+        if (at >= 0 && (cut < 0 || at < cut)) cut = at;
+      }
+      if (cut >= 0) {
+        state.text = state.text.slice(0, cut);
+        this.finish(state, 'stop_sequence');
+        return;
+      }
+    }
+    if (state.generated >= request.maxNewTokens) this.finish(state, 'length');
+  }
+
+  // ---------------------------------------------------------------- text
+
+  tokenize(text: string): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] } {
+    const tokens = this.tokenizer.tokenizeWithOffsets(text, true);
+    return { ids: tokens.map((t) => t.id), tokens };
+  }
+
+  detokenize(ids: readonly number[]): string {
+    return this.tokenizer.decode(ids, true);
+  }
+
+  applyChatTemplate(messages: readonly { role: string; content: string }[], addGenerationPrompt = true): string {
+    return this.tokenizer.applyChatTemplate(messages, addGenerationPrompt);
+  }
+
+  // ---------------------------------------------------------------- adapters
+
+  listAdapters(): AdapterStatus[] {
+    return this.cache.ids().map((id) => this.statusOf(id));
+  }
+
+  hasAdapter(id: string): boolean {
+    return this.cache.has(id);
+  }
+
+  private statusOf(id: string): AdapterStatus {
+    const entry = this.cache.peek(id);
+    const source = entry?.spec.source ?? 'bank';
+    const tier = entry ? (entry.state === 'resident' ? 'resident' : entry.state === 'loading' ? 'loading' : entry.state === 'failed' ? 'failed' : 'disk') : 'disk';
+    return {
+      id,
+      source,
+      storage: entry?.resident?.storage ?? (source === 'local' ? 'raw' : 'compressed'),
+      tier,
+      pinned: entry?.pinned ?? false,
+      bytes: entry?.resident?.bytes ?? entry?.knownBytes ?? 0,
+      ...(entry?.error ? { error: entry.error.message } : {}),
+    };
+  }
+
+  async registerAdapter(id: string, dir: string, options?: { compress?: boolean }): Promise<AdapterStatus> {
+    if (id.length === 0) throw new SoppuError('VALIDATION', 'adapter id must not be empty', { field: 'adapter_id' });
+    // load and check now, so a bad directory is reported to whoever registers it
+    const adapter = await this.loadLocal(dir);
+    residentFromLora(id, adapter, this.slotShape);
+    const pinned = this.cache.peek(id)?.pinned ?? false;
+    if (options?.compress) {
+      // projected onto the bank's shared bases and written into the bank, then served compressed
+      if (!this.bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
+      const bankDir = this.bank.dir;
+      await addToBank(bankDir, id, adapter);
+      this.bank = await this.openBank(bankDir);
+      this.cache.setBank(this.bank);
+      if (this.cache.peek(id)) this.cache.remove(id);
+      if (pinned) this.cache.pin(id, true);
+      return this.statusOf(id);
+    }
+    this.cache.register(id, { source: 'local', dir });
+    if (pinned) this.cache.pin(id, true);
+    return this.statusOf(id);
+  }
+
+  async removeAdapter(id: string): Promise<void> {
+    if (!this.cache.has(id)) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${id} is not registered`, { field: 'adapter_id' });
+    this.cache.remove(id);
+  }
+
+  async pinAdapter(id: string, pinned: boolean): Promise<void> {
+    this.cache.pin(id, pinned);
+  }
+
+  // ---------------------------------------------------------------- lifecycle
+
+  stats(): EngineStats {
+    return {
+      running: this.scheduler.running.length,
+      waiting: this.scheduler.waiting.length,
+      batchSize: this.lastBatchSize,
+      kvBlocksUsed: this.pool.usedBlocks,
+      kvBlocksTotal: this.pool.totalBlocks,
+      adapterHits: this.cache.counts.hits,
+      adapterMisses: this.cache.counts.misses,
+      adapterLoads: this.cache.counts.loads,
+      adapterEvictions: this.cache.counts.evictions,
+      adapterBytesResident: this.cache.bytesResident,
+      generatedTokens: this.generatedTokens,
+    };
+  }
+
+  /** Preemptions so far (benchmarks and tests). */
+  get preemptions(): number {
+    return this.scheduler.preemptions;
+  }
+
+  private notifyIdle(): void {
+    const waiters = this.idleWaiters;
+    this.idleWaiters = [];
+    for (const resolve of waiters) resolve();
+  }
+
+  async drain(deadlineMs: number): Promise<void> {
+    this.draining = true;
+    if (this.all.size > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.max(0, deadlineMs));
+        this.idleWaiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    for (const state of [...this.all]) this.finish(state, null, new SoppuError('SHUTTING_DOWN', `request ${state.id} was cancelled: the engine is shutting down`));
+  }
+
+  async close(): Promise<void> {
+    await this.drain(0);
+    this.closed = true;
+  }
+}
+
+/** log-softmax of `row` at `id`. */
+function logSoftmaxAt(row: Float32Array, id: number): number {
+  let max = -Infinity;
+  for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
+  let sum = 0;
+  for (let i = 0; i < row.length; i++) sum += Math.exp(row[i]! - max);
+  return row[id]! - max - Math.log(sum);
+}
+
+/** The base linear shapes adapters must match. */
+export function slotShapeOf(config: LlamaConfig): SlotShape {
+  const dModel = config.hiddenSize;
+  const qDim = config.numHeads * config.headDim;
+  const kvDim = config.numKvHeads * config.headDim;
+  const dFfn = config.intermediateSize;
+  const shapes: Record<TargetModule, { inFeatures: number; outFeatures: number }> = {
+    q_proj: { inFeatures: dModel, outFeatures: qDim },
+    k_proj: { inFeatures: dModel, outFeatures: kvDim },
+    v_proj: { inFeatures: dModel, outFeatures: kvDim },
+    o_proj: { inFeatures: qDim, outFeatures: dModel },
+    gate_proj: { inFeatures: dModel, outFeatures: dFfn },
+    up_proj: { inFeatures: dModel, outFeatures: dFfn },
+    down_proj: { inFeatures: dFfn, outFeatures: dModel },
+  };
+  return (layer, module) => (layer >= 0 && layer < config.numLayers ? shapes[module] : null);
+}
+
+function checkLimits(options: EngineOptions, config: LlamaConfig): void {
+  const positive = (field: keyof EngineOptions): number => {
+    const value = options[field];
+    if (typeof value !== 'number' || !Number.isInteger(value) || value < 1) {
+      throw new SoppuError('CONFIG', `engine option ${field} must be a positive integer, got ${String(value)}`, { field, limit: '>= 1' });
+    }
+    return value;
+  };
+  for (const field of ['maxBatchTokens', 'maxRunningRequests', 'maxInputTokens', 'maxTotalTokens', 'blockSize'] as const) positive(field);
+  if (options.maxInputTokens >= options.maxTotalTokens) {
+    throw new SoppuError('CONFIG', `max_input_tokens (${options.maxInputTokens}) must be < max_total_tokens (${options.maxTotalTokens})`, {
+      field: 'maxInputTokens',
+      limit: options.maxTotalTokens,
+    });
+  }
+  if (options.maxTotalTokens > config.maxPositionEmbeddings) {
+    throw new SoppuError('CONFIG', `max_total_tokens (${options.maxTotalTokens}) exceeds the model's max_position_embeddings ${config.maxPositionEmbeddings}`, {
+      field: 'maxTotalTokens',
+      limit: config.maxPositionEmbeddings,
+    });
+  }
+  if (!(options.adapterBudgetBytes >= 0) || !(options.kvBudgetBytes > 0)) {
+    throw new SoppuError('CONFIG', 'engine budgets kvBudgetBytes (> 0) and adapterBudgetBytes (>= 0) must be byte counts', { field: 'kvBudgetBytes' });
+  }
+}
+
+/**
+ * Creates an engine. The model comes from `model` or `modelDir`; the tokenizer and the PEFT loader
+ * from the options or `defaults` (the model and io layers' loaders).
+ */
+export async function createEngine(options: EngineOptions, defaults: EngineDefaults = {}): Promise<Engine & { readonly preemptions: number }> {
+  let model = options.model;
+  if (!model) {
+    if (!options.modelDir) throw new SoppuError('CONFIG', 'createEngine needs modelDir or model', { field: 'modelDir' });
+    model = await loadLlamaModel(options.modelDir);
+  }
+  let tokenizer = options.tokenizer;
+  if (!tokenizer) {
+    if (!options.modelDir) throw new SoppuError('CONFIG', 'createEngine needs a tokenizer or a modelDir holding tokenizer.json', { field: 'tokenizer' });
+    const config = model.config;
+    const load = defaults.loadTokenizer ?? (async (dir: string) => engineTokenizerOf(await loadTokenizer(dir, config)));
+    tokenizer = await load(options.modelDir, config);
+  }
+  const open = defaults.openBank ?? openBank;
+  let bank = options.bank ?? null;
+  if (!bank && options.bankDir) bank = await open(options.bankDir);
+  const loadLocal = options.loadLocalAdapter ?? defaults.loadLocalAdapter ?? ((dir: string) => loadLoraAdapter(dir));
+  return new SoppuEngine({ ...options, bank }, model, tokenizer, loadLocal, open);
+}

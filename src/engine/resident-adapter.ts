@@ -1,0 +1,167 @@
+/**
+ * The in-memory form of an adapter the engine serves: per slot (layer, module), either raw LoRA
+ * factors (A, scale·B) or a compressed core that multiplies a cluster's shared bases (Vᵀ, U).
+ * Scale is folded in here, at load, so the kernels never see it.
+ */
+import { SoppuError } from '../errors/soppu-error.js';
+import type { LoraCore } from '../kernels/kernel-set.js';
+import type { BankAdapterParts, SharedBases } from '../compress/bank-reader-types.js';
+import type { LoraAdapter } from '../io/lora-types.js';
+import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
+import { weightMatrix, type WeightMatrix } from '../tensor/weight-matrix.js';
+
+/** A cluster's shared bases for one slot, as kernel operands. */
+export interface ResidentBases {
+  readonly key: string;
+  readonly rank: number;
+  /** Vᵀ: [R, K] — the shared shrink. */
+  readonly a: WeightMatrix;
+  /** U: [N, R] — the shared expand. */
+  readonly b: WeightMatrix;
+  readonly bytes: number;
+}
+
+export type ResidentSlot =
+  | { readonly kind: 'raw'; readonly rank: number; readonly a: WeightMatrix; readonly b: WeightMatrix }
+  | { readonly kind: 'compressed'; readonly rank: number; readonly bases: ResidentBases; readonly core: LoraCore };
+
+export interface ResidentAdapter {
+  readonly id: string;
+  readonly source: 'bank' | 'local';
+  /** 'compressed' when any slot is compressed. */
+  readonly storage: 'compressed' | 'raw';
+  /** Bank cluster, or -1 for adapters served raw from a PEFT directory. */
+  readonly cluster: number;
+  /** Keyed by slotKey(layer, module). */
+  readonly slots: ReadonlyMap<string, ResidentSlot>;
+  /** Bytes of this adapter's own parts (shared bases excluded: the cache counts those once). */
+  readonly bytes: number;
+  /** Keys of the shared bases this adapter multiplies. */
+  readonly basesKeys: readonly string[];
+}
+
+/** In and out features of the base linear at (layer, module), or null when the model has none. */
+export type SlotShape = (layer: number, module: TargetModule) => { inFeatures: number; outFeatures: number } | null;
+
+export function slotKey(layer: number, module: string): string {
+  return `${layer}.${module}`;
+}
+
+/** Parses a canonical module path ("model.layers.3.self_attn.q_proj") into layer and module. */
+export function parseSlotPath(path: string): { layer: number; module: TargetModule } | null {
+  const match = /(?:^|\.)layers\.(\d+)\.(?:.*\.)?([a-z_]+)$/.exec(path);
+  if (!match) return null;
+  const module = match[2] as TargetModule;
+  if (!TARGET_MODULES.includes(module)) return null;
+  return { layer: Number(match[1]), module };
+}
+
+function checkedSlot(id: string, file: string, path: string, shape: SlotShape, inFeatures: number, outFeatures: number): string {
+  const parsed = parseSlotPath(path);
+  const expected = parsed ? shape(parsed.layer, parsed.module) : null;
+  if (!parsed || !expected) {
+    throw new SoppuError('ADAPTER_INCOMPATIBLE', `adapter ${id}: module ${path} is not a linear layer of the base model this engine serves`, {
+      file,
+      tensor: path,
+    });
+  }
+  if (expected.inFeatures !== inFeatures || expected.outFeatures !== outFeatures) {
+    throw new SoppuError(
+      'ADAPTER_INCOMPATIBLE',
+      `adapter ${id}: module ${path} is [${outFeatures}, ${inFeatures}] (out, in) but the base model's is [${expected.outFeatures}, ${expected.inFeatures}]`,
+      { file, tensor: path, limit: `[${expected.outFeatures}, ${expected.inFeatures}]` },
+    );
+  }
+  return slotKey(parsed.layer, parsed.module);
+}
+
+function checkFinite(id: string, file: string, path: string, data: Float32Array): void {
+  for (let i = 0; i < data.length; i++) {
+    if (!Number.isFinite(data[i]!)) {
+      throw new SoppuError('ADAPTER_TENSORS', `adapter ${id}: module ${path} holds a non-finite value at element ${i}`, { file, tensor: path });
+    }
+  }
+}
+
+/** A PEFT adapter served raw: A as is, B scaled (ΔW = (s·B)·A). */
+export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotShape): ResidentAdapter {
+  const slots = new Map<string, ResidentSlot>();
+  let bytes = 0;
+  for (const module of adapter.modules.values()) {
+    const key = checkedSlot(id, adapter.source, module.path, shape, module.inFeatures, module.outFeatures);
+    checkFinite(id, adapter.source, module.path, module.a);
+    checkFinite(id, adapter.source, module.path, module.b);
+    const scaledB = new Float32Array(module.b.length);
+    for (let i = 0; i < scaledB.length; i++) scaledB[i] = module.b[i]! * module.scale;
+    slots.set(key, {
+      kind: 'raw',
+      rank: module.rank,
+      a: weightMatrix('f32', module.rank, module.inFeatures, new Float32Array(module.a)),
+      b: weightMatrix('f32', module.outFeatures, module.rank, scaledB),
+    });
+    bytes += (module.a.length + scaledB.length) * 4;
+  }
+  return { id, source: 'local', storage: 'raw', cluster: -1, slots, bytes, basesKeys: [] };
+}
+
+/** Shared bases as kernel operands. */
+export function residentBases(bases: SharedBases): ResidentBases {
+  return {
+    key: bases.key,
+    rank: bases.rank,
+    a: weightMatrix('f32', bases.rank, bases.inFeatures, bases.vt),
+    b: weightMatrix('f32', bases.outFeatures, bases.rank, bases.u),
+    bytes: (bases.vt.length + bases.u.length) * 4,
+  };
+}
+
+/** A bank adapter: compressed slots reference the already loaded shared bases in `bases`. */
+export function residentFromBank(
+  parts: BankAdapterParts,
+  bases: ReadonlyMap<string, ResidentBases>,
+  shape: SlotShape,
+  file: string,
+): ResidentAdapter {
+  const slots = new Map<string, ResidentSlot>();
+  const basesKeys = new Set<string>();
+  let bytes = 0;
+  let anyCompressed = false;
+  for (const [path, part] of parts.slots) {
+    if (part.kind === 'raw') {
+      const key = checkedSlot(parts.id, file, path, shape, part.inFeatures, part.outFeatures);
+      slots.set(key, {
+        kind: 'raw',
+        rank: part.rank,
+        a: weightMatrix('f32', part.rank, part.inFeatures, part.a),
+        b: weightMatrix('f32', part.outFeatures, part.rank, part.b),
+      });
+      bytes += (part.a.length + part.b.length) * 4;
+      continue;
+    }
+    const shared = bases.get(part.basesKey);
+    if (!shared) throw new SoppuError('INTERNAL', `adapter ${parts.id}: shared bases ${part.basesKey} were not loaded`, { tensor: path });
+    const key = checkedSlot(parts.id, file, path, shape, shared.a.cols, shared.b.rows);
+    const expectedCore = part.diagonal ? part.rank : part.rank * part.rank;
+    if (part.rank !== shared.rank || part.core.length !== expectedCore) {
+      throw new SoppuError(
+        'BANK_CORRUPT',
+        `adapter ${parts.id}: core of ${path} has rank ${part.rank} and ${part.core.length} values, shared bases ${part.basesKey} have rank ${shared.rank}`,
+        { file, tensor: path, limit: expectedCore },
+      );
+    }
+    checkFinite(parts.id, file, path, part.core);
+    slots.set(key, { kind: 'compressed', rank: part.rank, bases: shared, core: { rank: part.rank, diagonal: part.diagonal, data: part.core } });
+    basesKeys.add(part.basesKey);
+    bytes += part.core.length * 4;
+    anyCompressed = true;
+  }
+  return {
+    id: parts.id,
+    source: 'bank',
+    storage: anyCompressed ? 'compressed' : 'raw',
+    cluster: parts.cluster,
+    slots,
+    bytes,
+    basesKeys: [...basesKeys],
+  };
+}

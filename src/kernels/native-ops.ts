@@ -1,0 +1,293 @@
+/**
+ * The native non-matmul ops (rmsnorm, rope, softmax, siluMul, add, addBias, embedding, attention,
+ * loraShrink, loraExpand, loraCore) bound to one ISA variant of the addon. Every op validates its
+ * sizes and indices here and throws SoppuError('KERNEL') naming the op and the sizes before the
+ * native call; the addon checks again (so native code never reads out of bounds) and any error it
+ * raises is rethrown as the same SoppuError.
+ */
+import type { AttentionArgs, KernelSet, LoraCore, LoraSegment } from './kernel-set.js';
+import type { NativeAddon } from './native-addon.js';
+import type { WeightMatrix } from '../tensor/weight-matrix.js';
+import { SoppuError } from '../errors/soppu-error.js';
+
+type NativeFunction = (...args: unknown[]) => void;
+
+/** The ops of this module, as KernelSet members. */
+export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'siluMul' | 'add' | 'addBias' | 'embedding'
+  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore'>;
+
+const DTYPE_INDEX = { f32: 0, bf16: 1, f16: 2 } as const;
+
+function kernelError(op: string, message: string, context: Record<string, unknown> = {}): SoppuError {
+  return new SoppuError('KERNEL', `${op}: ${message}`, { field: op, ...context });
+}
+
+/** Throws unless `value` is an integer ≥ minimum. */
+function checkInteger(op: string, name: string, value: number, minimum: number): void {
+  if (!Number.isInteger(value) || value < minimum || value >= 2 ** 31) {
+    throw kernelError(op, `${name} = ${value} must be an integer >= ${minimum} and < 2^31`, { limit: minimum });
+  }
+}
+
+/** Throws unless the array holds at least `needed` elements. */
+function checkLength(op: string, name: string, array: { length: number }, needed: number): void {
+  if (array.length < needed) {
+    throw kernelError(op, `${name} has ${array.length} elements, needs ${needed}`, { limit: needed });
+  }
+}
+
+/** Binds the native ops of one ISA variant; missing exports (an older addon) leave the reference op. */
+export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<NativeOps> {
+  const fn = (name: string): NativeFunction | undefined => {
+    const f = addon[name];
+    return typeof f === 'function' ? (f as NativeFunction) : undefined;
+  };
+  // Calls the addon, turning its argument errors into SoppuError('KERNEL').
+  const call = (op: string, f: NativeFunction, ...args: unknown[]): void => {
+    try {
+      f(variantIndex, ...args);
+    } catch (e) {
+      if (e instanceof Error && !(e instanceof SoppuError)) throw kernelError(op, e.message, { cause: e.message });
+      throw e;
+    }
+  };
+  const ops: Partial<NativeOps> = {};
+
+  const rmsnorm = fn('rmsnorm');
+  if (rmsnorm) {
+    ops.rmsnorm = (out, x, weight, rows, dim, eps) => {
+      checkInteger('rmsnorm', 'rows', rows, 0);
+      checkInteger('rmsnorm', 'dim', dim, 1);
+      checkLength('rmsnorm', 'x', x, rows * dim);
+      checkLength('rmsnorm', 'out', out, rows * dim);
+      checkLength('rmsnorm', 'weight', weight, dim);
+      call('rmsnorm', rmsnorm, out, x, weight, rows, dim, eps);
+    };
+  }
+
+  const rope = fn('rope');
+  if (rope) {
+    ops.rope = (x, positions, tokens, heads, headDim, invFreq) => {
+      checkInteger('rope', 'tokens', tokens, 0);
+      checkInteger('rope', 'heads', heads, 1);
+      checkInteger('rope', 'headDim', headDim, 2);
+      if (headDim % 2 !== 0) throw kernelError('rope', `headDim ${headDim} must be even`);
+      checkLength('rope', 'x', x, tokens * heads * headDim);
+      checkLength('rope', 'positions', positions, tokens);
+      checkLength('rope', 'invFreq', invFreq, headDim / 2);
+      call('rope', rope, x, positions, tokens, heads, headDim, invFreq);
+    };
+  }
+
+  const softmax = fn('softmax');
+  if (softmax) {
+    ops.softmax = (x, rows, cols) => {
+      checkInteger('softmax', 'rows', rows, 0);
+      checkInteger('softmax', 'cols', cols, 0);
+      checkLength('softmax', 'x', x, rows * cols);
+      call('softmax', softmax, x, rows, cols);
+    };
+  }
+
+  const siluMul = fn('siluMul');
+  if (siluMul) {
+    ops.siluMul = (out, gate, up, n) => {
+      checkInteger('siluMul', 'n', n, 0);
+      checkLength('siluMul', 'out', out, n);
+      checkLength('siluMul', 'gate', gate, n);
+      checkLength('siluMul', 'up', up, n);
+      call('siluMul', siluMul, out, gate, up, n);
+    };
+  }
+
+  const add = fn('add');
+  if (add) {
+    ops.add = (out, a, b, n) => {
+      checkInteger('add', 'n', n, 0);
+      checkLength('add', 'out', out, n);
+      checkLength('add', 'a', a, n);
+      checkLength('add', 'b', b, n);
+      call('add', add, out, a, b, n);
+    };
+  }
+
+  const addBias = fn('addBias');
+  if (addBias) {
+    ops.addBias = (y, bias, rows, cols) => {
+      checkInteger('addBias', 'rows', rows, 0);
+      checkInteger('addBias', 'cols', cols, 0);
+      checkLength('addBias', 'y', y, rows * cols);
+      checkLength('addBias', 'bias', bias, cols);
+      call('addBias', addBias, y, bias, rows, cols);
+    };
+  }
+
+  const embedding = fn('embedding');
+  if (embedding) {
+    ops.embedding = (out: Float32Array, table: WeightMatrix, ids: Int32Array, tokens: number) => {
+      checkInteger('embedding', 'tokens', tokens, 0);
+      checkLength('embedding', 'ids', ids, tokens);
+      checkLength('embedding', 'out', out, tokens * table.cols);
+      checkLength('embedding', 'table', table.data, table.rows * table.cols);
+      for (let t = 0; t < tokens; t++) {
+        const id = ids[t]!;
+        if (id < 0 || id >= table.rows) {
+          throw kernelError('embedding', `token id ${id} at position ${t} is outside the vocabulary of ${table.rows}`,
+            { limit: table.rows });
+        }
+      }
+      call('embedding', embedding, out, table.data, DTYPE_INDEX[table.dtype], table.rows, table.cols, ids, tokens);
+    };
+  }
+
+  const attention = fn('attention');
+  if (attention) {
+    ops.attention = (args: AttentionArgs) => {
+      validateAttention(args);
+      call('attention', attention, args.out, args.q, args.kCache, args.vCache, args.blockTable, args.blockTableStart,
+        args.qStart, args.qLen, args.ctxLen, args.seqs, args.heads, args.kvHeads, args.headDim, args.blockSize, args.scale);
+    };
+  }
+
+  const loraShrink = fn('loraShrink');
+  if (loraShrink) {
+    ops.loraShrink = (t, tStride, x, k, segments) => {
+      checkInteger('loraShrink', 'tStride', tStride, 1);
+      checkInteger('loraShrink', 'k', k, 1);
+      const flat = flattenSegments('loraShrink', segments, 'a', (w) => w.cols === k && w.rows <= tStride,
+        `[R <= tStride ${tStride}, k ${k}]`);
+      checkLength('loraShrink', 't', t, flat.rows * tStride);
+      checkLength('loraShrink', 'x', x, flat.rows * k);
+      call('loraShrink', loraShrink, t, tStride, x, k, flat.rows, flat.starts, flat.ends, flat.weights, flat.ranks, flat.dtypes);
+    };
+  }
+
+  const loraExpand = fn('loraExpand');
+  if (loraExpand) {
+    ops.loraExpand = (y, n, t, tStride, segments) => {
+      checkInteger('loraExpand', 'n', n, 1);
+      checkInteger('loraExpand', 'tStride', tStride, 1);
+      const flat = flattenSegments('loraExpand', segments, 'b', (w) => w.rows === n && w.cols <= tStride,
+        `[n ${n}, R <= tStride ${tStride}]`);
+      checkLength('loraExpand', 'y', y, flat.rows * n);
+      checkLength('loraExpand', 't', t, flat.rows * tStride);
+      call('loraExpand', loraExpand, y, n, t, tStride, flat.rows, flat.starts, flat.ends, flat.weights, flat.ranks, flat.dtypes);
+    };
+  }
+
+  const loraCore = fn('loraCore');
+  if (loraCore) {
+    ops.loraCore = (out, t, stride, rows, cores) => {
+      checkInteger('loraCore', 'stride', stride, 1);
+      checkInteger('loraCore', 'rows', rows, 0);
+      checkLength('loraCore', 'out', out, rows * stride);
+      checkLength('loraCore', 't', t, rows * stride);
+      const indexOf = new Map<LoraCore, number>();
+      const coreOfRow = new Int32Array(rows).fill(-1);
+      const data: Float32Array[] = [];
+      const ranks: number[] = [];
+      const diagonal: number[] = [];
+      for (let r = 0; r < rows; r++) {
+        const core = cores[r];
+        if (!core) continue;
+        let index = indexOf.get(core);
+        if (index === undefined) {
+          const needed = core.diagonal ? core.rank : core.rank * core.rank;
+          if (!Number.isInteger(core.rank) || core.rank < 1 || core.rank > stride) {
+            throw kernelError('loraCore', `row ${r}: core rank ${core.rank} outside [1, stride ${stride}]`, { limit: stride });
+          }
+          checkLength('loraCore', `core of row ${r}`, core.data, needed);
+          index = data.length;
+          indexOf.set(core, index);
+          data.push(core.data);
+          ranks.push(core.rank);
+          diagonal.push(core.diagonal ? 1 : 0);
+        }
+        coreOfRow[r] = index;
+      }
+      if (data.length === 0) return;
+      call('loraCore', loraCore, out, t, stride, rows, coreOfRow, data, Int32Array.from(ranks), Int32Array.from(diagonal));
+    };
+  }
+
+  return ops;
+}
+
+interface FlatSegments {
+  rows: number;
+  starts: Int32Array;
+  ends: Int32Array;
+  ranks: Int32Array;
+  /** 0 f32, 1 bf16, 2 f16 per segment. */
+  dtypes: Int32Array;
+  weights: (Float32Array | Uint16Array)[];
+}
+
+/** Segments as flat arrays for the addon; checks every segment's rows and factor shape. */
+function flattenSegments(op: string, segments: readonly LoraSegment[], factor: 'a' | 'b',
+  shapeOk: (w: WeightMatrix) => boolean, expected: string): FlatSegments {
+  const count = segments.length;
+  const starts = new Int32Array(count);
+  const ends = new Int32Array(count);
+  const ranks = new Int32Array(count);
+  const dtypes = new Int32Array(count);
+  const weights: (Float32Array | Uint16Array)[] = [];
+  let rows = 0;
+  for (let s = 0; s < count; s++) {
+    const segment = segments[s]!;
+    const w = segment[factor];
+    if (!w) throw kernelError(op, `segment ${s} has no ${factor}`);
+    if (!Number.isInteger(segment.start) || !Number.isInteger(segment.end) || segment.start < 0 || segment.end < segment.start
+      || segment.end >= 2 ** 31) {
+      throw kernelError(op, `segment ${s} rows [${segment.start}, ${segment.end}) are not a valid range`);
+    }
+    if (!shapeOk(w) || w.rows < 1 || w.cols < 1) {
+      throw kernelError(op, `segment ${s}: ${factor} is [${w.rows}, ${w.cols}], expected ${expected}`);
+    }
+    checkLength(op, `segment ${s} ${factor}`, w.data, w.rows * w.cols);
+    dtypes[s] = DTYPE_INDEX[w.dtype];
+    starts[s] = segment.start;
+    ends[s] = segment.end;
+    ranks[s] = factor === 'a' ? w.rows : w.cols;
+    weights.push(w.data);
+    rows = Math.max(rows, segment.end);
+  }
+  return { rows, starts, ends, ranks, dtypes, weights };
+}
+
+/** Checks every size and index attention will use (block ids included) against the arrays given. */
+function validateAttention(args: AttentionArgs): void {
+  const op = 'attention';
+  const { seqs, heads, kvHeads, headDim, blockSize } = args;
+  checkInteger(op, 'seqs', seqs, 0);
+  checkInteger(op, 'heads', heads, 1);
+  checkInteger(op, 'kvHeads', kvHeads, 1);
+  checkInteger(op, 'headDim', headDim, 1);
+  checkInteger(op, 'blockSize', blockSize, 1);
+  if (heads % kvHeads !== 0) throw kernelError(op, `heads ${heads} is not a multiple of kvHeads ${kvHeads}`);
+  for (const name of ['blockTableStart', 'qStart', 'qLen', 'ctxLen'] as const) checkLength(op, name, args[name], seqs);
+  const blockElements = blockSize * kvHeads * headDim;
+  const numBlocks = Math.floor(Math.min(args.kCache.length, args.vCache.length) / blockElements);
+  const rowElements = heads * headDim;
+  for (let s = 0; s < seqs; s++) {
+    const start = args.qStart[s]!;
+    const count = args.qLen[s]!;
+    const context = args.ctxLen[s]!;
+    const table = args.blockTableStart[s]!;
+    if (start < 0 || count < 0 || context < count || table < 0) {
+      throw kernelError(op, `sequence ${s}: qStart ${start}, qLen ${count}, ctxLen ${context}, blockTableStart ${table} `
+        + '(need qStart, blockTableStart >= 0 and 0 <= qLen <= ctxLen)');
+    }
+    checkLength(op, 'q', args.q, (start + count) * rowElements);
+    checkLength(op, 'out', args.out, (start + count) * rowElements);
+    const blocksUsed = Math.ceil(context / blockSize);
+    checkLength(op, 'blockTable', args.blockTable, table + blocksUsed);
+    for (let j = 0; j < blocksUsed; j++) {
+      const block = args.blockTable[table + j]!;
+      if (block < 0 || block >= numBlocks) {
+        throw kernelError(op, `sequence ${s}: block id ${block} at blockTable[${table + j}] is outside the cache of ${numBlocks} blocks`,
+          { limit: numBlocks });
+      }
+    }
+  }
+}

@@ -1,0 +1,250 @@
+/**
+ * The model's tokenizer: tokenizer.json through @huggingface/tokenizers, the chat template of
+ * tokenizer_config.json through @huggingface/jinja, bos/eos from the config files, and an incremental
+ * decoder for streaming (text is emitted only once it is valid UTF-8).
+ */
+import { readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { Template } from '@huggingface/jinja';
+import { Tokenizer } from '@huggingface/tokenizers';
+import { SoppuError } from '../errors/soppu-error.js';
+import type { LlamaConfig } from './llama-config.js';
+
+/** One chat message, as OpenAI sends it. */
+export interface ChatMessage {
+  readonly role: string;
+  readonly content: string;
+}
+
+/** A token with its place in the input text (UTF-16 offsets, [start, stop)). */
+export interface TokenWithOffsets {
+  readonly id: number;
+  readonly text: string;
+  readonly start: number;
+  readonly stop: number;
+  /** True for tokens the post-processor added (e.g. bos); their offsets are empty. */
+  readonly special: boolean;
+}
+
+type Json = Record<string, unknown>;
+
+async function readJson(file: string, required: boolean): Promise<Json | null> {
+  let text: string;
+  try {
+    text = await readFile(file, 'utf8');
+  } catch (e) {
+    if (!required) return null;
+    throw new SoppuError('FILE_NOT_FOUND', `tokenizer file ${file} could not be read: ${(e as Error).message}`, { file }, { cause: e });
+  }
+  try {
+    const value: unknown = JSON.parse(text);
+    if (value === null || typeof value !== 'object' || Array.isArray(value)) throw new Error('not a JSON object');
+    return value as Json;
+  } catch (e) {
+    throw new SoppuError('MODEL_CONFIG', `tokenizer file ${file} is not a valid JSON object: ${(e as Error).message}`, { file }, { cause: e });
+  }
+}
+
+/** tokenizer_config.json writes special tokens as a string or as an AddedToken object. */
+function tokenContent(value: unknown): string | null {
+  if (typeof value === 'string') return value;
+  if (value && typeof value === 'object' && typeof (value as Json).content === 'string') return (value as Json).content as string;
+  return null;
+}
+
+/** Tokenizer + chat template of one model folder. */
+export class ModelTokenizer {
+  /** Vocabulary size including added tokens. */
+  readonly vocabSize: number;
+  readonly bosToken: string | null;
+  readonly bosTokenId: number | null;
+  readonly eosToken: string | null;
+  /** Every id that ends generation (config.json, generation_config.json and tokenizer_config.json, merged). */
+  readonly eosTokenIds: readonly number[];
+  /** Ids of special (added) tokens. */
+  readonly specialIds: ReadonlySet<number>;
+  private readonly template: Template | null;
+
+  private constructor(
+    private readonly tokenizer: Tokenizer,
+    private readonly tokenizerConfig: Json,
+    eosIds: readonly number[],
+    bosIdFromConfig: number | null,
+    file: string,
+  ) {
+    this.vocabSize = tokenizer.get_vocab(true).size;
+    this.bosToken = tokenContent(tokenizerConfig.bos_token);
+    this.eosToken = tokenContent(tokenizerConfig.eos_token);
+    this.bosTokenId = (this.bosToken !== null ? tokenizer.token_to_id(this.bosToken) : undefined) ?? bosIdFromConfig;
+    const eos = new Set(eosIds);
+    const eosFromTokenizer = this.eosToken !== null ? tokenizer.token_to_id(this.eosToken) : undefined;
+    if (eosFromTokenizer !== undefined) eos.add(eosFromTokenizer);
+    this.eosTokenIds = [...eos].sort((a, b) => a - b);
+    this.specialIds = new Set([...tokenizer.get_added_tokens_decoder().entries()].filter(([, token]) => token.special).map(([id]) => id));
+    let source = tokenizerConfig.chat_template;
+    if (Array.isArray(source)) {
+      // [{name, template}]: the one named "default", else the first
+      const named = source as { name?: unknown; template?: unknown }[];
+      source = (named.find((t) => t.name === 'default') ?? named[0])?.template;
+    }
+    if (source !== undefined && source !== null && typeof source !== 'string') {
+      throw new SoppuError('MODEL_CONFIG', `tokenizer config ${file}: field "chat_template" must be a string or a list of {name, template}`, { file, field: 'chat_template' });
+    }
+    try {
+      this.template = typeof source === 'string' ? new Template(source) : null;
+    } catch (e) {
+      throw new SoppuError('MODEL_CONFIG', `tokenizer config ${file}: field "chat_template" does not parse: ${(e as Error).message}`, { file, field: 'chat_template' }, { cause: e });
+    }
+  }
+
+  /**
+   * Load tokenizer.json and tokenizer_config.json of `modelDir` (and generation_config.json's eos
+   * ids when present). `config` adds config.json's bos/eos ids.
+   */
+  static async load(modelDir: string, config?: LlamaConfig): Promise<ModelTokenizer> {
+    const tokenizerFile = join(modelDir, 'tokenizer.json');
+    const configFile = join(modelDir, 'tokenizer_config.json');
+    const tokenizerJson = (await readJson(tokenizerFile, true))!;
+    const tokenizerConfig = (await readJson(configFile, false)) ?? {};
+    const generationConfig = await readJson(join(modelDir, 'generation_config.json'), false);
+    let tokenizer: Tokenizer;
+    try {
+      tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
+    } catch (e) {
+      throw new SoppuError('MODEL_CONFIG', `tokenizer file ${tokenizerFile} is not supported: ${(e as Error).message}`, { file: tokenizerFile }, { cause: e });
+    }
+    const eosIds: number[] = [...(config?.eosTokenIds ?? [])];
+    const generationEos = generationConfig?.eos_token_id;
+    for (const id of Array.isArray(generationEos) ? generationEos : [generationEos]) {
+      if (typeof id === 'number' && Number.isSafeInteger(id) && id >= 0) eosIds.push(id);
+    }
+    return new ModelTokenizer(tokenizer, tokenizerConfig, eosIds, config?.bosTokenId ?? null, configFile);
+  }
+
+  /** Token ids of `text`; the post-processor's special tokens (e.g. bos) are added unless told not to. */
+  encode(text: string, options: { addSpecialTokens?: boolean } = {}): number[] {
+    return this.tokenizer.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
+  }
+
+  /** Text of `ids`. Special tokens are kept unless `skipSpecialTokens`. */
+  decode(ids: readonly number[], options: { skipSpecialTokens?: boolean } = {}): string {
+    if (ids.length === 0) return '';
+    return this.tokenizer.decode([...ids], { skip_special_tokens: options.skipSpecialTokens ?? false });
+  }
+
+  /** True for special (added) tokens such as bos, eos and chat role markers. */
+  isSpecial(id: number): boolean {
+    return this.specialIds.has(id);
+  }
+
+  /** The token string of one id (vocabulary form, e.g. "Ġthe"), or undefined. */
+  idToToken(id: number): string | undefined {
+    return this.tokenizer.id_to_token(id);
+  }
+
+  /** The id of a token string, or undefined. */
+  tokenToId(token: string): number | undefined {
+    return this.tokenizer.token_to_id(token);
+  }
+
+  /**
+   * Tokens of `text` with their [start, stop) offsets in `text` (UTF-16 code units), for /tokenize.
+   * A token that ends inside a multi-byte character gets an empty range; the token completing the
+   * character covers it.
+   */
+  tokenizeWithOffsets(text: string, options: { addSpecialTokens?: boolean } = {}): TokenWithOffsets[] {
+    const core = this.encode(text, { addSpecialTokens: false });
+    const full = (options.addSpecialTokens ?? true) ? this.encode(text, { addSpecialTokens: true }) : core;
+    // the post-processor only adds tokens around the text's own tokens
+    let prefix = 0;
+    while (prefix + core.length <= full.length && !core.every((id, i) => full[prefix + i] === id)) prefix++;
+    if (prefix + core.length > full.length) prefix = 0;
+    const result: TokenWithOffsets[] = [];
+    const added = (id: number, at: number): TokenWithOffsets => ({ id, text: this.decode([id]), start: at, stop: at, special: true });
+    for (let i = 0; i < prefix; i++) result.push(added(full[i]!, 0));
+    const decoder = this.createStreamDecoder({ skipSpecialTokens: false });
+    let position = 0;
+    for (const id of core) {
+      const piece = decoder.push(id);
+      result.push({ id, text: piece, start: position, stop: position + piece.length, special: false });
+      position += piece.length;
+    }
+    for (let i = prefix + core.length; i < full.length; i++) result.push(added(full[i]!, position));
+    return result;
+  }
+
+  /** True when tokenizer_config.json has a chat template. */
+  get hasChatTemplate(): boolean {
+    return this.template !== null;
+  }
+
+  /** Render the chat template (a VALIDATION error when the template refuses the messages). */
+  applyChatTemplate(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
+    if (!this.template) throw new SoppuError('VALIDATION', 'this model has no chat template (tokenizer_config.json has no "chat_template")', { field: 'messages' });
+    try {
+      return this.template.render({
+        messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        add_generation_prompt: options.addGenerationPrompt ?? true,
+        bos_token: this.bosToken ?? '',
+        eos_token: this.eosToken ?? '',
+      });
+    } catch (e) {
+      throw new SoppuError('VALIDATION', `chat template refused the messages: ${(e as Error).message}`, { field: 'messages' }, { cause: e });
+    }
+  }
+
+  /** Chat messages → prompt token ids (the template supplies bos itself, so none is added). */
+  encodeChat(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): number[] {
+    return this.encode(this.applyChatTemplate(messages, options), { addSpecialTokens: false });
+  }
+
+  /** An incremental decoder for streaming one sequence (special tokens skipped by default). */
+  createStreamDecoder(options: { skipSpecialTokens?: boolean } = {}): StreamDecoder {
+    return new StreamDecoder(this, options.skipSpecialTokens ?? true);
+  }
+}
+
+/**
+ * Streaming detokenizer (the TGI scheme): decodes a short window of recent tokens and emits only the
+ * text that is new and complete (no trailing U+FFFD from a partial UTF-8 sequence). The window keeps
+ * the tokenizer's context-dependent spacing (e.g. SentencePiece's leading-space rule) right.
+ */
+export class StreamDecoder {
+  private readonly ids: number[] = [];
+  private prefixOffset = 0;
+  private readOffset = 0;
+  /** All text emitted so far. */
+  text = '';
+
+  constructor(private readonly tokenizer: ModelTokenizer, private readonly skipSpecialTokens: boolean) {}
+
+  /** Add one token; returns the newly completed text ('' while a character is incomplete). */
+  push(id: number): string {
+    this.ids.push(id);
+    const decode = (from: number, to: number): string => this.tokenizer.decode(this.ids.slice(from, to), { skipSpecialTokens: this.skipSpecialTokens });
+    const prefixText = decode(this.prefixOffset, this.readOffset);
+    const newText = decode(this.prefixOffset, this.ids.length);
+    if (newText.length > prefixText.length && !newText.endsWith('\uFFFD')) {
+      const delta = newText.slice(prefixText.length);
+      this.prefixOffset = this.readOffset;
+      this.readOffset = this.ids.length;
+      this.text += delta;
+      return delta;
+    }
+    return '';
+  }
+
+  /** Text still held back at the end of the sequence (an incomplete character comes out as U+FFFD). */
+  flush(): string {
+    const prefixText = this.tokenizer.decode(this.ids.slice(this.prefixOffset, this.readOffset), { skipSpecialTokens: this.skipSpecialTokens });
+    const rest = this.tokenizer.decode(this.ids.slice(this.prefixOffset), { skipSpecialTokens: this.skipSpecialTokens }).slice(prefixText.length);
+    this.prefixOffset = this.readOffset = this.ids.length;
+    this.text += rest;
+    return rest;
+  }
+}
+
+/** Load the tokenizer of `modelDir` (see ModelTokenizer.load). */
+export function loadTokenizer(modelDir: string, config?: LlamaConfig): Promise<ModelTokenizer> {
+  return ModelTokenizer.load(modelDir, config);
+}

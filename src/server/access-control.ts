@@ -1,0 +1,100 @@
+/**
+ * Per-key access control. keys.json maps API keys to {role: "admin" | "user", adapters: [ids or
+ * glob patterns]}. A user key reaches the base model and the adapters its patterns match; an admin
+ * key reaches every adapter and the adapter-management routes. Keys are kept only as SHA-256 digests.
+ */
+import { createHash } from 'node:crypto';
+import { readFileSync } from 'node:fs';
+import { SoppuError } from '../errors/soppu-error.js';
+
+export type Role = 'admin' | 'user';
+
+/** Who is calling: resolved once per request from the Authorization header. */
+export interface Caller {
+  readonly role: Role;
+  /** Index of the key's entry in keys.json (for logs; never the key itself). */
+  readonly keyIndex: number;
+  /** True when the caller may use `adapterId` (the base model is always allowed). */
+  mayUse(adapterId: string): boolean;
+}
+
+/** Every caller when no keys file is configured. */
+export const OPEN_ACCESS_CALLER: Caller = { role: 'admin', keyIndex: -1, mayUse: () => true };
+
+export class AccessControl {
+  private readonly byDigest: Map<string, Caller>;
+
+  private constructor(byDigest: Map<string, Caller>) {
+    this.byDigest = byDigest;
+  }
+
+  /** Parses keys.json contents (already JSON-decoded); `file` names the source in errors. */
+  static fromJson(value: unknown, file: string): AccessControl {
+    if (value === null || typeof value !== 'object' || Array.isArray(value)) {
+      throw new SoppuError('CONFIG', `${file}: expected an object mapping API keys to {role, adapters}`, { file });
+    }
+    const byDigest = new Map<string, Caller>();
+    let index = 0;
+    for (const [key, entry] of Object.entries(value as Record<string, unknown>)) {
+      const where = `${file}: entry #${index + 1}`;
+      if (key.length < 8) throw new SoppuError('CONFIG', `${where}: API key must be at least 8 characters`, { file, field: 'key', limit: 8 });
+      if (entry === null || typeof entry !== 'object') throw new SoppuError('CONFIG', `${where}: expected {role, adapters}`, { file });
+      const { role, adapters } = entry as { role?: unknown; adapters?: unknown };
+      if (role !== 'admin' && role !== 'user') {
+        throw new SoppuError('CONFIG', `${where}: role must be "admin" or "user", got ${JSON.stringify(role)}`, { file, field: 'role' });
+      }
+      const patterns = adapters ?? [];
+      if (!Array.isArray(patterns) || patterns.some((p) => typeof p !== 'string' || p.length === 0)) {
+        throw new SoppuError('CONFIG', `${where}: adapters must be an array of non-empty id strings or glob patterns`, { file, field: 'adapters' });
+      }
+      const matchers = (patterns as string[]).map(globToRegExp);
+      const keyIndex = index;
+      const caller: Caller =
+        role === 'admin'
+          ? { role, keyIndex, mayUse: () => true }
+          : { role, keyIndex, mayUse: (id) => id === '' || matchers.some((m) => m.test(id)) };
+      byDigest.set(digest(key), caller);
+      index += 1;
+    }
+    return new AccessControl(byDigest);
+  }
+
+  static fromFile(file: string): AccessControl {
+    let text: string;
+    try {
+      text = readFileSync(file, 'utf8');
+    } catch (e) {
+      throw new SoppuError('FILE_NOT_FOUND', `keys file ${file} cannot be read: ${(e as Error).message}`, { file }, { cause: e });
+    }
+    let value: unknown;
+    try {
+      value = JSON.parse(text);
+    } catch (e) {
+      throw new SoppuError('CONFIG', `keys file ${file} is not valid JSON: ${(e as Error).message}`, { file }, { cause: e });
+    }
+    return AccessControl.fromJson(value, file);
+  }
+
+  /** The caller for an Authorization header value, or null when the key is missing or unknown. */
+  resolve(authorization: string | undefined): Caller | null {
+    if (authorization === undefined) return null;
+    const match = /^Bearer\s+(\S+)\s*$/i.exec(authorization);
+    if (!match?.[1]) return null;
+    return this.byDigest.get(digest(match[1])) ?? null;
+  }
+}
+
+function digest(key: string): string {
+  return createHash('sha256').update(key).digest('hex');
+}
+
+/** `*` matches any run of characters, `?` one character; everything else is literal. */
+export function globToRegExp(pattern: string): RegExp {
+  let source = '';
+  for (const ch of pattern) {
+    if (ch === '*') source += '.*';
+    else if (ch === '?') source += '.';
+    else source += ch.replace(/[.+^${}()|[\]\\]/g, '\\$&');
+  }
+  return new RegExp(`^${source}$`, 's');
+}

@@ -1,0 +1,128 @@
+/**
+ * Adapter management (admin keys only): list with tier, size and errors; register from a tar /
+ * tar.gz upload or from a path inside the configured adapter directories (hot reload when the id
+ * exists); remove; pin and unpin.
+ */
+import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
+import path from 'node:path';
+import type { FastifyInstance } from 'fastify';
+import type { AdapterStatus } from '../engine/engine-types.js';
+import { SoppuError } from '../errors/soppu-error.js';
+import { adapterNotFound } from './generation-service.js';
+import { confinePath } from './path-confinement.js';
+import { ADAPTER_ID_PATTERN, type buildSchemas } from './request-schemas.js';
+import type { ServerContext } from './server-context.js';
+import { parseTar, writeAdapterFiles } from './tar-extract.js';
+
+type Schemas = ReturnType<typeof buildSchemas>;
+
+export const ARCHIVE_CONTENT_TYPES = ['application/x-tar', 'application/gzip', 'application/x-gzip', 'application/octet-stream'];
+
+function toWireStatus(adapter: AdapterStatus): Record<string, unknown> {
+  return {
+    id: adapter.id,
+    source: adapter.source,
+    storage: adapter.storage,
+    tier: adapter.tier,
+    pinned: adapter.pinned,
+    size_bytes: adapter.bytes,
+    error: adapter.error ?? null,
+  };
+}
+
+function checkId(id: unknown, field: string): string {
+  if (typeof id !== 'string' || id.length === 0 || id.length > 256 || !ADAPTER_ID_PATTERN.test(id) || id.split('/').includes('..')) {
+    throw new SoppuError('VALIDATION', `Input validation error: \`${field}\` must be 1-256 characters of [A-Za-z0-9._/@:+-] starting with a letter or digit`, { field });
+  }
+  return id;
+}
+
+export function registerAdminRoutes(app: FastifyInstance, context: ServerContext, schemas: Schemas): void {
+  const { engine, options } = context;
+  /** Folders this server unpacked, by adapter id, removed when replaced or removed. */
+  const uploads = new Map<string, string>();
+  const forget = (id: string): void => {
+    const dir = uploads.get(id);
+    if (dir) rmSync(dir, { recursive: true, force: true });
+    uploads.delete(id);
+  };
+
+  app.get('/adapters', { config: { admin: true } }, async () => ({ adapters: engine.listAdapters().map(toWireStatus) }));
+
+  app.post<{ Body: unknown; Querystring: { id?: string; compress?: string } }>(
+    '/adapters',
+    { config: { admin: true }, bodyLimit: options.maxUploadBytes },
+    async (request, reply) => {
+      let id: string;
+      let dir: string;
+      let compress: boolean;
+      let uploadedRoot: string | null = null;
+      if (Buffer.isBuffer(request.body)) {
+        id = checkId(request.query.id, 'id');
+        const compressText = request.query.compress ?? 'true';
+        if (compressText !== 'true' && compressText !== 'false') {
+          throw new SoppuError('VALIDATION', `Input validation error: \`compress\` must be true or false; got '${compressText}'`, { field: 'compress' });
+        }
+        compress = compressText === 'true';
+        const files = parseTar(request.body, { maxEntries: 64, maxTotalBytes: options.maxUploadBytes * 4 }, `upload for '${id}'`);
+        mkdirSync(options.uploadDir, { recursive: true });
+        uploadedRoot = mkdtempSync(path.join(options.uploadDir, `${id.replace(/[^A-Za-z0-9._-]/g, '_')}-`));
+        try {
+          dir = writeAdapterFiles(files, uploadedRoot, `upload for '${id}'`);
+        } catch (e) {
+          rmSync(uploadedRoot, { recursive: true, force: true });
+          throw e;
+        }
+      } else {
+        const body = request.body as { id?: unknown; path?: unknown; compress?: unknown } | null;
+        if (body === null || typeof body !== 'object' || Array.isArray(body)) {
+          throw new SoppuError('VALIDATION', 'Input validation error: body must be a tar/tar.gz archive or {"id", "path", "compress"}', { field: 'body' });
+        }
+        const unknown = Object.keys(body).filter((k) => !Object.hasOwn(schemas.registerAdapter.properties, k));
+        if (unknown.length > 0) throw new SoppuError('VALIDATION', `Input validation error: unknown field \`${unknown[0]}\``, { field: String(unknown[0]) });
+        id = checkId(body.id, 'id');
+        if (typeof body.path !== 'string' || body.path === '') throw new SoppuError('VALIDATION', 'Input validation error: `path` must be a non-empty string', { field: 'path' });
+        if (body.compress !== undefined && typeof body.compress !== 'boolean') throw new SoppuError('VALIDATION', 'Input validation error: `compress` must be a boolean', { field: 'compress' });
+        compress = body.compress ?? true;
+        dir = confinePath(body.path, options.adapterDirs, 'path');
+      }
+      let status: AdapterStatus;
+      try {
+        status = await engine.registerAdapter(id, dir, { compress });
+      } catch (e) {
+        if (uploadedRoot) rmSync(uploadedRoot, { recursive: true, force: true });
+        throw e;
+      }
+      forget(id);
+      if (uploadedRoot) uploads.set(id, uploadedRoot);
+      reply.code(201);
+      return toWireStatus(status);
+    },
+  );
+
+  app.delete<{ Params: { '*': string } }>('/adapters/*', { config: { admin: true } }, async (request, reply) => {
+    const id = checkId(request.params['*'], 'id');
+    if (!engine.hasAdapter(id)) throw adapterNotFound(id);
+    await engine.removeAdapter(id);
+    forget(id);
+    reply.code(204);
+    return undefined;
+  });
+
+  for (const [route, pinned] of [['/adapters/pin', true], ['/adapters/unpin', false]] as const) {
+    app.post<{ Body: { id: string } }>(
+      route,
+      {
+        config: { admin: true },
+        schema: { body: { type: 'object', required: ['id'], additionalProperties: false, properties: { id: { type: 'string', minLength: 1 } } } },
+      },
+      async (request) => {
+        const id = checkId(request.body.id, 'id');
+        if (!engine.hasAdapter(id)) throw adapterNotFound(id);
+        await engine.pinAdapter(id, pinned);
+        const status = engine.listAdapters().find((a) => a.id === id);
+        return status ? toWireStatus(status) : { id, pinned };
+      },
+    );
+  }
+}

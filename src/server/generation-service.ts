@@ -1,0 +1,125 @@
+/**
+ * Between the routes and the engine: resolves the adapter for the caller (access control, local
+ * path confinement), applies LoRAX's token-budget rules, admits the request under the concurrency
+ * limit, and starts the engine so that errors before the first token surface as real HTTP errors.
+ */
+import type { Engine, GenerateEvent, GenerateRequest } from '../engine/engine-types.js';
+import { SoppuError } from '../errors/soppu-error.js';
+import type { Caller } from './access-control.js';
+import { confinePath } from './path-confinement.js';
+import type { ServerOptions } from './server-options.js';
+import type { GenerationCall } from './wire.js';
+
+/** The same body whether the id is missing or belongs to someone else, so ids do not leak. */
+export function adapterNotFound(id: string): SoppuError {
+  return new SoppuError('ADAPTER_NOT_FOUND', `Adapter '${id}' not found`, { field: 'adapter_id' });
+}
+
+/** A started generation whose first event is already known. */
+export interface StartedGeneration {
+  readonly request: GenerateRequest;
+  readonly first: IteratorResult<GenerateEvent>;
+  readonly iterator: AsyncIterator<GenerateEvent>;
+  /** ms from admission to the first event (queue + prefill). */
+  readonly timeToFirstEventMs: number;
+  /** Frees the admission slot; safe to call twice. */
+  release(): void;
+}
+
+export class GenerationService {
+  private inFlight = 0;
+  private draining = false;
+
+  constructor(
+    private readonly engine: Engine,
+    private readonly options: ServerOptions,
+  ) {}
+
+  get running(): number {
+    return this.inFlight;
+  }
+
+  /** After this, new generations get 503. */
+  startDraining(): void {
+    this.draining = true;
+  }
+
+  get isDraining(): boolean {
+    return this.draining;
+  }
+
+  /** Turns a call into an engine request, checking access and LoRAX's token-budget rules. */
+  prepare(call: GenerationCall, caller: Caller, signal: AbortSignal): GenerateRequest {
+    let adapterId = call.adapterId;
+    let adapterPath: string | undefined;
+    if (adapterId !== '') {
+      if (!caller.mayUse(adapterId)) throw adapterNotFound(adapterId);
+      if (call.adapterSource === 'local') {
+        adapterPath = confinePath(adapterId, this.options.adapterDirs, 'adapter_id');
+      } else if (!this.engine.hasAdapter(adapterId)) {
+        throw adapterNotFound(adapterId);
+      }
+    } else if (call.adapterSource === 'local') {
+      throw new SoppuError('VALIDATION', 'Input validation error: `adapter_source` local needs an `adapter_id` naming the directory', { field: 'adapter_source' });
+    }
+    const promptTokens = this.engine.tokenize(call.prompt).ids.length;
+    const inputTokens = call.truncate !== undefined ? Math.min(call.truncate, promptTokens) : promptTokens;
+    const maxInput = this.options.maxInputTokens;
+    if (inputTokens > maxInput) {
+      throw new SoppuError(
+        'VALIDATION',
+        `Input validation error: \`inputs\` must have less than ${maxInput} tokens. Given: ${inputTokens}`,
+        { field: 'inputs', limit: maxInput },
+      );
+    }
+    const maxTotal = this.options.maxTotalTokens;
+    const maxNewTokens = call.maxNewTokens ?? Math.max(1, maxTotal - inputTokens);
+    if (inputTokens + maxNewTokens > maxTotal) {
+      throw new SoppuError(
+        'VALIDATION',
+        `Input validation error: \`inputs\` tokens + \`max_new_tokens\` must be <= ${maxTotal}. Given: ${inputTokens} \`inputs\` tokens and ${maxNewTokens} \`max_new_tokens\``,
+        { field: 'max_new_tokens', limit: maxTotal },
+      );
+    }
+    return {
+      prompt: call.prompt,
+      adapterId: adapterId === '' ? null : adapterId,
+      adapterSource: adapterId === '' ? undefined : call.adapterSource,
+      adapterPath,
+      maxNewTokens,
+      sampling: call.sampling,
+      stop: call.stop,
+      ignoreEos: call.ignoreEos,
+      truncate: call.truncate,
+      topAlternatives: call.topAlternatives,
+      prefillDetails: call.prefillDetails,
+      signal,
+    };
+  }
+
+  /** Admits (or 429s) and starts the engine; throws what the engine throws before its first event. */
+  async start(request: GenerateRequest): Promise<StartedGeneration> {
+    if (this.draining) throw new SoppuError('SHUTTING_DOWN', 'Server is shutting down and accepts no new requests');
+    const limit = this.options.maxConcurrentRequests;
+    if (this.inFlight >= limit) {
+      throw new SoppuError('OVERLOADED', `Model is overloaded: ${limit} requests are already in flight (max_concurrent_requests)`, { limit });
+    }
+    this.inFlight += 1;
+    let released = false;
+    const release = (): void => {
+      if (!released) {
+        released = true;
+        this.inFlight -= 1;
+      }
+    };
+    const started = performance.now();
+    try {
+      const iterator = this.engine.generate(request)[Symbol.asyncIterator]();
+      const first = await iterator.next();
+      return { request, first, iterator, timeToFirstEventMs: performance.now() - started, release };
+    } catch (e) {
+      release();
+      throw e;
+    }
+  }
+}

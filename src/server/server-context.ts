@@ -1,0 +1,122 @@
+/**
+ * What every route module needs: the engine, the limits, the generation service, the metrics, and
+ * the shared request plumbing (caller lookup, disconnect → abort, event iteration).
+ */
+import type { FastifyReply, FastifyRequest } from 'fastify';
+import type { Engine, GenerateEvent } from '../engine/engine-types.js';
+import { SoppuError } from '../errors/soppu-error.js';
+import { OPEN_ACCESS_CALLER, type Caller } from './access-control.js';
+import type { GenerationService, StartedGeneration } from './generation-service.js';
+import type { ServerMetrics } from './server-metrics.js';
+import type { ServerOptions } from './server-options.js';
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Set by the auth hook on every non-public route. */
+    caller: Caller | null;
+  }
+  interface FastifyContextConfig {
+    /** No API key needed (health, info). */
+    public?: boolean;
+    /** Admin keys only. */
+    admin?: boolean;
+    /** Counts in lorax_request_* metrics. */
+    generation?: boolean;
+  }
+}
+
+export interface ServerContext {
+  readonly engine: Engine;
+  readonly options: ServerOptions;
+  readonly service: GenerationService;
+  readonly metrics: ServerMetrics;
+}
+
+/** The authenticated caller (the auth hook guarantees one on non-public routes). */
+export function callerOf(request: FastifyRequest): Caller {
+  if (request.caller) return request.caller;
+  throw new SoppuError('UNAUTHORIZED', 'Missing or invalid API key');
+}
+
+export { OPEN_ACCESS_CALLER };
+
+/** An AbortController fired when the client goes away before the response is complete. */
+export function abortOnDisconnect(reply: FastifyReply): AbortController {
+  const controller = new AbortController();
+  reply.raw.on('close', () => {
+    if (!reply.raw.writableFinished) controller.abort(new SoppuError('CANCELLED', 'client disconnected'));
+  });
+  reply.raw.on('error', () => controller.abort(new SoppuError('CANCELLED', 'client connection failed')));
+  return controller;
+}
+
+/** All events of a started generation, the already-fetched first one included. */
+export async function* eventsOf(started: StartedGeneration): AsyncGenerator<GenerateEvent> {
+  let finished = false;
+  try {
+    if (started.first.done) {
+      finished = true;
+      return;
+    }
+    yield started.first.value;
+    for (;;) {
+      const next = await started.iterator.next();
+      if (next.done) {
+        finished = true;
+        return;
+      }
+      yield next.value;
+      if (next.value.type === 'done') {
+        finished = true;
+        return;
+      }
+    }
+  } finally {
+    if (!finished) await started.iterator.return?.();
+    started.release();
+  }
+}
+
+/** Opens a Server-Sent Events response (bypassing fastify's reply pipeline). */
+export function openEventStream(reply: FastifyReply, headers: Record<string, string>): { send(line: string): void; end(): void } {
+  reply.hijack();
+  const raw = reply.raw;
+  raw.on('error', () => undefined);
+  raw.writeHead(200, {
+    'content-type': 'text/event-stream',
+    'cache-control': 'no-cache',
+    connection: 'keep-alive',
+    'x-accel-buffering': 'no',
+    ...headers,
+  });
+  return {
+    send(line: string) {
+      if (!raw.destroyed) raw.write(line);
+    },
+    end() {
+      if (!raw.destroyed) raw.end();
+    },
+  };
+}
+
+/** Records a finished generation in the LoRAX request metrics. */
+export function recordSuccess(
+  context: ServerContext,
+  timing: { startedAt: number; validatedAt: number; firstEventMs: number; promptTokens: number; generatedTokens: number; maxNewTokens: number },
+): { totalMs: number; inferenceMs: number; perTokenMs: number } {
+  const now = performance.now();
+  const totalMs = now - timing.startedAt;
+  const inferenceMs = now - timing.validatedAt;
+  const perTokenMs = timing.generatedTokens > 0 ? inferenceMs / timing.generatedTokens : 0;
+  const m = context.metrics;
+  m.requestSuccess.inc();
+  m.requestDuration.observe(totalMs / 1000);
+  m.validationDuration.observe((timing.validatedAt - timing.startedAt) / 1000);
+  m.queueDuration.observe(timing.firstEventMs / 1000);
+  m.inferenceDuration.observe(inferenceMs / 1000);
+  m.meanTimePerToken.observe(perTokenMs / 1000);
+  m.inputLength.observe(timing.promptTokens);
+  m.generatedTokens.observe(timing.generatedTokens);
+  m.maxNewTokens.observe(timing.maxNewTokens);
+  return { totalMs, inferenceMs, perTokenMs };
+}

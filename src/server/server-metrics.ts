@@ -1,0 +1,143 @@
+/**
+ * Prometheus metrics on a per-server Registry (never prom-client's global one, so several servers
+ * can live in one process). LoRAX's request metrics keep their names; SOPPU adds per-adapter
+ * residency, load/evict counts, queue length, batch size and tokens/s, read from the engine at scrape.
+ */
+import { Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Engine } from '../engine/engine-types.js';
+
+const TIME_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
+
+export class ServerMetrics {
+  readonly registry = new Registry();
+  readonly requestCount: Counter;
+  readonly requestSuccess: Counter;
+  readonly requestFailure: Counter<'err'>;
+  readonly requestDuration: Histogram;
+  readonly queueDuration: Histogram;
+  readonly validationDuration: Histogram;
+  readonly inferenceDuration: Histogram;
+  readonly meanTimePerToken: Histogram;
+  readonly inputLength: Histogram;
+  readonly generatedTokens: Histogram;
+  readonly maxNewTokens: Histogram;
+  readonly inFlight: Gauge;
+  private lastTokens = 0;
+  private lastScrape = Date.now();
+
+  constructor(engine: Engine, inFlight: () => number) {
+    const registers = [this.registry];
+    this.requestCount = new Counter({ name: 'lorax_request_count', help: 'generation requests received', registers });
+    this.requestSuccess = new Counter({ name: 'lorax_request_success', help: 'generation requests that completed', registers });
+    this.requestFailure = new Counter({ name: 'lorax_request_failure', help: 'generation requests that failed, by reason', labelNames: ['err'], registers });
+    this.requestDuration = new Histogram({ name: 'lorax_request_duration', help: 'request wall time (s)', buckets: TIME_BUCKETS, registers });
+    this.queueDuration = new Histogram({ name: 'lorax_request_queue_duration', help: 'time to first token minus validation (s)', buckets: TIME_BUCKETS, registers });
+    this.validationDuration = new Histogram({ name: 'lorax_request_validation_duration', help: 'validation time (s)', buckets: TIME_BUCKETS, registers });
+    this.inferenceDuration = new Histogram({ name: 'lorax_request_inference_duration', help: 'first to last token (s)', buckets: TIME_BUCKETS, registers });
+    this.meanTimePerToken = new Histogram({ name: 'lorax_request_mean_time_per_token_duration', help: 'inference time per generated token (s)', buckets: TIME_BUCKETS, registers });
+    this.inputLength = new Histogram({ name: 'lorax_request_input_length', help: 'prompt tokens', buckets: TOKEN_BUCKETS, registers });
+    this.generatedTokens = new Histogram({ name: 'lorax_request_generated_tokens', help: 'generated tokens', buckets: TOKEN_BUCKETS, registers });
+    this.maxNewTokens = new Histogram({ name: 'lorax_request_max_new_tokens', help: 'max_new_tokens asked for', buckets: TOKEN_BUCKETS, registers });
+    this.inFlight = new Gauge({
+      name: 'soppu_requests_in_flight',
+      help: 'generation requests admitted and not finished',
+      registers,
+      collect() {
+        this.set(inFlight());
+      },
+    });
+    new Gauge({
+      name: 'lorax_queue_length',
+      help: 'requests waiting in the engine',
+      registers,
+      collect() {
+        this.set(engine.stats().waiting);
+      },
+    });
+    new Gauge({
+      name: 'lorax_batch_current_size',
+      help: 'rows in the running batch',
+      registers,
+      collect() {
+        this.set(engine.stats().batchSize);
+      },
+    });
+    new Gauge({
+      name: 'soppu_kv_blocks_used',
+      help: 'KV-cache blocks in use (of soppu_kv_blocks_total)',
+      registers,
+      collect() {
+        this.set(engine.stats().kvBlocksUsed);
+      },
+    });
+    new Gauge({
+      name: 'soppu_kv_blocks_total',
+      help: 'KV-cache blocks available',
+      registers,
+      collect() {
+        this.set(engine.stats().kvBlocksTotal);
+      },
+    });
+    const engineCounter = (name: string, help: string, read: () => number): void => {
+      new Counter({
+        name,
+        help,
+        registers,
+        collect() {
+          this.reset();
+          this.inc(read());
+        },
+      });
+    };
+    engineCounter('soppu_adapter_loads', 'adapters loaded into memory', () => engine.stats().adapterLoads);
+    engineCounter('soppu_adapter_evictions', 'adapters evicted from memory', () => engine.stats().adapterEvictions);
+    engineCounter('soppu_adapter_cache_hits', 'requests whose adapter was resident', () => engine.stats().adapterHits);
+    engineCounter('soppu_adapter_cache_misses', 'requests whose adapter had to be loaded', () => engine.stats().adapterMisses);
+    engineCounter('soppu_generated_tokens', 'tokens generated since start', () => engine.stats().generatedTokens);
+    new Gauge({
+      name: 'soppu_adapter_bytes_resident',
+      help: 'bytes of adapter weights in memory',
+      registers,
+      collect() {
+        this.set(engine.stats().adapterBytesResident);
+      },
+    });
+    const metrics = this;
+    new Gauge({
+      name: 'soppu_tokens_per_second',
+      help: 'generated tokens per second since the previous scrape',
+      registers,
+      collect() {
+        const now = Date.now();
+        const tokens = engine.stats().generatedTokens;
+        const seconds = (now - metrics.lastScrape) / 1000;
+        this.set(seconds > 0 ? (tokens - metrics.lastTokens) / seconds : 0);
+        metrics.lastTokens = tokens;
+        metrics.lastScrape = now;
+      },
+    });
+    new Gauge({
+      name: 'soppu_adapter_resident',
+      help: 'per adapter: 1 when its weights are in memory, by tier and pin',
+      labelNames: ['adapter_id', 'tier', 'storage', 'pinned'],
+      registers,
+      collect() {
+        this.reset();
+        for (const adapter of engine.listAdapters()) {
+          this.set({ adapter_id: adapter.id, tier: adapter.tier, storage: adapter.storage, pinned: String(adapter.pinned) }, adapter.tier === 'resident' ? 1 : 0);
+        }
+      },
+    });
+    new Gauge({
+      name: 'soppu_adapter_bytes',
+      help: 'per adapter: size of its weights in bytes',
+      labelNames: ['adapter_id'],
+      registers,
+      collect() {
+        this.reset();
+        for (const adapter of engine.listAdapters()) this.set({ adapter_id: adapter.id }, adapter.bytes);
+      },
+    });
+  }
+}

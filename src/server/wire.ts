@@ -1,0 +1,312 @@
+/**
+ * The one module that translates between the wire (LoRAX / OpenAI snake_case JSON) and the engine's
+ * camelCase types. Body shapes and ranges are enforced earlier by the JSON schemas
+ * (request-schemas.ts); the rules that a schema cannot express are checked here.
+ */
+import type { FinishReason, GenerateEvent, SamplingParams, TokenInfo } from '../engine/engine-types.js';
+import { SoppuError } from '../errors/soppu-error.js';
+
+/** A generation as the server sees it, whichever dialect it came in. */
+export interface GenerationCall {
+  readonly prompt: string;
+  /** '' → base model. */
+  readonly adapterId: string;
+  readonly adapterSource: 'bank' | 'local' | undefined;
+  /** undefined → the remaining token budget (LoRAX's default). */
+  readonly maxNewTokens: number | undefined;
+  readonly sampling: SamplingParams;
+  readonly stop: readonly string[];
+  readonly ignoreEos: boolean;
+  readonly truncate: number | undefined;
+  readonly topAlternatives: number;
+  readonly prefillDetails: boolean;
+  readonly returnFullText: boolean;
+  readonly details: boolean;
+}
+
+export type DoneEvent = Extract<GenerateEvent, { type: 'done' }>;
+
+const REFUSED_SOURCES = new Set(['hub', 's3', 'pbase']);
+
+function validation(message: string, field: string): SoppuError {
+  return new SoppuError('VALIDATION', `Input validation error: ${message}`, { field });
+}
+
+/** adapter_source, case-insensitive: bank and local are served; LoRAX's remote sources are refused by name. */
+export function parseAdapterSource(value: unknown, field: string): 'bank' | 'local' | undefined {
+  if (value === undefined || value === null) return undefined;
+  const source = String(value).toLowerCase();
+  if (source === 'bank' || source === 'local') return source;
+  if (REFUSED_SOURCES.has(source)) {
+    throw validation(`\`${field}\` '${source}' is not supported by this server (no network access); use 'bank' or 'local'`, field);
+  }
+  throw validation(`\`${field}\` must be one of 'bank', 'local'; got '${String(value)}'`, field);
+}
+
+/** LoRAX `parameters` object (after schema validation). */
+export interface LoraxParameters {
+  adapter_id?: string | null;
+  adapter_source?: string | null;
+  merged_adapters?: unknown;
+  api_token?: string | null;
+  best_of?: number | null;
+  max_new_tokens?: number | null;
+  temperature?: number | null;
+  top_k?: number | null;
+  top_p?: number | null;
+  typical_p?: number | null;
+  repetition_penalty?: number | null;
+  frequency_penalty?: number | null;
+  presence_penalty?: number | null;
+  do_sample?: boolean;
+  seed?: number | null;
+  stop?: string[];
+  return_full_text?: boolean | null;
+  truncate?: number | null;
+  ignore_eos_token?: boolean;
+  watermark?: boolean;
+  details?: boolean;
+  decoder_input_details?: boolean;
+  return_k_alternatives?: number | null;
+  response_format?: { type?: string } | null;
+}
+
+export interface LoraxGenerateBody {
+  inputs: string;
+  parameters?: LoraxParameters;
+  stream?: boolean;
+}
+
+/** LoRAX GenerateRequest → GenerationCall. */
+export function fromLoraxBody(body: LoraxGenerateBody, stream: boolean): GenerationCall {
+  const p = body.parameters ?? {};
+  if (p.merged_adapters !== undefined && p.merged_adapters !== null) {
+    throw validation('`parameters.merged_adapters` is not supported by this server', 'parameters.merged_adapters');
+  }
+  if (p.best_of !== undefined && p.best_of !== null && p.best_of > 1) {
+    throw validation(`\`parameters.best_of\` must be 1 (max_best_of is 1); got ${p.best_of}`, 'parameters.best_of');
+  }
+  if (p.watermark === true) throw validation('`parameters.watermark` is not supported by this server', 'parameters.watermark');
+  if (p.response_format !== undefined && p.response_format !== null && p.response_format.type !== 'text') {
+    throw validation('`parameters.response_format` (constrained JSON decoding) is not supported by this server', 'parameters.response_format');
+  }
+  if (stream && p.decoder_input_details === true) {
+    throw validation('`parameters.decoder_input_details` == true is not supported when streaming tokens', 'parameters.decoder_input_details');
+  }
+  return {
+    prompt: body.inputs,
+    adapterId: p.adapter_id ?? '',
+    adapterSource: parseAdapterSource(p.adapter_source, 'parameters.adapter_source'),
+    maxNewTokens: p.max_new_tokens ?? undefined,
+    sampling: {
+      temperature: p.temperature ?? undefined,
+      topK: p.top_k ?? undefined,
+      topP: p.top_p ?? undefined,
+      typicalP: p.typical_p ?? undefined,
+      repetitionPenalty: p.repetition_penalty ?? undefined,
+      frequencyPenalty: p.frequency_penalty ?? undefined,
+      presencePenalty: p.presence_penalty ?? undefined,
+      doSample: p.do_sample ?? false,
+      seed: p.seed ?? undefined,
+    },
+    stop: p.stop ?? [],
+    ignoreEos: p.ignore_eos_token ?? false,
+    truncate: p.truncate ?? undefined,
+    topAlternatives: p.return_k_alternatives ?? 0,
+    prefillDetails: p.decoder_input_details ?? false,
+    returnFullText: p.return_full_text ?? false,
+    details: (p.details ?? false) || (p.decoder_input_details ?? false),
+  };
+}
+
+/** Token as LoRAX puts it on the wire. */
+export function toWireToken(token: TokenInfo, alternatives?: readonly TokenInfo[]): Record<string, unknown> {
+  const wire: Record<string, unknown> = { id: token.id, text: token.text, logprob: token.logprob, special: token.special, skipped: false };
+  if (alternatives && alternatives.length > 0) {
+    wire.alternative_tokens = alternatives.map((a) => ({ id: a.id, text: a.text, logprob: a.logprob }));
+  }
+  return wire;
+}
+
+export interface CollectedToken {
+  readonly token: TokenInfo;
+  readonly alternatives?: readonly TokenInfo[];
+}
+
+/** LoRAX GenerateResponse. */
+export function toLoraxResponse(call: GenerationCall, done: DoneEvent, tokens: readonly CollectedToken[]): Record<string, unknown> {
+  const response: Record<string, unknown> = { generated_text: fullText(call, done) };
+  if (call.details) {
+    response.details = {
+      finish_reason: done.finishReason,
+      prompt_tokens: done.promptTokens,
+      generated_tokens: done.generatedTokens,
+      skipped_tokens: 0,
+      seed: done.seed,
+      prefill: (done.prefill ?? []).map((t) => ({ id: t.id, text: t.text, logprob: t.logprob })),
+      tokens: tokens.map((t) => toWireToken(t.token, t.alternatives)),
+    };
+  }
+  return response;
+}
+
+export function fullText(call: GenerationCall, done: DoneEvent): string {
+  return call.returnFullText ? call.prompt + done.generatedText : done.generatedText;
+}
+
+/** One LoRAX stream event for a token; the last one carries the text and (optionally) details. */
+export function toLoraxStreamEvent(call: GenerationCall, token: CollectedToken, done: DoneEvent | null): Record<string, unknown> {
+  return {
+    token: toWireToken(token.token, token.alternatives),
+    generated_text: done ? fullText(call, done) : null,
+    details:
+      done && call.details
+        ? { finish_reason: done.finishReason, prompt_tokens: done.promptTokens, generated_tokens: done.generatedTokens, seed: done.seed }
+        : null,
+  };
+}
+
+// ---------------------------------------------------------------- OpenAI
+
+/** OpenAI finish_reason: eos and stop sequences are both "stop" (LoRAX's "content_filter" quirk fixed). */
+export function toOpenAiFinishReason(reason: FinishReason): 'stop' | 'length' {
+  return reason === 'length' ? 'length' : 'stop';
+}
+
+export interface OpenAiCommonBody {
+  model?: string;
+  max_tokens?: number | null;
+  max_completion_tokens?: number | null;
+  temperature?: number | null;
+  top_p?: number | null;
+  n?: number | null;
+  stop?: string | string[] | null;
+  stream?: boolean;
+  seed?: number | null;
+  presence_penalty?: number | null;
+  frequency_penalty?: number | null;
+  repetition_penalty?: number | null;
+  top_k?: number | null;
+  ignore_eos_token?: boolean;
+  adapter_source?: string | null;
+  api_token?: string | null;
+  response_format?: { type?: string } | null;
+}
+
+export interface OpenAiCompletionBody extends OpenAiCommonBody {
+  prompt: string | string[];
+  echo?: boolean;
+  logprobs?: number | null;
+  best_of?: number | null;
+}
+
+export interface OpenAiChatBody extends OpenAiCommonBody {
+  messages: { role: string; content: string | { type: string; text?: string }[] | null }[];
+  tools?: unknown[];
+  tool_choice?: unknown;
+}
+
+/** model '' or the base model id → base; anything else is an adapter id. */
+export function adapterFromModel(model: string | undefined, baseModelId: string): string {
+  return model === undefined || model === '' || model === baseModelId ? '' : model;
+}
+
+function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: string, returnFullText: boolean): GenerationCall {
+  if (body.n !== undefined && body.n !== null && body.n !== 1) throw validation(`\`n\` must be 1; got ${body.n}`, 'n');
+  if (body.response_format && body.response_format.type !== 'text') {
+    throw validation('`response_format` (constrained JSON decoding) is not supported by this server', 'response_format');
+  }
+  const temperature = body.temperature ?? 1;
+  const stop = body.stop === undefined || body.stop === null ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop;
+  return {
+    prompt,
+    adapterId: adapterFromModel(body.model, baseModelId),
+    adapterSource: parseAdapterSource(body.adapter_source, 'adapter_source'),
+    maxNewTokens: body.max_completion_tokens ?? body.max_tokens ?? undefined,
+    // OpenAI semantics: temperature 0 is greedy, anything else (the default 1 included) samples
+    sampling: {
+      temperature: temperature === 0 ? undefined : temperature,
+      doSample: temperature !== 0,
+      topP: body.top_p ?? undefined,
+      topK: body.top_k ?? undefined,
+      repetitionPenalty: body.repetition_penalty ?? undefined,
+      frequencyPenalty: body.frequency_penalty ?? undefined,
+      presencePenalty: body.presence_penalty ?? undefined,
+      seed: body.seed ?? undefined,
+    },
+    stop,
+    ignoreEos: body.ignore_eos_token ?? false,
+    truncate: undefined,
+    topAlternatives: 0,
+    prefillDetails: false,
+    returnFullText,
+    details: false,
+  };
+}
+
+export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: string): GenerationCall {
+  let prompt: string;
+  if (typeof body.prompt === 'string') prompt = body.prompt;
+  else if (body.prompt.length === 1 && typeof body.prompt[0] === 'string') prompt = body.prompt[0];
+  else throw validation('`prompt` must be a single string', 'prompt');
+  if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw validation(`\`best_of\` must be 1; got ${body.best_of}`, 'best_of');
+  return fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false);
+}
+
+/** Chat messages → plain {role, content} for the chat template; image parts and tools are refused. */
+export function chatMessages(body: OpenAiChatBody): { role: string; content: string }[] {
+  if (body.tools !== undefined && body.tools.length > 0) throw validation('`tools` are not supported by this server', 'tools');
+  return body.messages.map((message, index) => {
+    if (message.content === null || typeof message.content === 'string') return { role: message.role, content: message.content ?? '' };
+    const parts = message.content.map((part, partIndex) => {
+      if (part.type !== 'text' || typeof part.text !== 'string') {
+        throw validation(`\`messages[${index}].content[${partIndex}]\`: only text parts are supported; got type '${part.type}'`, `messages[${index}].content`);
+      }
+      return part.text;
+    });
+    return { role: message.role, content: parts.join('') };
+  });
+}
+
+export function fromOpenAiChat(body: OpenAiChatBody, prompt: string, baseModelId: string): GenerationCall {
+  return fromOpenAiCommon(body, prompt, baseModelId, false);
+}
+
+export interface Usage {
+  prompt_tokens: number;
+  completion_tokens: number;
+  total_tokens: number;
+}
+
+export function toUsage(done: DoneEvent): Usage {
+  return { prompt_tokens: done.promptTokens, completion_tokens: done.generatedTokens, total_tokens: done.promptTokens + done.generatedTokens };
+}
+
+/**
+ * Streams text so that what was sent is always a prefix of the final text: with stop sequences, the
+ * last (longest stop − 1) characters are held back until the next token shows they are not the start
+ * of a stop sequence (which the final text excludes).
+ */
+export class StopSafeText {
+  private text = '';
+  private sent = 0;
+  private readonly holdBack: number;
+
+  constructor(stop: readonly string[]) {
+    this.holdBack = Math.max(0, ...stop.map((s) => s.length - 1));
+  }
+
+  /** Adds a token's text; returns what may be sent now. */
+  push(tokenText: string): string {
+    this.text += tokenText;
+    const safe = Math.max(this.sent, this.text.length - this.holdBack);
+    const out = this.text.slice(this.sent, safe);
+    this.sent = safe;
+    return out;
+  }
+
+  /** The rest of the final text. */
+  finish(finalText: string): string {
+    return finalText.slice(Math.min(this.sent, finalText.length));
+  }
+}

@@ -1,0 +1,159 @@
+import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { openBank, reconstructAdapter } from '../../src/compress/bank-reader.js';
+import { loadLoraAdapter } from '../../src/io/load-lora-adapter.js';
+import { writeGeneratedAdapters } from '../../src/io/fixtures/generate-adapters.js';
+import { BASE_SHAPES } from '../../src/io/fixtures/base-shapes.js';
+import { generateModel } from '../../src/io/fixtures/generate-model.js';
+import type { LoraModule } from '../../src/io/lora-types.js';
+import { runCli } from './cli-capture.js';
+
+let root: string;
+let family: string[];
+let stranger: string[];
+
+function dense(b: Float32Array, a: Float32Array, rank: number, out: number, inFeatures: number, scale: number): Float64Array {
+  const d = new Float64Array(out * inFeatures);
+  for (let o = 0; o < out; o++) for (let p = 0; p < rank; p++) {
+    const x = scale * b[o * rank + p]!;
+    for (let i = 0; i < inFeatures; i++) d[o * inFeatures + i]! += x * a[p * inFeatures + i]!;
+  }
+  return d;
+}
+const denseOf = (m: LoraModule): Float64Array => dense(m.b, m.a, m.rank, m.outFeatures, m.inFeatures, m.scale);
+function relative(x: Float64Array, y: Float64Array): number {
+  let num = 0, den = 0;
+  for (let i = 0; i < x.length; i++) { num += (x[i]! - y[i]!) ** 2; den += x[i]! ** 2; }
+  return Math.sqrt(num / den);
+}
+
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), 'soppu-cli-compress-'));
+  const base = { base: BASE_SHAPES.tiny, rank: 4, targets: ['q_proj', 'down_proj'], noise: 0.05 };
+  family = await writeGeneratedAdapters(join(root, 'family'), 5, { ...base, sharedRank: 3, seed: 1 });
+  stranger = await writeGeneratedAdapters(join(root, 'stranger'), 1, { ...base, sharedRank: 0, seed: 77 });
+});
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+afterEach(() => {
+  process.exitCode = undefined;
+});
+
+describe('soppu compress / bank / verify / export / report', () => {
+  it('has --help for every command', async () => {
+    for (const args of [['compress'], ['bank', 'add'], ['bank', 'refit'], ['bank', 'ls'], ['verify'], ['export'], ['report']]) {
+      const r = await runCli([...args, '--help']);
+      expect(r.code, args.join(' ')).toBe(0);
+      expect(r.stdout).toMatch(/Usage: soppu/);
+    }
+  });
+
+  it('compresses, lists, adds, verifies (paired by id), exports, reports and refits', async () => {
+    const bank = join(root, 'bank');
+    const compressed = await runCli(['compress', ...family.slice(0, 4), '-o', bank, '--max-error', '0.15', '--seed', '5']);
+    expect(compressed.stderr).toBe('');
+    expect(compressed.code).toBe(0);
+    expect(compressed.stdout).toMatch(/4 adapters, 4 slots, 1 cluster\(s\), jd-full/);
+    expect(compressed.stdout).toMatch(/parameters: .* raw → .* stored \([\d.]+×/);
+    expect(compressed.stdout).toMatch(/worst adapters: user-000\d/);
+
+    const again = await runCli(['compress', family[0]!, '-o', bank]);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/BANK_CONFLICT.*--force/);
+    const duplicate = await runCli(['compress', family[0]!, family[0]!, '-o', join(root, 'dup')]);
+    expect(duplicate.stderr).toMatch(/CONFIG.*"user-0000" is given twice/);
+
+    const ls = JSON.parse((await runCli(['bank', 'ls', bank, '--json'])).stdout);
+    expect(ls.adapters.map((a: { id: string }) => a.id)).toEqual(['user-0000', 'user-0001', 'user-0002', 'user-0003']);
+    expect(ls.adapters[0].slots[0]).toEqual(expect.objectContaining({ path: 'model.layers.0.mlp.down_proj', storage: expect.stringMatching(/compressed|raw/) }));
+
+    const added = await runCli(['bank', 'add', bank, family[4]!]);
+    expect(added.code).toBe(0);
+    expect(added.stdout).toMatch(/added user-0004/);
+    const addedStranger = await runCli(['bank', 'add', bank, stranger[0]!, '--id', 'stranger']);
+    expect(addedStranger.stdout).toMatch(/kept raw: .*projection-over-budget/);
+    expect(addedStranger.stdout).toMatch(/refit advised/);
+    expect((await runCli(['bank', 'add', bank, stranger[0]!, '--id', 'stranger'])).stderr).toMatch(/BANK_CONFLICT/);
+    const text = (await runCli(['bank', 'ls', bank])).stdout;
+    expect(text).toMatch(/stranger {2}cluster 0/);
+    expect(text).toMatch(/raw r=4 {2}error 0\.0000 {2}\(projection-over-budget\)/);
+
+    const sources = [...family.map((d) => d), `stranger=${stranger[0]}`];
+    const verified = await runCli(['verify', bank, '--adapters', ...sources]);
+    expect(verified.stderr).toBe('');
+    expect(verified.code).toBe(0);
+    expect(verified.stdout).toMatch(/measured against 6 original/);
+    // swap two ids: the pairing is by id, so both are reported far over budget
+    const swapped = await runCli(['verify', bank, '--adapters', `user-0000=${family[1]}`, `user-0001=${family[0]}`, '--json']);
+    expect(swapped.code).toBe(1);
+    expect(JSON.parse(swapped.stdout).overBudget.sort()).toEqual(['user-0000', 'user-0001']);
+    process.exitCode = undefined; // main() reports process.exitCode; in process it outlives the command
+
+    const out = join(root, 'exported');
+    expect((await runCli(['export', bank, 'user-0002', '-o', out])).code).toBe(0);
+    const exported = await loadLoraAdapter(out);
+    const opened = await openBank(bank);
+    const reconstruction = await reconstructAdapter(opened, 'user-0002');
+    const original = await loadLoraAdapter(family[2]!);
+    expect([...exported.modules.keys()]).toEqual([...reconstruction.keys()]);
+    for (const [path, module] of exported.modules) {
+      const r = reconstruction.get(path)!;
+      expect(relative(dense(r.b, r.a, r.rank, r.outFeatures, r.inFeatures, 1), denseOf(module))).toBeLessThan(1e-6);
+      // and it is close to the original within the bank's recorded error
+      expect(relative(denseOf(original.modules.get(path)!), denseOf(module))).toBeCloseTo(opened.adapter('user-0002').perSlot[path]!.relativeError, 4);
+    }
+    const config = JSON.parse(await readFile(join(out, 'adapter_config.json'), 'utf8'));
+    expect(config).toEqual(expect.objectContaining({ peft_type: 'LORA', use_rslora: false, target_modules: ['down_proj', 'q_proj'] }));
+    expect((await runCli(['export', bank, 'user-0002', '-o', join(root, 'bf16'), '--dtype', 'bf16'])).code).toBe(0);
+    expect((await loadLoraAdapter(join(root, 'bf16'))).sourceDtype).toBe('BF16');
+    expect((await runCli(['export', bank, 'nobody', '-o', join(root, 'x')])).stderr).toMatch(/ADAPTER_NOT_FOUND.*"nobody"/);
+
+    const html = join(root, 'report.html');
+    const reported = await runCli(['report', bank, '-o', html]);
+    expect(reported.code).toBe(0);
+    const page = await readFile(html, 'utf8');
+    expect(page.match(/<svg/g)!.length).toBeGreaterThanOrEqual(3);
+    expect(page).not.toMatch(/(src|href)=["']?https?:/i);
+    expect(page).not.toMatch(/url\(\s*["']?https?:/i);
+    expect(page).not.toMatch(/<script|<link/i);
+    expect(page).toMatch(/stranger/);
+    const json = JSON.parse(await readFile(join(root, 'report.json'), 'utf8'));
+    expect(json.adapters).toBe(6);
+    expect(json.slots[0].errors).toHaveLength(6);
+
+    const refit = await runCli(['bank', 'refit', bank]);
+    expect(refit.code).toBe(0);
+    expect(refit.stdout).not.toMatch(/refit advised/);
+    const after = await runCli(['verify', bank, '--adapters', ...sources, '--json']);
+    expect(JSON.parse(after.stdout).fileProblems).toEqual([]);
+  });
+
+  it('verify --model compares greedy continuations: an exact bank agrees token for token', async () => {
+    const modelDir = join(root, 'model');
+    await generateModel({ out: modelDir, shape: 'tiny', seed: 3 });
+    const bank = join(root, 'exact-bank');
+    // shared rank 12 = 3 adapters × r 4: the bank is exact
+    expect((await runCli(['compress', ...family.slice(0, 3), '-o', bank, '--rank', '12', '--seed', '1'])).code).toBe(0);
+    const checked = await runCli(['verify', bank, '--adapters', ...family.slice(0, 2), '--model', modelDir, '--tokens', '6', '--json']);
+    expect(checked.stderr).toBe('');
+    expect(checked.code).toBe(0);
+    const report = JSON.parse(checked.stdout);
+    const withCheck = report.adapters.filter((a: { modelCheck?: { tokens: number } }) => a.modelCheck && a.modelCheck.tokens > 0);
+    expect(withCheck.map((a: { id: string }) => a.id).sort()).toEqual(['user-0000', 'user-0001']);
+    for (const a of withCheck) {
+      expect(a.modelCheck.tokens).toBe(18);
+      expect(a.modelCheck.top1Agreement).toBe(1);
+      expect(Math.abs(a.modelCheck.meanLogprobGap)).toBeLessThan(1e-3);
+    }
+    const lossy = join(root, 'lossy-bank');
+    expect((await runCli(['compress', ...family.slice(0, 3), '-o', lossy, '--rank', '1', '--seed', '1'])).code).toBe(0);
+    const lossyReport = JSON.parse((await runCli(['verify', lossy, '--adapters', family[0]!, '--model', modelDir, '--tokens', '6', '--json'])).stdout);
+    const lossyCheck = lossyReport.adapters.find((a: { id: string }) => a.id === 'user-0000').modelCheck;
+    expect(lossyCheck.tokens).toBe(18);
+    expect(lossyCheck.meanLogprobGap).toBeGreaterThan(0.01);
+    expect(lossyCheck.top1Agreement).toBeLessThan(1);
+  }, 60_000);
+});

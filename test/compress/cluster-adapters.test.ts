@@ -1,0 +1,46 @@
+import { describe, expect, it } from 'vitest';
+import { clusterAdapters } from '../../src/compress/cluster-adapters.js';
+import { compressAdapters } from '../../src/compress/compress-adapters.js';
+import { factoredNormSquared } from '../../src/compress/slot-problem.js';
+import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
+
+const SLOTS = [
+  { path: 'model.layers.0.self_attn.q_proj', inFeatures: 24, outFeatures: 24 },
+  { path: 'model.layers.0.self_attn.v_proj', inFeatures: 24, outFeatures: 12 },
+];
+
+function twoFamilies(): { id: string; adapter: import('../../src/io/lora-types.js').LoraAdapter }[] {
+  const first = syntheticAdapterSet({ slots: SLOTS, count: 5, rank: 3, sharedRank: 2, noise: 0.05, seed: 1, familySeed: 100, idPrefix: 'first-' });
+  const second = syntheticAdapterSet({ slots: SLOTS, count: 5, rank: 3, sharedRank: 2, noise: 0.05, seed: 2, familySeed: 200, idPrefix: 'second-' });
+  // interleave so the split is not just the input order
+  return first.flatMap((entry, i) => [entry, second[i]!]);
+}
+
+describe('clustering', () => {
+  it('separates two planted families (one cluster per adapter across all slots)', () => {
+    const inputs = twoFamilies();
+    const slots = SLOTS.map((slot) => ({
+      ...slot, rank: 2,
+      entries: inputs.map(({ adapter }, adapterIndex) => {
+        const m = adapter.modules.get(slot.path)!;
+        return { adapterIndex, rank: m.rank, scale: m.scale, a: m.a, b: m.b, normSquared: factoredNormSquared(m.a, m.b, m.rank, m.inFeatures, m.outFeatures, m.scale) };
+      }),
+    }));
+    const { assignments, costHistory } = clusterAdapters(slots, inputs.length, 2, { method: 'jd-full', weighting: 'unit-norm', fit: { seed: 3 } });
+    const firstCluster = assignments[0]!;
+    inputs.forEach(({ id }, i) => expect(assignments[i]).toBe(id.startsWith('first-') ? firstCluster : 1 - firstCluster));
+    for (let k = 1; k < costHistory.length; k++) expect(costHistory[k]!).toBeLessThanOrEqual(costHistory[k - 1]! + 1e-9);
+  });
+
+  it('compressAdapters with 2 clusters fits each family at its planted rank', async () => {
+    const inputs = twoFamilies();
+    const result = await compressAdapters(inputs, { method: 'jd-full', clusters: 2, maxError: 0.25, seed: 4 });
+    const clusterOf = new Map(result.adapters.map((a) => [a.id, a.cluster]));
+    expect(new Set(inputs.filter((x) => x.id.startsWith('first-')).map((x) => clusterOf.get(x.id))).size).toBe(1);
+    expect(clusterOf.get('first-0')).not.toBe(clusterOf.get('second-0'));
+    for (const slot of result.slots) {
+      expect(slot.bases.map((b) => b?.rank)).toEqual([2, 2]);
+      for (const entry of slot.adapters.values()) expect(entry.storage).toBe('compressed');
+    }
+  });
+});

@@ -1,0 +1,113 @@
+import { describe, expect, it } from 'vitest';
+import { AdapterBatcher, compareAdapters, type BatchSegmentCounts } from '../../src/engine/adapter-batch.js';
+import { slotShapeOf } from '../../src/engine/engine.js';
+import { KvBlockPool } from '../../src/engine/kv-block-pool.js';
+import { residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases } from '../../src/engine/resident-adapter.js';
+import { getKernels } from '../../src/kernels/index.js';
+import { contiguousBatch, forward } from '../../src/model/forward.js';
+import type { LlamaModel } from '../../src/model/llama-model.js';
+import { handBank, mergedModel, randomLora, tinyModel } from './helpers.js';
+
+const kernels = getKernels();
+
+function freshPool(model: LlamaModel): KvBlockPool {
+  const c = model.config;
+  return new KvBlockPool({ layers: c.numLayers, kvHeads: c.numKvHeads, headDim: c.headDim, blockSize: 8 }, 64 * c.numLayers * c.numKvHeads * c.headDim * 8 * 8);
+}
+
+/** Prefill logits of every row, then the logits of one decode step. */
+function run(model: LlamaModel, adapter: ResidentAdapter | null, prompt: number[], next: number): { prefill: Float32Array; decode: Float32Array } {
+  const pool = freshPool(model);
+  const batcher = new AdapterBatcher(kernels);
+  const prefillBatch = contiguousBatch([{ tokens: prompt, pastLength: 0, firstBlock: 0 }], 8, 'all');
+  const prefill = forward(model, kernels, prefillBatch, pool.storage, batcher.hook(new Array(prompt.length).fill(adapter)), undefined);
+  const decodeBatch = contiguousBatch([{ tokens: [next], pastLength: prompt.length, firstBlock: 0 }], 8);
+  const decode = forward(model, kernels, decodeBatch, pool.storage, batcher.hook([adapter]), undefined);
+  return { prefill, decode };
+}
+
+function maxRelativeDifference(p: Float32Array, q: Float32Array): number {
+  let worst = 0;
+  let scale = 0;
+  for (let i = 0; i < p.length; i++) {
+    worst = Math.max(worst, Math.abs(p[i]! - q[i]!));
+    scale = Math.max(scale, Math.abs(q[i]!));
+  }
+  return worst / scale;
+}
+
+async function bankResident(bank: ReturnType<typeof handBank>, id: string, model: LlamaModel): Promise<ResidentAdapter> {
+  const parts = await bank.reader.loadAdapter(id);
+  const loaded = new Map<string, ResidentBases>();
+  for (const part of parts.slots.values()) {
+    if (part.kind === 'compressed' && !loaded.has(part.basesKey)) loaded.set(part.basesKey, residentBases(await bank.reader.loadBases(part.basesKey)));
+  }
+  return residentFromBank(parts, loaded, slotShapeOf(model.config), bank.reader.dir);
+}
+
+describe('adapter batching', () => {
+  const model = tinyModel(11);
+  const prompt = [0, 5, 9, 14, 3, 22, 40, 7, 12, 30, 2];
+
+  it('a raw adapter equals the merged model W + s·B·A, in prefill and in decode', () => {
+    const lora = randomLora(model.config, 21, 4, 16);
+    const resident = residentFromLora('raw', lora, slotShapeOf(model.config));
+    const viaHook = run(model, resident, prompt, 17);
+    const merged = run(mergedModel(model, lora), null, prompt, 17);
+    const base = run(model, null, prompt, 17);
+    expect(maxRelativeDifference(viaHook.prefill, merged.prefill)).toBeLessThan(1e-4);
+    expect(maxRelativeDifference(viaHook.decode, merged.decode)).toBeLessThan(1e-4);
+    // and the adapter really changes the output
+    expect(maxRelativeDifference(base.prefill, merged.prefill)).toBeGreaterThan(1e-2);
+  });
+
+  for (const diagonal of [false, true]) {
+    it(`a compressed adapter (${diagonal ? 'diagonal' : 'full'} core) equals the same adapter exported raw`, async () => {
+      const bank = handBank(model.config, { clusters: 2, perCluster: 2, rank: 3, seed: 5, diagonal });
+      const compressed = await bankResident(bank, 'c1-0', model);
+      const raw = residentFromLora('c1-0-raw', bank.exportRaw('c1-0'), slotShapeOf(model.config));
+      expect(compressed.storage).toBe('compressed');
+      const viaCore = run(model, compressed, prompt, 17);
+      const viaRaw = run(model, raw, prompt, 17);
+      expect(maxRelativeDifference(viaCore.prefill, viaRaw.prefill)).toBeLessThan(1e-4);
+      expect(maxRelativeDifference(viaCore.decode, viaRaw.decode)).toBeLessThan(1e-4);
+    });
+  }
+
+  it('one shared segment per cluster and slot; one segment per raw adapter; base rows untouched', async () => {
+    const bank = handBank(model.config, { clusters: 2, perCluster: 3, rank: 3, seed: 6 });
+    const shape = slotShapeOf(model.config);
+    const adapters: (ResidentAdapter | null)[] = [
+      await bankResident(bank, 'c1-0', model),
+      residentFromLora('z-raw', randomLora(model.config, 3), shape),
+      null,
+      await bankResident(bank, 'c0-1', model),
+      await bankResident(bank, 'c0-0', model),
+      await bankResident(bank, 'c1-2', model),
+      residentFromLora('a-raw', randomLora(model.config, 4), shape),
+    ];
+    const ordered = [...adapters].sort(compareAdapters);
+    expect(ordered.map((a) => a?.id ?? 'base')).toEqual(['base', 'c0-0', 'c0-1', 'c1-0', 'c1-2', 'a-raw', 'z-raw']);
+    const counts: BatchSegmentCounts = { rawSegments: 0, sharedSegments: 0, coreRows: 0 };
+    const hook = new AdapterBatcher(kernels).hook(ordered, counts)!;
+    const m = ordered.length;
+    const slots = model.config.numLayers * 7;
+    // q_proj of layer 0: in = out = 32
+    const x = new Float32Array(m * 32).map((_, i) => Math.sin(i));
+    const y = new Float32Array(m * 32).fill(0.5);
+    for (let l = 0; l < model.config.numLayers; l++) {
+      for (const module of ['q_proj', 'o_proj', 'k_proj', 'v_proj', 'gate_proj', 'up_proj', 'down_proj'] as const) {
+        const { inFeatures, outFeatures } = shape(l, module)!;
+        const yy = module === 'q_proj' && l === 0 ? y : new Float32Array(m * outFeatures);
+        const xx = module === 'q_proj' && l === 0 ? x : new Float32Array(m * inFeatures);
+        hook(yy, xx, m, l, module);
+      }
+    }
+    expect(counts.sharedSegments).toBe(2 * slots);
+    expect(counts.rawSegments).toBe(2 * slots);
+    expect(counts.coreRows).toBe(4 * slots);
+    expect(Array.from(y.subarray(0, 32)).every((v) => v === 0.5)).toBe(true);
+    expect(Array.from(y.subarray(32, 64)).some((v) => v !== 0.5)).toBe(true);
+    expect(new AdapterBatcher(kernels).hook([null, null])).toBeNull();
+  });
+});

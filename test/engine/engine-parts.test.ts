@@ -1,0 +1,244 @@
+import { describe, expect, it } from 'vitest';
+import { AdapterCache } from '../../src/engine/adapter-cache.js';
+import { slotShapeOf } from '../../src/engine/engine.js';
+import { KvBlockPool, kvBytesPerBlock } from '../../src/engine/kv-block-pool.js';
+import { residentFromLora } from '../../src/engine/resident-adapter.js';
+import { Sampler, resolveSampling } from '../../src/engine/sampler.js';
+import { Scheduler, type ScheduledSequence } from '../../src/engine/scheduler.js';
+import type { LoraAdapter } from '../../src/io/lora-types.js';
+import { handBank, memoryLoader, randomLora, tinyConfig } from './helpers.js';
+
+const shape = { layers: 2, kvHeads: 2, headDim: 4, blockSize: 4 };
+
+describe('KvBlockPool', () => {
+  it('sizes the pool from the byte budget and hands out and takes back blocks', () => {
+    expect(kvBytesPerBlock(shape)).toBe(2 * 2 * 4 * 4 * 2 * 4);
+    const pool = new KvBlockPool(shape, 10 * kvBytesPerBlock(shape) + 5);
+    expect(pool.totalBlocks).toBe(10);
+    expect(pool.storage.k[0]!.length).toBe(10 * 4 * 2 * 4);
+    expect(pool.ensure(1, 9)).toBe(true); // 3 blocks
+    expect(pool.table(1)).toHaveLength(3);
+    expect(pool.ensure(1, 12)).toBe(true); // still 3
+    expect(pool.ensure(2, 29)).toBe(false); // needs 8, 7 free: nothing allocated
+    expect(pool.table(2)).toHaveLength(0);
+    expect(pool.ensure(2, 28)).toBe(true);
+    expect(pool.freeBlocks).toBe(0);
+    expect(new Set([...pool.table(1), ...pool.table(2)]).size).toBe(10);
+    pool.release(1);
+    expect(pool.freeBlocks).toBe(3);
+    expect(() => new KvBlockPool(shape, 10)).toThrow(/holds no block/);
+  });
+});
+
+function seq(id: number, length: number, ready = true): ScheduledSequence {
+  return { id, tokens: Array.from({ length }, (_, i) => i), computed: 0, preemptions: 0, ready: () => ready };
+}
+
+describe('Scheduler', () => {
+  it('chunks long prompts under the batch-token budget and mixes decode rows in', () => {
+    const pool = new KvBlockPool(shape, 100 * kvBytesPerBlock(shape));
+    const scheduler = new Scheduler(pool, { maxBatchTokens: 8, maxRunningRequests: 4 });
+    const long = seq(1, 20);
+    scheduler.add(long);
+    let step = scheduler.schedule();
+    expect(step.map((e) => [e.seq.id, e.start, e.count, e.wantsNext])).toEqual([[1, 0, 8, false]]);
+    scheduler.commit(step);
+    const short = seq(2, 3);
+    scheduler.add(short);
+    step = scheduler.schedule();
+    expect(step.map((e) => [e.seq.id, e.start, e.count])).toEqual([[1, 8, 8]]);
+    scheduler.commit(step);
+    step = scheduler.schedule();
+    expect(step.map((e) => [e.seq.id, e.start, e.count, e.wantsNext])).toEqual([[1, 16, 4, true], [2, 0, 3, true]]);
+    scheduler.commit(step);
+    (long.tokens as number[]).push(99);
+    (short.tokens as number[]).push(99);
+    step = scheduler.schedule();
+    expect(step.map((e) => [e.seq.id, e.start, e.count])).toEqual([[1, 20, 1], [2, 3, 1]]);
+  });
+
+  it('lets sequences whose adapter is loading wait without blocking others, and respects the running limit', () => {
+    const pool = new KvBlockPool(shape, 100 * kvBytesPerBlock(shape));
+    const scheduler = new Scheduler(pool, { maxBatchTokens: 64, maxRunningRequests: 2 });
+    scheduler.add(seq(1, 3, false));
+    scheduler.add(seq(2, 3));
+    scheduler.add(seq(3, 3));
+    scheduler.add(seq(4, 3));
+    const step = scheduler.schedule();
+    expect(step.map((e) => e.seq.id)).toEqual([2, 3]);
+    expect(scheduler.waiting.map((s) => s.id)).toEqual([1, 4]);
+  });
+
+  it('preempts the youngest running sequence when decode runs out of blocks', () => {
+    const pool = new KvBlockPool(shape, 4 * kvBytesPerBlock(shape));
+    const scheduler = new Scheduler(pool, { maxBatchTokens: 64, maxRunningRequests: 4 });
+    const old = seq(1, 4);
+    const young = seq(2, 4);
+    scheduler.add(old);
+    scheduler.add(young);
+    scheduler.commit(scheduler.schedule());
+    expect(pool.freeBlocks).toBe(2);
+    for (let t = 0; t < 5; t++) {
+      (old.tokens as number[]).push(t);
+      if (scheduler.running.includes(young as never)) (young.tokens as number[]).push(t);
+      scheduler.commit(scheduler.schedule());
+    }
+    expect(young.preemptions).toBe(1);
+    expect(young.computed).toBe(0);
+    expect(scheduler.waiting).toContain(young);
+    expect(old.computed).toBe(9);
+    expect(pool.table(1)).toHaveLength(3);
+  });
+});
+
+describe('Sampler', () => {
+  const logits = (): Float32Array => Float32Array.from([1, 3, 2, 0.5, 2.9, -1]);
+
+  it('greedy picks the argmax and reports log-softmax and alternatives', () => {
+    const sampler = new Sampler(resolveSampling({}), 1);
+    const result = sampler.sample(logits(), 2);
+    expect(result.id).toBe(1);
+    const z = Math.log([1, 3, 2, 0.5, 2.9, -1].reduce((s, v) => s + Math.exp(v), 0));
+    expect(result.logprob).toBeCloseTo(3 - z, 5);
+    expect(result.alternatives.map((a) => a.id)).toEqual([1, 4]);
+  });
+
+  it('penalties change the greedy choice', () => {
+    const sampler = new Sampler(resolveSampling({ repetitionPenalty: 2 }), 1, [1]);
+    expect(sampler.sample(logits()).id).toBe(4);
+    const presence = new Sampler(resolveSampling({ presencePenalty: 1.5 }), 1);
+    presence.observe(1);
+    presence.observe(4);
+    expect(presence.sample(logits()).id).toBe(2);
+  });
+
+  it('top-k, top-p and typical-p restrict the candidates; same seed, same draws', () => {
+    const draws = (params: Parameters<typeof resolveSampling>[0], seed: number): number[] => {
+      const sampler = new Sampler(resolveSampling(params), seed);
+      return Array.from({ length: 200 }, () => sampler.sample(logits()).id);
+    };
+    expect(new Set(draws({ topK: 2, temperature: 5 }, 3))).toEqual(new Set([1, 4]));
+    expect(new Set(draws({ topP: 0.5, temperature: 1 }, 3))).toEqual(new Set([1, 4]));
+    expect(new Set(draws({ typicalP: 0.2, doSample: true }, 3)).size).toBeLessThan(6);
+    expect(draws({ temperature: 2 }, 7)).toEqual(draws({ temperature: 2 }, 7));
+    expect(draws({ temperature: 2 }, 7)).not.toEqual(draws({ temperature: 2 }, 8));
+    expect(new Set(draws({ temperature: 3 }, 1)).size).toBe(6);
+    expect(resolveSampling({ temperature: 0, topK: 5 }).sample).toBe(false);
+    expect(() => resolveSampling({ topK: 1.5 })).toThrow(/top_k/);
+  });
+});
+
+describe('AdapterCache', () => {
+  const config = tinyConfig();
+  const adapters = new Map<string, LoraAdapter>();
+  for (let i = 0; i < 6; i++) adapters.set(`/a/${i}`, randomLora(config, i));
+  const bytes = residentFromLora('x', adapters.get('/a/0')!, slotShapeOf(config)).bytes;
+  const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 5));
+
+  function cache(budget: number, bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 })) {
+    const c = new AdapterCache({ budgetBytes: budget, bank: bank.reader, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config) });
+    for (let i = 0; i < 6; i++) c.register(`l${i}`, { source: 'local', dir: `/a/${i}` });
+    return { c, bank };
+  }
+
+  it('evicts least recently used adapters that no request holds and that are not pinned', async () => {
+    const { c } = cache(2 * bytes);
+    const e0 = c.acquire('l0');
+    const e1 = c.acquire('l1');
+    await settle();
+    expect([e0.state, e1.state]).toEqual(['resident', 'resident']);
+    c.release(e0);
+    const e2 = c.acquire('l2');
+    await settle();
+    // l1 is held; l0 is the only candidate
+    expect(e2.state).toBe('resident');
+    expect(c.peek('l0')!.state).toBe('disk');
+    expect(c.peek('l1')!.state).toBe('resident');
+    expect(c.counts).toMatchObject({ misses: 3, loads: 3, evictions: 1 });
+    c.release(e1);
+    c.release(e2);
+    c.pin('l2', true);
+    c.release(c.acquire('l3'));
+    await settle();
+    c.release(c.acquire('l4'));
+    await settle();
+    expect(c.peek('l2')!.state).toBe('resident');
+    expect(c.bytesResident).toBeLessThanOrEqual(2 * bytes);
+    const again = c.acquire('l4');
+    expect(c.counts.hits).toBe(1);
+    c.release(again);
+  });
+
+  it('a held adapter waits for room instead of exceeding the budget with everything held', async () => {
+    const { c } = cache(bytes);
+    const e0 = c.acquire('l0');
+    await settle();
+    const e1 = c.acquire('l1');
+    await settle();
+    expect(e1.state).toBe('disk');
+    c.release(e0);
+    await settle();
+    expect(e1.state).toBe('resident');
+    expect(c.peek('l0')!.state).toBe('disk');
+  });
+
+  it('shares a cluster’s bases between its adapters and frees them with the last one', async () => {
+    const { c, bank } = cache(1 << 30);
+    const held = ['c0-0', 'c0-1', 'c0-2'].map((id) => c.acquire(id));
+    await settle();
+    await settle();
+    expect(held.every((e) => e.state === 'resident')).toBe(true);
+    expect(bank.calls.bases).toBe(config.numLayers * 7);
+    const basesBytes = c.bytesResident - held.reduce((n, e) => n + e.resident!.bytes, 0);
+    expect(basesBytes).toBeGreaterThan(0);
+    for (const e of held) c.release(e);
+    for (const id of ['c0-0', 'c0-1', 'c0-2']) c.remove(id);
+    expect(c.bytesResident).toBe(0);
+  });
+
+  it('hot reload: re-registering an id serves the new directory, the old copy is freed after its last user', async () => {
+    const { c } = cache(1 << 30);
+    const old = c.acquire('l0');
+    await settle();
+    c.register('l0', { source: 'local', dir: '/a/5' });
+    const fresh = c.acquire('l0');
+    await settle();
+    expect(fresh).not.toBe(old);
+    expect(fresh.resident!.slots.get('0.q_proj')).not.toEqual(old.resident!.slots.get('0.q_proj'));
+    const before = c.bytesResident;
+    c.release(old);
+    expect(c.bytesResident).toBe(before - old.knownBytes);
+    c.release(fresh);
+    expect(() => c.acquire('unknown')).toThrow(/not in the bank/);
+  });
+});
+
+describe('Scheduler deadlock', () => {
+  it('running prefills that block each other: the youngest is preempted so the oldest proceeds', () => {
+    const pool = new KvBlockPool(shape, 6 * kvBytesPerBlock(shape));
+    const scheduler = new Scheduler(pool, { maxBatchTokens: 4, maxRunningRequests: 4 });
+    const first = seq(1, 16);
+    const second = seq(2, 16);
+    scheduler.add(first);
+    scheduler.commit(scheduler.schedule()); // first: 4 of 16, 1 block
+    scheduler.add(second);
+    // second cannot be admitted while first's whole prompt does not leave room
+    for (let i = 0; i < 3; i++) scheduler.commit(scheduler.schedule());
+    expect(first.computed).toBe(16);
+    // force a state where both hold blocks and neither can grow
+    const a = seq(3, 12);
+    const b = seq(4, 12);
+    const tight = new KvBlockPool(shape, 4 * kvBytesPerBlock(shape));
+    const s2 = new Scheduler(tight, { maxBatchTokens: 4, maxRunningRequests: 4 });
+    s2.add(a);
+    s2.add(b);
+    tight.ensure(3, 8);
+    tight.ensure(4, 8);
+    a.computed = 8;
+    b.computed = 8;
+    s2.running.push(...s2.waiting.splice(0));
+    const step = s2.schedule();
+    expect(step.map((e) => e.seq.id)).toEqual([3]);
+    expect(b.preemptions).toBe(1);
+  });
+});

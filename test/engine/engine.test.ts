@@ -1,0 +1,234 @@
+import { describe, expect, it } from 'vitest';
+import { createEngine, type EngineOptions } from '../../src/engine/engine.js';
+import type { GenerateRequest } from '../../src/engine/engine-types.js';
+import { residentFromLora } from '../../src/engine/resident-adapter.js';
+import { slotShapeOf } from '../../src/engine/engine.js';
+import { isSoppuError } from '../../src/errors/soppu-error.js';
+import type { LoraAdapter } from '../../src/io/lora-types.js';
+import type { LlamaModel } from '../../src/model/llama-model.js';
+import { charTokenizer, collect, handBank, memoryLoader, mergedModel, randomLora, tinyModel } from './helpers.js';
+
+const model = tinyModel(11);
+const tokenizer = charTokenizer();
+const bank = handBank(model.config, { clusters: 2, perCluster: 9, rank: 3, seed: 5, corrupt: ['c0-8'] });
+const rawAdapters = new Map<string, LoraAdapter>();
+for (let i = 0; i < 16; i++) rawAdapters.set(`/adapters/raw-${i}`, randomLora(model.config, 100 + i, 4, 8));
+rawAdapters.set('/adapters/export-c1-3', bank.exportRaw('c1-3'));
+const corruptDirs = new Set(['/adapters/broken']);
+const rawBytes = residentFromLora('x', rawAdapters.get('/adapters/raw-0')!, slotShapeOf(model.config)).bytes;
+
+function options(overrides: Partial<EngineOptions> = {}, engineModel: LlamaModel = model): EngineOptions {
+  return {
+    model: engineModel,
+    tokenizer,
+    bank: bank.reader,
+    loadLocalAdapter: memoryLoader(rawAdapters, corruptDirs),
+    kvBudgetBytes: 256 * 2048,
+    adapterBudgetBytes: 1 << 26,
+    maxBatchTokens: 256,
+    maxRunningRequests: 64,
+    maxInputTokens: 128,
+    maxTotalTokens: 256,
+    blockSize: 8,
+    seed: 7,
+    ...overrides,
+  };
+}
+
+const PROMPTS = ['hello world', 'the quick brown fox', 'a', 'LoRA adapters, many of them!', 'once upon a time there was', 'xyz 123'];
+
+function local(i: number): Partial<GenerateRequest> {
+  return { adapterId: `raw-${i}`, adapterSource: 'local', adapterPath: `/adapters/raw-${i}` };
+}
+
+/** A mix of 32 requests: 12 raw, 12 compressed (both clusters), 8 base; varied prompts and lengths. */
+function mixedRequests(): GenerateRequest[] {
+  const requests: GenerateRequest[] = [];
+  for (let i = 0; i < 32; i++) {
+    const adapter: Partial<GenerateRequest> = i % 4 === 3 ? {} : i % 2 === 0 ? local(i % 16) : { adapterId: `c${i % 3 === 0 ? 0 : 1}-${i % 7}` };
+    requests.push({ prompt: PROMPTS[i % PROMPTS.length]! + ' '.repeat(i % 5), maxNewTokens: 3 + (i % 6), ignoreEos: true, ...adapter });
+  }
+  return requests;
+}
+
+describe('engine', () => {
+  it('raw adapter output equals the merged-weights model (prefill and decode)', async () => {
+    const withAdapter = await createEngine(options());
+    const merged = await createEngine(options({}, mergedModel(model, rawAdapters.get('/adapters/raw-3')!)));
+    const prompt = 'the quick brown fox jumps';
+    const viaAdapter = await collect(withAdapter.generate({ prompt, maxNewTokens: 12, ignoreEos: true, ...local(3) }));
+    const viaMerge = await collect(merged.generate({ prompt, maxNewTokens: 12, ignoreEos: true }));
+    const base = await collect(withAdapter.generate({ prompt, maxNewTokens: 12, ignoreEos: true }));
+    expect(viaAdapter.tokens).toHaveLength(12);
+    expect(viaAdapter.tokens).toEqual(viaMerge.tokens);
+    for (let i = 0; i < 12; i++) expect(viaAdapter.logprobs[i]!).toBeCloseTo(viaMerge.logprobs[i]!, 3);
+    expect(base.tokens).not.toEqual(viaAdapter.tokens);
+    expect(viaAdapter.finishReason).toBe('length');
+    expect(viaAdapter.text).toBe(tokenizer.decode(viaAdapter.tokens, true));
+  });
+
+  it('compressed adapter output equals the same adapter exported raw', async () => {
+    const engine = await createEngine(options());
+    const prompt = 'once upon a time';
+    const compressed = await collect(engine.generate({ prompt, maxNewTokens: 10, ignoreEos: true, adapterId: 'c1-3' }));
+    const raw = await collect(engine.generate({ prompt, maxNewTokens: 10, ignoreEos: true, adapterId: 'exported', adapterSource: 'local', adapterPath: '/adapters/export-c1-3' }));
+    expect(compressed.tokens).toEqual(raw.tokens);
+    for (let i = 0; i < 10; i++) expect(compressed.logprobs[i]!).toBeCloseTo(raw.logprobs[i]!, 3);
+    expect(engine.listAdapters().find((a) => a.id === 'c1-3')).toMatchObject({ storage: 'compressed', tier: 'resident', source: 'bank' });
+  });
+
+  it('batch invariance: each of 32 mixed requests gets the same tokens alone and batched (chunked prefill too)', async () => {
+    const requests = mixedRequests();
+    const solo = await createEngine(options());
+    const alone = [];
+    for (const request of requests) alone.push(await collect(solo.generate(request)));
+    const batched = await createEngine(options({ maxBatchTokens: 24 }));
+    const together = await Promise.all(requests.map((r) => collect(batched.generate(r))));
+    for (let i = 0; i < requests.length; i++) expect(together[i]!.tokens, `request ${i}`).toEqual(alone[i]!.tokens);
+    expect(batched.stats()).toMatchObject({ running: 0, waiting: 0, kvBlocksUsed: 0 });
+  });
+
+  it('cache pressure: a budget of 4 adapters serves 64 requests over 32 adapters, each equal to its solo run', async () => {
+    const requests: GenerateRequest[] = [];
+    for (let i = 0; i < 64; i++) {
+      const n = i % 32;
+      const adapter = n < 16 ? local(n) : { adapterId: `c${n % 2}-${(n - 16) >> 1}` };
+      requests.push({ prompt: PROMPTS[i % PROMPTS.length]!, maxNewTokens: 4, ignoreEos: true, ...adapter });
+    }
+    const solo = await createEngine(options());
+    const alone = [];
+    for (const request of requests) alone.push(await collect(solo.generate(request)));
+    const budget = 4 * rawBytes;
+    const engine = await createEngine(options({ adapterBudgetBytes: budget, maxConcurrentLoads: 2 }));
+    const together = await Promise.all(requests.map((r) => collect(engine.generate(r))));
+    for (let i = 0; i < requests.length; i++) expect(together[i]!.tokens, `request ${i}`).toEqual(alone[i]!.tokens);
+    const stats = engine.stats();
+    expect(stats.adapterEvictions).toBeGreaterThan(0);
+    expect(stats.adapterLoads).toBeGreaterThanOrEqual(32);
+    expect(stats.adapterBytesResident).toBeLessThanOrEqual(budget);
+    expect(stats.adapterHits + stats.adapterMisses).toBe(64);
+  });
+
+  it('preempts the youngest sequence when decode runs out of KV blocks, and still gives solo results', async () => {
+    const requests: GenerateRequest[] = [0, 1, 2].map((i) => ({ prompt: PROMPTS[i]!, maxNewTokens: 24, ignoreEos: true, ...local(i) }));
+    const solo = await createEngine(options());
+    const alone = [];
+    for (const request of requests) alone.push(await collect(solo.generate(request)));
+    // 6 blocks of 8 positions; each request needs up to 5 blocks
+    const tight = await createEngine(options({ kvBudgetBytes: 6 * 2048 }));
+    const together = await Promise.all(requests.map((r) => collect(tight.generate(r))));
+    for (let i = 0; i < requests.length; i++) expect(together[i]!.tokens).toEqual(alone[i]!.tokens);
+    expect(tight.preemptions).toBeGreaterThan(0);
+    expect(tight.stats().kvBlocksUsed).toBe(0);
+  });
+
+  it('cancellation frees rows and blocks', async () => {
+    const engine = await createEngine(options());
+    const controller = new AbortController();
+    const iterator = engine.generate({ prompt: 'hello world', maxNewTokens: 200, ignoreEos: true, signal: controller.signal, ...local(1) })[Symbol.asyncIterator]();
+    await iterator.next();
+    await iterator.next();
+    expect(engine.stats().kvBlocksUsed).toBeGreaterThan(0);
+    controller.abort();
+    await expect(iterator.next()).rejects.toMatchObject({ code: 'CANCELLED' });
+    expect(engine.stats()).toMatchObject({ running: 0, waiting: 0, kvBlocksUsed: 0 });
+    // abandoning the iterator (break) cancels too
+    for await (const event of engine.generate({ prompt: 'abc', maxNewTokens: 200, ignoreEos: true })) {
+      expect(event.type).toBe('token');
+      break;
+    }
+    expect(engine.stats()).toMatchObject({ running: 0, waiting: 0, kvBlocksUsed: 0 });
+  });
+
+  it('seeds are reproducible, whatever else is in the batch', async () => {
+    const engine = await createEngine(options());
+    const request: GenerateRequest = { prompt: 'hello', maxNewTokens: 16, ignoreEos: true, sampling: { temperature: 1.5, topK: 20, topP: 0.95, seed: 42 }, ...local(2) };
+    const first = await collect(engine.generate(request));
+    const crowd = mixedRequests().slice(0, 8).map((r) => collect(engine.generate({ ...r, sampling: { temperature: 1.2, seed: 9 } })));
+    const second = await collect(engine.generate(request));
+    await Promise.all(crowd);
+    const other = await collect(engine.generate({ ...request, sampling: { ...request.sampling, seed: 43 } }));
+    expect(second.tokens).toEqual(first.tokens);
+    expect(first.seed).toBe(42);
+    expect(other.tokens).not.toEqual(first.tokens);
+    const greedy = await collect(engine.generate({ prompt: 'hello', maxNewTokens: 4 }));
+    expect(greedy.seed).toBeNull();
+  });
+
+  it('stop sequences end generation and are excluded from the text', async () => {
+    const engine = await createEngine(options());
+    const full = await collect(engine.generate({ prompt: 'the quick', maxNewTokens: 20, ignoreEos: true, ...local(5) }));
+    const stop = full.text.slice(4, 6);
+    const cut = full.text.indexOf(stop);
+    const stopped = await collect(engine.generate({ prompt: 'the quick', maxNewTokens: 20, ignoreEos: true, stop: ['not-there', stop], ...local(5) }));
+    expect(stopped.finishReason).toBe('stop_sequence');
+    expect(stopped.text).toBe(full.text.slice(0, cut));
+    expect(stopped.tokens.length).toBeLessThan(20);
+  });
+
+  it('a corrupt adapter fails only the requests that name it', async () => {
+    const engine = await createEngine(options());
+    const good = mixedRequests().slice(0, 6).map((r) => collect(engine.generate(r)));
+    const badBank = collect(engine.generate({ prompt: 'hi', maxNewTokens: 4, adapterId: 'c0-8' }));
+    const badLocal = collect(engine.generate({ prompt: 'hi', maxNewTokens: 4, adapterId: 'broken', adapterSource: 'local', adapterPath: '/adapters/broken' }));
+    await expect(badBank).rejects.toMatchObject({ code: 'ADAPTER_LOAD', context: { file: '/banks/hand/c0-8/cores.safetensors' } });
+    await expect(badLocal).rejects.toMatchObject({ code: 'ADAPTER_LOAD' });
+    await expect(badLocal).rejects.toThrow(/\/adapters\/broken\/adapter_model.safetensors.*truncated/);
+    for (const result of await Promise.all(good)) expect(result.finishReason).toBe('length');
+    expect(engine.listAdapters().find((a) => a.id === 'c0-8')).toMatchObject({ tier: 'failed' });
+    expect(engine.stats()).toMatchObject({ running: 0, waiting: 0, kvBlocksUsed: 0 });
+  });
+
+  it('rejects bad requests from the first next() with a coded error', async () => {
+    const engine = await createEngine(options());
+    const first = (request: GenerateRequest): Promise<unknown> => engine.generate(request)[Symbol.asyncIterator]().next();
+    await expect(first({ prompt: 'x'.repeat(200), maxNewTokens: 4 })).rejects.toMatchObject({ code: 'VALIDATION', context: { limit: 128 } });
+    await expect(first({ prompt: 'x'.repeat(100), maxNewTokens: 200 })).rejects.toMatchObject({ code: 'VALIDATION', context: { field: 'max_new_tokens' } });
+    await expect(first({ prompt: 'hi', maxNewTokens: 0 })).rejects.toMatchObject({ code: 'VALIDATION' });
+    await expect(first({ prompt: 'hi', maxNewTokens: 4, adapterId: 'nope' })).rejects.toMatchObject({ code: 'ADAPTER_NOT_FOUND' });
+    await expect(first({ prompt: 'hi', maxNewTokens: 4, sampling: { topP: 1.5 } })).rejects.toMatchObject({ code: 'VALIDATION', context: { field: 'top_p' } });
+    await expect(first({ prompt: [1, 2, 999], maxNewTokens: 4 })).rejects.toMatchObject({ code: 'VALIDATION' });
+    // truncate keeps the last N prompt tokens
+    const truncated = await collect(engine.generate({ prompt: 'zzzz the end', truncate: 4, maxNewTokens: 3, ignoreEos: true }));
+    const tail = await collect(engine.generate({ prompt: tokenizer.encode('zzzz the end', true).slice(-4), maxNewTokens: 3, ignoreEos: true }));
+    expect(truncated.tokens).toEqual(tail.tokens);
+  });
+
+  it('reports logprobs, alternatives and prompt details; registers, pins and removes adapters; drains', async () => {
+    const engine = await createEngine(options());
+    const events = [];
+    for await (const event of engine.generate({ prompt: 'hello', maxNewTokens: 3, ignoreEos: true, topAlternatives: 3, prefillDetails: true })) events.push(event);
+    const token = events[0]!;
+    expect(token.type).toBe('token');
+    if (token.type === 'token') {
+      expect(token.alternatives).toHaveLength(3);
+      expect(token.alternatives![0]!.id).toBe(token.token.id); // greedy picks the top alternative
+      expect(token.token.logprob).toBeLessThanOrEqual(0);
+    }
+    const done = events[events.length - 1]!;
+    expect(done.type === 'done' && done.prefill?.length).toBe(6);
+
+    const status = await engine.registerAdapter('mine', '/adapters/raw-4');
+    expect(status).toMatchObject({ id: 'mine', source: 'local', storage: 'raw' });
+    await expect(engine.registerAdapter('bad', '/adapters/broken')).rejects.toSatisfy((e) => isSoppuError(e));
+    await engine.pinAdapter('mine', true);
+    const viaRegistered = await collect(engine.generate({ prompt: 'abc', maxNewTokens: 5, ignoreEos: true, adapterId: 'mine' }));
+    const viaPath = await collect(engine.generate({ prompt: 'abc', maxNewTokens: 5, ignoreEos: true, ...local(4) }));
+    expect(viaRegistered.tokens).toEqual(viaPath.tokens);
+    expect(engine.listAdapters().find((a) => a.id === 'mine')).toMatchObject({ pinned: true, tier: 'resident' });
+    // hot reload: the id now names another adapter
+    await engine.registerAdapter('mine', '/adapters/raw-6');
+    const reloaded = await collect(engine.generate({ prompt: 'abc', maxNewTokens: 5, ignoreEos: true, adapterId: 'mine' }));
+    const raw6 = await collect(engine.generate({ prompt: 'abc', maxNewTokens: 5, ignoreEos: true, ...local(6) }));
+    expect(reloaded.tokens).toEqual(raw6.tokens);
+    await engine.removeAdapter('mine');
+    expect(engine.hasAdapter('mine')).toBe(false);
+
+    const pending = collect(engine.generate({ prompt: 'hello', maxNewTokens: 3, ignoreEos: true }));
+    await engine.drain(10_000);
+    expect((await pending).finishReason).toBe('length');
+    await expect(engine.generate({ prompt: 'hi', maxNewTokens: 2 })[Symbol.asyncIterator]().next()).rejects.toMatchObject({ code: 'SHUTTING_DOWN' });
+    expect(engine.tokenize('ab').ids).toEqual([0, 2, 3]);
+    expect(engine.detokenize([0, 2, 3])).toBe('ab');
+  });
+});

@@ -1,0 +1,54 @@
+/**
+ * registerAdapter with compress: the PEFT directory is projected onto a real bank's shared bases,
+ * written into the bank, and served compressed — generating as the bank's own reconstruction of it.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { compressIntoBank } from '../../src/compress/bank-compress.js';
+import { openBank } from '../../src/compress/bank-reader.js';
+import { exportAdapter } from '../../src/compress/export-adapter.js';
+import { createEngine } from '../../src/engine/engine.js';
+import { saveLoraAdapter } from '../../src/io/save-lora-adapter.js';
+import { charTokenizer, collect, randomLora, tinyModel } from './helpers.js';
+
+const model = tinyModel(11);
+let root = '';
+
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), 'soppu-register-'));
+  const adapters = [0, 1, 2].map((i) => ({ id: `user-${i}`, adapter: randomLora(model.config, 60 + i, 4, 8) }));
+  await compressIntoBank(adapters, join(root, 'bank'), { compress: { method: 'jd-full', rank: 6, seed: 1 } });
+  await saveLoraAdapter(join(root, 'new-adapter'), randomLora(model.config, 70, 4, 8));
+});
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+describe('registerAdapter with compress', () => {
+  it('projects into the bank and serves the adapter compressed', async () => {
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir: join(root, 'bank'), kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7,
+    });
+    expect(engine.hasAdapter('fresh')).toBe(false);
+    const status = await engine.registerAdapter('fresh', join(root, 'new-adapter'), { compress: true });
+    expect(status).toMatchObject({ id: 'fresh', source: 'bank' });
+    expect(engine.hasAdapter('fresh')).toBe(true);
+    const reopened = await openBank(join(root, 'bank'));
+    expect(reopened.has('fresh')).toBe(true);
+    await exportAdapter(reopened, 'fresh', join(root, 'fresh-export'));
+    const prompt = 'hello world';
+    const served = await collect(engine.generate({ prompt, maxNewTokens: 8, ignoreEos: true, adapterId: 'fresh' }));
+    const exported = await collect(engine.generate({ prompt, maxNewTokens: 8, ignoreEos: true, adapterId: 'x', adapterSource: 'local', adapterPath: join(root, 'fresh-export') }));
+    expect(served.tokens).toEqual(exported.tokens);
+    for (let i = 0; i < 8; i++) expect(served.logprobs[i]!).toBeCloseTo(exported.logprobs[i]!, 3);
+    expect(engine.listAdapters().find((a) => a.id === 'fresh')).toMatchObject({ source: 'bank', tier: 'resident' });
+    // the existing bank adapters still serve
+    const old = await collect(engine.generate({ prompt, maxNewTokens: 4, ignoreEos: true, adapterId: 'user-1' }));
+    expect(old.finishReason).toBe('length');
+    await expect(engine.registerAdapter('fresh', join(root, 'new-adapter'), { compress: true })).rejects.toMatchObject({ code: 'BANK_CONFLICT' });
+    await engine.close();
+  });
+});

@@ -1,0 +1,129 @@
+import { describe, expect, it } from 'vitest';
+import { refKernels } from '../../src/kernels/index.js';
+import { ropeInvFreq } from '../../src/kernels/ref/index.js';
+import { isSoppuError } from '../../src/errors/soppu-error.js';
+import { f32ToBf16, f32ToF16 } from '../../src/tensor/dtype.js';
+import { weightMatrix } from '../../src/tensor/weight-matrix.js';
+import { Random } from '../../src/tensor/random.js';
+import { expectClose, nativeSets, offsetCopy, randomArray } from './ops-compare.js';
+
+const TOLERANCE = 2e-5;
+
+it('the addon provides native element-wise ops in every supported variant', () => {
+  expect(nativeSets.length).toBeGreaterThan(0);
+  for (const set of nativeSets) expect(set.rmsnorm).not.toBe(refKernels.rmsnorm);
+});
+
+describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_name, native) => {
+  const rng = new Random(41);
+
+  it.each([[1, 1], [3, 7], [2, 33], [2, 576], [2, 896], [1, 2048], [1, 4096]])('rmsnorm rows %i dim %i', (rows, dim) => {
+    const x = randomArray(rng, rows * dim, 3);
+    const weight = randomArray(rng, dim);
+    const want = new Float32Array(rows * dim);
+    refKernels.rmsnorm(want, x, weight, rows, dim, 1e-6);
+    const out = offsetCopy(new Float32Array(rows * dim));
+    native.rmsnorm(out, offsetCopy(x), offsetCopy(weight), rows, dim, 1e-6);
+    expectClose(out, want, TOLERANCE, 'rmsnorm');
+    const inPlace = offsetCopy(x); // out aliases x
+    native.rmsnorm(inPlace, inPlace, weight, rows, dim, 1e-6);
+    expectClose(inPlace, want, TOLERANCE, 'rmsnorm in place');
+  });
+
+  it.each([[1, 1, 2], [4, 3, 6], [3, 9, 64], [2, 14, 64], [2, 32, 128]])('rope tokens %i heads %i D %i', (tokens, heads, headDim) => {
+    const x = randomArray(rng, tokens * heads * headDim);
+    const positions = Int32Array.from({ length: tokens }, (_, t) => (t === 0 ? 0 : rng.int(8000)));
+    const invFreq = ropeInvFreq(headDim, 500000, { ropeType: 'llama3', factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 });
+    const want = x.slice();
+    refKernels.rope(want, positions, tokens, heads, headDim, invFreq);
+    const got = offsetCopy(x);
+    native.rope(got, offsetCopy(positions), tokens, heads, headDim, offsetCopy(invFreq));
+    expectClose(got, want, TOLERANCE, 'rope');
+  });
+
+  it.each([[1, 1], [3, 17], [4, 151], [2, 4096]])('softmax rows %i cols %i', (rows, cols) => {
+    const x = randomArray(rng, rows * cols, 8);
+    for (let c = 1; c < cols; c += 3) x[c] = -Infinity; // masked entries in row 0
+    const want = x.slice();
+    refKernels.softmax(want, rows, cols);
+    const got = offsetCopy(x);
+    native.softmax(got, rows, cols);
+    expectClose(got, want, TOLERANCE, 'softmax');
+  });
+
+  it.each([1, 15, 17, 1000, 3 * 4096 + 5])('siluMul and add n %i', (n) => {
+    const gate = randomArray(rng, n, 6);
+    gate[0] = 120; // saturated both ways
+    if (n > 1) gate[1] = -120;
+    const up = randomArray(rng, n);
+    const want = new Float32Array(n);
+    refKernels.siluMul(want, gate, up, n);
+    const got = offsetCopy(new Float32Array(n));
+    native.siluMul(got, offsetCopy(gate), offsetCopy(up), n);
+    expectClose(got, want, TOLERANCE, 'siluMul');
+    const aliased = offsetCopy(gate); // out aliases gate
+    native.siluMul(aliased, aliased, up, n);
+    expectClose(aliased, want, TOLERANCE, 'siluMul in place');
+
+    const sum = new Float32Array(n);
+    refKernels.add(sum, gate, up, n);
+    const residual = offsetCopy(gate); // out aliases a
+    native.add(residual, residual, offsetCopy(up), n);
+    expect(residual).toEqual(sum); // one f32 add: exact
+  });
+
+  it.each([[1, 1], [2, 17], [3, 896]])('addBias rows %i cols %i', (rows, cols) => {
+    const y = randomArray(rng, rows * cols);
+    const bias = randomArray(rng, cols);
+    const want = y.slice();
+    refKernels.addBias(want, bias, rows, cols);
+    const got = offsetCopy(y);
+    native.addBias(got, offsetCopy(bias), rows, cols);
+    expect(got).toEqual(want);
+  });
+
+  it.each([['f32', 1], ['bf16', 17], ['f16', 17], ['f16', 576], ['bf16', 896]] as const)('embedding %s dim %i is exact', (dtype, dim) => {
+    const vocab = 50;
+    const values = randomArray(rng, vocab * dim, 2);
+    const data = dtype === 'f32' ? values : Uint16Array.from(values, (v) => (dtype === 'bf16' ? f32ToBf16(v) : f32ToF16(v)));
+    if (dtype === 'f16') data.set([0x0001, 0x83ff, 0x7c00, 0xfc00, 0x0400], 0); // subnormals, ±inf, min normal
+    const table = weightMatrix(dtype, vocab, dim, offsetCopy(data));
+    const ids = Int32Array.from([0, 49, 7, 7, 23]);
+    const want = new Float32Array(ids.length * dim);
+    refKernels.embedding(want, table, ids, ids.length);
+    const got = offsetCopy(new Float32Array(ids.length * dim));
+    native.embedding(got, table, offsetCopy(ids), ids.length);
+    expect(got).toEqual(want);
+  });
+
+  it('embedding rejects a token id outside the vocabulary and leaves out untouched', () => {
+    const table = weightMatrix('f32', 4, 3, randomArray(rng, 12));
+    const out = new Float32Array(6).fill(7);
+    for (const bad of [4, -1]) {
+      let error: unknown;
+      try {
+        native.embedding(out, table, Int32Array.from([1, bad]), 2);
+      } catch (e) {
+        error = e;
+      }
+      expect(isSoppuError(error, 'KERNEL')).toBe(true);
+      expect((error as Error).message).toMatch(new RegExp(`token id ${bad} .*vocabulary of 4`));
+    }
+    expect(out).toEqual(new Float32Array(6).fill(7));
+  });
+
+  it('rejects arrays shorter than the sizes given, naming the op', () => {
+    const x = new Float32Array(10);
+    expect(() => native.rmsnorm(x, x, new Float32Array(4), 3, 4, 1e-6)).toThrow(/rmsnorm: x has 10 elements, needs 12/);
+    expect(() => native.rope(x, new Int32Array(1), 1, 2, 5, new Float32Array(3))).toThrow(/rope: headDim 5 must be even/);
+    expect(() => native.softmax(x, 2, 6)).toThrow(/softmax/);
+    expect(() => native.siluMul(x, x, new Float32Array(3), 10)).toThrow(/siluMul: up has 3 elements, needs 10/);
+    expect(() => native.addBias(x, new Float32Array(2), 2, 5)).toThrow(/addBias: bias/);
+    try {
+      native.add(x, x, x, 11);
+      expect.fail('add accepted n beyond the arrays');
+    } catch (e) {
+      expect(isSoppuError(e, 'KERNEL')).toBe(true);
+    }
+  });
+});

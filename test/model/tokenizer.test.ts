@@ -1,0 +1,101 @@
+import { writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { describe, expect, it } from 'vitest';
+import { generateTokenizer, SPECIAL_TOKENS } from '../../src/io/fixtures/generate-tokenizer.js';
+import { loadLlamaConfig } from '../../src/model/llama-config.js';
+import { loadTokenizer } from '../../src/model/tokenizer.js';
+import { modelDir, tempDir } from './model-helpers.js';
+
+const TEXTS = [
+  'Hello, world! How are you today?',
+  'The quick brown fox jumps over the lazy dog.',
+  '  leading spaces, trailing tabs\t\n and newlines\n\n',
+  'Ünïcödé: naïve café, 日本語のテキスト, emoji 🦊🚀 and a ZWJ 👩‍💻.',
+  "It's what we're told; 3.14159 + 42 = 45.14159",
+  'unusual: qzxj vvkk 0x7fff <not-special>',
+];
+
+describe('generated tokenizer through @huggingface/tokenizers', () => {
+  it('round-trips text, adds bos, keeps special tokens whole', async () => {
+    const dir = await modelDir();
+    const config = await loadLlamaConfig(dir);
+    const tokenizer = await loadTokenizer(dir, config);
+    expect(tokenizer.vocabSize).toBe(512);
+    expect(tokenizer.bosTokenId).toBe(config.bosTokenId);
+    expect(tokenizer.eosTokenIds).toEqual([...config.eosTokenIds].sort((a, b) => a - b));
+    for (const text of TEXTS) {
+      const ids = tokenizer.encode(text);
+      expect(ids[0]).toBe(tokenizer.bosTokenId);
+      expect(ids.every((id) => id >= 0 && id < 512)).toBe(true);
+      expect(tokenizer.decode(ids, { skipSpecialTokens: true })).toBe(text);
+      expect(tokenizer.decode(tokenizer.encode(text, { addSpecialTokens: false }))).toBe(text);
+    }
+    // learned merges compress ordinary English
+    expect(tokenizer.encode('the assistant answers the question', { addSpecialTokens: false }).length).toBeLessThan(20);
+    const withSpecial = tokenizer.encode('<|user|>\nhi<|end|>', { addSpecialTokens: false });
+    expect(withSpecial[0]).toBe(tokenizer.tokenToId('<|user|>'));
+    expect(withSpecial.at(-1)).toBe(tokenizer.tokenToId('<|end|>'));
+    expect(tokenizer.specialIds.has(withSpecial[0]!)).toBe(true);
+  });
+
+  it('streams text only once it is complete UTF-8, and the stream equals the full decode', async () => {
+    const tokenizer = await loadTokenizer(await modelDir());
+    for (const text of TEXTS) {
+      const ids = [...tokenizer.encode(text), ...tokenizer.eosTokenIds];
+      const stream = tokenizer.createStreamDecoder();
+      const pieces = ids.map((id) => stream.push(id));
+      pieces.push(stream.flush());
+      expect(pieces.join('')).toBe(text);
+      expect(stream.text).toBe(text);
+      for (const piece of pieces) expect(piece).not.toContain('\uFFFD');
+    }
+    // a 4-byte emoji is several byte tokens: the first ones emit nothing
+    const emoji = tokenizer.encode('🦊', { addSpecialTokens: false });
+    expect(emoji.length).toBeGreaterThan(1);
+    const stream = tokenizer.createStreamDecoder();
+    expect(emoji.map((id) => stream.push(id))).toEqual([...new Array<string>(emoji.length - 1).fill(''), '🦊']);
+  });
+
+  it('gives offsets into the input text', async () => {
+    const tokenizer = await loadTokenizer(await modelDir());
+    const text = 'Hello café 🦊!';
+    const tokens = tokenizer.tokenizeWithOffsets(text);
+    expect(tokens[0]).toMatchObject({ id: tokenizer.bosTokenId, start: 0, stop: 0, special: true });
+    for (const token of tokens.slice(1)) expect(text.slice(token.start, token.stop)).toBe(token.text);
+    expect(tokens.slice(1).map((t) => t.text).join('')).toBe(text);
+    expect(tokens.map((t) => t.id)).toEqual(tokenizer.encode(text));
+  });
+
+  it('renders the chat template and refuses unknown roles', async () => {
+    const tokenizer = await loadTokenizer(await modelDir());
+    expect(tokenizer.hasChatTemplate).toBe(true);
+    const prompt = tokenizer.applyChatTemplate([{ role: 'system', content: 'Be brief.' }, { role: 'user', content: 'Hi!' }]);
+    expect(prompt).toBe('<|begin_of_text|><|system|>\nBe brief.<|end|>\n<|user|>\nHi!<|end|>\n<|assistant|>\n');
+    expect(tokenizer.applyChatTemplate([{ role: 'user', content: 'x' }], { addGenerationPrompt: false })).toBe('<|begin_of_text|><|user|>\nx<|end|>\n');
+    const ids = tokenizer.encodeChat([{ role: 'user', content: 'Hi!' }]);
+    expect(ids.filter((id) => id === tokenizer.bosTokenId)).toHaveLength(1);
+    expect(() => tokenizer.applyChatTemplate([{ role: 'tool', content: 'x' }])).toThrow(expect.objectContaining({ code: 'VALIDATION', message: expect.stringContaining('unsupported chat role: tool') }));
+  });
+
+  it('reads string/object special tokens and a missing chat template', async () => {
+    const dir = await tempDir('soppu-tok-');
+    const { tokenizerJson } = generateTokenizer(300);
+    await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ bos_token: { content: '<|begin_of_text|>' }, eos_token: '<|end|>', clean_up_tokenization_spaces: false }));
+    const tokenizer = await loadTokenizer(dir);
+    expect(tokenizer.vocabSize).toBe(300);
+    expect(tokenizer.bosTokenId).toBe(300 - SPECIAL_TOKENS.length);
+    expect(tokenizer.eosTokenIds).toEqual([299]);
+    expect(tokenizer.hasChatTemplate).toBe(false);
+    expect(() => tokenizer.applyChatTemplate([{ role: 'user', content: 'x' }])).toThrow(/no chat template/);
+    await expect(loadTokenizer(join(dir, 'missing'))).rejects.toMatchObject({ code: 'FILE_NOT_FOUND' });
+  });
+
+  it('is deterministic and exactly the asked vocabulary size (SmolLM-135M: 49152)', () => {
+    const big = generateTokenizer(49152);
+    const model = big.tokenizerJson.model as { vocab: Record<string, number>; merges: unknown[] };
+    expect(Object.keys(model.vocab).length + SPECIAL_TOKENS.length).toBe(49152);
+    expect(new Set(Object.values(model.vocab)).size).toBe(49152 - SPECIAL_TOKENS.length);
+    expect(JSON.stringify(generateTokenizer(512))).toBe(JSON.stringify(generateTokenizer(512)));
+  });
+});
