@@ -11,7 +11,7 @@
  */
 import { spawnSync } from 'node:child_process';
 import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
-import { tmpdir } from 'node:os';
+import { loadavg, tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { fitSlot } from '../src/compress/fit-slot.js';
@@ -155,7 +155,9 @@ export async function run(args: string[]): Promise<void> {
   const casesArg = args.find((a) => a.startsWith('--cases='))?.slice('--cases='.length);
   const cases = casesArg ? SPEED_CASES.filter((c) => casesArg.split(',').includes(c.name)) : SPEED_CASES.filter((c) => !c.heavy);
   if (casesArg && cases.length === 0) throw new Error(`no case matches --cases=${casesArg}; cases: ${SPEED_CASES.map((c) => c.name).join(', ')}`);
+  const loadBefore = loadavg()[0]!;
   const speedRows = speedStudy(cases, script);
+  const loadAfter = loadavg()[0]!;
   const weightingRows = args.includes('--no-weighting') ? [] : weightingStudy();
   const command = `npm run bench -- compress${args.length ? ` ${args.join(' ')}` : ''}`;
   const markdown = [
@@ -169,6 +171,9 @@ export async function run(args: string[]): Promise<void> {
     `${REPEATS} runs (fit only, inputs in memory). SOPPU: HOSVD start, alternating Rayleigh–Ritz updates until relative improvement`,
     '< 1e-6 or 20 sweeps (the defaults; the "-10sweeps" row caps SOPPU at the peer\'s 10 steps). Peer (bench/peers/jd_numpy.py): the published',
     'algorithm, 10 alternating randomized-SVD steps (oversampling 2, 2 power iterations) from a random orthonormal start.',
+    `1-minute load average ${loadBefore.toFixed(1)} before and ${loadAfter.toFixed(1)} after the timed cases: the machine is shared, so single`,
+    'ratios move a lot between runs (same day, earlier runs: n1024-576 1.1×–12.7×, n16-4096 1.2×–16×, n16-576-r16-independent 0.36×–3.5×);',
+    'the errors are deterministic and do not move.',
     'Errors are per-adapter relative Frobenius errors ‖ΔWᵢ − UΣᵢVᵀ‖/‖ΔWᵢ‖. Ratio = peer seconds / SOPPU seconds (> 1: SOPPU faster).',
     '',
     '| case | N | slot | r | R | SOPPU s | SOPPU mean err | SOPPU max err | NumPy s | NumPy mean err | NumPy max err | ratio |',

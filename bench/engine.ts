@@ -15,7 +15,7 @@
  *                           [--rss-targets q_proj,v_proj] [--no-write]
  *
  * The compressed bank is synthesised in memory with the shapes the compressor writes (U, Σ, Vᵀ):
- * its speed does not depend on the values. node-llama-cpp is not measured (no GGUF exporter yet).
+ * its speed does not depend on the values. node-llama-cpp (bench/peers/llama-cpp.ts) runs the same weights and adapters exported to GGUF.
  */
 import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
@@ -37,6 +37,7 @@ import { loadLlamaModel, modelWeightBytes, type LlamaModel } from '../src/model/
 import { Random } from '../src/tensor/random.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
 import { fmt } from './helpers/timing.js';
+import { llamaCppPeerSection } from './peers/llama-cpp.js';
 
 type Mode = 'base' | 'raw' | 'compressed';
 
@@ -275,6 +276,52 @@ export async function run(argv: string[]): Promise<void> {
     }
     await engine.close();
   }
+  // where a decode step's time goes, per mode (kernel calls timed one by one; robust to a shared machine)
+  const breakdown: string[] = [];
+  {
+    const dtype = args.dtypes[args.dtypes.length - 1]!;
+    const batch = args.batches.includes(32) ? 32 : Math.max(...args.batches);
+    const dir = await modelDir(root, dtype, args.layers);
+    const model = await loadLlamaModel(dir);
+    const spent: Record<string, number> = { matmul: 0, lora: 0, attention: 0 };
+    const timed = { ...kernels } as Record<string, unknown>;
+    const wrap = (name: keyof typeof kernels, bucket: string): void => {
+      const op = kernels[name] as (...a: unknown[]) => unknown;
+      timed[name] = (...a: unknown[]): unknown => {
+        const start = performance.now();
+        const result = op.apply(kernels, a);
+        spent[bucket] = spent[bucket]! + performance.now() - start;
+        return result;
+      };
+    };
+    wrap('matmul', 'matmul');
+    wrap('attention', 'attention');
+    for (const name of ['loraShrink', 'loraExpand', 'loraCore'] as const) wrap(name, 'lora');
+    const engine = await createEngine({
+      modelDir: dir, model, bank: syntheticBank(model.config, args), loadLocalAdapter: rawLoader(model.config, args),
+      kernels: timed as unknown as typeof kernels, kvBudgetBytes: 512 << 20, adapterBudgetBytes: 4 * 2 ** 30,
+      maxBatchTokens: 16 * batch, maxRunningRequests: batch, maxInputTokens: 64, maxTotalTokens: 256, blockSize: 16,
+    });
+    for (const mode of ['base', 'raw', 'compressed'] as const) {
+      await decodeRate(engine, mode, batch, 1, 0);
+      // (long run − short run) isolates decode steps from prefill
+      const measure = async (steps: number): Promise<{ wall: number; spent: Record<string, number> }> => {
+        for (const key of Object.keys(spent)) spent[key] = 0;
+        const start = performance.now();
+        await decodeRate(engine, mode, batch, steps, 0);
+        return { wall: performance.now() - start, spent: { ...spent } };
+      };
+      const short = await measure(1);
+      const long = await measure(1 + args.steps);
+      const per = (key: string): number => (long.spent[key]! - short.spent[key]!) / args.steps;
+      const wall = (long.wall - short.wall) / args.steps;
+      breakdown.push(`| ${mode} | ${fmt(wall)} ms | ${fmt(per('matmul'))} ms | ${fmt(per('lora'))} ms | ${fmt(per('attention'))} ms | ${fmt(wall - per('matmul') - per('lora') - per('attention'))} ms |`);
+      log(`breakdown ${dtype} batch ${batch} ${mode}: ${breakdown[breakdown.length - 1]}`);
+    }
+    await engine.close();
+    breakdown.unshift(`Decode-step breakdown, ${dtype}, batch ${batch} (per step; "other" is the engine, sampling and the remaining element-wise ops):`, '', '| mode | step | matmul | LoRA ops | attention | other |', '|---|---|---|---|---|---|');
+  }
+
   // resident-set growth, each mode in a fresh child process
   const rss: string[] = [];
   for (const mode of ['compressed', 'raw'] as const) {
@@ -287,6 +334,8 @@ export async function run(argv: string[]): Promise<void> {
       rss.push(`| ${mode} | ${args.rssAdapters} | – | failed: ${(e as Error).message.split('\n')[0]} |`);
     }
   }
+  // node-llama-cpp on the same weights (exported to GGUF) and the same raw adapters (as GGUF LoRA, one context each)
+  const llamaCppLines = await llamaCppPeerSection({ root, models: Object.fromEntries(await Promise.all(args.dtypes.map(async (d) => [d, await modelDir(root, d, args.layers)]))), batchSizes: [1, 8], adapters: { base: { ...BASE_SHAPES['smollm-135m'], numHiddenLayers: args.layers ?? BASE_SHAPES['smollm-135m'].numHiddenLayers }, rank: args.rank, targets: args.targets, seed: 3, count: 32 }, log });
   const command = `npm run bench -- engine ${argv.join(' ')}`.trim();
   lines.push(
     '## Engine: decode throughput with many adapters',
@@ -304,13 +353,15 @@ export async function run(argv: string[]): Promise<void> {
     '|---|---|---|---|---|',
     ...roofline,
     '',
+    ...breakdown,
+    '',
     `Resident-set growth with every adapter resident (each mode in a fresh process, bf16 model; adapters on ${args.rssTargets.join(', ')}, raw rank ${args.rank}, compressed shared rank ${args.sharedRank}):`,
     '',
     '| storage | adapters | cache bytes | RSS growth |',
     '|---|---|---|---|',
     ...rss,
     '',
-    'node-llama-cpp 3.21.1 peer: not measured (needs a GGUF exporter of the same weights; not written).',
+    ...llamaCppLines,
   );
   const markdown = lines.join('\n');
   process.stdout.write(`${markdown}\n`);

@@ -8,7 +8,7 @@ import type { LoraAdapter } from '../io/lora-types.js';
 import { adapterConfigJsonOrNull } from './bank-source.js';
 import { basesKeyOf, checkAdapterId, type BankManifest, type ManifestAdapter, type ManifestAdapterSlot, type ManifestSlot } from './bank-manifest.js';
 import { openBank } from './bank-reader.js';
-import { adapterTensors, commitManifest, manifestSlotEntry, refitReasonsOf, withBankLock, writeAdapterFile } from './bank-writer.js';
+import { adapterTensors, commitManifest, manifestSlotEntry, refitReasonsOf, sourceWeightsSha256, withBankLock, writeAdapterFile } from './bank-writer.js';
 import type { AdapterSlotResult, SlotBases } from './compression-types.js';
 import { projectAdapter, type BankSlotBases } from './project-adapter.js';
 
@@ -76,12 +76,14 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
     const written = await writeAdapterFile(dir, id, adapterTensors(perSlotResults, adapter.passthrough));
     const flags = new Set<string>(adapter.flags);
     if (zeroSlots > 0) flags.add(zeroSlots === adapter.modules.size ? 'all-zero' : 'zero-modules');
+    const sourceSha256 = await sourceWeightsSha256(adapter.source);
     let rawParameters = 0;
     for (const m of adapter.modules.values()) rawParameters += m.rank * (m.inFeatures + m.outFeatures);
     const entry: ManifestAdapter = {
       id, source: adapter.source, cluster: projection.cluster, baseModel: adapter.config.baseModelNameOrPath,
       sourceDtype: adapter.sourceDtype, flags: [...flags], rawParameters, addedBy: 'add', errorBasis: 'source',
       perSlot, file: written?.path ?? null, config: adapterConfigJsonOrNull(adapter),
+      ...(sourceSha256 !== null ? { sourceSha256 } : {}),
     };
     const adapters = [...manifest.adapters, entry];
     const reasons = refitReasonsOf(adapters);

@@ -11,6 +11,10 @@
  * Data files are content-addressed (the name carries the first 16 hex digits of their sha256), so a
  * writer never overwrites a file the current manifest points at, and a new manifest only ever points
  * at files that were completely written first. The manifest records every data file's sha256 and size.
+ * Writers hold `.lock` (pid inside; a dead writer's lock is taken over); after switching the manifest
+ * they delete files neither the new nor the previous manifest references (one generation of grace for
+ * readers that opened the previous one). Each adapter records its source directory and the sha256 of
+ * its adapter_model.safetensors, so `bank refit` can tell whether the source is still the original.
  */
 import { SoppuError } from '../errors/soppu-error.js';
 import type { CompressOptions, JdMethod } from './compression-types.js';
@@ -67,6 +71,8 @@ export interface ManifestAdapter {
   /** 'source': errors measured against the original adapter; 'bound': after a refit from the bank's
    * own reconstruction, previous error + refit error (an upper bound by the triangle inequality). */
   readonly errorBasis: 'source' | 'bound';
+  /** sha256 of the source's adapter_model.safetensors when it was read (a refit reloads an unchanged source). */
+  readonly sourceSha256?: string;
   readonly perSlot: Readonly<Record<string, ManifestAdapterSlot>>;
   /** Relative path of this adapter's data file; null when nothing is stored (all slots zero). */
   readonly file: string | null;
@@ -301,6 +307,7 @@ export function parseManifest(text: string, file: string): BankManifest {
       rawParameters: c.integer(a.rawParameters, `${field}.rawParameters`, 0),
       addedBy: c.oneOf(a.addedBy, `${field}.addedBy`, ['compress', 'add', 'refit'] as const),
       errorBasis: c.oneOf(a.errorBasis, `${field}.errorBasis`, ['source', 'bound'] as const),
+      ...(a.sourceSha256 !== undefined ? { sourceSha256: c.string(a.sourceSha256, `${field}.sourceSha256`) } : {}),
       file: fileRef,
       config: a.config === null || a.config === undefined ? null : c.object(a.config, `${field}.config`),
     });

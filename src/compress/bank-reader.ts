@@ -53,12 +53,14 @@ export async function readManifest(dir: string): Promise<BankManifest> {
 export class Bank implements BankReader {
   private readonly adapterById: Map<string, ManifestAdapter>;
   private readonly slotByPath: Map<string, ManifestSlot>;
+  private readonly sortedIds: readonly string[];
   /** Bases files verified so far (headers only: the reader keeps no tensor data). */
   private readonly verifiedBases = new Map<string, Promise<VerifiedHeader>>();
 
   constructor(readonly dir: string, readonly manifest: BankManifest) {
     this.adapterById = new Map(manifest.adapters.map((a) => [a.id, a]));
     this.slotByPath = new Map(manifest.slots.map((s) => [s.path, s]));
+    this.sortedIds = Object.freeze([...this.adapterById.keys()].sort());
   }
 
   get baseModel(): string | null {
@@ -66,7 +68,7 @@ export class Bank implements BankReader {
   }
 
   ids(): readonly string[] {
-    return [...this.adapterById.keys()].sort();
+    return this.sortedIds;
   }
 
   has(id: string): boolean {

@@ -1,28 +1,52 @@
 /**
  * `bank refit`: recompresses every adapter of a bank jointly with the bank's recorded options.
  *
- * Inputs (decided, documented in the CLI help): by default the bank's own reconstruction of each
- * adapter, which is always available and exact for raw slots (the usual reason to refit: adapters
- * added by projection and kept raw). Errors are then recorded as bounds (previous error + refit
- * error, errorBasis "bound"). With `fromSources`, the recorded source directories are loaded instead
- * (every one must still exist) and errors are measured against them again (errorBasis "source").
+ * Where each adapter's input comes from (decided per adapter, mode 'auto' by default):
+ *  - its recorded source directory, when adapter_model.safetensors is still there with the sha256
+ *    recorded when it entered the bank: errors are then measured against the original again
+ *    (errorBasis "source");
+ *  - otherwise the bank's own reconstruction (always available; exact for slots kept raw). Errors are
+ *    then recorded as bounds, previous error + refit error (errorBasis "bound"): refitting a lossy
+ *    reconstruction compounds its error, which is why an unchanged source is preferred.
+ * Mode 'sources' requires every source (fails naming the first missing or changed one); mode 'bank'
+ * uses the reconstruction for all.
  */
 import { resolve } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import { loadLoraAdapter } from '../io/load-lora-adapter.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { adapterFromBank } from './bank-source.js';
-import type { BankManifest } from './bank-manifest.js';
+import type { BankManifest, ManifestAdapter } from './bank-manifest.js';
 import { openBank } from './bank-reader.js';
-import { withBankLock, writeBankLocked, type AdapterExtras } from './bank-writer.js';
+import { sourceWeightsSha256, withBankLock, writeBankLocked, type AdapterExtras } from './bank-writer.js';
 import { compressAdapters } from './compress-adapters.js';
 
+export type RefitInput = 'auto' | 'sources' | 'bank';
+
 export interface RefitOptions {
-  readonly fromSources?: boolean;
+  readonly from?: RefitInput;
   readonly onProgress?: (done: number, total: number, label: string) => void;
 }
 
-export async function refitBank(dir: string, options: RefitOptions = {}): Promise<BankManifest> {
+export interface RefitResult {
+  readonly manifest: BankManifest;
+  /** Adapters refitted from their unchanged source, and from the bank's reconstruction. */
+  readonly fromSource: readonly string[];
+  readonly fromBank: readonly string[];
+}
+
+/** Why the recorded source of `entry` cannot be used, or null when it can. */
+async function sourceProblem(entry: ManifestAdapter): Promise<string | null> {
+  if (!entry.source) return 'no source directory was recorded';
+  if (!entry.sourceSha256) return 'no checksum of the source was recorded';
+  const sha = await sourceWeightsSha256(resolve(entry.source));
+  if (sha === null) return `${entry.source}/adapter_model.safetensors is missing`;
+  if (sha !== entry.sourceSha256) return `${entry.source}/adapter_model.safetensors changed since it entered the bank`;
+  return null;
+}
+
+export async function refitBank(dir: string, options: RefitOptions = {}): Promise<RefitResult> {
+  const mode = options.from ?? 'auto';
   return withBankLock(dir, async () => {
     const bank = await openBank(dir);
     const manifest = bank.manifest;
@@ -31,25 +55,31 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
     const extras = new Map<string, AdapterExtras>();
     const previousErrors = new Map<string, Record<string, number>>();
     const errorBasis = new Map<string, 'source' | 'bound'>();
+    const fromSource: string[] = [];
+    const fromBank: string[] = [];
     for (const entry of manifest.adapters) {
+      const problem = mode === 'bank' ? 'refit from the bank was asked for' : await sourceProblem(entry);
+      if (problem !== null && mode === 'sources') {
+        throw new SoppuError('FILE_NOT_FOUND', `adapter ${entry.id}: cannot refit from its source: ${problem}`, { file: entry.source, field: 'source' });
+      }
       let adapter: LoraAdapter;
-      if (options.fromSources) {
-        if (!entry.source) throw new SoppuError('FILE_NOT_FOUND', `adapter ${entry.id}: no source directory was recorded; refit from the bank instead`, { field: 'source' });
+      if (problem === null) {
         adapter = await loadLoraAdapter(resolve(entry.source));
         errorBasis.set(entry.id, 'source');
+        fromSource.push(entry.id);
       } else {
         adapter = await adapterFromBank(bank, entry.id);
         previousErrors.set(entry.id, Object.fromEntries(Object.entries(entry.perSlot).map(([path, p]) => [path, p.relativeError])));
         errorBasis.set(entry.id, 'bound');
+        fromBank.push(entry.id);
       }
       inputs.push({ id: entry.id, adapter });
-      const sourceRanks = options.fromSources
+      const sourceRanks = problem === null
         ? new Map([...adapter.modules.values()].map((m) => [m.path, m.rank]))
         : new Map(Object.entries(entry.perSlot).flatMap(([path, p]) => (p.sourceRank !== undefined ? [[path, p.sourceRank] as const] : [])));
-      extras.set(entry.id, { passthrough: options.fromSources ? adapter.passthrough : await bank.loadPassthrough(entry.id), config: entry.config, sourceRanks });
+      extras.set(entry.id, { passthrough: problem === null ? adapter.passthrough : await bank.loadPassthrough(entry.id), config: entry.config, sourceRanks });
     }
-    const recorded = manifest.options;
-    const result = await compressAdapters(inputs, { ...recorded, method: manifest.method, clusters: Math.min(manifest.clusters, inputs.length), ...(options.onProgress ? { onProgress: options.onProgress } : {}) });
+    const result = await compressAdapters(inputs, { ...manifest.options, method: manifest.method, clusters: Math.min(manifest.clusters, inputs.length), ...(options.onProgress ? { onProgress: options.onProgress } : {}) });
     const byId = new Map(manifest.adapters.map((a) => [a.id, a]));
     // keep what the bank knew about each adapter's origin (a reconstruction has none of it)
     const adapters = result.adapters.map((info) => {
@@ -57,6 +87,8 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
       const flags = [...new Set([...entry.flags, ...info.flags])];
       return { ...info, source: entry.source, baseModel: entry.baseModel, sourceDtype: entry.sourceDtype, flags, rawParameters: entry.rawParameters };
     });
-    return writeBankLocked(dir, { ...result, adapters }, extras, { replace: true, addedBy: 'refit', errorBasis, previousErrors });
+    const keepHashes = new Map(fromBank.map((id) => [id, byId.get(id)!.sourceSha256 ?? null]));
+    const written = await writeBankLocked(dir, { ...result, adapters }, extras, { replace: true, addedBy: 'refit', errorBasis, previousErrors, sourceSha256: keepHashes });
+    return { manifest: written, fromSource, fromBank };
   });
 }

@@ -79,6 +79,16 @@ export function sha256Hex(bytes: Uint8Array): string {
   return createHash('sha256').update(bytes).digest('hex');
 }
 
+/** sha256 of `<dir>/adapter_model.safetensors`, or null when there is no such file (in-memory adapters). */
+export async function sourceWeightsSha256(dir: string): Promise<string | null> {
+  if (!dir) return null;
+  try {
+    return sha256Hex(await readFile(join(dir, 'adapter_model.safetensors')));
+  } catch {
+    return null;
+  }
+}
+
 /** Writes one content-addressed safetensors file under `dir/subdir` (skipped when already present and intact). */
 export async function writeDataFile(dir: string, subdir: string, stem: string, tensors: readonly TensorToWrite[], metadata: Record<string, string>): Promise<WrittenFile> {
   const bytes = safetensorsToBytes(tensors, metadata);
@@ -172,6 +182,8 @@ export interface WriteBankOptions {
   readonly errorBasis?: ReadonlyMap<string, 'source' | 'bound'>;
   /** Errors to add per adapter and slot (a refit from reconstruction adds the previous error). */
   readonly previousErrors?: ReadonlyMap<string, Readonly<Record<string, number>>>;
+  /** Recorded source checksums to keep per adapter (refit from the bank must not re-hash a changed source). */
+  readonly sourceSha256?: ReadonlyMap<string, string | null>;
   /** Called with (done, total, label) as files are written. */
   readonly onProgress?: (done: number, total: number, label: string) => void;
 }
@@ -226,6 +238,7 @@ export async function writeBankLocked(dir: string, result: CompressionResult, ex
         perSlot[path] = { ...manifestEntry, ...(added > 0 ? { relativeError: manifestEntry.relativeError + added } : {}), ...(sourceRank !== undefined ? { sourceRank } : {}) };
       }
       const extra = extras.get(info.id);
+      const sourceSha256 = options.sourceSha256?.has(info.id) ? options.sourceSha256.get(info.id)! : await sourceWeightsSha256(info.source);
       const written = await writeAdapterFile(dir, info.id, adapterTensors(perSlotResults, extra?.passthrough ?? []));
       if (written) files[written.path] = written.entry;
       adapters.push({
@@ -238,6 +251,7 @@ export async function writeBankLocked(dir: string, result: CompressionResult, ex
         rawParameters: info.rawParameters,
         addedBy: options.addedBy ?? 'compress',
         errorBasis: options.errorBasis?.get(info.id) ?? 'source',
+        ...(sourceSha256 !== null ? { sourceSha256 } : {}),
         perSlot,
         file: written?.path ?? null,
         config: extra?.config ?? null,

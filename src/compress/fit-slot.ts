@@ -23,7 +23,7 @@ export interface SlotFit {
 
 export function fitSlot(problem: SlotProblem, method: JdMethod, rank: number, options: JdFitOptions): SlotFit {
   // for jd-diag, maxSweeps bounds the ALS sweeps; its JD-Full start keeps the JD-Full default
-  const full = fitJdFull(problem, rank, method === 'jd-full' ? options : { ...options, maxSweeps: undefined });
+  const full = fitJdFull(problem, rank, method === 'jd-full' || options.maxSweeps === 0 ? options : { ...options, maxSweeps: undefined });
   const fit = method === 'jd-full' ? full : fitJdDiag(problem, full, options);
   const cores = fit.cores.map((core, i) => {
     const unweighted = core.slice();

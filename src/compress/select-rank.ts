@@ -1,6 +1,8 @@
 /**
- * Smallest shared rank R with every member's relative error ≤ maxError: doubling from R = 1 until
- * one passes (or the cap is reached), then bisection between the last failing and the first passing
+ * Smallest shared rank R with every member's relative error ≤ maxError: the cap is checked first
+ * (start-only fit, then the full fit if needed; if it misses the budget, it is the answer and nothing
+ * else is fitted); else doubling from R = 1
+ * until one passes, then bisection between the last failing and the first passing
  * rank. Each rank's fit is deterministic (its seed depends on the rank only), so the answer R comes
  * with a fit at R − 1 that was seen to fail.
  */
@@ -38,7 +40,12 @@ export function selectRank(problem: SlotProblem, method: JdMethod, maxError: num
   const passes = (fit: SlotFit): boolean => fit.errors.every((e) => e <= maxError);
   let failing = 0;
   let passing = -1;
-  for (let rank = 1; ; rank = Math.min(rank * 2, maxRank)) {
+  // The cap first: when even it misses the budget (unrelated adapters), no smaller rank can be chosen
+  // and the whole ladder is skipped. A start-only fit (no sweeps) that already passes proves the
+  // budget feasible without paying for the full fit at the largest rank.
+  const quick = fitSlot(problem, method, maxRank, { ...options, maxSweeps: 0, seed: deriveSeed(options.seed, options.label, maxRank) });
+  if (!passes(quick) && !passes(fitAt(maxRank))) failing = maxRank;
+  for (let rank = 1; failing < maxRank; rank = Math.min(rank * 2, maxRank)) {
     if (passes(fitAt(rank))) { passing = rank; break; }
     failing = rank;
     if (rank >= maxRank) break;

@@ -258,7 +258,8 @@ function typedArrayOf(dtype: StDtype, buffer: ArrayBuffer): TensorData {
 
 /** A typed array of `dtype` over a copy of `bytes` (length must be a multiple of the element size). */
 export function tensorDataFromBytes(dtype: StDtype, bytes: Uint8Array): TensorData {
-  return typedArrayOf(dtype, bytes.slice().buffer);
+  // Uint8Array.prototype.slice copies even for a Node Buffer, whose own slice() would share memory.
+  return typedArrayOf(dtype, Uint8Array.prototype.slice.call(bytes).buffer);
 }
 
 /** Widens F32/F16/BF16/F64 data to a Float32Array (F32 is returned as is). */

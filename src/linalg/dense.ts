@@ -30,14 +30,6 @@ export function transpose(a: Float64Array, rows: number, cols: number): Float64A
   return t;
 }
 
-/** Columns [from, to) of a [rows, cols] matrix as a new [rows, to − from] matrix. */
-export function columns(a: Float64Array, rows: number, cols: number, from: number, to: number): Float64Array {
-  const width = to - from;
-  const out = new Float64Array(rows * width);
-  for (let i = 0; i < rows; i++) out.set(a.subarray(i * cols + from, i * cols + to), i * width);
-  return out;
-}
-
 /** [A | B] for A: [rows, colsA], B: [rows, colsB]. */
 export function concatColumns(a: Float64Array, colsA: number, b: Float64Array, colsB: number, rows: number): Float64Array {
   const width = colsA + colsB;
@@ -47,22 +39,6 @@ export function concatColumns(a: Float64Array, colsA: number, b: Float64Array, c
     out.set(b.subarray(i * colsB, (i + 1) * colsB), i * width + colsA);
   }
   return out;
-}
-
-/** Σ a[i]·b[i]. */
-export function dot(a: ArrayLike<number>, b: ArrayLike<number>, length = a.length): number {
-  let sum = 0;
-  for (let i = 0; i < length; i++) sum += a[i]! * b[i]!;
-  return sum;
-}
-
-/** trace(A · B) for A: [n, k], B: [k, n], without forming the product. */
-export function traceOfProduct(a: Float64Array, b: Float64Array, n: number, k: number): number {
-  let sum = 0;
-  for (let i = 0; i < n; i++) {
-    for (let p = 0; p < k; p++) sum += a[i * k + p]! * b[p * n + i]!;
-  }
-  return sum;
 }
 
 /** Widens an f32 array to f64. */

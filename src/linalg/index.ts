@@ -1,5 +1,5 @@
 /** Dense f64 linear algebra for the joint compression (row-major throughout). */
-export { multiply, transpose, columns, concatColumns, dot, traceOfProduct, toF32, toF64 } from './dense.js';
+export { multiply, transpose, concatColumns, toF32, toF64 } from './dense.js';
 export { householderQr, orthonormalColumns, type QrResult } from './qr.js';
 export { symmetricEigen, type SymmetricEigenResult } from './symmetric-eigen.js';
 export { thinSvd, type SvdResult } from './thin-svd.js';

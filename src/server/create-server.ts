@@ -47,6 +47,7 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
 
   app.addHook('onRequest', async (request) => {
     const config = request.routeOptions.config;
+    if (config.generation === true) metrics.requestCount.inc();
     const isPublic = config.public === true || PUBLIC_PATHS.has(request.routeOptions.url ?? '') || (request.method === 'GET' && request.routeOptions.url === '/');
     if (!limits.accessControl) {
       request.caller = OPEN_ACCESS_CALLER;

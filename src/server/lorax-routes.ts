@@ -21,7 +21,6 @@ interface Prepared {
 /** Validates, checks access and starts the engine; throws (→ HTTP error) before the first token. */
 export async function startCall(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall): Promise<Prepared> {
   const startedAt = performance.now();
-  context.metrics.requestCount.inc();
   const controller = abortOnDisconnect(reply);
   const engineRequest = context.service.prepare(call, callerOf(request), controller.signal);
   const validatedAt = performance.now();

@@ -284,7 +284,7 @@ export function toUsage(done: DoneEvent): Usage {
 
 /**
  * Streams text so that what was sent is always a prefix of the final text: with stop sequences, the
- * last (longest stop − 1) characters are held back until the next token shows they are not the start
+ * last (longest stop) characters are held back until the next token shows they are not the start
  * of a stop sequence (which the final text excludes).
  */
 export class StopSafeText {
@@ -293,7 +293,8 @@ export class StopSafeText {
   private readonly holdBack: number;
 
   constructor(stop: readonly string[]) {
-    this.holdBack = Math.max(0, ...stop.map((s) => s.length - 1));
+    // the token that completes a stop sequence is still reported before 'done', so hold back a full stop length
+    this.holdBack = Math.max(0, ...stop.map((s) => s.length));
   }
 
   /** Adds a token's text; returns what may be sent now. */

@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -124,11 +124,23 @@ describe('soppu compress / bank / verify / export / report', () => {
     expect(json.adapters).toBe(6);
     expect(json.slots[0].errors).toHaveLength(6);
 
+    // every source is unchanged: the refit reads them all, and the refitted bank meets the budget against them
     const refit = await runCli(['bank', 'refit', bank]);
     expect(refit.code).toBe(0);
+    expect(refit.stdout).toMatch(/refitted 6 adapter\(s\) from their unchanged sources, 0 from the bank/);
     expect(refit.stdout).not.toMatch(/refit advised/);
     const after = await runCli(['verify', bank, '--adapters', ...sources, '--json']);
+    expect(after.code).toBe(0);
     expect(JSON.parse(after.stdout).fileProblems).toEqual([]);
+    expect(JSON.parse(after.stdout).overBudget).toEqual([]);
+    // a changed source is not trusted: --from sources refuses, auto falls back to the bank for that one
+    await writeFile(join(family[3]!, 'adapter_model.safetensors'), await readFile(join(family[4]!, 'adapter_model.safetensors')));
+    const strict = await runCli(['bank', 'refit', bank, '--from', 'sources']);
+    expect(strict.stderr).toMatch(/adapter user-0003: cannot refit from its source: .*changed since it entered the bank/);
+    const auto = await runCli(['bank', 'refit', bank]);
+    expect(auto.stdout).toMatch(/refitted 5 adapter\(s\) from their unchanged sources, 1 from the bank's reconstruction \(user-0003\)/);
+    const entry = JSON.parse(await readFile(join(bank, 'manifest.json'), 'utf8')).adapters.find((x: { id: string }) => x.id === 'user-0003');
+    expect(entry.errorBasis).toBe('bound');
   });
 
   it('verify --model compares greedy continuations: an exact bank agrees token for token', async () => {

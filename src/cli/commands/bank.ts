@@ -2,7 +2,8 @@ import type { Command } from 'commander';
 import { resolve } from 'node:path';
 import { addToBank } from '../../compress/bank-add.js';
 import { openBank } from '../../compress/bank-reader.js';
-import { refitBank } from '../../compress/bank-refit.js';
+import { refitBank, type RefitInput } from '../../compress/bank-refit.js';
+import { SoppuError } from '../../errors/soppu-error.js';
 import { parseAdapterArgument } from '../../compress/bank-source.js';
 import { bankStatistics } from '../../compress/report-statistics.js';
 import { loadLoraAdapter } from '../../io/load-lora-adapter.js';
@@ -37,18 +38,20 @@ export function register(program: Command): void {
 
   bank
     .command('refit')
-    .description('recompress every adapter of the bank jointly with its recorded options. Default input: the bank\'s own reconstruction (always available; exact for raw slots), errors then recorded as bounds (previous + refit). --from-sources reloads the recorded source directories instead and measures errors against them')
+    .description('recompress every adapter of the bank jointly with its recorded options. Each adapter is refitted from its recorded source directory when that is unchanged (same sha256 as when it entered the bank; errors measured against it), else from the bank\'s own reconstruction (exact for raw slots; errors then recorded as bounds: previous + refit, since refitting a lossy reconstruction compounds its error)')
     .argument('<bank>', 'bank directory')
-    .option('--from-sources', 'refit from the recorded source adapter directories (all must exist)')
-    .action(async (dir: string, options: { fromSources?: boolean }) => {
+    .option('--from <input>', 'auto (per adapter, as above), sources (every source must be unchanged) or bank (reconstructions only)', 'auto')
+    .action(async (dir: string, options: { from: string }) => {
+      if (!['auto', 'sources', 'bank'].includes(options.from)) throw new SoppuError('CONFIG', `--from must be auto, sources or bank, got "${options.from}"`, { field: 'from' });
       const bar = progressBar('refit');
-      let manifest;
+      let result;
       try {
-        manifest = await refitBank(dir, { fromSources: options.fromSources ?? false, onProgress: bar.onProgress });
+        result = await refitBank(dir, { from: options.from as RefitInput, onProgress: bar.onProgress });
       } finally {
         bar.stop();
       }
-      for (const line of summaryLines(manifest, dir)) process.stdout.write(`${line}\n`);
+      process.stdout.write(`refitted ${result.fromSource.length} adapter(s) from their unchanged sources, ${result.fromBank.length} from the bank's reconstruction${result.fromBank.length ? ` (${result.fromBank.slice(0, 5).join(', ')}${result.fromBank.length > 5 ? ', …' : ''})` : ''}\n`);
+      for (const line of summaryLines(result.manifest, dir)) process.stdout.write(`${line}\n`);
     });
 
   bank

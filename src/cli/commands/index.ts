@@ -8,6 +8,8 @@ import { register as bank } from './bank.js';
 import { register as verify } from './verify.js';
 import { register as exportCommand } from './export.js';
 import { register as report } from './report.js';
+import { register as exportGguf } from './export-gguf.js';
+import { register as serve } from './serve.js';
 
 /** Every subcommand's register function; add one line per new command file. */
-export const COMMANDS: ReadonlyArray<(program: Command) => void> = [info, inspect, fixtures, generate, compress, bank, verify, exportCommand, report];
+export const COMMANDS: ReadonlyArray<(program: Command) => void> = [info, inspect, fixtures, generate, compress, bank, verify, exportCommand, report, exportGguf, serve];

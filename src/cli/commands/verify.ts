@@ -1,10 +1,12 @@
 import type { Command } from 'commander';
 import { openBank, type Bank } from '../../compress/bank-reader.js';
+import { SoppuError } from '../../errors/soppu-error.js';
 import { loadAdapterArguments } from '../../compress/bank-source.js';
 import { verifyBank, type ModelCheck, type ModelCheckResult } from '../../compress/verify-bank.js';
 import { createEngine } from '../../engine/engine.js';
 import type { Engine, GenerateEvent } from '../../engine/engine-types.js';
 import type { LoraAdapter } from '../../io/lora-types.js';
+import { loadLlamaModel } from '../../model/llama-model.js';
 import { parseError, parseInteger } from './compress.js';
 
 function formatError(e: number): string {
@@ -81,10 +83,13 @@ export function register(program: Command): void {
       const sources = new Map((await loadAdapterArguments(options.adapters ?? [])).map(({ id, adapter }) => [id, adapter]));
       const maxError = parseError(options.maxError, 'max-error');
       let engine: Engine | null = null;
+      if (options.model && sources.size === 0) throw new SoppuError('CONFIG', '--model compares the originals with the bank: give them with --adapters', { field: 'model' });
       if (options.model) {
+        const model = await loadLlamaModel(options.model);
+        const maxTotalTokens = Math.min(1024, model.config.maxPositionEmbeddings);
         engine = await createEngine({
-          modelDir: options.model, bank, kvBudgetBytes: 64 * 1024 * 1024, adapterBudgetBytes: 256 * 1024 * 1024,
-          maxBatchTokens: 512, maxRunningRequests: 1, maxInputTokens: 1023, maxTotalTokens: 1024, blockSize: 16, seed: 0,
+          modelDir: options.model, model, bank, kvBudgetBytes: 64 * 1024 * 1024, adapterBudgetBytes: 256 * 1024 * 1024,
+          maxBatchTokens: 512, maxRunningRequests: 1, maxInputTokens: maxTotalTokens - 1, maxTotalTokens, blockSize: 16, seed: 0,
         });
       }
       let report;

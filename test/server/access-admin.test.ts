@@ -1,0 +1,211 @@
+import { mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import path from 'node:path';
+import { gzipSync } from 'node:zlib';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { SoppuServer } from '../../src/server/create-server.js';
+import { parseTar } from '../../src/server/tar-extract.js';
+import { FakeEngine } from './fake-engine.js';
+import { KEYS, testServer } from './helpers.js';
+
+let server: SoppuServer | null = null;
+afterEach(async () => {
+  await server?.app.close();
+  server = null;
+});
+
+/** A ustar archive of the given files (written by hand, as a client would with `tar cf`). */
+function tarOf(files: Record<string, string>, extra: { type?: string; name?: string }[] = []): Buffer {
+  const blocks: Buffer[] = [];
+  const header = (name: string, size: number, type: string): Buffer => {
+    const h = Buffer.alloc(512);
+    h.write(name, 0, 100);
+    h.write('0000644\0', 100);
+    h.write('0000000\0', 108);
+    h.write('0000000\0', 116);
+    h.write(`${size.toString(8).padStart(11, '0')}\0`, 124);
+    h.write('00000000000\0', 136);
+    h.write('        ', 148);
+    h.write(type, 156);
+    h.write('ustar\0', 257);
+    h.write('00', 263);
+    let sum = 0;
+    for (const b of h) sum += b;
+    h.write(`${sum.toString(8).padStart(6, '0')}\0 `, 148);
+    return h;
+  };
+  for (const [name, content] of Object.entries(files)) {
+    const data = Buffer.from(content);
+    blocks.push(header(name, data.length, '0'), data, Buffer.alloc((512 - (data.length % 512)) % 512));
+  }
+  for (const e of extra) blocks.push(header(e.name ?? 'x', 0, e.type ?? '0'));
+  blocks.push(Buffer.alloc(1024));
+  return Buffer.concat(blocks);
+}
+
+const ADAPTERS = ['alice-1', 'alice-2', 'bob-1', 'carol-1'];
+const CALLERS = { none: undefined, bad: 'sk-wrong-000000', admin: KEYS.admin, alice: KEYS.alice, bob: KEYS.bob } as const;
+const ALLOWED: Record<string, (id: string) => boolean> = {
+  admin: () => true,
+  alice: (id) => id.startsWith('alice-'),
+  bob: (id) => id === 'bob-1',
+};
+
+function generationRoutes(adapterId: string): { url: string; payload: Record<string, unknown> }[] {
+  return [
+    { url: '/generate', payload: { inputs: 'hi', parameters: { adapter_id: adapterId, max_new_tokens: 2 } } },
+    { url: '/generate_stream', payload: { inputs: 'hi', parameters: { adapter_id: adapterId, max_new_tokens: 2 } } },
+    { url: '/', payload: { inputs: 'hi', parameters: { adapter_id: adapterId, max_new_tokens: 2 } } },
+    { url: '/v1/completions', payload: { model: adapterId, prompt: 'hi', max_tokens: 2 } },
+    { url: '/v1/chat/completions', payload: { model: adapterId, messages: [{ role: 'user', content: 'hi' }], max_tokens: 2 } },
+  ];
+}
+
+describe('access control', () => {
+  it('every key × every adapter × every generation route', async () => {
+    const engine = new FakeEngine({ adapters: ADAPTERS });
+    server = testServer(engine, { auth: true });
+    for (const [callerName, key] of Object.entries(CALLERS)) {
+      const headers = key ? { authorization: `Bearer ${key}` } : {};
+      for (const adapterId of [...ADAPTERS, 'missing-1']) {
+        for (const route of generationRoutes(adapterId)) {
+          const response = await server.app.inject({ method: 'POST', url: route.url, payload: route.payload, headers });
+          const where = `${callerName} ${adapterId} ${route.url}`;
+          if (key === undefined || callerName === 'bad') {
+            expect(response.statusCode, where).toBe(401);
+          } else if (adapterId !== 'missing-1' && ALLOWED[callerName]!(adapterId)) {
+            expect(response.statusCode, where).toBe(200);
+          } else {
+            expect(response.statusCode, where).toBe(404);
+            // the same body whether the id exists or not: ids do not leak
+            const message = route.url.startsWith('/v1/') ? response.json().error.message : response.json().error;
+            expect(message, where).toBe(`Adapter '${adapterId}' not found`);
+          }
+        }
+      }
+      // the base model is open to every valid key
+      const baseResponse = await server.app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hi', parameters: { max_new_tokens: 1 } }, headers });
+      expect(baseResponse.statusCode).toBe(key === undefined || callerName === 'bad' ? 401 : 200);
+      // /v1/models lists only what the caller may use
+      const models = await server.app.inject({ method: 'GET', url: '/v1/models', headers });
+      if (key === undefined || callerName === 'bad') {
+        expect(models.statusCode).toBe(401);
+        expect(models.json().error.type).toBe('authentication_error');
+      } else {
+        const ids = models.json().data.map((m: { id: string }) => m.id).sort();
+        expect(ids).toEqual(['fake/tiny', ...ADAPTERS.filter((id) => ALLOWED[callerName]!(id))].sort());
+      }
+      // admin routes: 401 without a key, 403 for user keys
+      for (const [method, url] of [['GET', '/adapters'], ['GET', '/metrics'], ['DELETE', '/adapters/alice-1']] as const) {
+        const response = await server.app.inject({ method, url, headers });
+        const expected = key === undefined || callerName === 'bad' ? 401 : callerName === 'admin' ? (method === 'DELETE' ? 204 : 200) : 403;
+        expect(response.statusCode, `${callerName} ${method} ${url}`).toBe(expected);
+        if (method === 'DELETE' && expected === 204) engine.adapters.set('alice-1', { id: 'alice-1', source: 'bank', storage: 'compressed', tier: 'disk', pinned: false, bytes: 1, version: 0 });
+      }
+    }
+    // public routes need no key
+    expect((await server.app.inject({ method: 'GET', url: '/health' })).statusCode).toBe(200);
+    expect((await server.app.inject({ method: 'GET', url: '/info' })).statusCode).toBe(200);
+  });
+
+  it('adapter_source=local is confined to the adapter directories (no .., no symlink escape)', async () => {
+    const engine = new FakeEngine();
+    server = testServer(engine);
+    const root = server.context.options.adapterDirs[0]!;
+    mkdirSync(path.join(root, 'mine'));
+    const outside = mkdtempSync(path.join(tmpdir(), 'soppu-outside-'));
+    symlinkSync(outside, path.join(root, 'escape'));
+    const ask = (adapterId: string) =>
+      server!.app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hi', parameters: { adapter_id: adapterId, adapter_source: 'local', max_new_tokens: 1 } } });
+    expect((await ask('mine')).statusCode).toBe(200);
+    expect(engine.lastRequest?.adapterPath).toBe(path.join(root, 'mine'));
+    for (const bad of ['../', '../../etc', 'escape', outside, '/etc', 'mine/../..']) {
+      const response = await ask(bad);
+      expect(response.statusCode, bad).toBe(404);
+    }
+  });
+});
+
+describe('adapter management', () => {
+  it('uploads a tar.gz, hot-reloads under the same id, pins, lists and removes', async () => {
+    const engine = new FakeEngine({ adapters: ['alice-1'] });
+    server = testServer(engine, { auth: true });
+    const admin = { authorization: `Bearer ${KEYS.admin}` };
+    const archive = gzipSync(tarOf({ 'my-adapter/adapter_config.json': '{"r": 4}', 'my-adapter/adapter_model.safetensors': 'x' }));
+    const uploaded = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&compress=false', payload: archive, headers: { ...admin, 'content-type': 'application/gzip' } });
+    expect(uploaded.statusCode).toBe(201);
+    expect(uploaded.json()).toMatchObject({ id: 'alice-9', storage: 'raw', source: 'local' });
+    const ask = () => server!.app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hi', parameters: { adapter_id: 'alice-9', max_new_tokens: 6 } }, headers: { authorization: `Bearer ${KEYS.alice}` } });
+    const first = (await ask()).json().generated_text;
+    expect(first).toBe(engine.expectedText('hi', 'alice-9', 6));
+    // hot reload: the next request sees the new version
+    const again = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
+    expect(again.statusCode).toBe(201);
+    const second = (await ask()).json().generated_text;
+    expect(second).toBe(engine.expectedText('hi', 'alice-9', 6));
+    expect(second).not.toBe(first);
+    // register by path inside the adapter dirs
+    const root = server.context.options.adapterDirs[0]!;
+    mkdirSync(path.join(root, 'p1'));
+    writeFileSync(path.join(root, 'p1', 'adapter_config.json'), '{}');
+    const byPath = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-1', path: 'p1' }, headers: admin });
+    expect(byPath.statusCode).toBe(201);
+    const escape = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: '/etc' }, headers: admin });
+    expect(escape.statusCode).toBe(404);
+    const unknownField = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: 'p1', extra: 1 }, headers: admin });
+    expect(unknownField.statusCode).toBe(422);
+    const missingConfig = await server.app.inject({ method: 'POST', url: '/adapters?id=x1', payload: tarOf({ 'weights.bin': 'x' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
+    expect(missingConfig.statusCode).toBe(422);
+    expect(missingConfig.json().error).toContain('adapter_config.json');
+    // pin / unpin / list / remove
+    expect((await server.app.inject({ method: 'POST', url: '/adapters/pin', payload: { id: 'alice-9' }, headers: admin })).json()).toMatchObject({ pinned: true, tier: 'resident' });
+    expect((await server.app.inject({ method: 'POST', url: '/adapters/unpin', payload: { id: 'alice-9' }, headers: admin })).json()).toMatchObject({ pinned: false });
+    expect((await server.app.inject({ method: 'POST', url: '/adapters/pin', payload: { id: 'nope' }, headers: admin })).statusCode).toBe(404);
+    const list = (await server.app.inject({ method: 'GET', url: '/adapters', headers: admin })).json().adapters;
+    expect(list.map((a: { id: string }) => a.id).sort()).toEqual(['alice-1', 'alice-9', 'bob-1']);
+    expect(list[0]).toHaveProperty('size_bytes');
+    expect((await server.app.inject({ method: 'DELETE', url: '/adapters/alice-9', headers: admin })).statusCode).toBe(204);
+    expect((await ask()).statusCode).toBe(404);
+    expect((await server.app.inject({ method: 'DELETE', url: '/adapters/alice-9', headers: admin })).statusCode).toBe(404);
+  });
+
+  it('the tar reader refuses links, escaping paths and bad checksums', () => {
+    const limits = { maxEntries: 16, maxTotalBytes: 1 << 20 };
+    expect(() => parseTar(tarOf({ '../evil': 'x' }), limits)).toThrow(/escaping path/);
+    expect(() => parseTar(tarOf({ '/abs': 'x' }), limits)).toThrow(/escaping path/);
+    expect(() => parseTar(tarOf({}, [{ type: '2', name: 'link' }]), limits)).toThrow(/not a regular file/);
+    const corrupt = tarOf({ 'a.json': '{}' });
+    corrupt[10] = 65;
+    expect(() => parseTar(corrupt, limits)).toThrow(/checksum/);
+    expect(() => parseTar(tarOf({ a: 'x'.repeat(100) }), { maxEntries: 16, maxTotalBytes: 10 })).toThrow(/exceeds 10 bytes/);
+    expect(parseTar(tarOf({ './dir/a.json': '{}' }), limits).map((f) => f.name)).toEqual(['dir/a.json']);
+  });
+});
+
+describe('load', () => {
+  it('past max_concurrent_requests → 429 with a clear message; admitted ones complete', async () => {
+    const engine = new FakeEngine({ tokenDelayMs: 20 });
+    server = testServer(engine, { maxConcurrentRequests: 4 });
+    const responses = await Promise.all(
+      Array.from({ length: 10 }, () => server!.app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hi', parameters: { max_new_tokens: 5 } } })),
+    );
+    const codes = responses.map((r) => r.statusCode).sort();
+    expect(codes.filter((c) => c === 200)).toHaveLength(4);
+    expect(codes.filter((c) => c === 429)).toHaveLength(6);
+    const overloaded = responses.find((r) => r.statusCode === 429)!.json();
+    expect(overloaded).toEqual({ error: 'Model is overloaded: 4 requests are already in flight (max_concurrent_requests)', error_type: 'overloaded' });
+    expect(server.context.service.running).toBe(0);
+  });
+
+  it('draining: new requests 503, /health 503, running ones finish', async () => {
+    const engine = new FakeEngine({ tokenDelayMs: 10 });
+    server = testServer(engine);
+    const running = server.app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hi', parameters: { max_new_tokens: 10 } } });
+    while (engine.running === 0) await new Promise((r) => setTimeout(r, 5));
+    server.context.service.startDraining();
+    const refused = await server.app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hi', parameters: { max_new_tokens: 1 } } });
+    expect(refused.statusCode).toBe(503);
+    expect((await server.app.inject({ method: 'GET', url: '/health' })).statusCode).toBe(503);
+    expect((await running).statusCode).toBe(200);
+  });
+});

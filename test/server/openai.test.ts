@@ -1,0 +1,118 @@
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import type { SoppuServer } from '../../src/server/create-server.js';
+import { FakeEngine } from './fake-engine.js';
+import { KEYS, testServer } from './helpers.js';
+
+const engine = new FakeEngine({ adapters: ['alice-1', 'bob-1'], failing: ['alice-broken'], eosAfter: 8 });
+let server: SoppuServer;
+let client: OpenAI;
+
+beforeAll(async () => {
+  server = testServer(engine, { auth: true });
+  await server.app.listen({ port: 0, host: '127.0.0.1' });
+  const address = server.app.server.address();
+  if (address === null || typeof address === 'string') throw new Error('no port');
+  client = new OpenAI({ baseURL: `http://127.0.0.1:${address.port}/v1`, apiKey: KEYS.alice, maxRetries: 0 });
+});
+afterAll(async () => {
+  await server.app.close();
+});
+
+describe('OpenAI-compatible routes with the official client', () => {
+  it('completions: model = adapter id, usage, finish_reason length', async () => {
+    const completion = await client.completions.create({ model: 'alice-1', prompt: 'hello', max_tokens: 5, temperature: 0 });
+    expect(completion.choices[0]!.text).toBe(engine.expectedText('hello', 'alice-1', 5));
+    expect(completion.choices[0]!.finish_reason).toBe('length');
+    expect(completion.usage).toEqual({ prompt_tokens: 5, completion_tokens: 5, total_tokens: 10 });
+    expect(completion.object).toBe('text_completion');
+    expect(engine.lastRequest?.sampling?.doSample).toBe(false);
+  });
+
+  it('finish_reason is "stop" for eos and for stop sequences (not content_filter)', async () => {
+    const eos = await client.completions.create({ model: 'fake/tiny', prompt: 'hi', max_tokens: 20, temperature: 0 });
+    expect(eos.choices[0]!.finish_reason).toBe('stop');
+    expect(engine.lastRequest?.adapterId).toBeNull();
+    const text = engine.expectedText('hi', 'alice-1', 8);
+    const stop = text.slice(2, 4);
+    const stopped = await client.completions.create({ model: 'alice-1', prompt: 'hi', max_tokens: 8, stop: [stop], temperature: 0 });
+    expect(stopped.choices[0]!.finish_reason).toBe('stop');
+    expect(stopped.choices[0]!.text).toBe(text.slice(0, text.indexOf(stop)));
+  });
+
+  it('chat completions, plain and streamed; the stream ends with [DONE] and carries usage', async () => {
+    const messages = [{ role: 'user' as const, content: 'hey' }];
+    const prompt = engine.applyChatTemplate(messages);
+    const chat = await client.chat.completions.create({ model: 'alice-1', messages, max_tokens: 6, temperature: 0 });
+    expect(chat.choices[0]!.message).toMatchObject({ role: 'assistant', content: engine.expectedText(prompt, 'alice-1', 6) });
+    expect(chat.choices[0]!.finish_reason).toBe('length');
+    const text = engine.expectedText(prompt, 'alice-1', 8);
+    const stop = text.slice(3, 6);
+    const stream = await client.chat.completions.create({ model: 'alice-1', messages, max_tokens: 8, temperature: 0, stop: [stop], stream: true });
+    let content = '';
+    let finish: string | null = null;
+    let usage: unknown = null;
+    for await (const chunk of stream) {
+      content += chunk.choices[0]?.delta.content ?? '';
+      finish = chunk.choices[0]?.finish_reason ?? finish;
+      usage = chunk.usage ?? usage;
+      expect(chunk.object).toBe('chat.completion.chunk');
+    }
+    expect(content).toBe(text.slice(0, text.indexOf(stop)));
+    expect(finish).toBe('stop');
+    expect(usage).toMatchObject({ prompt_tokens: prompt.length });
+  });
+
+  it('completions stream over the socket ends with data: [DONE]', async () => {
+    const address = server.app.server.address() as { port: number };
+    const response = await fetch(`http://127.0.0.1:${address.port}/v1/completions`, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', authorization: `Bearer ${KEYS.alice}` },
+      body: JSON.stringify({ model: 'alice-1', prompt: 'abc', max_tokens: 3, stream: true, temperature: 0 }),
+    });
+    const body = await response.text();
+    expect(body.trim().endsWith('data: [DONE]')).toBe(true);
+    const chunks = body.split('\n\n').filter((b) => b.startsWith('data: {')).map((b) => JSON.parse(b.slice(6)));
+    expect(chunks.map((c) => c.choices[0].text).join('')).toBe(engine.expectedText('abc', 'alice-1', 3));
+    expect(chunks.at(-1).usage.completion_tokens).toBe(3);
+  });
+
+  it('errors come in the OpenAI shape: 404 for other users\' adapters, 424 for corrupt, 422 for validation, 401', async () => {
+    await expect(client.completions.create({ model: 'bob-1', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 404, error: { message: "Adapter 'bob-1' not found", code: 'adapter_not_found' } });
+    await expect(client.completions.create({ model: 'alice-broken', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 424 });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toMatchObject({ status: 422, error: { type: 'invalid_request_error' } });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 2 })).rejects.toMatchObject({ status: 422 });
+    const anonymous = new OpenAI({ baseURL: client.baseURL, apiKey: 'sk-nobody-000', maxRetries: 0 });
+    await expect(anonymous.models.list()).rejects.toMatchObject({ status: 401 });
+  });
+
+  it('GET /v1/models lists the base model and this caller\'s adapters with status', async () => {
+    const models = [];
+    for await (const model of client.models.list()) models.push(model);
+    expect(models.map((m) => m.id)).toEqual(['fake/tiny', 'alice-1', 'alice-broken']);
+    expect(models[1]).toMatchObject({ parent: 'fake/tiny', status: { tier: 'disk', storage: 'compressed', pinned: false } });
+  });
+});
+
+describe('OpenAI validation and keys file', () => {
+  it('refuses image parts, tools and JSON response_format with 422 in the OpenAI shape', async () => {
+    const image = [{ role: 'user' as const, content: [{ type: 'image_url' as const, image_url: { url: 'http://x/y.png' } }] }];
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: image, max_tokens: 1 })).rejects.toMatchObject({ status: 422, error: { param: 'messages[0].content' } });
+    const tools = [{ type: 'function' as const, function: { name: 'f', parameters: {} } }];
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], tools })).rejects.toMatchObject({ status: 422 });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], response_format: { type: 'json_object' } })).rejects.toMatchObject({ status: 422 });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [] })).rejects.toMatchObject({ status: 422 });
+  });
+
+  it('a malformed keys file is a CONFIG error naming the file and entry, never the key', async () => {
+    const { AccessControl } = await import('../../src/server/access-control.js');
+    expect(() => AccessControl.fromJson({ 'sk-secret-123': { role: 'root' } }, 'keys.json')).toThrow(/keys\.json: entry #1: role must be "admin" or "user"/);
+    expect(() => AccessControl.fromJson({ short: { role: 'user' } }, 'keys.json')).toThrow(/at least 8 characters/);
+    expect(() => AccessControl.fromJson({ 'sk-secret-123': { role: 'user', adapters: [1] } }, 'keys.json')).toThrow(/adapters must be an array/);
+    try {
+      AccessControl.fromJson({ 'sk-secret-123': { role: 'root' } }, 'keys.json');
+    } catch (e) {
+      expect(String(e)).not.toContain('sk-secret-123');
+    }
+  });
+});
