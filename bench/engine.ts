@@ -58,7 +58,7 @@ interface Args {
   rssChild: Mode | null;
 }
 
-function parseArgs(argv: readonly string[]): Args {
+export function parseArgs(argv: readonly string[]): Args {
   const value = (name: string): string | undefined => {
     const at = argv.indexOf(`--${name}`);
     return at >= 0 ? argv[at + 1] : argv.find((a) => a.startsWith(`--${name}=`))?.slice(name.length + 3);
@@ -96,13 +96,13 @@ async function modelDir(root: string, dtype: 'f32' | 'bf16', layers: number | un
 }
 
 /** Raw adapters generated on demand (no disk), the generator's own seeded stream per index. */
-function rawLoader(config: LlamaConfig, args: Args): (dir: string) => Promise<LoraAdapter> {
+export function rawLoader(config: LlamaConfig, args: Args): (dir: string) => Promise<LoraAdapter> {
   const generator = new AdapterGenerator({ base: { ...BASE_SHAPES['smollm-135m'], numHiddenLayers: config.numLayers }, rank: args.rank, targets: args.targets, seed: 3 });
   return async (dir) => generator.adapter(Number(dir.slice(dir.lastIndexOf('-') + 1)));
 }
 
 /** An in-memory bank with the compressor's shapes: per cluster and slot U [out,R], Vᵀ [R,in]; per adapter a full R×R core. */
-function syntheticBank(config: LlamaConfig, args: Args): BankReader {
+export function syntheticBank(config: LlamaConfig, args: Args): BankReader {
   const shape = slotShapeOf(config);
   const random = new Random(5);
   const bases = new Map<string, SharedBases>();
@@ -165,7 +165,7 @@ function requestFor(mode: Mode, index: number, maxNewTokens: number): GenerateRe
 }
 
 /** Decode tokens/s with `batch` concurrent requests: tokens after every request's first, over that time. */
-async function decodeRate(engine: Engine, mode: Mode, batch: number, steps: number, offset: number): Promise<number> {
+export async function decodeRate(engine: Engine, mode: Mode, batch: number, steps: number, offset: number): Promise<number> {
   const maxNew = steps + 1;
   let firstTokens = 0;
   let startedAt = 0;

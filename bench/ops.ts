@@ -96,7 +96,7 @@ function prepare(c: Case, rng: Random): (kernels: KernelSet) => void {
       const segments: LoraSegment[] = Array.from({ length: c.segments }, (_, s) => ({
         start: s * per, end: (s + 1) * per,
         a: weightMatrix('f32', c.rank, c.k, normal(c.rank * c.k, 0.02)),
-        b: weightMatrix('f32', c.n, c.rank, normal(c.n * c.rank, 0.02)),
+        bt: weightMatrix('f32', c.rank, c.n, normal(c.rank * c.n, 0.02)),
       }));
       const x = normal(c.rows * c.k);
       const t = normal(c.rows * c.rank);

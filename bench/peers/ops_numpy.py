@@ -86,7 +86,7 @@ def make(case):
         t = rand(rows, r)
         y = rand(rows, n)
         a = [rand(r, k) for _ in range(segs)]
-        b = [rand(n, r) for _ in range(segs)]
+        bt = [rand(r, n) for _ in range(segs)]  # expand factor stored [R, n], as in SOPPU
         if op == "loraShrink":
             def run():
                 for s in range(segs):
@@ -94,7 +94,7 @@ def make(case):
         else:
             def run():
                 for s in range(segs):
-                    y[s * per:(s + 1) * per] += t[s * per:(s + 1) * per] @ b[s].T
+                    y[s * per:(s + 1) * per] += t[s * per:(s + 1) * per] @ bt[s]
         return run
     if op == "loraCore":
         rows, r = case["rows"], case["rank"]

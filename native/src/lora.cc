@@ -178,7 +178,7 @@ Napi::Value LoraShrink(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// loraExpand(isa, y, n, t, tStride, rows, starts, ends, weights (b: [n, R] each), ranks, dtypes)
+// loraExpand(isa, y, n, t, tStride, rows, starts, ends, weights (bt: [R, n] each), ranks, dtypes)
 Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
   const Isa isa = IsaFromArg(info[0]);
@@ -191,7 +191,7 @@ Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
       !NeedLength(env, op, "y", y.length, rows * n) || !NeedLength(env, op, "t", t.length, rows * tStride))
     return env.Undefined();
   std::vector<Segment> segments;
-  if (!ReadSegments(info, 6, op, "b", rows, tStride, n, &segments)) return env.Undefined();
+  if (!ReadSegments(info, 6, op, "bt", rows, tStride, n, &segments)) return env.Undefined();
   std::vector<size_t> firstTile;
   const std::vector<Tile> tiles = MakeTiles(segments, kExpandColumns, [n](const Segment&) { return n; }, &firstTile);
   RunTiles(segments, tiles, firstTile, [&](const Tile& tile) {

@@ -2,9 +2,9 @@
  * Adapter batching: the AdapterHook of one forward step. Rows are ordered so that each adapter's
  * rows, and each cluster's compressed rows, are contiguous (see compareAdapters); per slot the hook
  * then runs
- *   raw adapters:        one loraShrink / loraExpand segment per adapter (A, s·B)
+ *   raw adapters:        one loraShrink / loraExpand segment per adapter (A, (s·B)ᵀ)
  *   compressed adapters: ONE shared shrink per cluster segment (Vᵀ), a per-row loraCore (Σ),
- *                        ONE shared expand per cluster segment (U)
+ *                        ONE shared expand per cluster segment (Uᵀ)
  * and leaves base rows (adapter 0) untouched. Every row's delta depends only on that row's x and
  * its own adapter, so batch composition never changes a request's result.
  */
@@ -109,10 +109,10 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
   let runOperand: object | string | null = null;
   let runStart = 0;
   let runKind: 'raw' | 'compressed' = 'raw';
-  let runSegment: { a: LoraSegment['a']; b: LoraSegment['b'] } | null = null;
+  let runSegment: { a: LoraSegment['a']; bt: LoraSegment['bt'] } | null = null;
   const close = (end: number): void => {
     if (!runSegment || runOperand === null) return;
-    const segment: LoraSegment = { start: runStart, end, a: runSegment.a, b: runSegment.b };
+    const segment: LoraSegment = { start: runStart, end, a: runSegment.a, bt: runSegment.bt };
     shrink.push(segment);
     (runKind === 'raw' ? rawExpand : sharedExpand).push(segment);
     runOperand = null;
@@ -130,13 +130,13 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
       runOperand = operand;
       runStart = r;
       runKind = slot.kind;
-      runSegment = slot.kind === 'raw' ? { a: slot.a, b: slot.b } : { a: slot.bases.a, b: slot.bases.b };
+      runSegment = slot.kind === 'raw' ? { a: slot.a, bt: slot.bt } : { a: slot.bases.a, bt: slot.bases.bt };
     }
     if (slot.kind === 'compressed') cores[r] = slot.core;
     const a = slot.kind === 'raw' ? slot.a : slot.bases.a;
-    const b = slot.kind === 'raw' ? slot.b : slot.bases.b;
+    const bt = slot.kind === 'raw' ? slot.bt : slot.bases.bt;
     inFeatures = a.cols;
-    outFeatures = b.rows;
+    outFeatures = bt.cols;
     stride = Math.max(stride, slot.rank);
   }
   close(rowAdapters.length);

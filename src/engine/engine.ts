@@ -110,6 +110,12 @@ class SoppuEngine implements Engine {
   private readonly model: LlamaModel;
   private readonly config: LlamaConfig;
   private readonly kernels: KernelSet;
+  /** The sampler's log Σ exp over one row of logits, through the kernel set. */
+  private readonly normalizer = (row: Float32Array): number => {
+    this.kernels.logSumExp(this.normalizerOut, row, 1, row.length);
+    return this.normalizerOut[0]!;
+  };
+  private readonly normalizerOut = new Float32Array(1);
   private readonly tokenizer: EngineTokenizer;
   private readonly options: EngineOptions;
   private readonly pool: KvBlockPool;
@@ -227,7 +233,7 @@ class SoppuEngine implements Engine {
     const settings = resolveSampling(request.sampling);
     const seed = request.sampling?.seed ?? this.nextSeed();
     const entry = this.acquireAdapter(request);
-    const state = new RequestState(this.nextId++, prompt, request, entry, new Sampler(settings, seed, prompt), this.tokenizer);
+    const state = new RequestState(this.nextId++, prompt, request, entry, new Sampler(settings, seed, prompt, this.normalizer), this.tokenizer);
     this.all.add(state);
     this.scheduler.add(state);
     if (request.signal) {
@@ -406,6 +412,10 @@ class SoppuEngine implements Engine {
     };
   }
 
+  private logSoftmaxAt(row: Float32Array, id: number): number {
+    return row[id]! - this.normalizer(row);
+  }
+
   /** Prompt logprobs: logits of row p − 1 score prompt token p (the first token has none). */
   private recordPrefill(state: RequestState, entry: StepEntry<RequestState>, logits: Float32Array, rows: readonly number[]): void {
     const prefill = state.prefill!;
@@ -416,7 +426,7 @@ class SoppuEngine implements Engine {
       if (position >= state.promptLength) break;
       const row = rows[i]!;
       const id = state.tokens[position]!;
-      prefill.push(this.tokenInfo(id, logSoftmaxAt(logits.subarray(row * vocab, (row + 1) * vocab), id)));
+      prefill.push(this.tokenInfo(id, this.logSoftmaxAt(logits.subarray(row * vocab, (row + 1) * vocab), id)));
     }
   }
 
@@ -582,14 +592,6 @@ class SoppuEngine implements Engine {
 }
 
 /** log-softmax of `row` at `id`. */
-function logSoftmaxAt(row: Float32Array, id: number): number {
-  let max = -Infinity;
-  for (let i = 0; i < row.length; i++) if (row[i]! > max) max = row[i]!;
-  let sum = 0;
-  for (let i = 0; i < row.length; i++) sum += Math.exp(row[i]! - max);
-  return row[id]! - max - Math.log(sum);
-}
-
 /** The base linear shapes adapters must match. */
 export function slotShapeOf(config: LlamaConfig): SlotShape {
   const dModel = config.hiddenSize;

@@ -1,7 +1,8 @@
 /**
  * The in-memory form of an adapter the engine serves: per slot (layer, module), either raw LoRA
- * factors (A, scale·B) or a compressed core that multiplies a cluster's shared bases (Vᵀ, U).
- * Scale is folded in here, at load, so the kernels never see it.
+ * factors (A, (scale·B)ᵀ) or a compressed core that multiplies a cluster's shared bases (Vᵀ, Uᵀ).
+ * Scale is folded in here, at load, so the kernels never see it; expand factors are transposed here
+ * too ([R, N]), once, so the expand kernel streams contiguous output rows.
  */
 import { SoppuError } from '../errors/soppu-error.js';
 import type { LoraCore } from '../kernels/kernel-set.js';
@@ -16,13 +17,13 @@ export interface ResidentBases {
   readonly rank: number;
   /** Vᵀ: [R, K] — the shared shrink. */
   readonly a: WeightMatrix;
-  /** U: [N, R] — the shared expand. */
-  readonly b: WeightMatrix;
+  /** Uᵀ: [R, N] — the shared expand. */
+  readonly bt: WeightMatrix;
   readonly bytes: number;
 }
 
 export type ResidentSlot =
-  | { readonly kind: 'raw'; readonly rank: number; readonly a: WeightMatrix; readonly b: WeightMatrix }
+  | { readonly kind: 'raw'; readonly rank: number; readonly a: WeightMatrix; readonly bt: WeightMatrix }
   | { readonly kind: 'compressed'; readonly rank: number; readonly bases: ResidentBases; readonly core: LoraCore };
 
 export interface ResidentAdapter {
@@ -83,6 +84,13 @@ function checkFinite(id: string, file: string, path: string, data: Float32Array)
   }
 }
 
+/** scale · mᵀ as a new [cols, rows] array — m: [rows, cols] row-major. */
+function transposed(m: Float32Array, rows: number, cols: number, scale = 1): Float32Array {
+  const out = new Float32Array(rows * cols);
+  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) out[c * rows + r] = m[r * cols + c]! * scale;
+  return out;
+}
+
 /** A PEFT adapter served raw: A as is, B scaled (ΔW = (s·B)·A). */
 export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotShape): ResidentAdapter {
   const slots = new Map<string, ResidentSlot>();
@@ -91,15 +99,14 @@ export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotSh
     const key = checkedSlot(id, adapter.source, module.path, shape, module.inFeatures, module.outFeatures);
     checkFinite(id, adapter.source, module.path, module.a);
     checkFinite(id, adapter.source, module.path, module.b);
-    const scaledB = new Float32Array(module.b.length);
-    for (let i = 0; i < scaledB.length; i++) scaledB[i] = module.b[i]! * module.scale;
+    const scaledBt = transposed(module.b, module.outFeatures, module.rank, module.scale);
     slots.set(key, {
       kind: 'raw',
       rank: module.rank,
       a: weightMatrix('f32', module.rank, module.inFeatures, new Float32Array(module.a)),
-      b: weightMatrix('f32', module.outFeatures, module.rank, scaledB),
+      bt: weightMatrix('f32', module.rank, module.outFeatures, scaledBt),
     });
-    bytes += (module.a.length + scaledB.length) * 4;
+    bytes += (module.a.length + scaledBt.length) * 4;
   }
   return { id, source: 'local', storage: 'raw', cluster: -1, slots, bytes, basesKeys: [] };
 }
@@ -110,7 +117,7 @@ export function residentBases(bases: SharedBases): ResidentBases {
     key: bases.key,
     rank: bases.rank,
     a: weightMatrix('f32', bases.rank, bases.inFeatures, bases.vt),
-    b: weightMatrix('f32', bases.outFeatures, bases.rank, bases.u),
+    bt: weightMatrix('f32', bases.rank, bases.outFeatures, transposed(bases.u, bases.outFeatures, bases.rank)),
     bytes: (bases.vt.length + bases.u.length) * 4,
   };
 }
@@ -133,14 +140,14 @@ export function residentFromBank(
         kind: 'raw',
         rank: part.rank,
         a: weightMatrix('f32', part.rank, part.inFeatures, part.a),
-        b: weightMatrix('f32', part.outFeatures, part.rank, part.b),
+        bt: weightMatrix('f32', part.rank, part.outFeatures, transposed(part.b, part.outFeatures, part.rank)),
       });
       bytes += (part.a.length + part.b.length) * 4;
       continue;
     }
     const shared = bases.get(part.basesKey);
     if (!shared) throw new SoppuError('INTERNAL', `adapter ${parts.id}: shared bases ${part.basesKey} were not loaded`, { tensor: path });
-    const key = checkedSlot(parts.id, file, path, shape, shared.a.cols, shared.b.rows);
+    const key = checkedSlot(parts.id, file, path, shape, shared.a.cols, shared.bt.cols);
     const expectedCore = part.diagonal ? part.rank : part.rank * part.rank;
     if (part.rank !== shared.rank || part.core.length !== expectedCore) {
       throw new SoppuError(

@@ -72,8 +72,12 @@ export class Sampler {
   /** Token → occurrences in output only (frequency and presence penalties). */
   private readonly generated = new Map<number, number>();
 
-  constructor(settings: ResolvedSampling, seed: number, promptTokens: readonly number[] = []) {
+  /** log Σ exp(logits): a native kernel in the engine (one pass over the vocabulary per token); plain TS by default. */
+  private readonly normalizer: (logits: Float32Array) => number;
+
+  constructor(settings: ResolvedSampling, seed: number, promptTokens: readonly number[] = [], normalizer: (logits: Float32Array) => number = logSumExp) {
     this.settings = settings;
+    this.normalizer = normalizer;
     this.seed = seed;
     this.random = new Random(seed);
     for (const id of promptTokens) this.seen.set(id, (this.seen.get(id) ?? 0) + 1);
@@ -118,7 +122,7 @@ export class Sampler {
       if (s.typicalP < 1) keepTypical(logits, s.typicalP);
       chosen = this.draw(logits);
     }
-    const logNormalizer = logSumExp(logits);
+    const logNormalizer = this.normalizer(logits);
     const logprob = logits[chosen]! - logNormalizer;
     const top: { id: number; logprob: number }[] = [];
     if (alternatives > 0) {
@@ -167,7 +171,8 @@ function maxOf(x: Float32Array): number {
   return max;
 }
 
-function logSumExp(x: Float32Array): number {
+/** log Σ exp(x), stable; −∞ when every entry is −∞. */
+export function logSumExp(x: Float32Array): number {
   const max = maxOf(x);
   if (max === -Infinity) return -Infinity;
   let sum = 0;

@@ -52,6 +52,12 @@ export interface KernelSet {
   /** Row-wise softmax in place, numerically stable (subtract the max). x: [rows, cols]. */
   softmax(x: Float32Array, rows: number, cols: number): void;
 
+  /**
+   * Row-wise log-sum-exp: out[r] = log Σ_c exp(x[r,c]), stable (max subtracted); a row of −∞ gives −∞.
+   * x: [rows, cols], read only; out: [rows]. The sampler's normaliser for token logprobs.
+   */
+  logSumExp(out: Float32Array, x: Float32Array, rows: number, cols: number): void;
+
   /** out[i] = silu(gate[i]) · up[i] with silu(g) = g / (1 + e^−g); n elements. out may alias gate. */
   siluMul(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
 
@@ -80,8 +86,10 @@ export interface KernelSet {
 
   /**
    * Raw LoRA expand over segments, accumulating: for each segment s and row r in [s.start, s.end):
-   *   y[r,:] += t[r, 0:R] · s.b[N,R]ᵀ     (y: [M, N]; t: [M, tStride]; scale is pre-folded into b)
-   * Also the compressed form's shared expand, with b = U: [N, R] per cluster.
+   *   y[r,:] += t[r, 0:R] · s.bt[R,N]     (y: [M, N]; t: [M, tStride]; scale is pre-folded into bt)
+   * Also the compressed form's shared expand, with bt = Uᵀ: [R, N] per cluster. The factor is stored
+   * transposed so each of its rows is one contiguous run of outputs: the kernel streams it once per
+   * row tile with vector loads, whatever the rank.
    */
   loraExpand(y: Float32Array, n: number, t: Float32Array, tStride: number, segments: readonly LoraSegment[]): void;
 
@@ -103,8 +111,8 @@ export interface LoraSegment {
   readonly end: number;
   /** Shrink factor, f32 [R, K] (LoRA A, or Vᵀ of a cluster). Used by loraShrink. */
   readonly a?: WeightMatrix;
-  /** Expand factor, f32 [N, R] with the scale folded in (LoRA s·B, or U of a cluster). Used by loraExpand. */
-  readonly b?: WeightMatrix;
+  /** Expand factor transposed, [R, N] with the scale folded in ((s·B)ᵀ of LoRA, or Uᵀ of a cluster). Used by loraExpand. */
+  readonly bt?: WeightMatrix;
 }
 
 /** One adapter's core in the compressed form, f32. */

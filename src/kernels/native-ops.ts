@@ -1,5 +1,5 @@
 /**
- * The native non-matmul ops (rmsnorm, rope, softmax, siluMul, add, addBias, embedding, attention,
+ * The native non-matmul ops (rmsnorm, rope, softmax, logSumExp, siluMul, add, addBias, embedding, attention,
  * loraShrink, loraExpand, loraCore) bound to one ISA variant of the addon. Every op validates its
  * sizes and indices here and throws SoppuError('KERNEL') naming the op and the sizes before the
  * native call; the addon checks again (so native code never reads out of bounds) and any error it
@@ -13,7 +13,7 @@ import { SoppuError } from '../errors/soppu-error.js';
 type NativeFunction = (...args: unknown[]) => void;
 
 /** The ops of this module, as KernelSet members. */
-export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'siluMul' | 'add' | 'addBias' | 'embedding'
+export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'siluMul' | 'add' | 'addBias' | 'embedding'
   | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore'>;
 
 const DTYPE_INDEX = { f32: 0, bf16: 1, f16: 2 } as const;
@@ -86,6 +86,17 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
       checkInteger('softmax', 'cols', cols, 0);
       checkLength('softmax', 'x', x, rows * cols);
       call('softmax', softmax, x, rows, cols);
+    };
+  }
+
+  const logSumExp = fn('logSumExp');
+  if (logSumExp) {
+    ops.logSumExp = (out, x, rows, cols) => {
+      checkInteger('logSumExp', 'rows', rows, 0);
+      checkInteger('logSumExp', 'cols', cols, 1);
+      checkLength('logSumExp', 'x', x, rows * cols);
+      checkLength('logSumExp', 'out', out, rows);
+      call('logSumExp', logSumExp, out, x, rows, cols);
     };
   }
 
@@ -167,8 +178,8 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     ops.loraExpand = (y, n, t, tStride, segments) => {
       checkInteger('loraExpand', 'n', n, 1);
       checkInteger('loraExpand', 'tStride', tStride, 1);
-      const flat = flattenSegments('loraExpand', segments, 'b', (w) => w.rows === n && w.cols <= tStride,
-        `[n ${n}, R <= tStride ${tStride}]`);
+      const flat = flattenSegments('loraExpand', segments, 'bt', (w) => w.cols === n && w.rows <= tStride,
+        `[R <= tStride ${tStride}, n ${n}]`);
       checkLength('loraExpand', 'y', y, flat.rows * n);
       checkLength('loraExpand', 't', t, flat.rows * tStride);
       call('loraExpand', loraExpand, y, n, t, tStride, flat.rows, flat.starts, flat.ends, flat.weights, flat.ranks, flat.dtypes);
@@ -224,7 +235,7 @@ interface FlatSegments {
 }
 
 /** Segments as flat arrays for the addon; checks every segment's rows and factor shape. */
-function flattenSegments(op: string, segments: readonly LoraSegment[], factor: 'a' | 'b',
+function flattenSegments(op: string, segments: readonly LoraSegment[], factor: 'a' | 'bt',
   shapeOk: (w: WeightMatrix) => boolean, expected: string): FlatSegments {
   const count = segments.length;
   const starts = new Int32Array(count);
@@ -248,7 +259,7 @@ function flattenSegments(op: string, segments: readonly LoraSegment[], factor: '
     dtypes[s] = DTYPE_INDEX[w.dtype];
     starts[s] = segment.start;
     ends[s] = segment.end;
-    ranks[s] = factor === 'a' ? w.rows : w.cols;
+    ranks[s] = w.rows; // both factors are [R, ·]
     weights.push(w.data);
     rows = Math.max(rows, segment.end);
   }

@@ -55,7 +55,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     const segments: LoraSegment[] = spec.segments.map(([start, end, rank]) => ({
       start, end,
       a: f32Matrix(rng, rank, spec.k, 1 / Math.sqrt(spec.k)),
-      b: f32Matrix(rng, spec.n, rank, 0.5),
+      bt: f32Matrix(rng, rank, spec.n, 0.5),
     }));
     const x = randomArray(rng, rows * spec.k);
     const tStart = randomArray(rng, rows * tStride); // not zero: untouched entries must keep their bits
@@ -81,7 +81,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     const k = 40;
     const n = 24;
     const segments: LoraSegment[] = [[0, 6, 4], [3, 9, 4], [2, 4, 8]].map(([start, end, rank]) => ({
-      start: start!, end: end!, a: f32Matrix(rng, rank!, k, 0.3), b: f32Matrix(rng, n, rank!, 0.3),
+      start: start!, end: end!, a: f32Matrix(rng, rank!, k, 0.3), bt: f32Matrix(rng, rank!, n, 0.3),
     }));
     const x = randomArray(rng, 9 * k);
     const t = randomArray(rng, 9 * 8);
@@ -104,8 +104,8 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     const matrix = (rows: number, cols: number): WeightMatrix =>
       weightMatrix(dtype, rows, cols, offsetCopy(Uint16Array.from(randomArray(rng, rows * cols, 0.2), toBits)));
     const segments: LoraSegment[] = [
-      { start: 1, end: 3, a: matrix(19, k), b: matrix(n, 19) },
-      { start: 3, end: 8, a: weightMatrix('f32', 5, k, randomArray(rng, 5 * k)), b: weightMatrix('f32', n, 5, randomArray(rng, 5 * n)) },
+      { start: 1, end: 3, a: matrix(19, k), bt: matrix(19, n) },
+      { start: 3, end: 8, a: weightMatrix('f32', 5, k, randomArray(rng, 5 * k)), bt: weightMatrix('f32', 5, n, randomArray(rng, 5 * n)) },
     ];
     const x = randomArray(rng, 9 * k);
     const t = new Float32Array(9 * 20);
@@ -155,7 +155,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expectKernelError(() => native.loraShrink(t, 4, x, 12, [{ start: 0, end: 1, a }]), /loraShrink: segment 0: a is \[4, 10\], expected .*k 12/);
     expectKernelError(() => native.loraShrink(t, 4, x, 10, [{ start: 2, end: 4, a }]), /loraShrink: t has 12 elements, needs 16/);
     expectKernelError(() => native.loraShrink(t, 3, x, 10, [{ start: 0, end: 1, a }]), /R <= tStride 3/);
-    expectKernelError(() => native.loraExpand(t, 10, t, 4, [{ start: 0, end: 1, a }]), /loraExpand: segment 0 has no b/);
+    expectKernelError(() => native.loraExpand(t, 10, t, 4, [{ start: 0, end: 1, a }]), /loraExpand: segment 0 has no bt/);
     expectKernelError(() => native.loraCore(t, x, 4, 3, [{ rank: 5, diagonal: true, data: new Float32Array(5) }]), /loraCore: row 0: core rank 5/);
     expectKernelError(() => native.loraCore(t, x, 4, 3, [{ rank: 3, diagonal: false, data: new Float32Array(5) }]), /loraCore: core of row 0 has 5 elements, needs 9/);
   });

@@ -51,6 +51,21 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_
     expectClose(got, want, TOLERANCE, 'softmax');
   });
 
+  it.each([[1, 1], [3, 17], [4, 151], [2, 4096], [3, 49152]])('logSumExp rows %i cols %i', (rows, cols) => {
+    const x = randomArray(rng, rows * cols, 8);
+    for (let c = 1; c < cols; c += 3) x[c] = -Infinity; // masked entries
+    if (rows > 1) x.fill(-Infinity, (rows - 1) * cols); // a fully masked last row
+    const input = x.slice();
+    const want = new Float32Array(rows);
+    refKernels.logSumExp(want, x, rows, cols);
+    const got = offsetCopy(new Float32Array(rows).fill(Number.NaN));
+    native.logSumExp(got, offsetCopy(x), rows, cols);
+    expect(x).toEqual(input); // read only
+    const finiteRows = rows > 1 ? rows - 1 : rows;
+    if (rows > 1) expect([got[rows - 1], want[rows - 1]]).toEqual([-Infinity, -Infinity]);
+    expectClose(got.subarray(0, finiteRows), want.subarray(0, finiteRows), TOLERANCE, 'logSumExp');
+  });
+
   it.each([1, 15, 17, 1000, 3 * 4096 + 5])('siluMul and add n %i', (n) => {
     const gate = randomArray(rng, n, 6);
     gate[0] = 120; // saturated both ways
@@ -117,6 +132,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_
     expect(() => native.rmsnorm(x, x, new Float32Array(4), 3, 4, 1e-6)).toThrow(/rmsnorm: x has 10 elements, needs 12/);
     expect(() => native.rope(x, new Int32Array(1), 1, 2, 5, new Float32Array(3))).toThrow(/rope: headDim 5 must be even/);
     expect(() => native.softmax(x, 2, 6)).toThrow(/softmax/);
+    expect(() => native.logSumExp(new Float32Array(1), x, 2, 6)).toThrow(/logSumExp: x has 10 elements, needs 12/);
     expect(() => native.siluMul(x, x, new Float32Array(3), 10)).toThrow(/siluMul: up has 3 elements, needs 10/);
     expect(() => native.addBias(x, new Float32Array(2), 2, 5)).toThrow(/addBias: bias/);
     try {

@@ -128,8 +128,10 @@ describe('adapter hook at the model level', () => {
     const hook: AdapterHook = (y, x, m, layer, module) => {
       const f = factors.get(`${layer}.${module}`);
       if (!f) return;
-      const scaledB = f.b.map((value) => value * SCALE);
-      const segments: LoraSegment[] = [{ start: 0, end: m, a: weightMatrix('f32', RANK, f.k, f.a), b: weightMatrix('f32', f.n, RANK, scaledB) }];
+      // bt: [RANK, n] = (s·B)ᵀ
+      const scaledBt = new Float32Array(RANK * f.n);
+      for (let o = 0; o < f.n; o++) for (let j = 0; j < RANK; j++) scaledBt[j * f.n + o] = f.b[o * RANK + j]! * SCALE;
+      const segments: LoraSegment[] = [{ start: 0, end: m, a: weightMatrix('f32', RANK, f.k, f.a), bt: weightMatrix('f32', RANK, f.n, scaledBt) }];
       const t = new Float32Array(m * RANK);
       refKernels.loraShrink(t, RANK, x, f.k, segments);
       refKernels.loraExpand(y, f.n, t, RANK, segments);

@@ -32,6 +32,22 @@ export function rope(x: Float32Array, positions: Int32Array, tokens: number, hea
   }
 }
 
+// x: [rows, cols]; out: [rows]
+export function logSumExp(out: Float32Array, x: Float32Array, rows: number, cols: number): void {
+  for (let r = 0; r < rows; r++) {
+    const base = r * cols;
+    let max = -Infinity;
+    for (let c = 0; c < cols; c++) max = Math.max(max, x[base + c]!);
+    if (max === -Infinity) {
+      out[r] = -Infinity;
+      continue;
+    }
+    let sum = 0;
+    for (let c = 0; c < cols; c++) sum += Math.exp(x[base + c]! - max);
+    out[r] = max + Math.log(sum);
+  }
+}
+
 // x: [rows, cols]
 export function softmax(x: Float32Array, rows: number, cols: number): void {
   for (let r = 0; r < rows; r++) {

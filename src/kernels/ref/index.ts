@@ -5,7 +5,7 @@
 import type { KernelSet } from '../kernel-set.js';
 import { matmul } from './matmul.js';
 import { gemm } from './gemm.js';
-import { add, addBias, embedding, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
+import { add, addBias, embedding, logSumExp, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
 import { attention } from './attention.js';
 import { loraCore, loraExpand, loraShrink } from './lora.js';
 
@@ -19,6 +19,7 @@ export const refKernels: KernelSet = {
   rmsnorm,
   rope,
   softmax,
+  logSumExp,
   siluMul,
   add,
   addBias,

@@ -16,15 +16,15 @@ export function loraShrink(t: Float32Array, tStride: number, x: Float32Array, k:
   }
 }
 
-// y: [M, n]; t: [M, tStride]; segment.b: [n, R]
+// y: [M, n]; t: [M, tStride]; segment.bt: [R, n]
 export function loraExpand(y: Float32Array, n: number, t: Float32Array, tStride: number, segments: readonly LoraSegment[]): void {
   for (const segment of segments) {
-    const b = segment.b;
-    if (!b) throw new TypeError('loraExpand: segment without b');
+    const bt = segment.bt;
+    if (!bt) throw new TypeError('loraExpand: segment without bt');
     for (let r = segment.start; r < segment.end; r++) {
       for (let o = 0; o < n; o++) {
         let sum = 0;
-        for (let j = 0; j < b.cols; j++) sum += t[r * tStride + j]! * weightAt(b, o, j);
+        for (let j = 0; j < bt.rows; j++) sum += t[r * tStride + j]! * weightAt(bt, j, o);
         y[r * n + o] = y[r * n + o]! + sum;
       }
     }
