@@ -296,7 +296,7 @@ export async function run(argv: string[]): Promise<void> {
     };
     wrap('matmul', 'matmul');
     wrap('attention', 'attention');
-    for (const name of ['loraShrink', 'loraExpand', 'loraCore'] as const) wrap(name, 'lora');
+    for (const name of ['loraShrink', 'loraExpand', 'loraCore', 'loraApply'] as const) wrap(name, 'lora');
     const engine = await createEngine({
       modelDir: dir, model, bank: syntheticBank(model.config, args), loadLocalAdapter: rawLoader(model.config, args),
       kernels: timed as unknown as typeof kernels, kvBudgetBytes: 512 << 20, adapterBudgetBytes: 4 * 2 ** 30,

@@ -22,7 +22,8 @@ type Case =
   | { op: 'siluMul'; n: number }
   | { op: 'attention'; seqs: number; qLen: number; ctxLen: number; heads: number; kvHeads: number; headDim: number; blockSize: number }
   | { op: 'loraShrink' | 'loraExpand'; rows: number; k: number; n: number; rank: number; segments: number }
-  | { op: 'loraCore'; rows: number; rank: number };
+  | { op: 'loraCore'; rows: number; rank: number }
+  | { op: 'loraApply'; rows: number; k: number; n: number; rank: number; segments: number; cores: boolean };
 
 const CASES: Case[] = [
   { op: 'rmsnorm', rows: 1, dim: 4096 },
@@ -37,6 +38,9 @@ const CASES: Case[] = [
   { op: 'loraShrink', rows: 256, k: 896, n: 896, rank: 64, segments: 1 },
   { op: 'loraExpand', rows: 256, k: 896, n: 896, rank: 64, segments: 1 },
   { op: 'loraCore', rows: 32, rank: 64 },
+  // one decode slot of the engine bench at batch 32 (SmolLM 576 → 1536): raw, and compressed (4 clusters)
+  { op: 'loraApply', rows: 32, k: 576, n: 1536, rank: 8, segments: 32, cores: false },
+  { op: 'loraApply', rows: 32, k: 576, n: 1536, rank: 16, segments: 4, cores: true },
 ];
 
 function describeCase(c: Case): string {
@@ -46,6 +50,7 @@ function describeCase(c: Case): string {
     case 'siluMul': return `siluMul n=${c.n}`;
     case 'attention': return `attention ${c.seqs}×(q ${c.qLen}, ctx ${c.ctxLen}) H ${c.heads}/${c.kvHeads} D ${c.headDim}`;
     case 'loraCore': return `loraCore full R ${c.rank}, ${c.rows} rows`;
+    case 'loraApply': return `loraApply ${c.segments} seg × ${c.rows / c.segments} rows, K ${c.k} N ${c.n}, R ${c.rank}${c.cores ? ', full core per row' : ''}`;
     default: return `${c.op} ${c.segments} seg × ${c.rows / c.segments} rows, ${c.op === 'loraShrink' ? `K ${c.k}` : `N ${c.n}`}, R ${c.rank}`;
   }
 }
@@ -104,6 +109,18 @@ function prepare(c: Case, rng: Random): (kernels: KernelSet) => void {
       return c.op === 'loraShrink'
         ? (k) => k.loraShrink(t, c.rank, x, c.k, segments)
         : (k) => k.loraExpand(y, c.n, t, c.rank, segments);
+    }
+    case 'loraApply': {
+      const per = c.rows / c.segments;
+      const segments: LoraSegment[] = Array.from({ length: c.segments }, (_, s) => ({
+        start: s * per, end: (s + 1) * per,
+        a: weightMatrix('f32', c.rank, c.k, normal(c.rank * c.k, 0.02)),
+        bt: weightMatrix('f32', c.rank, c.n, normal(c.rank * c.n, 0.02)),
+      }));
+      const cores: LoraCore[] = c.cores ? Array.from({ length: c.rows }, () => ({ rank: c.rank, diagonal: false, data: normal(c.rank * c.rank) })) : [];
+      const x = normal(c.rows * c.k);
+      const y = normal(c.rows * c.n);
+      return (k) => k.loraApply(y, c.n, x, c.k, segments, cores);
     }
     case 'loraCore': {
       const cores: LoraCore[] = Array.from({ length: c.rows }, () => ({ rank: c.rank, diagonal: false, data: normal(c.rank * c.rank) }));

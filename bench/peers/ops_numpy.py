@@ -96,6 +96,22 @@ def make(case):
                 for s in range(segs):
                     y[s * per:(s + 1) * per] += t[s * per:(s + 1) * per] @ bt[s]
         return run
+    if op == "loraApply":
+        rows, k, n, r, segs = case["rows"], case["k"], case["n"], case["rank"], case["segments"]
+        per = rows // segs
+        x = rand(rows, k)
+        y = rand(rows, n)
+        a = [rand(r, k) for _ in range(segs)]
+        bt = [rand(r, n) for _ in range(segs)]
+        cores = rand(rows, r, r) if case["cores"] else None
+
+        def run():
+            for s in range(segs):
+                t = x[s * per:(s + 1) * per] @ a[s].T  # [per, r]
+                if cores is not None:
+                    t = np.matmul(cores[s * per:(s + 1) * per], t[:, :, None])[:, :, 0]
+                y[s * per:(s + 1) * per] += t @ bt[s]
+        return run
     if op == "loraCore":
         rows, r = case["rows"], case["rank"]
         t = rand(rows, r)

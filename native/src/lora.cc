@@ -50,10 +50,20 @@ struct Segment {
 
 constexpr int64_t kShrinkColumns = 16;  // j per shrink tile
 constexpr int64_t kExpandColumns = 128; // outputs per expand tile
+constexpr int64_t kMaxApplyRank = 4096; // loraApply's rank limit (its per-thread rank vectors)
+constexpr double kInlineFlops = 2e5;    // loraApply below this runs on the calling thread
 
 struct Tile {
   int64_t segment, r0, r1, c0, c1;  // rows [r0, r1), columns (j or o) [c0, c1)
 };
+
+/** Argument positions of one factor list: starts, ends, weights, ranks, dtypes. */
+struct SegmentArgs {
+  size_t starts, ends, weights, ranks, dtypes;
+};
+
+bool ReadSegmentsAt(const Napi::CallbackInfo& info, SegmentArgs at, const char* op, const char* weightName,
+                    int64_t maxRows, int64_t maxRank, int64_t weightCols, std::vector<Segment>* segments);
 
 /**
  * Reads segments from (starts, ends, weights, ranks, dtypes) at info[first…first+4] and checks each:
@@ -62,27 +72,33 @@ struct Tile {
  */
 bool ReadSegments(const Napi::CallbackInfo& info, size_t first, const char* op, const char* weightName,
                   int64_t maxRows, int64_t maxRank, int64_t weightCols, std::vector<Segment>* segments) {
+  return ReadSegmentsAt(info, {first, first + 1, first + 2, first + 3, first + 4}, op, weightName, maxRows, maxRank,
+                        weightCols, segments);
+}
+
+bool ReadSegmentsAt(const Napi::CallbackInfo& info, SegmentArgs at, const char* op, const char* weightName,
+                    int64_t maxRows, int64_t maxRank, int64_t weightCols, std::vector<Segment>* segments) {
   const Napi::Env env = info.Env();
   ArrayArg<int32_t> starts, ends, ranks, dtypes;
-  if (!GetI32(info, first, op, "starts", &starts) || !GetI32(info, first + 1, op, "ends", &ends) ||
-      !GetI32(info, first + 3, op, "ranks", &ranks) || !GetI32(info, first + 4, op, "dtypes", &dtypes))
+  if (!GetI32(info, at.starts, op, "starts", &starts) || !GetI32(info, at.ends, op, "ends", &ends) ||
+      !GetI32(info, at.ranks, op, "ranks", &ranks) || !GetI32(info, at.dtypes, op, "dtypes", &dtypes))
     return false;
-  if (!info[first + 2].IsArray()) return Fail(env, std::string("soppu native ") + op + ": weights must be an array");
-  const Napi::Array weights = info[first + 2].As<Napi::Array>();
+  if (!info[at.weights].IsArray()) return Fail(env, std::string("soppu native ") + op + ": " + weightName + " must be an array");
+  const Napi::Array weights = info[at.weights].As<Napi::Array>();
   const int64_t count = weights.Length();
   if (!NeedLength(env, op, "starts", starts.length, count) || !NeedLength(env, op, "ends", ends.length, count) ||
       !NeedLength(env, op, "ranks", ranks.length, count) || !NeedLength(env, op, "dtypes", dtypes.length, count))
     return false;
   for (int64_t s = 0; s < count; s++) {
-    const std::string where = std::string("soppu native ") + op + ": segment " + std::to_string(s) + ": ";
+    const auto where = [&] { return std::string("soppu native ") + op + ": segment " + std::to_string(s) + ": "; };
     const int64_t start = starts.data[s], end = ends.data[s], rank = ranks.data[s];
     if (start < 0 || end < start || end > maxRows)
-      return Fail(env, where + "rows [" + std::to_string(start) + ", " + std::to_string(end) + ") outside [0, " +
+      return Fail(env, where() + "rows [" + std::to_string(start) + ", " + std::to_string(end) + ") outside [0, " +
                            std::to_string(maxRows) + ")");
     if (rank < 1 || rank > maxRank)
-      return Fail(env, where + "rank " + std::to_string(rank) + " outside [1, " + std::to_string(maxRank) + "]");
+      return Fail(env, where() + "rank " + std::to_string(rank) + " outside [1, " + std::to_string(maxRank) + "]");
     const int dtype = dtypes.data[s];
-    if (dtype < 0 || dtype > 2) return Fail(env, where + "dtype index " + std::to_string(dtype) + " is not 0, 1 or 2");
+    if (dtype < 0 || dtype > 2) return Fail(env, where() + "dtype index " + std::to_string(dtype) + " is not 0, 1 or 2");
     const Napi::Value value = weights.Get(static_cast<uint32_t>(s));
     napi_typedarray_type type;
     size_t length = 0;
@@ -90,12 +106,51 @@ bool ReadSegments(const Napi::CallbackInfo& info, size_t first, const char* op, 
     if (!value.IsTypedArray() ||
         napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
         type != (dtype == 0 ? napi_float32_array : napi_uint16_array))
-      return Fail(env, where + weightName + (dtype == 0 ? " must be a Float32Array" : " must be a Uint16Array"));
+      return Fail(env, where() + weightName + (dtype == 0 ? " must be a Float32Array" : " must be a Uint16Array"));
     if (static_cast<int64_t>(length) < rank * weightCols)
-      return Fail(env, where + weightName + " has " + std::to_string(length) + " elements, needs " +
+      return Fail(env, where() + weightName + " has " + std::to_string(length) + " elements, needs " +
                            std::to_string(rank * weightCols));
     segments->push_back(Segment{start, end, rank, data, dtype});
   }
+  return true;
+}
+
+/**
+ * Reads the cores at info[first] (a JS array of Float32Array) against coreRanks/coreDiagonal and
+ * checks that each rank is in [1, maxRank], each array is long enough, and coreOfRow names cores
+ * that exist (−1 = none).
+ */
+bool ReadCores(const Napi::CallbackInfo& info, size_t first, const char* op, int64_t maxRank, int64_t rows,
+               const ArrayArg<int32_t>& coreOfRow, const ArrayArg<int32_t>& ranks, const ArrayArg<int32_t>& diagonal,
+               std::vector<const float*>* cores) {
+  const Napi::Env env = info.Env();
+  if (!info[first].IsArray()) return Fail(env, std::string("soppu native ") + op + ": cores must be an array");
+  const Napi::Array coreArrays = info[first].As<Napi::Array>();
+  const int64_t count = coreArrays.Length();
+  if (!NeedLength(env, op, "coreRanks", ranks.length, count) || !NeedLength(env, op, "coreDiagonal", diagonal.length, count) ||
+      !NeedLength(env, op, "coreOfRow", coreOfRow.length, rows))
+    return false;
+  for (int64_t c = 0; c < count; c++) {
+    const int64_t rank = ranks.data[c];
+    const auto where = [&] { return std::string("soppu native ") + op + ": core " + std::to_string(c) + ": "; };
+    if (rank < 1 || rank > maxRank)
+      return Fail(env, where() + "rank " + std::to_string(rank) + " outside [1, " + std::to_string(maxRank) + "]");
+    const Napi::Value value = coreArrays.Get(static_cast<uint32_t>(c));
+    napi_typedarray_type type;
+    size_t length = 0;
+    void* data = nullptr;
+    if (!value.IsTypedArray() || napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
+        type != napi_float32_array)
+      return Fail(env, where() + "data must be a Float32Array");
+    const int64_t needed = diagonal.data[c] ? rank : rank * rank;
+    if (static_cast<int64_t>(length) < needed)
+      return Fail(env, where() + "data has " + std::to_string(length) + " elements, needs " + std::to_string(needed));
+    cores->push_back(static_cast<const float*>(data));
+  }
+  for (int64_t r = 0; r < rows; r++)
+    if (coreOfRow.data[r] < -1 || coreOfRow.data[r] >= count)
+      return Fail(env, std::string("soppu native ") + op + ": row " + std::to_string(r) + " names core " +
+                           std::to_string(coreOfRow.data[r]) + " of " + std::to_string(count));
   return true;
 }
 
@@ -128,14 +183,19 @@ std::vector<Tile> MakeTiles(const std::vector<Segment>& segments, int64_t column
 
 // Runs every tile; all at once when segments are disjoint (no two tiles write one element), else
 // one segment after another, as the reference does, so overlapping segments keep its meaning.
+// `inlineOnly` runs everything on the calling thread (jobs too small to repay a pool dispatch).
 template <typename Fn>
 void RunTiles(const std::vector<Segment>& segments, const std::vector<Tile>& tiles,
-              const std::vector<size_t>& segmentFirstTile, Fn fn) {
+              const std::vector<size_t>& segmentFirstTile, bool inlineOnly, Fn fn) {
   const auto body = [&](size_t offset) {
     return [&, offset](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; i++) fn(tiles[offset + static_cast<size_t>(i)]);
     };
   };
+  if (inlineOnly) {
+    body(0)(0, static_cast<int64_t>(tiles.size()));
+    return;
+  }
   if (Disjoint(segments)) {
     ParallelFor(static_cast<int64_t>(tiles.size()), 1, body(0));
     return;
@@ -146,11 +206,13 @@ void RunTiles(const std::vector<Segment>& segments, const std::vector<Tile>& til
   }
 }
 
-// Scratch for one tile's widened 16-bit weight rows, reused across calls on each thread.
-float* TileScratch(int64_t floats) {
-  thread_local std::vector<float> scratch;
-  if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(static_cast<size_t>(floats));
-  return scratch.data();
+// Per-thread scratch (widened 16-bit weight rows, rank vectors), reused across calls; one buffer per
+// `use` so a caller holding one can ask for another.
+float* TileScratch(int64_t floats, int use = 0) {
+  thread_local std::vector<float> scratch[2];
+  std::vector<float>& buffer = scratch[use];
+  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(static_cast<size_t>(floats));
+  return buffer.data();
 }
 
 // loraShrink(isa, t, tStride, x, k, rows, starts, ends, weights (a: [R, k] each), ranks, dtypes)
@@ -169,7 +231,7 @@ Napi::Value LoraShrink(const Napi::CallbackInfo& info) {
   if (!ReadSegments(info, 6, op, "a", rows, tStride, k, &segments)) return env.Undefined();
   std::vector<size_t> firstTile;
   const std::vector<Tile> tiles = MakeTiles(segments, kShrinkColumns, [](const Segment& s) { return s.rank; }, &firstTile);
-  RunTiles(segments, tiles, firstTile, [&](const Tile& tile) {
+  RunTiles(segments, tiles, firstTile, false, [&](const Tile& tile) {
     const Segment& segment = segments[static_cast<size_t>(tile.segment)];
     float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kShrinkColumns * k);
     SOPPU_DISPATCH(isa, ShrinkTileAny(t.data, tStride, x.data, k, segment.weights, segment.dtype, tile.r0, tile.r1, tile.c0,
@@ -194,7 +256,7 @@ Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
   if (!ReadSegments(info, 6, op, "bt", rows, tStride, n, &segments)) return env.Undefined();
   std::vector<size_t> firstTile;
   const std::vector<Tile> tiles = MakeTiles(segments, kExpandColumns, [n](const Segment&) { return n; }, &firstTile);
-  RunTiles(segments, tiles, firstTile, [&](const Tile& tile) {
+  RunTiles(segments, tiles, firstTile, false, [&](const Tile& tile) {
     const Segment& segment = segments[static_cast<size_t>(tile.segment)];
     float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kExpandColumns * segment.rank);
     SOPPU_DISPATCH(isa, ExpandTileAny(y.data, n, t.data, tStride, segment.weights, segment.dtype, segment.rank, tile.r0,
@@ -219,45 +281,8 @@ Napi::Value LoraCore(const Napi::CallbackInfo& info) {
       !NeedLength(env, op, "out", out.length, rows * stride) || !NeedLength(env, op, "t", t.length, rows * stride) ||
       !NeedLength(env, op, "coreOfRow", coreOfRow.length, rows))
     return env.Undefined();
-  if (!info[6].IsArray()) {
-    Fail(env, "soppu native loraCore: cores must be an array");
-    return env.Undefined();
-  }
-  const Napi::Array coreArrays = info[6].As<Napi::Array>();
-  const int64_t count = coreArrays.Length();
-  if (!NeedLength(env, op, "coreRanks", ranks.length, count) || !NeedLength(env, op, "coreDiagonal", diagonal.length, count))
-    return env.Undefined();
   std::vector<const float*> cores;
-  for (int64_t c = 0; c < count; c++) {
-    const int64_t rank = ranks.data[c];
-    const std::string where = "soppu native loraCore: core " + std::to_string(c) + ": ";
-    if (rank < 1 || rank > stride) {
-      Fail(env, where + "rank " + std::to_string(rank) + " outside [1, stride " + std::to_string(stride) + "]");
-      return env.Undefined();
-    }
-    const Napi::Value value = coreArrays.Get(static_cast<uint32_t>(c));
-    napi_typedarray_type type;
-    size_t length = 0;
-    void* data = nullptr;
-    if (!value.IsTypedArray() || napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
-        type != napi_float32_array) {
-      Fail(env, where + "data must be a Float32Array");
-      return env.Undefined();
-    }
-    const int64_t needed = diagonal.data[c] ? rank : rank * rank;
-    if (static_cast<int64_t>(length) < needed) {
-      Fail(env, where + "data has " + std::to_string(length) + " elements, needs " + std::to_string(needed));
-      return env.Undefined();
-    }
-    cores.push_back(static_cast<const float*>(data));
-  }
-  for (int64_t r = 0; r < rows; r++) {
-    if (coreOfRow.data[r] < -1 || coreOfRow.data[r] >= count) {
-      Fail(env, "soppu native loraCore: row " + std::to_string(r) + " names core " + std::to_string(coreOfRow.data[r]) +
-                    " of " + std::to_string(count));
-      return env.Undefined();
-    }
-  }
+  if (!ReadCores(info, 6, op, stride, rows, coreOfRow, ranks, diagonal, &cores)) return env.Undefined();
   ParallelFor(rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
       const int32_t c = coreOfRow.data[r];
@@ -268,12 +293,84 @@ Napi::Value LoraCore(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+
+// loraApply(isa, y, n, x, k, rows, starts, ends, aWeights, aRanks, aDtypes, btWeights, btRanks, btDtypes,
+//           coreOfRow (Int32Array [rows], −1 = none), cores, coreRanks, coreDiagonal): per row tile of a segment, shrink → core → expand.
+Napi::Value LoraApply(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  const char* op = "loraApply";
+  ArrayArg<float> y, x;
+  ArrayArg<int32_t> coreOfRow, coreRanks, coreDiagonal;
+  int64_t n, k, rows;
+  if (!GetF32(info, 1, op, "y", &y) || !GetInt(info, 2, op, "n", 1, &n) || !GetF32(info, 3, op, "x", &x) ||
+      !GetInt(info, 4, op, "k", 1, &k) || !GetInt(info, 5, op, "rows", 0, &rows) ||
+      !NeedLength(env, op, "y", y.length, rows * n) || !NeedLength(env, op, "x", x.length, rows * k) ||
+      !GetI32(info, 14, op, "coreOfRow", &coreOfRow) || !GetI32(info, 16, op, "coreRanks", &coreRanks) ||
+      !GetI32(info, 17, op, "coreDiagonal", &coreDiagonal))
+    return env.Undefined();
+  // the a and bt lists share starts and ends
+  std::vector<Segment> shrink, expand;
+  if (!ReadSegmentsAt(info, {6, 7, 8, 9, 10}, op, "a", rows, kMaxApplyRank, k, &shrink) ||
+      !ReadSegmentsAt(info, {6, 7, 11, 12, 13}, op, "bt", rows, kMaxApplyRank, n, &expand))
+    return env.Undefined();
+  for (size_t s = 0; s < shrink.size(); s++)
+    if (shrink[s].rank != expand[s].rank) {
+      Fail(env, std::string("soppu native loraApply: segment ") + std::to_string(s) + ": a has rank " +
+                    std::to_string(shrink[s].rank) + ", bt has rank " + std::to_string(expand[s].rank));
+      return env.Undefined();
+    }
+  std::vector<const float*> cores;
+  if (!ReadCores(info, 15, op, kMaxApplyRank, rows, coreOfRow, coreRanks, coreDiagonal, &cores)) return env.Undefined();
+  for (const Segment& segment : shrink)
+    for (int64_t r = segment.start; r < segment.end; r++) {
+      const int32_t c = coreOfRow.data[r];
+      if (c >= 0 && coreRanks.data[c] != segment.rank) {
+        Fail(env, "soppu native loraApply: row " + std::to_string(r) + " has a core of rank " +
+                      std::to_string(coreRanks.data[c]) + ", its segment rank " + std::to_string(segment.rank));
+        return env.Undefined();
+      }
+    }
+  std::vector<size_t> firstTile;
+  const std::vector<Tile> tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &firstTile);
+  double flops = 0;
+  for (const Segment& segment : shrink) flops += 2.0 * static_cast<double>((segment.end - segment.start) * segment.rank * (k + n));
+  RunTiles(shrink, tiles, firstTile, flops < kInlineFlops, [&](const Tile& tile) {
+    const Segment& a = shrink[static_cast<size_t>(tile.segment)];
+    const Segment& bt = expand[static_cast<size_t>(tile.segment)];
+    const int64_t rank = a.rank, count = tile.r1 - tile.r0;
+    // t, u: [count ≤ 4, rank]; scratch: widened 16-bit factor rows
+    float* t = TileScratch(2 * kRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank), 1);
+    float* u = t + kRowTile * rank;
+    float* scratch = u + kRowTile * rank;
+    const float* xTile = x.data + tile.r0 * k;
+    float* yTile = y.data + tile.r0 * n;
+    for (int64_t j0 = 0; j0 < rank; j0 += kShrinkColumns)
+      SOPPU_DISPATCH(isa, ShrinkTileAny(t, rank, xTile, k, a.weights, a.dtype, 0, count, j0,
+                                        std::min(j0 + kShrinkColumns, rank), scratch));
+    for (int64_t q = 0; q < count; q++) {
+      const int32_t c = coreOfRow.data[tile.r0 + q];
+      if (c < 0) {
+        std::copy(t + q * rank, t + (q + 1) * rank, u + q * rank);
+        continue;
+      }
+      SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, cores[static_cast<size_t>(c)], rank, coreDiagonal.data[c] != 0));
+    }
+    for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
+      SOPPU_DISPATCH(isa, ExpandTileAny(yTile, n, u, rank, bt.weights, bt.dtype, rank, 0, count, o0,
+                                        std::min(o0 + kExpandColumns, n), scratch));
+  });
+  return env.Undefined();
+}
+
 }  // namespace
 
 void RegisterLora(Napi::Env env, Napi::Object exports) {
   exports.Set("loraShrink", Napi::Function::New(env, LoraShrink));
   exports.Set("loraExpand", Napi::Function::New(env, LoraExpand));
   exports.Set("loraCore", Napi::Function::New(env, LoraCore));
+  exports.Set("loraApply", Napi::Function::New(env, LoraApply));
 }
 
 }  // namespace soppu

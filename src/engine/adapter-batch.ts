@@ -1,10 +1,10 @@
 /**
  * Adapter batching: the AdapterHook of one forward step. Rows are ordered so that each adapter's
  * rows, and each cluster's compressed rows, are contiguous (see compareAdapters); per slot the hook
- * then runs
- *   raw adapters:        one loraShrink / loraExpand segment per adapter (A, (s·B)ᵀ)
- *   compressed adapters: ONE shared shrink per cluster segment (Vᵀ), a per-row loraCore (Σ),
- *                        ONE shared expand per cluster segment (Uᵀ)
+ * then runs one loraApply over
+ *   raw adapters:        one segment per adapter (A, (s·B)ᵀ)
+ *   compressed adapters: ONE segment per cluster run with the shared bases (Vᵀ, Uᵀ), and each
+ *                        row's own core Σ between shrink and expand
  * and leaves base rows (adapter 0) untouched. Every row's delta depends only on that row's x and
  * its own adapter, so batch composition never changes a request's result.
  */
@@ -30,17 +30,14 @@ export function compareAdapters(p: ResidentAdapter | null, q: ResidentAdapter | 
 interface SlotPlan {
   readonly inFeatures: number;
   readonly outFeatures: number;
-  /** Columns of the rank scratch (max rank over the segments). */
-  readonly stride: number;
-  /** Raw and shared-compressed shrink segments. */
-  readonly shrink: LoraSegment[];
-  readonly rawExpand: LoraSegment[];
-  readonly sharedExpand: LoraSegment[];
+  /** Raw adapter runs and compressed cluster runs, in row order. */
+  readonly segments: LoraSegment[];
+  readonly rawSegments: number;
   /** Per row: the compressed core, or undefined. */
   readonly cores: (LoraCore | undefined)[];
 }
 
-const EMPTY: SlotPlan = { inFeatures: 0, outFeatures: 0, stride: 0, shrink: [], rawExpand: [], sharedExpand: [], cores: [] };
+const EMPTY: SlotPlan = { inFeatures: 0, outFeatures: 0, segments: [], rawSegments: 0, cores: [] };
 
 /** Segment statistics of the last step, for tests and benchmarks. */
 export interface BatchSegmentCounts {
@@ -51,8 +48,10 @@ export interface BatchSegmentCounts {
 
 export class AdapterBatcher {
   private readonly kernels: KernelSet;
-  private shrinkScratch = new Float32Array(0);
-  private coreScratch = new Float32Array(0);
+  // the last step's rows and plans: a decode step usually has the same rows as the one before, and
+  // reusing its plans (and the kernels' checked form of them) saves rebuilding them per slot
+  private lastRows: readonly (ResidentAdapter | null)[] = [];
+  private lastPlans = new Map<string, SlotPlan>();
 
   constructor(kernels: KernelSet) {
     this.kernels = kernels;
@@ -63,9 +62,16 @@ export class AdapterBatcher {
    * when no row has an adapter, so the forward pass can skip the hook entirely.
    */
   hook(rowAdapters: readonly (ResidentAdapter | null)[], counts?: BatchSegmentCounts): AdapterHook | null {
-    if (!rowAdapters.some((a) => a !== null)) return null;
-    const plans = new Map<string, SlotPlan>();
+    if (!rowAdapters.some((a) => a !== null)) {
+      this.lastRows = []; // no step holds evicted adapters alive
+      this.lastPlans = new Map();
+      return null;
+    }
     const m = rowAdapters.length;
+    const same = m === this.lastRows.length && rowAdapters.every((adapter, r) => adapter === this.lastRows[r]);
+    const plans = same && !counts ? this.lastPlans : new Map<string, SlotPlan>();
+    this.lastRows = rowAdapters.slice();
+    this.lastPlans = plans;
     return (y: Float32Array, x: Float32Array, rows: number, layer: number, module: TargetModule): void => {
       if (rows !== m) throw new RangeError(`adapter hook: step has ${m} rows, forward passed ${rows}`);
       const key = slotKey(layer, module);
@@ -74,49 +80,34 @@ export class AdapterBatcher {
         plan = buildPlan(rowAdapters, key);
         plans.set(key, plan);
         if (counts) {
-          counts.rawSegments += plan.rawExpand.length;
-          counts.sharedSegments += plan.sharedExpand.length;
+          counts.rawSegments += plan.rawSegments;
+          counts.sharedSegments += plan.segments.length - plan.rawSegments;
           counts.coreRows += plan.cores.reduce((n, c) => n + (c ? 1 : 0), 0);
         }
       }
-      if (plan.shrink.length === 0) return;
-      const size = m * plan.stride;
-      if (this.shrinkScratch.length < size) this.shrinkScratch = new Float32Array(size);
-      // t: [M, stride]
-      const t = this.shrinkScratch;
-      this.kernels.loraShrink(t, plan.stride, x, plan.inFeatures, plan.shrink);
-      if (plan.rawExpand.length > 0) this.kernels.loraExpand(y, plan.outFeatures, t, plan.stride, plan.rawExpand);
-      if (plan.sharedExpand.length > 0) {
-        if (this.coreScratch.length < size) this.coreScratch = new Float32Array(size);
-        // core: [M, stride] = Σ · t per compressed row
-        const core = this.coreScratch;
-        this.kernels.loraCore(core, t, plan.stride, m, plan.cores);
-        this.kernels.loraExpand(y, plan.outFeatures, core, plan.stride, plan.sharedExpand);
-      }
+      if (plan.segments.length === 0) return;
+      // y: [M, outFeatures] += per row: x[r] · Aᵀ (· Σᵀ) · Bᵀ
+      this.kernels.loraApply(y, plan.outFeatures, x, plan.inFeatures, plan.segments, plan.cores);
     };
   }
 }
 
 function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string): SlotPlan {
-  const shrink: LoraSegment[] = [];
-  const rawExpand: LoraSegment[] = [];
-  const sharedExpand: LoraSegment[] = [];
+  const segments: LoraSegment[] = [];
   const cores: (LoraCore | undefined)[] = new Array<LoraCore | undefined>(rowAdapters.length);
+  let rawSegments = 0;
   let inFeatures = 0;
   let outFeatures = 0;
-  let stride = 0;
   // a run is one adapter's A (raw, by identity) or one cluster's bases (compressed, by key)
   let runOperand: object | string | null = null;
   let runStart = 0;
-  let runKind: 'raw' | 'compressed' = 'raw';
-  let runSegment: { a: LoraSegment['a']; bt: LoraSegment['bt'] } | null = null;
+  let runFactors: { a: LoraSegment['a']; bt: LoraSegment['bt'] } | null = null;
   const close = (end: number): void => {
-    if (!runSegment || runOperand === null) return;
-    const segment: LoraSegment = { start: runStart, end, a: runSegment.a, bt: runSegment.bt };
-    shrink.push(segment);
-    (runKind === 'raw' ? rawExpand : sharedExpand).push(segment);
+    if (!runFactors || runOperand === null) return;
+    segments.push({ start: runStart, end, a: runFactors.a, bt: runFactors.bt });
+    if (typeof runOperand !== 'string') rawSegments++;
     runOperand = null;
-    runSegment = null;
+    runFactors = null;
   };
   for (let r = 0; r < rowAdapters.length; r++) {
     const slot = rowAdapters[r]?.slots.get(key);
@@ -125,21 +116,18 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
       continue;
     }
     const operand = slot.kind === 'raw' ? slot.a : slot.bases.key;
+    const factors = slot.kind === 'raw' ? { a: slot.a, bt: slot.bt } : { a: slot.bases.a, bt: slot.bases.bt };
     if (operand !== runOperand) {
       close(r);
       runOperand = operand;
       runStart = r;
-      runKind = slot.kind;
-      runSegment = slot.kind === 'raw' ? { a: slot.a, bt: slot.bt } : { a: slot.bases.a, bt: slot.bases.bt };
+      runFactors = factors;
     }
     if (slot.kind === 'compressed') cores[r] = slot.core;
-    const a = slot.kind === 'raw' ? slot.a : slot.bases.a;
-    const bt = slot.kind === 'raw' ? slot.bt : slot.bases.bt;
-    inFeatures = a.cols;
-    outFeatures = bt.cols;
-    stride = Math.max(stride, slot.rank);
+    inFeatures = factors.a.cols;
+    outFeatures = factors.bt.cols;
   }
   close(rowAdapters.length);
-  if (shrink.length === 0) return EMPTY;
-  return { inFeatures, outFeatures, stride, shrink, rawExpand, sharedExpand, cores };
+  if (segments.length === 0) return EMPTY;
+  return { inFeatures, outFeatures, segments, rawSegments, cores };
 }

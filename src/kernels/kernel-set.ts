@@ -101,6 +101,21 @@ export interface KernelSet {
    * t, out: [M, stride]; out must not alias t.
    */
   loraCore(out: Float32Array, t: Float32Array, stride: number, rows: number, cores: readonly (LoraCore | null | undefined)[]): void;
+
+  /**
+   * The whole adapter delta of one linear layer in one call (what the forward pass runs per slot):
+   * for each segment s (a and bt both given, R = s.a.rows = s.bt.rows) and row r in [s.start, s.end):
+   *   t = s.a · x[r,:]            shrink (LoRA A, or a cluster's Vᵀ)
+   *   t = Σ_r · t                 when cores[r] is given (compressed rows; its rank must be R)
+   *   y[r,:] += tᵀ · s.bt         expand (scaled Bᵀ, or a cluster's Uᵀ)
+   * (x: [M, K]; y: [M, N]). Equal to loraShrink, loraCore and loraExpand in turn, but each row
+   * tile runs all three while its rank vector is in registers/L1, so a slot costs one dispatch.
+   * Rows outside every segment are not touched. An implementation may keep the checked form of a
+   * segments array between calls: once passed, do not mutate segments, cores or their members
+   * (build new arrays for a new batch).
+   */
+  loraApply(y: Float32Array, n: number, x: Float32Array, k: number, segments: readonly LoraSegment[],
+    cores: readonly (LoraCore | null | undefined)[]): void;
 }
 
 /** A contiguous run of batch rows that share one adapter (or one cluster's shared basis). */

@@ -1,6 +1,6 @@
 /**
  * The native non-matmul ops (rmsnorm, rope, softmax, logSumExp, siluMul, add, addBias, embedding, attention,
- * loraShrink, loraExpand, loraCore) bound to one ISA variant of the addon. Every op validates its
+ * loraShrink, loraExpand, loraCore, loraApply) bound to one ISA variant of the addon. Every op validates its
  * sizes and indices here and throws SoppuError('KERNEL') naming the op and the sizes before the
  * native call; the addon checks again (so native code never reads out of bounds) and any error it
  * raises is rethrown as the same SoppuError.
@@ -14,7 +14,7 @@ type NativeFunction = (...args: unknown[]) => void;
 
 /** The ops of this module, as KernelSet members. */
 export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'siluMul' | 'add' | 'addBias' | 'embedding'
-  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore'>;
+  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply'>;
 
 const DTYPE_INDEX = { f32: 0, bf16: 1, f16: 2 } as const;
 
@@ -193,35 +193,115 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
       checkInteger('loraCore', 'rows', rows, 0);
       checkLength('loraCore', 'out', out, rows * stride);
       checkLength('loraCore', 't', t, rows * stride);
-      const indexOf = new Map<LoraCore, number>();
-      const coreOfRow = new Int32Array(rows).fill(-1);
-      const data: Float32Array[] = [];
-      const ranks: number[] = [];
-      const diagonal: number[] = [];
-      for (let r = 0; r < rows; r++) {
-        const core = cores[r];
-        if (!core) continue;
-        let index = indexOf.get(core);
-        if (index === undefined) {
-          const needed = core.diagonal ? core.rank : core.rank * core.rank;
-          if (!Number.isInteger(core.rank) || core.rank < 1 || core.rank > stride) {
-            throw kernelError('loraCore', `row ${r}: core rank ${core.rank} outside [1, stride ${stride}]`, { limit: stride });
-          }
-          checkLength('loraCore', `core of row ${r}`, core.data, needed);
-          index = data.length;
-          indexOf.set(core, index);
-          data.push(core.data);
-          ranks.push(core.rank);
-          diagonal.push(core.diagonal ? 1 : 0);
-        }
-        coreOfRow[r] = index;
+      const flat = flattenCores('loraCore', cores, rows, stride);
+      if (flat.data.length === 0) return;
+      call('loraCore', loraCore, out, t, stride, rows, flat.coreOfRow, flat.data, flat.ranks, flat.diagonal);
+    };
+  }
+
+  const loraApply = fn('loraApply');
+  if (loraApply) {
+    // Checked, flattened arguments per segments array: the engine passes the same plan's arrays for
+    // every step whose batch is unchanged, and flattening costs as much as a small slot's kernel.
+    const applyCache = new WeakMap<readonly LoraSegment[], FlatApply>();
+    ops.loraApply = (y, n, x, k, segments, cores) => {
+      let flat = applyCache.get(segments);
+      if (!flat || flat.cores.source !== cores || flat.n !== n || flat.k !== k) {
+        flat = flattenApply(segments, cores, n, k);
+        applyCache.set(segments, flat);
       }
-      if (data.length === 0) return;
-      call('loraCore', loraCore, out, t, stride, rows, coreOfRow, data, Int32Array.from(ranks), Int32Array.from(diagonal));
+      checkLength('loraApply', 'y', y, flat.rows * n);
+      checkLength('loraApply', 'x', x, flat.rows * k);
+      try {
+        loraApply(variantIndex, y, n, x, k, flat.rows, flat.shrink.starts, flat.shrink.ends, flat.shrink.weights, flat.shrink.ranks,
+          flat.shrink.dtypes, flat.expand.weights, flat.expand.ranks, flat.expand.dtypes, flat.cores.coreOfRow, flat.cores.data,
+          flat.cores.ranks, flat.cores.diagonal);
+      } catch (e) {
+        if (e instanceof Error && !(e instanceof SoppuError)) throw kernelError('loraApply', e.message, { cause: e.message });
+        throw e;
+      }
     };
   }
 
   return ops;
+}
+
+/** The addon's loraApply rank limit (its per-thread rank vectors). */
+const MAX_APPLY_RANK = 4096;
+
+interface FlatApply {
+  readonly n: number;
+  readonly k: number;
+  readonly rows: number;
+  readonly shrink: FlatSegments;
+  readonly expand: FlatSegments;
+  /** The cores array this was flattened with, and its flat form. */
+  readonly cores: FlatCores & { readonly source: readonly (LoraCore | null | undefined)[] };
+}
+
+/** Checks loraApply's segments and cores (everything but y and x) and flattens them for the addon. */
+function flattenApply(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number)
+  : FlatApply & { readonly cores: FlatCores } {
+  checkInteger('loraApply', 'n', n, 1);
+  checkInteger('loraApply', 'k', k, 1);
+  const shrink = flattenSegments('loraApply', segments, 'a', (w) => w.cols === k && w.rows <= MAX_APPLY_RANK,
+    `[R <= ${MAX_APPLY_RANK}, k ${k}]`);
+  const expand = flattenSegments('loraApply', segments, 'bt', (w) => w.cols === n && w.rows <= MAX_APPLY_RANK,
+    `[R <= ${MAX_APPLY_RANK}, n ${n}]`);
+  for (let s = 0; s < segments.length; s++) {
+    if (shrink.ranks[s] !== expand.ranks[s]) {
+      throw kernelError('loraApply', `segment ${s}: a has rank ${shrink.ranks[s]}, bt has rank ${expand.ranks[s]}`);
+    }
+  }
+  const rows = shrink.rows;
+  const flatCores = flattenCores('loraApply', cores, rows, MAX_APPLY_RANK);
+  for (let s = 0; s < segments.length; s++) {
+    const segment = segments[s]!;
+    for (let r = segment.start; r < segment.end; r++) {
+      const index = flatCores.coreOfRow[r]!;
+      if (index >= 0 && flatCores.ranks[index] !== shrink.ranks[s]) {
+        throw kernelError('loraApply', `row ${r} has a core of rank ${flatCores.ranks[index]}, its segment rank ${shrink.ranks[s]}`);
+      }
+    }
+  }
+  return { n, k, rows, shrink, expand, cores: Object.assign(flatCores, { source: cores }) };
+}
+
+interface FlatCores {
+  /** Per row: index into data, or −1. */
+  coreOfRow: Int32Array;
+  data: Float32Array[];
+  ranks: Int32Array;
+  /** 1 when diagonal. */
+  diagonal: Int32Array;
+}
+
+/** Distinct cores of rows [0, rows) as flat arrays for the addon; checks every core's rank and length. */
+function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[], rows: number, maxRank: number): FlatCores {
+  const indexOf = new Map<LoraCore, number>();
+  const coreOfRow = new Int32Array(rows).fill(-1);
+  const data: Float32Array[] = [];
+  const ranks: number[] = [];
+  const diagonal: number[] = [];
+  for (let r = 0; r < rows; r++) {
+    const core = cores[r];
+    if (!core) continue;
+    let index = indexOf.get(core);
+    if (index === undefined) {
+      const needed = core.diagonal ? core.rank : core.rank * core.rank;
+      if (!Number.isInteger(core.rank) || core.rank < 1 || core.rank > maxRank) {
+        throw kernelError(op, `row ${r}: core rank ${core.rank} outside [1, ${maxRank}]`, { limit: maxRank });
+      }
+      checkLength(op, `core of row ${r}`, core.data, needed);
+      index = data.length;
+      indexOf.set(core, index);
+      data.push(core.data);
+      ranks.push(core.rank);
+      diagonal.push(core.diagonal ? 1 : 0);
+    }
+    coreOfRow[r] = index;
+  }
+  return { coreOfRow, data, ranks: Int32Array.from(ranks), diagonal: Int32Array.from(diagonal) };
 }
 
 interface FlatSegments {

@@ -43,7 +43,47 @@ it('the addon provides native LoRA segment ops in every supported variant', () =
     expect(set.loraShrink).not.toBe(refKernels.loraShrink);
     expect(set.loraExpand).not.toBe(refKernels.loraExpand);
     expect(set.loraCore).not.toBe(refKernels.loraCore);
+    expect(set.loraApply).not.toBe(refKernels.loraApply);
   }
+});
+
+/** Segments of a case with both factors, and per row a core: none, full or diagonal in turn. */
+function applyCase(rng: Random, spec: SegmentCase, dtype: 'f32' | 'bf16' | 'f16' = 'f32'): { segments: LoraSegment[]; cores: (LoraCore | undefined)[]; rows: number } {
+  const matrix = (rows: number, cols: number, std: number): WeightMatrix => {
+    const values = randomArray(rng, rows * cols, std);
+    if (dtype === 'f32') return weightMatrix('f32', rows, cols, offsetCopy(values));
+    const toBits = dtype === 'bf16' ? f32ToBf16 : f32ToF16;
+    return weightMatrix(dtype, rows, cols, offsetCopy(Uint16Array.from(values, toBits)));
+  };
+  const rows = rowsOf(spec.segments);
+  const cores: (LoraCore | undefined)[] = new Array<LoraCore | undefined>(rows);
+  const segments = spec.segments.map(([start, end, rank]) => {
+    for (let r = start; r < end; r++) {
+      const kind = r % 3;
+      if (kind === 1) cores[r] = { rank, diagonal: false, data: randomArray(rng, rank * rank, 0.5) };
+      if (kind === 2) cores[r] = { rank, diagonal: true, data: randomArray(rng, rank, 1) };
+    }
+    return { start, end, a: matrix(rank, spec.k, 1 / Math.sqrt(spec.k)), bt: matrix(rank, spec.n, 0.5) };
+  });
+  return { segments, cores, rows };
+}
+
+it('ref loraApply equals loraShrink, loraCore and loraExpand in turn', () => {
+  const rng = new Random(21);
+  const spec = CASES[0]!;
+  const { segments, cores, rows } = applyCase(rng, spec);
+  const stride = Math.max(...spec.segments.map((s) => s[2]));
+  const x = randomArray(rng, rows * spec.k);
+  const yStart = randomArray(rng, rows * spec.n);
+  const want = yStart.slice();
+  const t = new Float32Array(rows * stride);
+  refKernels.loraShrink(t, stride, x, spec.k, segments);
+  const u = t.slice(); // rows without a core pass t through
+  refKernels.loraCore(u, t, stride, rows, cores);
+  refKernels.loraExpand(want, spec.n, u, stride, segments);
+  const got = yStart.slice();
+  refKernels.loraApply(got, spec.n, x, spec.k, segments, cores);
+  expectClose(got, want, 1e-5, 'ref loraApply');
 });
 
 describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs ref', (_name, native) => {
@@ -136,6 +176,54 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     native.loraCore(out, offsetCopy(t), stride, rows, cores);
     expectClose(out, want, TOLERANCE, 'loraCore');
     expectRowsUntouched(out, outStart, stride, [1, 4, 6], 'loraCore');
+  });
+
+  it.each(CASES.map((c) => [c.name, c] as const))('loraApply (shrink, core, expand in one call): %s', (_caseName, spec) => {
+    const rng = new Random(13);
+    const { segments, cores, rows } = applyCase(rng, spec);
+    const x = randomArray(rng, rows * spec.k);
+    const yStart = randomArray(rng, rows * spec.n);
+    const want = yStart.slice();
+    refKernels.loraApply(want, spec.n, x, spec.k, segments, cores);
+    const y = offsetCopy(yStart);
+    native.loraApply(y, spec.n, offsetCopy(x), spec.k, segments, cores);
+    expectClose(y, want, TOLERANCE, 'loraApply');
+    expectRowsUntouched(y, yStart, spec.n, gapRows(spec.segments, rows), 'loraApply');
+  });
+
+  it.each(['bf16', 'f16'] as const)('loraApply with %s factors, overlapping segments and many segments', (dtype) => {
+    const rng = new Random(17);
+    const spec: SegmentCase = { name: dtype, k: 70, n: 150, segments: [[0, 6, 4], [3, 9, 4], [9, 10, 19], ...Array.from({ length: 20 }, (_, i) => [10 + i, 11 + i, 3] as [number, number, number])] };
+    const { segments, cores, rows } = applyCase(rng, spec, dtype);
+    const x = randomArray(rng, rows * spec.k);
+    const yStart = randomArray(rng, rows * spec.n);
+    const want = yStart.slice();
+    refKernels.loraApply(want, spec.n, x, spec.k, segments, cores);
+    const y = offsetCopy(yStart);
+    native.loraApply(y, spec.n, x, spec.k, segments, cores);
+    expectClose(y, want, TOLERANCE, `${dtype} loraApply`);
+  });
+
+  it('loraApply rejects a core whose rank is not its segment rank, and factors of different ranks', () => {
+    const rng = new Random(3);
+    const a = f32Matrix(rng, 4, 10, 1);
+    const bt = f32Matrix(rng, 4, 6, 1);
+    const y = new Float32Array(2 * 6);
+    const x = new Float32Array(2 * 10);
+    const run = (segments: LoraSegment[], cores: (LoraCore | undefined)[]): string => {
+      try {
+        native.loraApply(y, 6, x, 10, segments, cores);
+        return 'accepted';
+      } catch (e) {
+        expect(isSoppuError(e, 'KERNEL')).toBe(true);
+        return (e as Error).message;
+      }
+    };
+    expect(run([{ start: 0, end: 2, a, bt }], [undefined, { rank: 3, diagonal: true, data: new Float32Array(3) }]))
+      .toMatch(/loraApply: row 1 has a core of rank 3, its segment rank 4/);
+    expect(run([{ start: 0, end: 2, a, bt: f32Matrix(rng, 5, 6, 1) }], [])).toMatch(/loraApply: segment 0: a has rank 4, bt has rank 5/);
+    expect(run([{ start: 0, end: 2, a }], [])).toMatch(/loraApply: segment 0 has no bt/);
+    expect(run([{ start: 0, end: 3, a, bt }], [])).toMatch(/loraApply: y has 12 elements, needs 18/);
   });
 
   it('rejects mismatched factors, rows beyond the arrays and missing factors with KERNEL errors', () => {

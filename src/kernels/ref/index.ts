@@ -7,7 +7,7 @@ import { matmul } from './matmul.js';
 import { gemm } from './gemm.js';
 import { add, addBias, embedding, logSumExp, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
 import { attention } from './attention.js';
-import { loraCore, loraExpand, loraShrink } from './lora.js';
+import { loraApply, loraCore, loraExpand, loraShrink } from './lora.js';
 
 export { ropeInvFreq, type RopeScaling } from './rope-inv-freq.js';
 
@@ -28,4 +28,5 @@ export const refKernels: KernelSet = {
   loraShrink,
   loraExpand,
   loraCore,
+  loraApply,
 };

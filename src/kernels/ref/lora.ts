@@ -48,3 +48,42 @@ export function loraCore(out: Float32Array, t: Float32Array, stride: number, row
     }
   }
 }
+
+// y: [M, n]; x: [M, k]; segment.a: [R, k]; segment.bt: [R, n]; cores[r]: [R, R] or [R]
+export function loraApply(y: Float32Array, n: number, x: Float32Array, k: number, segments: readonly LoraSegment[],
+  cores: readonly (LoraCore | null | undefined)[]): void {
+  for (const segment of segments) {
+    const { a, bt } = segment;
+    if (!a || !bt) throw new TypeError('loraApply: segment without a or bt');
+    if (a.rows !== bt.rows) throw new TypeError(`loraApply: a has rank ${a.rows}, bt has rank ${bt.rows}`);
+    const rank = a.rows;
+    for (let r = segment.start; r < segment.end; r++) {
+      const t = new Float64Array(rank);
+      for (let j = 0; j < rank; j++) {
+        let sum = 0;
+        for (let c = 0; c < k; c++) sum += x[r * k + c]! * weightAt(a, j, c);
+        t[j] = sum;
+      }
+      const core = cores[r];
+      let u = t;
+      if (core) {
+        if (core.rank !== rank) throw new TypeError(`loraApply: row ${r} has a core of rank ${core.rank}, its segment rank ${rank}`);
+        u = new Float64Array(rank);
+        for (let i = 0; i < rank; i++) {
+          if (core.diagonal) {
+            u[i] = core.data[i]! * t[i]!;
+            continue;
+          }
+          let sum = 0;
+          for (let j = 0; j < rank; j++) sum += core.data[i * rank + j]! * t[j]!;
+          u[i] = sum;
+        }
+      }
+      for (let o = 0; o < n; o++) {
+        let sum = 0;
+        for (let j = 0; j < rank; j++) sum += u[j]! * weightAt(bt, j, o);
+        y[r * n + o] = y[r * n + o]! + sum;
+      }
+    }
+  }
+}
