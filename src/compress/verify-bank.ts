@@ -33,15 +33,17 @@ export interface VerifiedAdapter {
 /**
  * Hook for comparing the model's next-token behaviour with the original adapter and with the bank's
  * version (needs the engine, which compress may not import: the CLI's `verify --model` supplies it).
- * On the original's greedy continuation: gap = log p_original(token) − log p_bank(token) per token (its
- * mean estimates KL(original ‖ bank) along that path); agreement = share of positions where the bank's
- * own greedy continuation picks the same token.
+ * On the original's greedy continuation, teacher-forced (both models see the same context at every
+ * position): KL(original ‖ bank) of the whole next-token distributions, the share of positions whose
+ * most likely token agrees, and gap = log p_original(token) − log p_bank(token) of the original's token.
  */
 export interface ModelCheckResult {
   readonly tokens: number;
+  readonly meanKl: number;
+  readonly maxKl: number;
+  readonly top1Agreement: number;
   readonly meanLogprobGap: number;
   readonly maxLogprobGap: number;
-  readonly top1Agreement: number;
 }
 export type ModelCheck = (bank: Bank, id: string, source: LoraAdapter | null) => Promise<ModelCheckResult>;
 

@@ -36,6 +36,11 @@ export interface GenerateRequest {
   readonly topAlternatives?: number;
   /** Also return the prompt tokens' logprobs. */
   readonly prefillDetails?: boolean;
+  /**
+   * With prefillDetails: also return, after each prompt position, the whole next-token
+   * log-probability vector (vocab floats per position; for verification, not for serving).
+   */
+  readonly prefillDistributions?: boolean;
   /** Cancels the request; its rows and KV blocks are freed at the next step. */
   readonly signal?: AbortSignal;
 }
@@ -64,6 +69,8 @@ export type GenerateEvent =
       readonly generatedTokens: number;
       readonly seed: number | null;
       readonly prefill?: readonly TokenInfo[];
+      /** With prefillDistributions: log p(· | prompt[0..p]) for every prompt position p. */
+      readonly prefillDistributions?: readonly Float32Array[];
     };
 
 export interface AdapterStatus {

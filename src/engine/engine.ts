@@ -87,6 +87,7 @@ class RequestState implements ScheduledSequence {
   started = false;
   finished = false;
   prefill: TokenInfo[] | null;
+  distributions: Float32Array[] | null;
 
   constructor(id: number, prompt: number[], request: GenerateRequest, entry: AdapterEntry | null, sampler: Sampler, tokenizer: EngineTokenizer) {
     this.id = id;
@@ -98,6 +99,7 @@ class RequestState implements ScheduledSequence {
     this.decoder = new IncrementalDecoder(tokenizer);
     this.stops = (request.stop ?? []).filter((s) => s.length > 0);
     this.prefill = request.prefillDetails ? [] : null;
+    this.distributions = request.prefillDetails && request.prefillDistributions ? [] : null;
   }
 
   ready(): boolean {
@@ -300,6 +302,7 @@ class SoppuEngine implements Engine {
         generatedTokens: state.generated,
         seed: state.sampler.settings.sample ? state.sampler.seed : null,
         ...(state.prefill ? { prefill: state.prefill } : {}),
+        ...(state.distributions ? { prefillDistributions: state.distributions } : {}),
       });
       state.queue.close();
     } else {
@@ -421,6 +424,13 @@ class SoppuEngine implements Engine {
     const prefill = state.prefill!;
     const vocab = this.config.vocabSize;
     if (entry.start === 0) prefill.push(this.tokenInfo(state.tokens[0]!, Number.NaN));
+    for (let i = 0; i < entry.count && state.distributions; i++) {
+      if (entry.start + i >= state.promptLength) break;
+      // distribution: [vocab] = logits − logsumexp(logits)
+      const row = logits.subarray(rows[i]! * vocab, (rows[i]! + 1) * vocab);
+      const normalizer = this.normalizer(row);
+      state.distributions.push(row.map((value) => value - normalizer));
+    }
     for (let i = 0; i < entry.count; i++) {
       const position = entry.start + i + 1;
       if (position >= state.promptLength) break;

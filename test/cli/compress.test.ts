@@ -143,7 +143,7 @@ describe('soppu compress / bank / verify / export / report', () => {
     expect(entry.errorBasis).toBe('bound');
   });
 
-  it('verify --model compares greedy continuations: an exact bank agrees token for token', async () => {
+  it('verify --model compares next-token distributions (KL, top-1): an exact bank agrees, a lossy one does not', async () => {
     const modelDir = join(root, 'model');
     await generateModel({ out: modelDir, shape: 'tiny', seed: 3 });
     const bank = join(root, 'exact-bank');
@@ -158,6 +158,8 @@ describe('soppu compress / bank / verify / export / report', () => {
     for (const a of withCheck) {
       expect(a.modelCheck.tokens).toBe(18);
       expect(a.modelCheck.top1Agreement).toBe(1);
+      expect(a.modelCheck.meanKl).toBeGreaterThanOrEqual(0);
+      expect(a.modelCheck.maxKl).toBeLessThan(1e-5);
       expect(Math.abs(a.modelCheck.meanLogprobGap)).toBeLessThan(1e-3);
     }
     const lossy = join(root, 'lossy-bank');
@@ -165,6 +167,8 @@ describe('soppu compress / bank / verify / export / report', () => {
     const lossyReport = JSON.parse((await runCli(['verify', lossy, '--adapters', family[0]!, '--model', modelDir, '--tokens', '6', '--json'])).stdout);
     const lossyCheck = lossyReport.adapters.find((a: { id: string }) => a.id === 'user-0000').modelCheck;
     expect(lossyCheck.tokens).toBe(18);
+    expect(lossyCheck.meanKl).toBeGreaterThan(1e-3);
+    expect(lossyCheck.maxKl).toBeGreaterThanOrEqual(lossyCheck.meanKl);
     expect(lossyCheck.meanLogprobGap).toBeGreaterThan(0.01);
     expect(lossyCheck.top1Agreement).toBeLessThan(1);
   }, 60_000);

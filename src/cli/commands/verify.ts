@@ -16,46 +16,71 @@ function formatError(e: number): string {
 /** Fixed prompts for the model check (deterministic: greedy decoding). */
 const CHECK_PROMPTS = ['The quick brown fox', 'Hello, how are you today?', 'Each user may bring their own adapter'];
 
-async function run(engine: Engine, request: Parameters<Engine['generate']>[0]): Promise<{ tokens: number[]; logprobs: number[]; prefill: number[] }> {
+async function run(engine: Engine, request: Parameters<Engine['generate']>[0])
+  : Promise<{ tokens: number[]; distributions: readonly Float32Array[] }> {
   const tokens: number[] = [];
-  const logprobs: number[] = [];
-  let prefill: number[] = [];
+  let distributions: readonly Float32Array[] = [];
   for await (const event of engine.generate(request) as AsyncIterable<GenerateEvent>) {
-    if (event.type === 'token') {
-      tokens.push(event.token.id);
-      logprobs.push(event.token.logprob);
-    } else if (event.prefill) {
-      prefill = event.prefill.map((t) => t.logprob);
-    }
+    if (event.type === 'token') tokens.push(event.token.id);
+    else distributions = event.prefillDistributions ?? [];
   }
-  return { tokens, logprobs, prefill };
+  return { tokens, distributions };
+}
+
+function argmax(values: Float32Array): number {
+  let best = 0;
+  for (let i = 1; i < values.length; i++) if (values[i]! > values[best]!) best = i;
+  return best;
+}
+
+/** KL(p ‖ q) of two log-probability vectors. */
+function klDivergence(logP: Float32Array, logQ: Float32Array): number {
+  let sum = 0;
+  for (let i = 0; i < logP.length; i++) {
+    const p = Math.exp(logP[i]!);
+    if (p > 0) sum += p * (logP[i]! - logQ[i]!);
+  }
+  return Math.max(0, sum);
 }
 
 /**
- * The model check behind `verify --model`: greedy continuations of fixed prompts with the original
- * adapter (served raw from its directory) and with the bank's version; the bank's logprobs of the
- * original's tokens come from one teacher-forced prefill.
+ * The model check behind `verify --model`: the original adapter (served raw from its directory)
+ * continues fixed prompts greedily; then the prompt plus that continuation is scored in one
+ * teacher-forced prefill by the original and by the bank's version, and their next-token
+ * distributions are compared at every continuation position.
  */
 export function engineModelCheck(engine: Engine, newTokens: number): ModelCheck {
   return async (_bank: Bank, id: string, source: LoraAdapter | null): Promise<ModelCheckResult> => {
-    if (!source) return { tokens: 0, meanLogprobGap: Number.NaN, maxLogprobGap: Number.NaN, top1Agreement: Number.NaN };
-    let count = 0, gapSum = 0, gapMax = 0, agree = 0;
+    if (!source) {
+      return { tokens: 0, meanKl: Number.NaN, maxKl: Number.NaN, top1Agreement: Number.NaN, meanLogprobGap: Number.NaN, maxLogprobGap: Number.NaN };
+    }
+    const original = { adapterId: `verify-source:${id}`, adapterSource: 'local', adapterPath: source.source } as const;
+    const fromBank = { adapterId: id, adapterSource: 'bank' } as const;
+    let count = 0, klSum = 0, klMax = 0, gapSum = 0, gapMax = 0, agree = 0;
     for (const text of CHECK_PROMPTS) {
       const prompt = engine.tokenize(text).ids;
-      const common = { maxNewTokens: newTokens, ignoreEos: true } as const;
-      const original = await run(engine, { ...common, prompt, adapterId: `verify-source:${id}`, adapterSource: 'local', adapterPath: source.source });
-      const fromBank = await run(engine, { ...common, prompt, adapterId: id, adapterSource: 'bank' });
-      const forced = await run(engine, { prompt: [...prompt, ...original.tokens], maxNewTokens: 1, adapterId: id, adapterSource: 'bank', prefillDetails: true });
-      const bankLogprobs = forced.prefill.slice(prompt.length);
-      for (let i = 0; i < original.tokens.length; i++) {
-        const gap = original.logprobs[i]! - (bankLogprobs[i] ?? Number.NEGATIVE_INFINITY);
+      const continuation = (await run(engine, { prompt, maxNewTokens: newTokens, ignoreEos: true, ...original })).tokens;
+      const scored = { prompt: [...prompt, ...continuation], maxNewTokens: 1, ignoreEos: true, prefillDetails: true, prefillDistributions: true } as const;
+      const p = (await run(engine, { ...scored, ...original })).distributions;
+      const q = (await run(engine, { ...scored, ...fromBank })).distributions;
+      // the distribution after position prompt.length − 1 + i predicts continuation token i
+      for (let i = 0; i < continuation.length; i++) {
+        const logP = p[prompt.length - 1 + i];
+        const logQ = q[prompt.length - 1 + i];
+        if (!logP || !logQ) throw new SoppuError('INTERNAL', `verify --model: no distribution for position ${prompt.length - 1 + i}`);
+        const kl = klDivergence(logP, logQ);
+        klSum += kl;
+        klMax = Math.max(klMax, kl);
+        const token = continuation[i]!;
+        const gap = logP[token]! - logQ[token]!;
         gapSum += gap;
         gapMax = Math.max(gapMax, Math.abs(gap));
-        if (fromBank.tokens[i] === original.tokens[i]) agree++;
+        if (argmax(logQ) === argmax(logP)) agree++;
         count++;
       }
     }
-    return { tokens: count, meanLogprobGap: count ? gapSum / count : 0, maxLogprobGap: gapMax, top1Agreement: count ? agree / count : 1 };
+    const mean = (sum: number): number => (count ? sum / count : 0);
+    return { tokens: count, meanKl: mean(klSum), maxKl: klMax, top1Agreement: count ? agree / count : 1, meanLogprobGap: mean(gapSum), maxLogprobGap: gapMax };
   };
 }
 
@@ -109,7 +134,7 @@ export function register(program: Command): void {
         process.stdout.write(`${report.adapters.length} adapters, budget ${report.maxErrorBudget ?? 'none'}; errors ${sources.size > 0 ? `measured against ${sources.size} original(s)` : 'as recorded'} (worst first)\n`);
         for (const a of report.adapters) {
           const check = a.modelCheck && a.modelCheck.tokens > 0
-            ? `  model: top-1 agreement ${(100 * a.modelCheck.top1Agreement).toFixed(1)}%, logprob gap mean ${a.modelCheck.meanLogprobGap.toFixed(4)} max ${a.modelCheck.maxLogprobGap.toFixed(4)} over ${a.modelCheck.tokens} tokens`
+            ? `  model: KL mean ${a.modelCheck.meanKl.toExponential(2)} max ${a.modelCheck.maxKl.toExponential(2)}, top-1 agreement ${(100 * a.modelCheck.top1Agreement).toFixed(1)}%, logprob gap mean ${a.modelCheck.meanLogprobGap.toFixed(4)} over ${a.modelCheck.tokens} tokens`
             : '';
           process.stdout.write(`${a.overBudget ? 'OVER' : 'ok  '} ${a.id}  cluster ${a.cluster}  max ${formatError(a.maxError)}  mean ${formatError(a.meanError)}  [${a.basis}]${check}\n`);
           for (const s of [...a.slots].sort((x, y) => y.relativeError - x.relativeError).slice(0, a.overBudget ? a.slots.length : 3)) {
