@@ -41,6 +41,9 @@ namespace soppu {
 namespace {
 
 constexpr int64_t kRowTile = 4;
+#ifndef SOPPU_APPLY_ROW_TILE
+#define SOPPU_APPLY_ROW_TILE 8
+#endif
 
 struct Segment {
   int64_t start, end, rank;
@@ -52,6 +55,9 @@ constexpr int64_t kShrinkColumns = 16;  // j per shrink tile
 constexpr int64_t kExpandColumns = 128; // outputs per expand tile
 constexpr int64_t kMaxApplyRank = 4096; // loraApply's rank limit (its per-thread rank vectors)
 constexpr double kInlineFlops = 2e5;    // loraApply below this runs on the calling thread
+// loraApply rows per tile: each tile reads its segment's factors once (from memory, in a decode step)
+// and works through them four rows at a time from L1, so larger tiles cut factor traffic
+constexpr int64_t kApplyRowTile = SOPPU_APPLY_ROW_TILE;
 
 struct Tile {
   int64_t segment, r0, r1, c0, c1;  // rows [r0, r1), columns (j or o) [c0, c1)
@@ -167,14 +173,14 @@ bool Disjoint(const std::vector<Segment>& segments) {
 // Tiles of every segment, in segment order; columns [0, columns(segment)) in tiles of columnTile.
 template <typename Columns>
 std::vector<Tile> MakeTiles(const std::vector<Segment>& segments, int64_t columnTile, Columns columns,
-                            std::vector<size_t>* segmentFirstTile) {
+                            std::vector<size_t>* segmentFirstTile, int64_t rowTile = kRowTile) {
   std::vector<Tile> tiles;
   for (size_t s = 0; s < segments.size(); s++) {
     segmentFirstTile->push_back(tiles.size());
     const int64_t total = columns(segments[s]);
-    for (int64_t r = segments[s].start; r < segments[s].end; r += kRowTile)
+    for (int64_t r = segments[s].start; r < segments[s].end; r += rowTile)
       for (int64_t c = 0; c < total; c += columnTile)
-        tiles.push_back(Tile{static_cast<int64_t>(s), r, std::min(r + kRowTile, segments[s].end), c,
+        tiles.push_back(Tile{static_cast<int64_t>(s), r, std::min(r + rowTile, segments[s].end), c,
                              std::min(c + columnTile, total)});
   }
   segmentFirstTile->push_back(tiles.size());
@@ -333,7 +339,7 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
       }
     }
   std::vector<size_t> firstTile;
-  const std::vector<Tile> tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &firstTile);
+  const std::vector<Tile> tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &firstTile, kApplyRowTile);
   double flops = 0;
   for (const Segment& segment : shrink) flops += 2.0 * static_cast<double>((segment.end - segment.start) * segment.rank * (k + n));
   RunTiles(shrink, tiles, firstTile, flops < kInlineFlops, [&](const Tile& tile) {
@@ -341,9 +347,9 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
     const Segment& bt = expand[static_cast<size_t>(tile.segment)];
     const int64_t rank = a.rank, count = tile.r1 - tile.r0;
     // t, u: [count ≤ 4, rank]; scratch: widened 16-bit factor rows
-    float* t = TileScratch(2 * kRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank), 1);
-    float* u = t + kRowTile * rank;
-    float* scratch = u + kRowTile * rank;
+    float* t = TileScratch(2 * kApplyRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank), 1);
+    float* u = t + kApplyRowTile * rank;
+    float* scratch = u + kApplyRowTile * rank;
     const float* xTile = x.data + tile.r0 * k;
     float* yTile = y.data + tile.r0 * n;
     for (int64_t j0 = 0; j0 < rank; j0 += kShrinkColumns)
