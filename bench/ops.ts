@@ -55,6 +55,17 @@ function describeCase(c: Case): string {
   }
 }
 
+/** c.segments equal runs of rows, each with its own f32 factors A [R, K] and Bᵀ [R, N]. */
+function equalSegments(c: { rows: number; segments: number; rank: number; k: number; n: number },
+  normal: (n: number, std?: number) => Float32Array): LoraSegment[] {
+  const per = c.rows / c.segments;
+  return Array.from({ length: c.segments }, (_, s) => ({
+    start: s * per, end: (s + 1) * per,
+    a: weightMatrix('f32', c.rank, c.k, normal(c.rank * c.k, 0.02)),
+    bt: weightMatrix('f32', c.rank, c.n, normal(c.rank * c.n, 0.02)),
+  }));
+}
+
 /** A closure running the op once with `kernels` on data built from `rng`. */
 function prepare(c: Case, rng: Random): (kernels: KernelSet) => void {
   const normal = (n: number, std = 1): Float32Array => rng.fillNormal(new Float32Array(n), std);
@@ -97,12 +108,7 @@ function prepare(c: Case, rng: Random): (kernels: KernelSet) => void {
     }
     case 'loraShrink':
     case 'loraExpand': {
-      const per = c.rows / c.segments;
-      const segments: LoraSegment[] = Array.from({ length: c.segments }, (_, s) => ({
-        start: s * per, end: (s + 1) * per,
-        a: weightMatrix('f32', c.rank, c.k, normal(c.rank * c.k, 0.02)),
-        bt: weightMatrix('f32', c.rank, c.n, normal(c.rank * c.n, 0.02)),
-      }));
+      const segments = equalSegments(c, normal);
       const x = normal(c.rows * c.k);
       const t = normal(c.rows * c.rank);
       const y = normal(c.rows * c.n);
@@ -111,12 +117,7 @@ function prepare(c: Case, rng: Random): (kernels: KernelSet) => void {
         : (k) => k.loraExpand(y, c.n, t, c.rank, segments);
     }
     case 'loraApply': {
-      const per = c.rows / c.segments;
-      const segments: LoraSegment[] = Array.from({ length: c.segments }, (_, s) => ({
-        start: s * per, end: (s + 1) * per,
-        a: weightMatrix('f32', c.rank, c.k, normal(c.rank * c.k, 0.02)),
-        bt: weightMatrix('f32', c.rank, c.n, normal(c.rank * c.n, 0.02)),
-      }));
+      const segments = equalSegments(c, normal);
       const cores: LoraCore[] = c.cores ? Array.from({ length: c.rows }, () => ({ rank: c.rank, diagonal: false, data: normal(c.rank * c.rank) })) : [];
       const x = normal(c.rows * c.k);
       const y = normal(c.rows * c.n);
