@@ -110,4 +110,36 @@ describe('adapter batching', () => {
     expect(Array.from(y.subarray(32, 64)).some((v) => v !== 0.5)).toBe(true);
     expect(new AdapterBatcher(kernels).hook([null, null])).toBeNull();
   });
+
+  it('reuses a slot plan while the rows are unchanged, and rebuilds it when any row changes', () => {
+    const shape = slotShapeOf(model.config);
+    const first = residentFromLora('first', randomLora(model.config, 31), shape);
+    const second = residentFromLora('second', randomLora(model.config, 32), shape);
+    const reloaded = residentFromLora('first', randomLora(model.config, 33), shape); // same id, new weights
+    const seen: (readonly unknown[])[] = [];
+    const spy = { ...kernels, loraApply: (...args: Parameters<typeof kernels.loraApply>) => {
+      seen.push(args[4]);
+      kernels.loraApply(...args);
+    } };
+    const batcher = new AdapterBatcher(spy);
+    const { inFeatures, outFeatures } = shape(0, 'q_proj')!;
+    const step = (rows: (ResidentAdapter | null)[]): { segments: readonly unknown[]; y: Float32Array } => {
+      const x = new Float32Array(rows.length * inFeatures).map((_, i) => Math.cos(i));
+      const y = new Float32Array(rows.length * outFeatures);
+      batcher.hook(rows)!(y, x, rows.length, 0, 'q_proj');
+      return { segments: seen[seen.length - 1]!, y };
+    };
+    const a = step([first, null, second]);
+    const b = step([first, null, second]);
+    expect(b.segments).toBe(a.segments); // same plan object: not rebuilt
+    expect(Array.from(b.y)).toEqual(Array.from(a.y));
+    const c = step([reloaded, null, second]); // a hot-reloaded adapter is a new object
+    expect(c.segments).not.toBe(a.segments);
+    expect(Array.from(c.y.subarray(0, outFeatures))).not.toEqual(Array.from(a.y.subarray(0, outFeatures)));
+    expect(Array.from(c.y.subarray(2 * outFeatures))).toEqual(Array.from(a.y.subarray(2 * outFeatures)));
+    const d = step([first, second]); // fewer rows
+    expect(d.segments).not.toBe(c.segments);
+    expect(batcher.hook([null])).toBeNull(); // an adapter-free step drops the remembered rows
+    expect(step([first, second]).segments).not.toBe(d.segments);
+  });
 });

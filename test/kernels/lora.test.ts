@@ -204,6 +204,21 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expectClose(y, want, TOLERANCE, `${dtype} loraApply`);
   });
 
+  it('loraApply called again with the same segments array and new cores uses the new cores', () => {
+    const rng = new Random(19);
+    const spec = CASES[1]!;
+    const first = applyCase(rng, spec);
+    const otherCores = first.cores.map((core) => core && { ...core, data: randomArray(rng, core.data.length, 0.5) });
+    const x = randomArray(rng, first.rows * spec.k);
+    for (const cores of [first.cores, otherCores, first.cores]) {
+      const want = new Float32Array(first.rows * spec.n);
+      refKernels.loraApply(want, spec.n, x, spec.k, first.segments, cores);
+      const y = new Float32Array(first.rows * spec.n);
+      native.loraApply(y, spec.n, x, spec.k, first.segments, cores);
+      expectClose(y, want, TOLERANCE, 'loraApply with swapped cores');
+    }
+  });
+
   it('loraApply rejects a core whose rank is not its segment rank, and factors of different ranks', () => {
     const rng = new Random(3);
     const a = f32Matrix(rng, 4, 10, 1);
