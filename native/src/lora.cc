@@ -299,9 +299,9 @@ Napi::Value LoraCore(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-
 // loraApply(isa, y, n, x, k, rows, starts, ends, aWeights, aRanks, aDtypes, btWeights, btRanks, btDtypes,
-//           coreOfRow (Int32Array [rows], −1 = none), cores, coreRanks, coreDiagonal): per row tile of a segment, shrink → core → expand.
+//           coreOfRow (Int32Array [rows], −1 = none), cores, coreRanks, coreDiagonal): per row tile of a
+//           segment, shrink → core → expand.
 Napi::Value LoraApply(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
   const Isa isa = IsaFromArg(info[0]);
@@ -346,7 +346,7 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
     const Segment& a = shrink[static_cast<size_t>(tile.segment)];
     const Segment& bt = expand[static_cast<size_t>(tile.segment)];
     const int64_t rank = a.rank, count = tile.r1 - tile.r0;
-    // t, u: [count ≤ 4, rank]; scratch: widened 16-bit factor rows
+    // t, u: [count ≤ kApplyRowTile, rank]; scratch: widened 16-bit factor rows
     float* t = TileScratch(2 * kApplyRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank), 1);
     float* u = t + kApplyRowTile * rank;
     float* scratch = u + kApplyRowTile * rank;
