@@ -415,28 +415,27 @@ class SoppuEngine implements Engine {
     };
   }
 
-  private logSoftmaxAt(row: Float32Array, id: number): number {
-    return row[id]! - this.normalizer(row);
-  }
-
-  /** Prompt logprobs: logits of row p − 1 score prompt token p (the first token has none). */
+  /**
+   * Prompt logprobs: logits of row p − 1 score prompt token p (the first token has none); with
+   * prefillDistributions, also the whole log-softmax of every prompt row.
+   */
   private recordPrefill(state: RequestState, entry: StepEntry<RequestState>, logits: Float32Array, rows: readonly number[]): void {
     const prefill = state.prefill!;
     const vocab = this.config.vocabSize;
     if (entry.start === 0) prefill.push(this.tokenInfo(state.tokens[0]!, Number.NaN));
-    for (let i = 0; i < entry.count && state.distributions; i++) {
+    for (let i = 0; i < entry.count; i++) {
       if (entry.start + i >= state.promptLength) break;
-      // distribution: [vocab] = logits − logsumexp(logits)
+      const position = entry.start + i + 1;
+      const wantsLogprob = position < state.promptLength;
+      if (!wantsLogprob && !state.distributions) break;
+      // row: [vocab]; log-softmax = row − logsumexp(row), the normalizer computed once per row
       const row = logits.subarray(rows[i]! * vocab, (rows[i]! + 1) * vocab);
       const normalizer = this.normalizer(row);
-      state.distributions.push(row.map((value) => value - normalizer));
-    }
-    for (let i = 0; i < entry.count; i++) {
-      const position = entry.start + i + 1;
-      if (position >= state.promptLength) break;
-      const row = rows[i]!;
-      const id = state.tokens[position]!;
-      prefill.push(this.tokenInfo(id, this.logSoftmaxAt(logits.subarray(row * vocab, (row + 1) * vocab), id)));
+      if (state.distributions) state.distributions.push(row.map((value) => value - normalizer));
+      if (wantsLogprob) {
+        const id = state.tokens[position]!;
+        prefill.push(this.tokenInfo(id, row[id]! - normalizer));
+      }
     }
   }
 
@@ -601,7 +600,6 @@ class SoppuEngine implements Engine {
   }
 }
 
-/** log-softmax of `row` at `id`. */
 /** The base linear shapes adapters must match. */
 export function slotShapeOf(config: LlamaConfig): SlotShape {
   const dModel = config.hiddenSize;

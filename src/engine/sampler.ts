@@ -4,6 +4,7 @@
  * request owns its Sampler and its RNG, so its output never depends on what else is in the batch.
  */
 import { SoppuError } from '../errors/soppu-error.js';
+import { refKernels } from '../kernels/ref/index.js';
 import { Random } from '../tensor/random.js';
 import type { SamplingParams } from './engine-types.js';
 
@@ -171,13 +172,11 @@ function maxOf(x: Float32Array): number {
   return max;
 }
 
-/** log Σ exp(x), stable; −∞ when every entry is −∞. */
+/** log Σ exp(x), stable; −∞ when every entry is −∞ (the reference kernel on one row). */
 export function logSumExp(x: Float32Array): number {
-  const max = maxOf(x);
-  if (max === -Infinity) return -Infinity;
-  let sum = 0;
-  for (let i = 0; i < x.length; i++) sum += Math.exp(x[i]! - max);
-  return max + Math.log(sum);
+  const out = new Float32Array(1);
+  refKernels.logSumExp(out, x, 1, x.length);
+  return out[0]!;
 }
 
 /** Indices of the `k` largest entries, largest first (ties → lower id first). */

@@ -206,20 +206,15 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     const applyCache = new WeakMap<readonly LoraSegment[], FlatApply>();
     ops.loraApply = (y, n, x, k, segments, cores) => {
       let flat = applyCache.get(segments);
-      if (!flat || flat.cores.source !== cores || flat.n !== n || flat.k !== k) {
+      if (!flat || flat.coresSource !== cores || flat.n !== n || flat.k !== k) {
         flat = flattenApply(segments, cores, n, k);
         applyCache.set(segments, flat);
       }
       checkLength('loraApply', 'y', y, flat.rows * n);
       checkLength('loraApply', 'x', x, flat.rows * k);
-      try {
-        loraApply(variantIndex, y, n, x, k, flat.rows, flat.shrink.starts, flat.shrink.ends, flat.shrink.weights, flat.shrink.ranks,
-          flat.shrink.dtypes, flat.expand.weights, flat.expand.ranks, flat.expand.dtypes, flat.cores.coreOfRow, flat.cores.data,
-          flat.cores.ranks, flat.cores.diagonal);
-      } catch (e) {
-        if (e instanceof Error && !(e instanceof SoppuError)) throw kernelError('loraApply', e.message, { cause: e.message });
-        throw e;
-      }
+      call('loraApply', loraApply, y, n, x, k, flat.rows, flat.shrink.starts, flat.shrink.ends, flat.shrink.weights, flat.shrink.ranks,
+        flat.shrink.dtypes, flat.expand.weights, flat.expand.ranks, flat.expand.dtypes, flat.cores.coreOfRow, flat.cores.data,
+        flat.cores.ranks, flat.cores.diagonal);
     };
   }
 
@@ -235,13 +230,13 @@ interface FlatApply {
   readonly rows: number;
   readonly shrink: FlatSegments;
   readonly expand: FlatSegments;
-  /** The cores array this was flattened with, and its flat form. */
-  readonly cores: FlatCores & { readonly source: readonly (LoraCore | null | undefined)[] };
+  /** The cores array this was flattened with (a new array means new cores), and its flat form. */
+  readonly coresSource: readonly (LoraCore | null | undefined)[];
+  readonly cores: FlatCores;
 }
 
 /** Checks loraApply's segments and cores (everything but y and x) and flattens them for the addon. */
-function flattenApply(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number)
-  : FlatApply & { readonly cores: FlatCores } {
+function flattenApply(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number): FlatApply {
   checkInteger('loraApply', 'n', n, 1);
   checkInteger('loraApply', 'k', k, 1);
   const shrink = flattenSegments('loraApply', segments, 'a', (w) => w.cols === k && w.rows <= MAX_APPLY_RANK,
@@ -264,7 +259,7 @@ function flattenApply(segments: readonly LoraSegment[], cores: readonly (LoraCor
       }
     }
   }
-  return { n, k, rows, shrink, expand, cores: Object.assign(flatCores, { source: cores }) };
+  return { n, k, rows, shrink, expand, coresSource: cores, cores: flatCores };
 }
 
 interface FlatCores {

@@ -5,6 +5,7 @@ import { loadAdapterArguments } from '../../compress/bank-source.js';
 import { verifyBank, type ModelCheck, type ModelCheckResult } from '../../compress/verify-bank.js';
 import { createEngine } from '../../engine/engine.js';
 import type { Engine, GenerateEvent } from '../../engine/engine-types.js';
+import { argmax } from '../../engine/sampler.js';
 import type { LoraAdapter } from '../../io/lora-types.js';
 import { loadLlamaModel } from '../../model/llama-model.js';
 import { parseError, parseInteger } from './compress.js';
@@ -25,12 +26,6 @@ async function run(engine: Engine, request: Parameters<Engine['generate']>[0])
     else distributions = event.prefillDistributions ?? [];
   }
   return { tokens, distributions };
-}
-
-function argmax(values: Float32Array): number {
-  let best = 0;
-  for (let i = 1; i < values.length; i++) if (values[i]! > values[best]!) best = i;
-  return best;
 }
 
 /** KL(p ‖ q) of two log-probability vectors. */
