@@ -41,9 +41,6 @@ namespace soppu {
 namespace {
 
 constexpr int64_t kRowTile = 4;
-#ifndef SOPPU_APPLY_ROW_TILE
-#define SOPPU_APPLY_ROW_TILE 8
-#endif
 
 struct Segment {
   int64_t start, end, rank;
@@ -57,7 +54,7 @@ constexpr int64_t kMaxApplyRank = 4096; // loraApply's rank limit (its per-threa
 constexpr double kInlineFlops = 2e5;    // loraApply below this runs on the calling thread
 // loraApply rows per tile: each tile reads its segment's factors once (from memory, in a decode step)
 // and works through them four rows at a time from L1, so larger tiles cut factor traffic
-constexpr int64_t kApplyRowTile = SOPPU_APPLY_ROW_TILE;
+constexpr int64_t kApplyRowTile = 8;
 
 struct Tile {
   int64_t segment, r0, r1, c0, c1;  // rows [r0, r1), columns (j or o) [c0, c1)
@@ -68,22 +65,13 @@ struct SegmentArgs {
   size_t starts, ends, weights, ranks, dtypes;
 };
 
-bool ReadSegmentsAt(const Napi::CallbackInfo& info, SegmentArgs at, const char* op, const char* weightName,
-                    int64_t maxRows, int64_t maxRank, int64_t weightCols, std::vector<Segment>* segments);
-
 /**
- * Reads segments from (starts, ends, weights, ranks, dtypes) at info[first…first+4] and checks each:
+ * Reads segments from (starts, ends, weights, ranks, dtypes) at the argument positions `at` and checks each:
  * rows within [0, maxRows), rank in [1, maxRank], weights a Float32Array (dtype 0) or Uint16Array
  * (dtype 1 bf16, 2 f16) of at least rank·weightCols elements.
  */
-bool ReadSegments(const Napi::CallbackInfo& info, size_t first, const char* op, const char* weightName,
+bool ReadSegments(const Napi::CallbackInfo& info, SegmentArgs at, const char* op, const char* weightName,
                   int64_t maxRows, int64_t maxRank, int64_t weightCols, std::vector<Segment>* segments) {
-  return ReadSegmentsAt(info, {first, first + 1, first + 2, first + 3, first + 4}, op, weightName, maxRows, maxRank,
-                        weightCols, segments);
-}
-
-bool ReadSegmentsAt(const Napi::CallbackInfo& info, SegmentArgs at, const char* op, const char* weightName,
-                    int64_t maxRows, int64_t maxRank, int64_t weightCols, std::vector<Segment>* segments) {
   const Napi::Env env = info.Env();
   ArrayArg<int32_t> starts, ends, ranks, dtypes;
   if (!GetI32(info, at.starts, op, "starts", &starts) || !GetI32(info, at.ends, op, "ends", &ends) ||
@@ -212,13 +200,11 @@ void RunTiles(const std::vector<Segment>& segments, const std::vector<Tile>& til
   }
 }
 
-// Per-thread scratch (widened 16-bit weight rows, rank vectors), reused across calls; one buffer per
-// `use` so a caller holding one can ask for another.
-float* TileScratch(int64_t floats, int use = 0) {
-  thread_local std::vector<float> scratch[2];
-  std::vector<float>& buffer = scratch[use];
-  if (static_cast<int64_t>(buffer.size()) < floats) buffer.resize(static_cast<size_t>(floats));
-  return buffer.data();
+// Per-thread scratch (widened 16-bit weight rows, rank vectors), reused across calls.
+float* TileScratch(int64_t floats) {
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(static_cast<size_t>(floats));
+  return scratch.data();
 }
 
 // loraShrink(isa, t, tStride, x, k, rows, starts, ends, weights (a: [R, k] each), ranks, dtypes)
@@ -234,7 +220,7 @@ Napi::Value LoraShrink(const Napi::CallbackInfo& info) {
       !NeedLength(env, op, "t", t.length, rows * tStride) || !NeedLength(env, op, "x", x.length, rows * k))
     return env.Undefined();
   std::vector<Segment> segments;
-  if (!ReadSegments(info, 6, op, "a", rows, tStride, k, &segments)) return env.Undefined();
+  if (!ReadSegments(info, {6, 7, 8, 9, 10}, op, "a", rows, tStride, k, &segments)) return env.Undefined();
   std::vector<size_t> firstTile;
   const std::vector<Tile> tiles = MakeTiles(segments, kShrinkColumns, [](const Segment& s) { return s.rank; }, &firstTile);
   RunTiles(segments, tiles, firstTile, false, [&](const Tile& tile) {
@@ -259,7 +245,7 @@ Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
       !NeedLength(env, op, "y", y.length, rows * n) || !NeedLength(env, op, "t", t.length, rows * tStride))
     return env.Undefined();
   std::vector<Segment> segments;
-  if (!ReadSegments(info, 6, op, "bt", rows, tStride, n, &segments)) return env.Undefined();
+  if (!ReadSegments(info, {6, 7, 8, 9, 10}, op, "bt", rows, tStride, n, &segments)) return env.Undefined();
   std::vector<size_t> firstTile;
   const std::vector<Tile> tiles = MakeTiles(segments, kExpandColumns, [n](const Segment&) { return n; }, &firstTile);
   RunTiles(segments, tiles, firstTile, false, [&](const Tile& tile) {
@@ -318,8 +304,8 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
     return env.Undefined();
   // the a and bt lists share starts and ends
   std::vector<Segment> shrink, expand;
-  if (!ReadSegmentsAt(info, {6, 7, 8, 9, 10}, op, "a", rows, kMaxApplyRank, k, &shrink) ||
-      !ReadSegmentsAt(info, {6, 7, 11, 12, 13}, op, "bt", rows, kMaxApplyRank, n, &expand))
+  if (!ReadSegments(info, {6, 7, 8, 9, 10}, op, "a", rows, kMaxApplyRank, k, &shrink) ||
+      !ReadSegments(info, {6, 7, 11, 12, 13}, op, "bt", rows, kMaxApplyRank, n, &expand))
     return env.Undefined();
   for (size_t s = 0; s < shrink.size(); s++)
     if (shrink[s].rank != expand[s].rank) {
@@ -347,7 +333,7 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
     const Segment& bt = expand[static_cast<size_t>(tile.segment)];
     const int64_t rank = a.rank, count = tile.r1 - tile.r0;
     // t, u: [count ≤ kApplyRowTile, rank]; scratch: widened 16-bit factor rows
-    float* t = TileScratch(2 * kApplyRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank), 1);
+    float* t = TileScratch(2 * kApplyRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank));
     float* u = t + kApplyRowTile * rank;
     float* scratch = u + kApplyRowTile * rank;
     const float* xTile = x.data + tile.r0 * k;
