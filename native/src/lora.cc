@@ -4,6 +4,7 @@
 // (Float32Array for f32, Uint16Array of raw bits for bf16/f16; 16-bit tiles are widened in scratch).
 #include "native-args.h"
 #include <algorithm>
+#include <memory>
 #include <vector>
 
 namespace soppu {
@@ -179,8 +180,8 @@ std::vector<Tile> MakeTiles(const std::vector<Segment>& segments, int64_t column
 // one segment after another, as the reference does, so overlapping segments keep its meaning.
 // `inlineOnly` runs everything on the calling thread (jobs too small to repay a pool dispatch).
 template <typename Fn>
-void RunTiles(const std::vector<Segment>& segments, const std::vector<Tile>& tiles,
-              const std::vector<size_t>& segmentFirstTile, bool inlineOnly, Fn fn) {
+void RunTiles(bool disjoint, const std::vector<Tile>& tiles, const std::vector<size_t>& segmentFirstTile, bool inlineOnly,
+              Fn fn) {
   const auto body = [&](size_t offset) {
     return [&, offset](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; i++) fn(tiles[offset + static_cast<size_t>(i)]);
@@ -190,11 +191,11 @@ void RunTiles(const std::vector<Segment>& segments, const std::vector<Tile>& til
     body(0)(0, static_cast<int64_t>(tiles.size()));
     return;
   }
-  if (Disjoint(segments)) {
+  if (disjoint) {
     ParallelFor(static_cast<int64_t>(tiles.size()), 1, body(0));
     return;
   }
-  for (size_t s = 0; s < segments.size(); s++) {
+  for (size_t s = 0; s + 1 < segmentFirstTile.size(); s++) {
     const size_t first = segmentFirstTile[s], last = segmentFirstTile[s + 1];
     ParallelFor(static_cast<int64_t>(last - first), 1, body(first));
   }
@@ -223,7 +224,7 @@ Napi::Value LoraShrink(const Napi::CallbackInfo& info) {
   if (!ReadSegments(info, {6, 7, 8, 9, 10}, op, "a", rows, tStride, k, &segments)) return env.Undefined();
   std::vector<size_t> firstTile;
   const std::vector<Tile> tiles = MakeTiles(segments, kShrinkColumns, [](const Segment& s) { return s.rank; }, &firstTile);
-  RunTiles(segments, tiles, firstTile, false, [&](const Tile& tile) {
+  RunTiles(Disjoint(segments), tiles, firstTile, false, [&](const Tile& tile) {
     const Segment& segment = segments[static_cast<size_t>(tile.segment)];
     float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kShrinkColumns * k);
     SOPPU_DISPATCH(isa, ShrinkTileAny(t.data, tStride, x.data, k, segment.weights, segment.dtype, tile.r0, tile.r1, tile.c0,
@@ -248,7 +249,7 @@ Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
   if (!ReadSegments(info, {6, 7, 8, 9, 10}, op, "bt", rows, tStride, n, &segments)) return env.Undefined();
   std::vector<size_t> firstTile;
   const std::vector<Tile> tiles = MakeTiles(segments, kExpandColumns, [n](const Segment&) { return n; }, &firstTile);
-  RunTiles(segments, tiles, firstTile, false, [&](const Tile& tile) {
+  RunTiles(Disjoint(segments), tiles, firstTile, false, [&](const Tile& tile) {
     const Segment& segment = segments[static_cast<size_t>(tile.segment)];
     float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kExpandColumns * segment.rank);
     SOPPU_DISPATCH(isa, ExpandTileAny(y.data, n, t.data, tStride, segment.weights, segment.dtype, segment.rank, tile.r0,
@@ -285,36 +286,46 @@ Napi::Value LoraCore(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// loraApply(isa, y, n, x, k, rows, starts, ends, aWeights, aRanks, aDtypes, btWeights, btRanks, btDtypes,
-//           coreOfRow (Int32Array [rows], −1 = none), cores, coreRanks, coreDiagonal): per row tile of a
-//           segment, shrink → core → expand.
-Napi::Value LoraApply(const Napi::CallbackInfo& info) {
+// A checked loraApply call without its x and y: the segments' factor pointers, the cores, and the tiles.
+// Built once per segments array (the engine reuses one per batch composition) so a decode step's call
+// reads three arguments instead of ~40 JS objects, which cost more than a small slot's kernel when they
+// are cold in cache. The pointers stay valid because the JS side keeps every array alive beside the
+// plan, and the engine never detaches an adapter's buffers.
+struct ApplyPlan {
+  int64_t n = 0, k = 0, rows = 0;
+  std::vector<Segment> shrink, expand;  // one per segment, same rows, same rank
+  std::vector<const float*> cores;
+  std::vector<int32_t> coreOfRow, coreRanks, coreDiagonal;
+  std::vector<Tile> tiles;
+  std::vector<size_t> firstTile;
+  bool disjoint = true, inlineOnly = false;
+};
+
+// loraApplyPlan(isa (unused: a plan is the same for every variant), n, k, rows, starts, ends, aWeights, aRanks,
+//               aDtypes, btWeights, btRanks, btDtypes, coreOfRow (Int32Array [rows], −1 = none), cores,
+//               coreRanks, coreDiagonal) → an opaque plan for loraApply
+Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
-  const Isa isa = IsaFromArg(info[0]);
-  if (env.IsExceptionPending()) return env.Undefined();
   const char* op = "loraApply";
-  ArrayArg<float> y, x;
   ArrayArg<int32_t> coreOfRow, coreRanks, coreDiagonal;
-  int64_t n, k, rows;
-  if (!GetF32(info, 1, op, "y", &y) || !GetInt(info, 2, op, "n", 1, &n) || !GetF32(info, 3, op, "x", &x) ||
-      !GetInt(info, 4, op, "k", 1, &k) || !GetInt(info, 5, op, "rows", 0, &rows) ||
-      !NeedLength(env, op, "y", y.length, rows * n) || !NeedLength(env, op, "x", x.length, rows * k) ||
-      !GetI32(info, 14, op, "coreOfRow", &coreOfRow) || !GetI32(info, 16, op, "coreRanks", &coreRanks) ||
-      !GetI32(info, 17, op, "coreDiagonal", &coreDiagonal))
+  auto plan = std::make_unique<ApplyPlan>();
+  if (!GetInt(info, 1, op, "n", 1, &plan->n) || !GetInt(info, 2, op, "k", 1, &plan->k) ||
+      !GetInt(info, 3, op, "rows", 0, &plan->rows) || !GetI32(info, 12, op, "coreOfRow", &coreOfRow) ||
+      !GetI32(info, 14, op, "coreRanks", &coreRanks) || !GetI32(info, 15, op, "coreDiagonal", &coreDiagonal))
     return env.Undefined();
+  const int64_t n = plan->n, k = plan->k, rows = plan->rows;
   // the a and bt lists share starts and ends
-  std::vector<Segment> shrink, expand;
-  if (!ReadSegments(info, {6, 7, 8, 9, 10}, op, "a", rows, kMaxApplyRank, k, &shrink) ||
-      !ReadSegments(info, {6, 7, 11, 12, 13}, op, "bt", rows, kMaxApplyRank, n, &expand))
+  if (!ReadSegments(info, {4, 5, 6, 7, 8}, op, "a", rows, kMaxApplyRank, k, &plan->shrink) ||
+      !ReadSegments(info, {4, 5, 9, 10, 11}, op, "bt", rows, kMaxApplyRank, n, &plan->expand))
     return env.Undefined();
+  const std::vector<Segment>& shrink = plan->shrink;
   for (size_t s = 0; s < shrink.size(); s++)
-    if (shrink[s].rank != expand[s].rank) {
+    if (shrink[s].rank != plan->expand[s].rank) {
       Fail(env, std::string("soppu native loraApply: segment ") + std::to_string(s) + ": a has rank " +
-                    std::to_string(shrink[s].rank) + ", bt has rank " + std::to_string(expand[s].rank));
+                    std::to_string(shrink[s].rank) + ", bt has rank " + std::to_string(plan->expand[s].rank));
       return env.Undefined();
     }
-  std::vector<const float*> cores;
-  if (!ReadCores(info, 15, op, kMaxApplyRank, rows, coreOfRow, coreRanks, coreDiagonal, &cores)) return env.Undefined();
+  if (!ReadCores(info, 13, op, kMaxApplyRank, rows, coreOfRow, coreRanks, coreDiagonal, &plan->cores)) return env.Undefined();
   for (const Segment& segment : shrink)
     for (int64_t r = segment.start; r < segment.end; r++) {
       const int32_t c = coreOfRow.data[r];
@@ -324,13 +335,38 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
         return env.Undefined();
       }
     }
-  std::vector<size_t> firstTile;
-  const std::vector<Tile> tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &firstTile, kApplyRowTile);
+  const size_t coreCount = plan->cores.size();
+  plan->coreOfRow.assign(coreOfRow.data, coreOfRow.data + rows);
+  plan->coreRanks.assign(coreRanks.data, coreRanks.data + coreCount);
+  plan->coreDiagonal.assign(coreDiagonal.data, coreDiagonal.data + coreCount);
+  plan->tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &plan->firstTile, kApplyRowTile);
   double flops = 0;
   for (const Segment& segment : shrink) flops += 2.0 * static_cast<double>((segment.end - segment.start) * segment.rank * (k + n));
-  RunTiles(shrink, tiles, firstTile, flops < kInlineFlops, [&](const Tile& tile) {
-    const Segment& a = shrink[static_cast<size_t>(tile.segment)];
-    const Segment& bt = expand[static_cast<size_t>(tile.segment)];
+  plan->inlineOnly = flops < kInlineFlops;
+  plan->disjoint = Disjoint(shrink);
+  return Napi::External<ApplyPlan>::New(env, plan.release(), [](Napi::Env, ApplyPlan* p) { delete p; });
+}
+
+// loraApply(isa, y: [rows, n], x: [rows, k], plan from loraApplyPlan): y += per row tile of a segment,
+// shrink → core → expand.
+Napi::Value LoraApply(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  const char* op = "loraApply";
+  ArrayArg<float> y, x;
+  if (!info[3].IsExternal()) {
+    Fail(env, "soppu native loraApply: plan must come from loraApplyPlan");
+    return env.Undefined();
+  }
+  const ApplyPlan& plan = *info[3].As<Napi::External<ApplyPlan>>().Data();
+  const int64_t n = plan.n, k = plan.k;
+  if (!GetF32(info, 1, op, "y", &y) || !GetF32(info, 2, op, "x", &x) || !NeedLength(env, op, "y", y.length, plan.rows * n) ||
+      !NeedLength(env, op, "x", x.length, plan.rows * k))
+    return env.Undefined();
+  RunTiles(plan.disjoint, plan.tiles, plan.firstTile, plan.inlineOnly, [&](const Tile& tile) {
+    const Segment& a = plan.shrink[static_cast<size_t>(tile.segment)];
+    const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
     const int64_t rank = a.rank, count = tile.r1 - tile.r0;
     // t, u: [count ≤ kApplyRowTile, rank]; scratch: widened 16-bit factor rows
     float* t = TileScratch(2 * kApplyRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank));
@@ -342,12 +378,13 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
       SOPPU_DISPATCH(isa, ShrinkTileAny(t, rank, xTile, k, a.weights, a.dtype, 0, count, j0,
                                         std::min(j0 + kShrinkColumns, rank), scratch));
     for (int64_t q = 0; q < count; q++) {
-      const int32_t c = coreOfRow.data[tile.r0 + q];
+      const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
       if (c < 0) {
         std::copy(t + q * rank, t + (q + 1) * rank, u + q * rank);
         continue;
       }
-      SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, cores[static_cast<size_t>(c)], rank, coreDiagonal.data[c] != 0));
+      SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, plan.cores[static_cast<size_t>(c)], rank,
+                                  plan.coreDiagonal[static_cast<size_t>(c)] != 0));
     }
     for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
       SOPPU_DISPATCH(isa, ExpandTileAny(yTile, n, u, rank, bt.weights, bt.dtype, rank, 0, count, o0,
@@ -362,6 +399,7 @@ void RegisterLora(Napi::Env env, Napi::Object exports) {
   exports.Set("loraShrink", Napi::Function::New(env, LoraShrink));
   exports.Set("loraExpand", Napi::Function::New(env, LoraExpand));
   exports.Set("loraCore", Napi::Function::New(env, LoraCore));
+  exports.Set("loraApplyPlan", Napi::Function::New(env, LoraApplyPlan));
   exports.Set("loraApply", Napi::Function::New(env, LoraApply));
 }
 

@@ -111,8 +111,9 @@ export interface KernelSet {
    * (x: [M, K]; y: [M, N]). Equal to loraShrink, loraCore and loraExpand in turn, but each row
    * tile runs all three while its rank vector is in registers/L1, so a slot costs one dispatch.
    * Rows outside every segment are not touched. An implementation may keep the checked form of a
-   * segments array between calls: once passed, do not mutate segments, cores or their members
-   * (build new arrays for a new batch).
+   * segments array between calls (the native one keeps pointers to the factor and core data): once
+   * passed, do not mutate segments, cores or their members, and never transfer or detach their
+   * buffers (build new arrays for a new batch).
    */
   loraApply(y: Float32Array, n: number, x: Float32Array, k: number, segments: readonly LoraSegment[],
     cores: readonly (LoraCore | null | undefined)[]): void;

@@ -10,7 +10,7 @@ import type { NativeAddon } from './native-addon.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import { SoppuError } from '../errors/soppu-error.js';
 
-type NativeFunction = (...args: unknown[]) => void;
+type NativeFunction = (...args: unknown[]) => unknown;
 
 /** The ops of this module, as KernelSet members. */
 export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'siluMul' | 'add' | 'addBias' | 'embedding'
@@ -43,9 +43,9 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     return typeof f === 'function' ? (f as NativeFunction) : undefined;
   };
   // Calls the addon, turning its argument errors into SoppuError('KERNEL').
-  const call = (op: string, f: NativeFunction, ...args: unknown[]): void => {
+  const call = (op: string, f: NativeFunction, ...args: unknown[]): unknown => {
     try {
-      f(variantIndex, ...args);
+      return f(variantIndex, ...args);
     } catch (e) {
       if (e instanceof Error && !(e instanceof SoppuError)) throw kernelError(op, e.message, { cause: e.message });
       throw e;
@@ -200,21 +200,24 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
   }
 
   const loraApply = fn('loraApply');
-  if (loraApply) {
-    // Checked, flattened arguments per segments array: the engine passes the same plan's arrays for
-    // every step whose batch is unchanged, and flattening costs as much as a small slot's kernel.
+  const loraApplyPlan = fn('loraApplyPlan');
+  if (loraApply && loraApplyPlan) {
+    // A checked plan per segments array, held by the addon: the engine passes the same plan's arrays for
+    // every step whose batch is unchanged, and reading ~40 arrays per call cost more than a small slot's kernel.
     const applyCache = new WeakMap<readonly LoraSegment[], FlatApply>();
     ops.loraApply = (y, n, x, k, segments, cores) => {
       let flat = applyCache.get(segments);
       if (!flat || flat.coresSource !== cores || flat.n !== n || flat.k !== k) {
-        flat = flattenApply(segments, cores, n, k);
+        const checked = flattenApply(segments, cores, n, k);
+        const plan = call('loraApply', loraApplyPlan, n, k, checked.rows, checked.shrink.starts, checked.shrink.ends, checked.shrink.weights, checked.shrink.ranks,
+          checked.shrink.dtypes, checked.expand.weights, checked.expand.ranks, checked.expand.dtypes, checked.cores.coreOfRow,
+          checked.cores.data, checked.cores.ranks, checked.cores.diagonal);
+        flat = { ...checked, plan };
         applyCache.set(segments, flat);
       }
       checkLength('loraApply', 'y', y, flat.rows * n);
       checkLength('loraApply', 'x', x, flat.rows * k);
-      call('loraApply', loraApply, y, n, x, k, flat.rows, flat.shrink.starts, flat.shrink.ends, flat.shrink.weights, flat.shrink.ranks,
-        flat.shrink.dtypes, flat.expand.weights, flat.expand.ranks, flat.expand.dtypes, flat.cores.coreOfRow, flat.cores.data,
-        flat.cores.ranks, flat.cores.diagonal);
+      call('loraApply', loraApply, y, x, flat.plan);
     };
   }
 
@@ -233,10 +236,15 @@ interface FlatApply {
   /** The cores array this was flattened with (a new array means new cores), and its flat form. */
   readonly coresSource: readonly (LoraCore | null | undefined)[];
   readonly cores: FlatCores;
+  /**
+   * The addon's checked copy of the above: raw pointers into the factor and core arrays, which this object
+   * keeps alive for as long as the plan can be used.
+   */
+  readonly plan: unknown;
 }
 
 /** Checks loraApply's segments and cores (everything but y and x) and flattens them for the addon. */
-function flattenApply(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number): FlatApply {
+function flattenApply(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number): Omit<FlatApply, 'plan'> {
   checkInteger('loraApply', 'n', n, 1);
   checkInteger('loraApply', 'k', k, 1);
   const shrink = flattenSegments('loraApply', segments, 'a', (w) => w.cols === k && w.rows <= MAX_APPLY_RANK,

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { refKernels } from '../../src/kernels/index.js';
+import { loadNativeAddon } from '../../src/kernels/native-addon.js';
 import type { LoraCore, LoraSegment } from '../../src/kernels/kernel-set.js';
 import { isSoppuError } from '../../src/errors/soppu-error.js';
 import { f32ToBf16, f32ToF16 } from '../../src/tensor/dtype.js';
@@ -239,6 +240,30 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expect(run([{ start: 0, end: 2, a, bt: f32Matrix(rng, 5, 6, 1) }], [])).toMatch(/loraApply: segment 0: a has rank 4, bt has rank 5/);
     expect(run([{ start: 0, end: 2, a }], [])).toMatch(/loraApply: segment 0 has no bt/);
     expect(run([{ start: 0, end: 3, a, bt }], [])).toMatch(/loraApply: y has 12 elements, needs 18/);
+  });
+
+  it("the addon's loraApply takes only a plan from loraApplyPlan, and checks y and x against it", () => {
+    const { addon } = loadNativeAddon();
+    const apply = addon!.loraApply as (...args: unknown[]) => void;
+    const plan = addon!.loraApplyPlan as (...args: unknown[]) => unknown;
+    const rng = new Random(4);
+    const a = randomArray(rng, 4 * 10), bt = randomArray(rng, 4 * 6);
+    const i32 = (...values: number[]): Int32Array => Int32Array.from(values);
+    // one segment, rows [0, 2), rank 4, f32 factors, no cores
+    const handle = plan(0, 6, 10, 2, i32(0), i32(2), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32());
+    expect(() => apply(0, new Float32Array(12), new Float32Array(20), {})).toThrow(/loraApply: plan must come from loraApplyPlan/);
+    expect(() => apply(0, new Float32Array(11), new Float32Array(20), handle)).toThrow(/loraApply: y has 11 elements, needs 12/);
+    expect(() => apply(0, new Float32Array(12), new Float32Array(19), handle)).toThrow(/loraApply: x has 19 elements, needs 20/);
+    expect(() => plan(0, 6, 10, 2, i32(0), i32(3), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32()))
+      .toThrow(/loraApply: segment 0: rows \[0, 3\) outside \[0, 2\)/);
+    expect(() => plan(0, 6, 10, 2, i32(0), i32(2), [a.subarray(1)], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32()))
+      .toThrow(/loraApply: segment 0: a has 39 elements, needs 40/);
+    const y = new Float32Array(12);
+    const x = randomArray(rng, 20);
+    apply(0, y, x, handle);
+    const want = new Float32Array(12);
+    refKernels.loraApply(want, 6, x, 10, [{ start: 0, end: 2, a: weightMatrix('f32', 4, 10, a), bt: weightMatrix('f32', 4, 6, bt) }], []);
+    expectClose(y, want, TOLERANCE, 'loraApply through a plan');
   });
 
   it('rejects mismatched factors, rows beyond the arrays and missing factors with KERNEL errors', () => {
