@@ -122,6 +122,23 @@ Napi::Value LogSumExp(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// argmax(isa, out: Int32Array, x, rows, cols)
+Napi::Value Argmax(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  ArrayArg<int32_t> out;
+  ArrayArg<float> x;
+  int64_t rows, cols;
+  const char* op = "argmax";
+  if (!GetI32(info, 1, op, "out", &out) || !GetF32(info, 2, op, "x", &x) || !GetInt(info, 3, op, "rows", 0, &rows) ||
+      !GetInt(info, 4, op, "cols", 1, &cols) || !NeedLength(env, op, "out", out.length, rows) ||
+      !NeedLength(env, op, "x", x.length, rows * cols))
+    return env.Undefined();
+  ParallelFor(rows, RowGrain(cols), [&](int64_t begin, int64_t end) { SOPPU_DISPATCH(isa, ArgmaxRows(out.data, x.data, begin, end, cols)); });
+  return env.Undefined();
+}
+
 // siluMul(isa, out, gate, up, n) and add(isa, out, a, b, n): the same shape of call
 template <bool kSilu>
 Napi::Value Binary(const Napi::CallbackInfo& info) {
@@ -214,6 +231,7 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
   exports.Set("rope", Napi::Function::New(env, Rope));
   exports.Set("softmax", Napi::Function::New(env, Softmax));
   exports.Set("logSumExp", Napi::Function::New(env, LogSumExp));
+  exports.Set("argmax", Napi::Function::New(env, Argmax));
   exports.Set("siluMul", Napi::Function::New(env, Binary<true>));
   exports.Set("add", Napi::Function::New(env, Binary<false>));
   exports.Set("addBias", Napi::Function::New(env, AddBias));

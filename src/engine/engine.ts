@@ -33,7 +33,7 @@ import { IncrementalDecoder, engineTokenizerOf, type EngineTokenizer } from './e
 import { EventQueue } from './event-queue.js';
 import { KvBlockPool } from './kv-block-pool.js';
 import { residentFromLora, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
-import { Sampler, resolveSampling } from './sampler.js';
+import { Sampler, resolveSampling, rowKernelsOf, type RowKernels } from './sampler.js';
 import { Scheduler, type ScheduledSequence, type StepEntry } from './scheduler.js';
 
 export interface EngineOptions {
@@ -112,12 +112,8 @@ class SoppuEngine implements Engine {
   private readonly model: LlamaModel;
   private readonly config: LlamaConfig;
   private readonly kernels: KernelSet;
-  /** The sampler's log Σ exp over one row of logits, through the kernel set. */
-  private readonly normalizer = (row: Float32Array): number => {
-    this.kernels.logSumExp(this.normalizerOut, row, 1, row.length);
-    return this.normalizerOut[0]!;
-  };
-  private readonly normalizerOut = new Float32Array(1);
+  /** The sampler's one-row kernels (log Σ exp, argmax), through the kernel set. */
+  private readonly rowKernels: RowKernels;
   private readonly tokenizer: EngineTokenizer;
   private readonly options: EngineOptions;
   private readonly pool: KvBlockPool;
@@ -146,6 +142,7 @@ class SoppuEngine implements Engine {
     this.model = model;
     this.config = model.config;
     this.kernels = options.kernels ?? getKernels();
+    this.rowKernels = rowKernelsOf(this.kernels);
     this.tokenizer = tokenizer;
     this.loadLocal = loadLocal;
     checkLimits(options, this.config);
@@ -235,7 +232,7 @@ class SoppuEngine implements Engine {
     const settings = resolveSampling(request.sampling);
     const seed = request.sampling?.seed ?? this.nextSeed();
     const entry = this.acquireAdapter(request);
-    const state = new RequestState(this.nextId++, prompt, request, entry, new Sampler(settings, seed, prompt, this.normalizer), this.tokenizer);
+    const state = new RequestState(this.nextId++, prompt, request, entry, new Sampler(settings, seed, prompt, this.rowKernels), this.tokenizer);
     this.all.add(state);
     this.scheduler.add(state);
     if (request.signal) {
@@ -430,7 +427,7 @@ class SoppuEngine implements Engine {
       if (!wantsLogprob && !state.distributions) break;
       // row: [vocab]; log-softmax = row − logsumexp(row), the normalizer computed once per row
       const row = logits.subarray(rows[i]! * vocab, (rows[i]! + 1) * vocab);
-      const normalizer = this.normalizer(row);
+      const normalizer = this.rowKernels.logSumExp(row);
       if (state.distributions) state.distributions.push(row.map((value) => value - normalizer));
       if (wantsLogprob) {
         const id = state.tokens[position]!;

@@ -4,6 +4,7 @@
  * request owns its Sampler and its RNG, so its output never depends on what else is in the batch.
  */
 import { SoppuError } from '../errors/soppu-error.js';
+import type { KernelSet } from '../kernels/kernel-set.js';
 import { refKernels } from '../kernels/ref/index.js';
 import { Random } from '../tensor/random.js';
 import type { SamplingParams } from './engine-types.js';
@@ -73,12 +74,12 @@ export class Sampler {
   /** Token → occurrences in output only (frequency and presence penalties). */
   private readonly generated = new Map<number, number>();
 
-  /** log Σ exp(logits): a native kernel in the engine (one pass over the vocabulary per token); plain TS by default. */
-  private readonly normalizer: (logits: Float32Array) => number;
+  /** The one-row kernels: native in the engine (a pass over the vocabulary each), the reference by default. */
+  private readonly rowKernels: RowKernels;
 
-  constructor(settings: ResolvedSampling, seed: number, promptTokens: readonly number[] = [], normalizer: (logits: Float32Array) => number = logSumExp) {
+  constructor(settings: ResolvedSampling, seed: number, promptTokens: readonly number[] = [], rowKernels: RowKernels = REF_ROW_KERNELS) {
     this.settings = settings;
-    this.normalizer = normalizer;
+    this.rowKernels = rowKernels;
     this.seed = seed;
     this.random = new Random(seed);
     for (const id of promptTokens) this.seen.set(id, (this.seen.get(id) ?? 0) + 1);
@@ -112,7 +113,7 @@ export class Sampler {
     }
     let chosen: number;
     if (!s.sample) {
-      chosen = argmax(logits);
+      chosen = this.rowKernels.argmax(logits);
     } else {
       if (s.temperature !== 1) {
         const inverse = 1 / s.temperature;
@@ -123,7 +124,7 @@ export class Sampler {
       if (s.typicalP < 1) keepTypical(logits, s.typicalP);
       chosen = this.draw(logits);
     }
-    const logNormalizer = this.normalizer(logits);
+    const logNormalizer = this.rowKernels.logSumExp(logits);
     const logprob = logits[chosen]! - logNormalizer;
     const top: { id: number; logprob: number }[] = [];
     if (alternatives > 0) {
@@ -153,17 +154,33 @@ export class Sampler {
   }
 }
 
-/** First index of the maximum (ties → lowest id, so greedy is deterministic). */
+/** The sampler's per-row kernels: log Σ exp (logprob normaliser) and argmax (greedy choice). */
+export interface RowKernels {
+  logSumExp(row: Float32Array): number;
+  argmax(row: Float32Array): number;
+}
+
+/** RowKernels over one row of `kernels` (results land in small reused arrays: one caller at a time). */
+export function rowKernelsOf(kernels: Pick<KernelSet, 'logSumExp' | 'argmax'>): RowKernels {
+  const normalizer = new Float32Array(1);
+  const index = new Int32Array(1);
+  return {
+    logSumExp(row) {
+      kernels.logSumExp(normalizer, row, 1, row.length);
+      return normalizer[0]!;
+    },
+    argmax(row) {
+      kernels.argmax(index, row, 1, row.length);
+      return index[0]!;
+    },
+  };
+}
+
+const REF_ROW_KERNELS = rowKernelsOf(refKernels);
+
+/** First index of the maximum (ties → lowest id, so greedy is deterministic): the reference kernel on one row. */
 export function argmax(x: Float32Array): number {
-  let best = 0;
-  let bestValue = -Infinity;
-  for (let i = 0; i < x.length; i++) {
-    if (x[i]! > bestValue) {
-      bestValue = x[i]!;
-      best = i;
-    }
-  }
-  return best;
+  return REF_ROW_KERNELS.argmax(x);
 }
 
 function maxOf(x: Float32Array): number {
@@ -172,12 +189,6 @@ function maxOf(x: Float32Array): number {
   return max;
 }
 
-/** log Σ exp(x), stable; −∞ when every entry is −∞ (the reference kernel on one row). */
-export function logSumExp(x: Float32Array): number {
-  const out = new Float32Array(1);
-  refKernels.logSumExp(out, x, 1, x.length);
-  return out[0]!;
-}
 
 /** Indices of the `k` largest entries, largest first (ties → lower id first). */
 function topIndices(x: Float32Array, k: number): number[] {

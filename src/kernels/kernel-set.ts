@@ -58,6 +58,13 @@ export interface KernelSet {
    */
   logSumExp(out: Float32Array, x: Float32Array, rows: number, cols: number): void;
 
+  /**
+   * Row-wise argmax: out[r] = the first c with x[r,c] the row's maximum (ties → lowest index, so greedy
+   * decoding is deterministic); NaN entries are never chosen, and a row with nothing above −∞ gives 0.
+   * x: [rows, cols], read only; out: [rows]. Greedy sampling's token choice.
+   */
+  argmax(out: Int32Array, x: Float32Array, rows: number, cols: number): void;
+
   /** out[i] = silu(gate[i]) · up[i] with silu(g) = g / (1 + e^−g); n elements. out may alias gate. */
   siluMul(out: Float32Array, gate: Float32Array, up: Float32Array, n: number): void;
 

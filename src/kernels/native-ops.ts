@@ -1,5 +1,5 @@
 /**
- * The native non-matmul ops (rmsnorm, rope, softmax, logSumExp, siluMul, add, addBias, embedding, attention,
+ * The native non-matmul ops (rmsnorm, rope, softmax, logSumExp, argmax, siluMul, add, addBias, embedding, attention,
  * loraShrink, loraExpand, loraCore, loraApply) bound to one ISA variant of the addon. Every op validates its
  * sizes and indices here and throws SoppuError('KERNEL') naming the op and the sizes before the
  * native call; the addon checks again (so native code never reads out of bounds) and any error it
@@ -13,7 +13,7 @@ import { SoppuError } from '../errors/soppu-error.js';
 type NativeFunction = (...args: unknown[]) => unknown;
 
 /** The ops of this module, as KernelSet members. */
-export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'siluMul' | 'add' | 'addBias' | 'embedding'
+export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'argmax' | 'siluMul' | 'add' | 'addBias' | 'embedding'
   | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply'>;
 
 const DTYPE_INDEX = { f32: 0, bf16: 1, f16: 2 } as const;
@@ -97,6 +97,17 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
       checkLength('logSumExp', 'x', x, rows * cols);
       checkLength('logSumExp', 'out', out, rows);
       call('logSumExp', logSumExp, out, x, rows, cols);
+    };
+  }
+
+  const argmax = fn('argmax');
+  if (argmax) {
+    ops.argmax = (out, x, rows, cols) => {
+      checkInteger('argmax', 'rows', rows, 0);
+      checkInteger('argmax', 'cols', cols, 1);
+      checkLength('argmax', 'x', x, rows * cols);
+      checkLength('argmax', 'out', out, rows);
+      call('argmax', argmax, out, x, rows, cols);
     };
   }
 

@@ -66,6 +66,30 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_
     expectClose(got.subarray(0, finiteRows), want.subarray(0, finiteRows), TOLERANCE, 'logSumExp');
   });
 
+  it.each([[1, 1], [3, 17], [4, 151], [2, 4096], [5, 49152]])('argmax rows %i cols %i', (rows, cols) => {
+    const x = randomArray(rng, rows * cols, 8);
+    for (let c = 2; c < cols; c += 5) x[c] = -Infinity; // masked entries
+    if (rows > 1) x.fill(-Infinity, (rows - 1) * cols); // a fully masked last row: 0
+    if (rows > 2) {
+      // a tie at the row's maximum, after a NaN that must never be chosen: the lower index wins
+      const row = cols;
+      const top = Math.max(...x.subarray(row, row + cols)) + 1;
+      x[row] = Number.NaN;
+      x[row + Math.floor(cols / 3)] = top;
+      x[row + cols - 1] = top;
+    }
+    if (rows > 3) x.fill(7, 2 * cols, 3 * cols); // a constant row: 0
+    const input = x.slice();
+    const want = new Int32Array(rows);
+    refKernels.argmax(want, x, rows, cols);
+    const got = offsetCopy(new Int32Array(rows).fill(-5));
+    native.argmax(got, offsetCopy(x), rows, cols);
+    expect(x).toEqual(input); // read only
+    expect(Array.from(got)).toEqual(Array.from(want));
+    if (rows > 2) expect(got[1]).toBe(Math.floor(cols / 3));
+    if (rows > 1) expect(got[rows - 1]).toBe(0);
+  });
+
   it.each([1, 15, 17, 1000, 3 * 4096 + 5])('siluMul and add n %i', (n) => {
     const gate = randomArray(rng, n, 6);
     gate[0] = 120; // saturated both ways
@@ -133,6 +157,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_
     expect(() => native.rope(x, new Int32Array(1), 1, 2, 5, new Float32Array(3))).toThrow(/rope: headDim 5 must be even/);
     expect(() => native.softmax(x, 2, 6)).toThrow(/softmax/);
     expect(() => native.logSumExp(new Float32Array(1), x, 2, 6)).toThrow(/logSumExp: x has 10 elements, needs 12/);
+    expect(() => native.argmax(new Int32Array(1), x, 2, 5)).toThrow(/argmax: out has 1 elements, needs 2/);
     expect(() => native.siluMul(x, x, new Float32Array(3), 10)).toThrow(/siluMul: up has 3 elements, needs 10/);
     expect(() => native.addBias(x, new Float32Array(2), 2, 5)).toThrow(/addBias: bias/);
     try {

@@ -48,6 +48,22 @@ export function logSumExp(out: Float32Array, x: Float32Array, rows: number, cols
   }
 }
 
+// x: [rows, cols]; out: [rows]
+export function argmax(out: Int32Array, x: Float32Array, rows: number, cols: number): void {
+  for (let r = 0; r < rows; r++) {
+    const base = r * cols;
+    let best = 0;
+    let bestValue = -Infinity;
+    for (let c = 0; c < cols; c++) {
+      if (x[base + c]! > bestValue) {
+        bestValue = x[base + c]!;
+        best = c;
+      }
+    }
+    out[r] = best;
+  }
+}
+
 // x: [rows, cols]
 export function softmax(x: Float32Array, rows: number, cols: number): void {
   for (let r = 0; r < rows; r++) {

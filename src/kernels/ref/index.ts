@@ -5,7 +5,7 @@
 import type { KernelSet } from '../kernel-set.js';
 import { matmul } from './matmul.js';
 import { gemm } from './gemm.js';
-import { add, addBias, embedding, logSumExp, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
+import { add, addBias, argmax, embedding, logSumExp, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
 import { attention } from './attention.js';
 import { loraApply, loraCore, loraExpand, loraShrink } from './lora.js';
 
@@ -20,6 +20,7 @@ export const refKernels: KernelSet = {
   rope,
   softmax,
   logSumExp,
+  argmax,
   siluMul,
   add,
   addBias,
