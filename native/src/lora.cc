@@ -1,7 +1,7 @@
 // Native LoRA segment ops: loraShrink, loraExpand (accumulating) and loraCore (full or diagonal),
 // contracts in src/kernels/kernel-set.ts, spec in src/kernels/ref/lora.ts. Segments arrive flattened
 // from TS: Int32Array starts/ends/ranks/dtypes plus a JS array of weight arrays, one per segment
-// (Float32Array for f32, Uint16Array of raw bits for bf16/f16; 16-bit tiles are widened in scratch).
+// (Float32Array for f32, Uint16Array of raw bits for bf16/f16, widened in registers as the kernels load them).
 #include "native-args.h"
 #include <algorithm>
 #include <memory>
@@ -201,7 +201,7 @@ void RunTiles(bool disjoint, const std::vector<Tile>& tiles, const std::vector<s
   }
 }
 
-// Per-thread scratch (widened 16-bit weight rows, rank vectors), reused across calls.
+// Per-thread scratch (loraApply's rank vectors), reused across calls.
 float* TileScratch(int64_t floats) {
   thread_local std::vector<float> scratch;
   if (static_cast<int64_t>(scratch.size()) < floats) scratch.resize(static_cast<size_t>(floats));
@@ -226,9 +226,8 @@ Napi::Value LoraShrink(const Napi::CallbackInfo& info) {
   const std::vector<Tile> tiles = MakeTiles(segments, kShrinkColumns, [](const Segment& s) { return s.rank; }, &firstTile);
   RunTiles(Disjoint(segments), tiles, firstTile, false, [&](const Tile& tile) {
     const Segment& segment = segments[static_cast<size_t>(tile.segment)];
-    float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kShrinkColumns * k);
     SOPPU_DISPATCH(isa, ShrinkTileAny(t.data, tStride, x.data, k, segment.weights, segment.dtype, tile.r0, tile.r1, tile.c0,
-                                      tile.c1, scratch));
+                                      tile.c1));
   });
   return env.Undefined();
 }
@@ -251,9 +250,8 @@ Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
   const std::vector<Tile> tiles = MakeTiles(segments, kExpandColumns, [n](const Segment&) { return n; }, &firstTile);
   RunTiles(Disjoint(segments), tiles, firstTile, false, [&](const Tile& tile) {
     const Segment& segment = segments[static_cast<size_t>(tile.segment)];
-    float* scratch = segment.dtype == 0 ? nullptr : TileScratch(kExpandColumns * segment.rank);
     SOPPU_DISPATCH(isa, ExpandTileAny(y.data, n, t.data, tStride, segment.weights, segment.dtype, segment.rank, tile.r0,
-                                      tile.r1, tile.c0, tile.c1, scratch));
+                                      tile.r1, tile.c0, tile.c1));
   });
   return env.Undefined();
 }
@@ -368,15 +366,14 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
     const Segment& a = plan.shrink[static_cast<size_t>(tile.segment)];
     const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
     const int64_t rank = a.rank, count = tile.r1 - tile.r0;
-    // t, u: [count ≤ kApplyRowTile, rank]; scratch: widened 16-bit factor rows
-    float* t = TileScratch(2 * kApplyRowTile * rank + std::max(kShrinkColumns * k, kExpandColumns * rank));
+    // t, u: [count ≤ kApplyRowTile, rank]
+    float* t = TileScratch(2 * kApplyRowTile * rank);
     float* u = t + kApplyRowTile * rank;
-    float* scratch = u + kApplyRowTile * rank;
     const float* xTile = x.data + tile.r0 * k;
     float* yTile = y.data + tile.r0 * n;
     for (int64_t j0 = 0; j0 < rank; j0 += kShrinkColumns)
       SOPPU_DISPATCH(isa, ShrinkTileAny(t, rank, xTile, k, a.weights, a.dtype, 0, count, j0,
-                                        std::min(j0 + kShrinkColumns, rank), scratch));
+                                        std::min(j0 + kShrinkColumns, rank)));
     for (int64_t q = 0; q < count; q++) {
       const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
       if (c < 0) {
@@ -388,7 +385,7 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
     }
     for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
       SOPPU_DISPATCH(isa, ExpandTileAny(yTile, n, u, rank, bt.weights, bt.dtype, rank, 0, count, o0,
-                                        std::min(o0 + kExpandColumns, n), scratch));
+                                        std::min(o0 + kExpandColumns, n)));
   });
   return env.Undefined();
 }

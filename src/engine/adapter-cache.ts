@@ -10,6 +10,7 @@ import { SoppuError, isSoppuError } from '../errors/soppu-error.js';
 import type { BankReader } from '../compress/bank-reader-types.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
+import type { WeightDtype } from '../tensor/dtype.js';
 
 export type AdapterSpec = { readonly source: 'bank' } | { readonly source: 'local'; readonly dir: string };
 
@@ -19,6 +20,8 @@ export interface AdapterCacheOptions {
   /** Loads a PEFT directory (the io loader). */
   readonly loadLocal: (dir: string) => Promise<LoraAdapter>;
   readonly slotShape: SlotShape;
+  /** dtype of resident adapter factors and shared bases (default f32; cores stay f32). */
+  readonly factorDtype?: WeightDtype;
   /** Loads in flight at once (default 4). */
   readonly maxConcurrentLoads?: number;
   /** Called when a load finishes or fails, so the engine can schedule waiting requests. */
@@ -233,7 +236,7 @@ export class AdapterCache {
       let resident: ResidentAdapter;
       if (entry.spec.source === 'local') {
         const adapter = await this.options.loadLocal(entry.spec.dir);
-        resident = residentFromLora(entry.id, adapter, this.options.slotShape);
+        resident = residentFromLora(entry.id, adapter, this.options.slotShape, this.options.factorDtype);
       } else {
         const bank = this.options.bank;
         if (!bank) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${entry.id}: no bank is open`, { field: 'adapter_id' });
@@ -245,7 +248,7 @@ export class AdapterCache {
           loaded.set(key, await this.holdBases(key));
           heldBases.push(key);
         }
-        resident = residentFromBank(parts, loaded, this.options.slotShape, bank.dir);
+        resident = residentFromBank(parts, loaded, this.options.slotShape, bank.dir, this.options.factorDtype);
       }
       if (entry.stale && entry.users === 0) {
         for (const key of heldBases) this.releaseBases(key);
@@ -277,7 +280,7 @@ export class AdapterCache {
     let pending = this.basesLoading.get(key);
     if (!pending) {
       const bank = this.options.bank!;
-      pending = bank.loadBases(key).then(residentBases);
+      pending = bank.loadBases(key).then((bases) => residentBases(bases, this.options.factorDtype, bank.dir));
       this.basesLoading.set(key, pending);
       pending.then(
         () => this.basesLoading.delete(key),

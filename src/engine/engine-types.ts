@@ -2,6 +2,7 @@
  * The engine's public API, which the server and the CLI build on. Internals are camelCase; the
  * server translates to LoRAX/OpenAI snake_case in one place.
  */
+import type { WeightDtype } from '../tensor/dtype.js';
 
 export interface SamplingParams {
   /** 0 or undefined with doSample false → greedy. */
@@ -100,6 +101,8 @@ export interface EngineStats {
 export interface EngineInfo {
   readonly modelId: string;
   readonly modelDtype: string;
+  /** dtype of resident adapter factors and shared bases (the engine's loraDtype, resolved). */
+  readonly loraDtype: WeightDtype;
   readonly maxInputTokens: number;
   readonly maxTotalTokens: number;
   readonly maxBatchTokens: number;

@@ -2,13 +2,15 @@
  * The in-memory form of an adapter the engine serves: per slot (layer, module), either raw LoRA
  * factors (A, (scale·B)ᵀ) or a compressed core that multiplies a cluster's shared bases (Vᵀ, Uᵀ).
  * Scale is folded in here, at load, so the kernels never see it; expand factors are transposed here
- * too ([R, N]), once, so the expand kernel streams contiguous output rows.
+ * too ([R, N]), once, so the expand kernel streams contiguous output rows; and factors are stored in the
+ * engine's adapter dtype (f32, or bf16/f16 for half the memory and memory traffic; cores stay f32).
  */
 import { SoppuError } from '../errors/soppu-error.js';
 import type { LoraCore } from '../kernels/kernel-set.js';
 import type { BankAdapterParts, SharedBases } from '../compress/bank-reader-types.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
+import { f32ArrayToBf16, f32ArrayToF16, type WeightDtype } from '../tensor/dtype.js';
 import { weightMatrix, type WeightMatrix } from '../tensor/weight-matrix.js';
 
 /** A cluster's shared bases for one slot, as kernel operands. */
@@ -91,43 +93,62 @@ function transposed(m: Float32Array, rows: number, cols: number, scale = 1): Flo
   return out;
 }
 
-/** A PEFT adapter served raw: A as is, B scaled (ΔW = (s·B)·A). */
-export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotShape): ResidentAdapter {
+const F16_MAX = 65504;
+
+/**
+ * An f32 factor [rows, cols] as a kernel operand of `dtype` (rounded to nearest even when 16-bit).
+ * f16 cannot hold a magnitude above 65504: such a factor is refused (it would serve infinities).
+ */
+function factor(dtype: WeightDtype, rows: number, cols: number, data: Float32Array, tensor: string, file: string): WeightMatrix {
+  if (dtype === 'f32') return weightMatrix('f32', rows, cols, data);
+  if (dtype === 'f16') {
+    for (let i = 0; i < data.length; i++) {
+      if (Math.abs(data[i]!) > F16_MAX) {
+        throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the f16 range (±${F16_MAX}); serve adapters as f32 or bf16 (lora dtype)`, {
+          file,
+          tensor,
+          limit: F16_MAX,
+        });
+      }
+    }
+  }
+  return weightMatrix(dtype, rows, cols, dtype === 'bf16' ? f32ArrayToBf16(data) : f32ArrayToF16(data));
+}
+
+function bytesOf(matrix: WeightMatrix): number {
+  return matrix.data.byteLength;
+}
+
+/** A PEFT adapter served raw: A as is, B scaled (ΔW = (s·B)·A); factors stored as `dtype`. */
+export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotShape, dtype: WeightDtype = 'f32'): ResidentAdapter {
   const slots = new Map<string, ResidentSlot>();
   let bytes = 0;
   for (const module of adapter.modules.values()) {
     const key = checkedSlot(id, adapter.source, module.path, shape, module.inFeatures, module.outFeatures);
     checkFinite(id, adapter.source, module.path, module.a);
     checkFinite(id, adapter.source, module.path, module.b);
-    const scaledBt = transposed(module.b, module.outFeatures, module.rank, module.scale);
-    slots.set(key, {
-      kind: 'raw',
-      rank: module.rank,
-      a: weightMatrix('f32', module.rank, module.inFeatures, new Float32Array(module.a)),
-      bt: weightMatrix('f32', module.rank, module.outFeatures, scaledBt),
-    });
-    bytes += (module.a.length + scaledBt.length) * 4;
+    const a = factor(dtype, module.rank, module.inFeatures, dtype === 'f32' ? new Float32Array(module.a) : module.a, `${module.path}.lora_A`, adapter.source);
+    const bt = factor(dtype, module.rank, module.outFeatures, transposed(module.b, module.outFeatures, module.rank, module.scale), `${module.path}.lora_B`, adapter.source);
+    slots.set(key, { kind: 'raw', rank: module.rank, a, bt });
+    bytes += bytesOf(a) + bytesOf(bt);
   }
   return { id, source: 'local', storage: 'raw', cluster: -1, slots, bytes, basesKeys: [] };
 }
 
-/** Shared bases as kernel operands. */
-export function residentBases(bases: SharedBases): ResidentBases {
-  return {
-    key: bases.key,
-    rank: bases.rank,
-    a: weightMatrix('f32', bases.rank, bases.inFeatures, bases.vt),
-    bt: weightMatrix('f32', bases.rank, bases.outFeatures, transposed(bases.u, bases.outFeatures, bases.rank)),
-    bytes: (bases.vt.length + bases.u.length) * 4,
-  };
+/** Shared bases as kernel operands of `dtype`. */
+export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', file = ''): ResidentBases {
+  const a = factor(dtype, bases.rank, bases.inFeatures, bases.vt, `${bases.path}.Vt`, file);
+  const bt = factor(dtype, bases.rank, bases.outFeatures, transposed(bases.u, bases.outFeatures, bases.rank), `${bases.path}.U`, file);
+  return { key: bases.key, rank: bases.rank, a, bt, bytes: bytesOf(a) + bytesOf(bt) };
 }
 
-/** A bank adapter: compressed slots reference the already loaded shared bases in `bases`. */
+/** A bank adapter: compressed slots reference the already loaded shared bases in `bases`; raw slots' factors stored as `dtype`. */
 export function residentFromBank(
   parts: BankAdapterParts,
   bases: ReadonlyMap<string, ResidentBases>,
   shape: SlotShape,
   file: string,
+  dtype: WeightDtype = 'f32',
 ): ResidentAdapter {
   const slots = new Map<string, ResidentSlot>();
   const basesKeys = new Set<string>();
@@ -136,13 +157,10 @@ export function residentFromBank(
   for (const [path, part] of parts.slots) {
     if (part.kind === 'raw') {
       const key = checkedSlot(parts.id, file, path, shape, part.inFeatures, part.outFeatures);
-      slots.set(key, {
-        kind: 'raw',
-        rank: part.rank,
-        a: weightMatrix('f32', part.rank, part.inFeatures, part.a),
-        bt: weightMatrix('f32', part.rank, part.outFeatures, transposed(part.b, part.outFeatures, part.rank)),
-      });
-      bytes += (part.a.length + part.b.length) * 4;
+      const a = factor(dtype, part.rank, part.inFeatures, part.a, `${path}.lora_A`, file);
+      const bt = factor(dtype, part.rank, part.outFeatures, transposed(part.b, part.outFeatures, part.rank), `${path}.lora_B`, file);
+      slots.set(key, { kind: 'raw', rank: part.rank, a, bt });
+      bytes += bytesOf(a) + bytesOf(bt);
       continue;
     }
     const shared = bases.get(part.basesKey);

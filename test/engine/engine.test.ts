@@ -6,7 +6,8 @@ import { slotShapeOf } from '../../src/engine/engine.js';
 import { isSoppuError } from '../../src/errors/soppu-error.js';
 import type { LoraAdapter } from '../../src/io/lora-types.js';
 import type { LlamaModel } from '../../src/model/llama-model.js';
-import { charTokenizer, collect, handBank, memoryLoader, mergedModel, randomLora, tinyModel } from './helpers.js';
+import { bf16ArrayToF32, f32ArrayToBf16 } from '../../src/tensor/dtype.js';
+import { bf16Copy, charTokenizer, collect, handBank, memoryLoader, mergedModel, randomLora, tinyModel } from './helpers.js';
 
 const model = tinyModel(11);
 const tokenizer = charTokenizer();
@@ -75,6 +76,39 @@ describe('engine', () => {
     expect(compressed.tokens).toEqual(raw.tokens);
     for (let i = 0; i < 10; i++) expect(compressed.logprobs[i]!).toBeCloseTo(raw.logprobs[i]!, 3);
     expect(engine.listAdapters().find((a) => a.id === 'c1-3')).toMatchObject({ storage: 'compressed', tier: 'resident', source: 'bank' });
+  });
+
+  it('loraDtype: auto is the model dtype; bf16 factors are the adapter rounded once, in half the bytes; f16 refuses what it cannot hold', async () => {
+    expect((await createEngine(options())).info.loraDtype).toBe('f32');
+    expect((await createEngine(options({}, bf16Copy(model)))).info.loraDtype).toBe('bf16');
+    const half = await createEngine(options({ loraDtype: 'bf16' }));
+    expect(half.info).toMatchObject({ modelDtype: 'f32', loraDtype: 'bf16' });
+    // the same adapter with A and s·B rounded to bf16 beforehand, served with f32 factors
+    const adapter = rawAdapters.get('/adapters/raw-3')!;
+    const roundedModules = new Map([...adapter.modules].map(([path, m]) => [path, {
+      ...m,
+      a: bf16ArrayToF32(f32ArrayToBf16(m.a)),
+      b: bf16ArrayToF32(f32ArrayToBf16(m.b.map((value) => value * m.scale))).map((value) => value / m.scale),
+    }]));
+    const rounded = await createEngine(options({ loadLocalAdapter: memoryLoader(new Map([['/adapters/raw-3', { ...adapter, modules: roundedModules }]])) }));
+    const prompt = 'the quick brown fox jumps';
+    const viaHalf = await collect(half.generate({ prompt, maxNewTokens: 12, ignoreEos: true, ...local(3) }));
+    const viaRounded = await collect(rounded.generate({ prompt, maxNewTokens: 12, ignoreEos: true, ...local(3) }));
+    expect(viaHalf.tokens).toEqual(viaRounded.tokens);
+    for (let i = 0; i < 12; i++) expect(viaHalf.logprobs[i]!).toBeCloseTo(viaRounded.logprobs[i]!, 4);
+    expect(half.listAdapters().find((a) => a.id === 'raw-3')?.bytes).toBe(rawBytes / 2);
+    // compressed adapters: bases in bf16, the same tokens as the exported raw adapter in bf16 on this tiny model
+    const compressed = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
+    const exported = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'exported', adapterSource: 'local', adapterPath: '/adapters/export-c1-3' }));
+    expect(compressed.tokens).toEqual(exported.tokens);
+    // f16 cannot hold 1e5: the request naming that adapter fails, naming the tensor; others are served
+    const huge = randomLora(model.config, 7, 4, 8);
+    const firstModule = [...huge.modules.values()][0]!;
+    firstModule.a[5] = 1e5;
+    const f16 = await createEngine(options({ loraDtype: 'f16', loadLocalAdapter: memoryLoader(new Map([['/adapters/huge', huge], ['/adapters/raw-3', adapter]])) }));
+    await expect(collect(f16.generate({ prompt, maxNewTokens: 2, adapterId: 'huge', adapterSource: 'local', adapterPath: '/adapters/huge' })))
+      .rejects.toThrow(new RegExp(`${firstModule.path}.lora_A: value 100000 at element 5 is beyond the f16 range`));
+    expect((await collect(f16.generate({ prompt, maxNewTokens: 2, ignoreEos: true, ...local(3) }))).tokens).toHaveLength(2);
   });
 
   it('batch invariance: each of 32 mixed requests gets the same tokens alone and batched (chunked prefill too)', async () => {

@@ -51,6 +51,17 @@ describe('soppu generate (generated tiny model and adapters on disk)', () => {
     expect(baseCli.stdout).toBe(`${base.text}\n`);
   });
 
+  it('--lora-dtype bf16 serves the adapter with 16-bit factors, as the engine option does; a bad value is refused', async () => {
+    const engine = await createEngine({ ...engineOptions(), loraDtype: 'bf16' });
+    const expected = await collect(engine.generate({ prompt: 'abc', maxNewTokens: 6, adapterId: 'a', adapterSource: 'local', adapterPath: adapterDirs[1]! }));
+    const result = await runCli(['generate', '--model', modelDir, '--adapter', adapterDirs[1]!, '--prompt', 'abc', '--max-new-tokens', '6', '--lora-dtype', 'bf16']);
+    expect(result.code).toBe(0);
+    expect(result.stdout).toBe(`${expected.text}\n`);
+    const bad = await runCli(['generate', '--model', modelDir, '--prompt', 'abc', '--lora-dtype', 'f64']);
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toMatch(/--lora-dtype must be one of auto, f32, bf16, f16, got "f64"/);
+  });
+
   it('serves a bank adapter with --bank and --adapter-id', async () => {
     const engine = await createEngine({ ...engineOptions(), bankDir: join(dir, 'bank') });
     const expected = await collect(engine.generate({ prompt: 'hi', maxNewTokens: 6, adapterId: 'bank-1' }));

@@ -13,7 +13,8 @@ import type { LayerWeights, LinearWeights } from '../../src/model/load-weights.j
 import type { EngineTokenizer } from '../../src/engine/engine-tokenizer.js';
 import { slotShapeOf } from '../../src/engine/engine.js';
 import { Random } from '../../src/tensor/random.js';
-import { weightMatrix } from '../../src/tensor/weight-matrix.js';
+import { f32ArrayToBf16 } from '../../src/tensor/dtype.js';
+import { weightMatrix, type WeightMatrix } from '../../src/tensor/weight-matrix.js';
 
 export const CHARSET = 'abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?0123456789';
 export const BOS = 0;
@@ -178,6 +179,20 @@ export function mergedModel(model: LlamaModel, adapter: LoraAdapter): LlamaModel
     return merged as unknown as LayerWeights;
   });
   return createLlamaModel(model.config, { ...model.weights, layers });
+}
+
+/** The model with every linear weight, the embedding and the LM head rounded to bf16 (kept bf16). */
+export function bf16Copy(model: LlamaModel): LlamaModel {
+  const narrow = (m: WeightMatrix): WeightMatrix => weightMatrix('bf16', m.rows, m.cols, f32ArrayToBf16(m.data as Float32Array));
+  const layers = model.weights.layers.map((layer) => {
+    const copy: Record<string, unknown> = { ...layer };
+    for (const module of TARGET_MODULES) {
+      const linear = layer[LINEAR_OF[module]] as LinearWeights;
+      copy[LINEAR_OF[module]] = { weight: narrow(linear.weight), bias: linear.bias };
+    }
+    return copy as unknown as LayerWeights;
+  });
+  return createLlamaModel(model.config, { ...model.weights, layers, embedding: narrow(model.weights.embedding), lmHead: narrow(model.weights.lmHead) });
 }
 
 /** Orthonormal columns: Q of a QR (Gram–Schmidt) of a random [n, r] matrix, row-major. */

@@ -137,7 +137,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expectClose(y, wantY, TOLERANCE, 'overlapping expand');
   });
 
-  it.each(['bf16', 'f16'] as const)('%s factors (widened per tile) match the reference', (dtype) => {
+  it.each(['bf16', 'f16'] as const)('%s factors (widened in registers) match the reference', (dtype) => {
     const rng = new Random(9);
     const k = 40;
     const n = 150; // more than one expand tile of outputs
@@ -179,9 +179,9 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expectRowsUntouched(out, outStart, stride, [1, 4, 6], 'loraCore');
   });
 
-  it.each(CASES.map((c) => [c.name, c] as const))('loraApply (shrink, core, expand in one call): %s', (_caseName, spec) => {
+  it.each(CASES.flatMap((c) => (['f32', 'bf16'] as const).map((dtype) => [c.name, dtype, c] as const)))('loraApply (shrink, core, expand in one call): %s, %s factors', (_caseName, dtype, spec) => {
     const rng = new Random(13);
-    const { segments, cores, rows } = applyCase(rng, spec);
+    const { segments, cores, rows } = applyCase(rng, spec, dtype);
     const x = randomArray(rng, rows * spec.k);
     const yStart = randomArray(rng, rows * spec.n);
     const want = yStart.slice();

@@ -1,6 +1,6 @@
 import type { Command } from 'commander';
 import { SoppuError } from '../../errors/soppu-error.js';
-import { createEngine } from '../../engine/engine.js';
+import { createEngine, parseLoraDtype } from '../../engine/engine.js';
 import { loadLlamaModel } from '../../model/llama-model.js';
 import type { GenerateRequest } from '../../engine/engine-types.js';
 
@@ -17,6 +17,7 @@ interface GenerateOptions {
   seed?: string;
   ignoreEos?: boolean;
   stop?: string[];
+  loraDtype: string;
 }
 
 function integer(value: string | undefined, field: string, min: number): number | undefined {
@@ -53,6 +54,7 @@ export function register(program: Command): void {
     .option('--seed <n>', 'sampling seed')
     .option('--ignore-eos', 'keep generating past end-of-sequence')
     .option('--stop <text...>', 'stop sequences')
+    .option('--lora-dtype <dtype>', 'adapter factors in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
     .action(async (options: GenerateOptions) => {
       if (options.adapter && (options.bank || options.adapterId)) {
         throw new SoppuError('CONFIG', 'use either --adapter DIR or --bank DIR --adapter-id ID, not both', { field: 'adapter' });
@@ -76,6 +78,7 @@ export function register(program: Command): void {
         maxInputTokens: maxTotalTokens - 1,
         maxTotalTokens,
         blockSize: 16,
+        loraDtype: parseLoraDtype(options.loraDtype),
       });
       const loaded = performance.now();
       const request: GenerateRequest = {

@@ -9,7 +9,7 @@ import { homedir } from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
 import { compressDirectoriesToBank } from '../../compress/bank-compress.js';
-import { createEngine } from '../../engine/engine.js';
+import { createEngine, parseLoraDtype } from '../../engine/engine.js';
 import { SoppuError } from '../../errors/soppu-error.js';
 import { BASE_SHAPES } from '../../io/fixtures/base-shapes.js';
 import { writeGeneratedAdapters } from '../../io/fixtures/generate-adapters.js';
@@ -36,6 +36,7 @@ interface ServeOptions {
   kvMemoryMb: string;
   adapterMemoryMb: string;
   blockSize: string;
+  loraDtype: string;
   drainDeadlineS: string;
   maxUploadMb: string;
 }
@@ -87,6 +88,7 @@ export function register(program: Command): void {
     .option('--kv-memory-mb <n>', 'KV-cache budget in MiB', '512')
     .option('--adapter-memory-mb <n>', 'resident adapter budget in MiB', '512')
     .option('--block-size <n>', 'KV-cache block size in positions', '16')
+    .option('--lora-dtype <dtype>', 'adapter factors in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
     .option('--drain-deadline-s <n>', 'on SIGTERM, seconds to let running requests finish', String(DEFAULT_SERVER_OPTIONS.drainDeadlineMs / 1000))
     .option('--max-upload-mb <n>', 'largest adapter upload in MiB', String(DEFAULT_SERVER_OPTIONS.maxUploadBytes / 1024 / 1024))
     .action(async (options: ServeOptions) => {
@@ -121,6 +123,7 @@ export function register(program: Command): void {
         maxInputTokens,
         maxTotalTokens,
         blockSize: integer(options.blockSize, 'block-size', 1),
+        loraDtype: parseLoraDtype(options.loraDtype),
       });
       const adapterDirs = (options.adapters ?? []).map((dir) => path.resolve(dir));
       const server = createServer(engine, {
