@@ -202,7 +202,9 @@ async function rssChild(args: Args, mode: Mode): Promise<void> {
   const model = await loadLlamaModel(await modelDir(root, 'bf16', args.layers));
   const rssArgs = { ...args, bankSize: args.rssAdapters, targets: args.rssTargets };
   const bank = syntheticBank(model.config, rssArgs);
-  const cache = new AdapterCache({ budgetBytes: Number.MAX_SAFE_INTEGER, bank, loadLocal: rawLoader(model.config, rssArgs), slotShape: slotShapeOf(model.config), maxConcurrentLoads: 1 });
+  // factors in the model's dtype, as the engine's default loraDtype (auto) holds them
+  const factorDtype = model.weights.layers[0]?.q.weight.dtype ?? model.weights.embedding.dtype;
+  const cache = new AdapterCache({ budgetBytes: Number.MAX_SAFE_INTEGER, bank, loadLocal: rawLoader(model.config, rssArgs), slotShape: slotShapeOf(model.config), factorDtype, maxConcurrentLoads: 1 });
   const gc = (globalThis as { gc?: () => void }).gc;
   gc?.();
   const before = process.memoryUsage().rss;

@@ -12,23 +12,26 @@ import { refKernels, supportedNativeKernelSets } from '../src/kernels/index.js';
 import type { AttentionArgs, KernelSet, LoraCore, LoraSegment } from '../src/kernels/kernel-set.js';
 import { loadNativeAddon } from '../src/kernels/native-addon.js';
 import { Random } from '../src/tensor/random.js';
-import { weightMatrix } from '../src/tensor/weight-matrix.js';
+import { f32ArrayToBf16 } from '../src/tensor/dtype.js';
+import { weightMatrix, type WeightMatrix } from '../src/tensor/weight-matrix.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
 import { fmt, secondsPerCall } from './helpers/timing.js';
 
 type Case =
   | { op: 'rmsnorm'; rows: number; dim: number }
-  | { op: 'softmax'; rows: number; cols: number }
+  | { op: 'softmax' | 'argmax'; rows: number; cols: number }
   | { op: 'siluMul'; n: number }
   | { op: 'attention'; seqs: number; qLen: number; ctxLen: number; heads: number; kvHeads: number; headDim: number; blockSize: number }
   | { op: 'loraShrink' | 'loraExpand'; rows: number; k: number; n: number; rank: number; segments: number }
   | { op: 'loraCore'; rows: number; rank: number }
-  | { op: 'loraApply'; rows: number; k: number; n: number; rank: number; segments: number; cores: boolean };
+  | { op: 'loraApply'; rows: number; k: number; n: number; rank: number; segments: number; cores: boolean; dtype?: 'bf16' };
 
 const CASES: Case[] = [
   { op: 'rmsnorm', rows: 1, dim: 4096 },
   { op: 'rmsnorm', rows: 32, dim: 4096 },
   { op: 'softmax', rows: 32, cols: 4096 },
+  // greedy sampling's choice over a SmolLM vocabulary, one row per sequence of a batch-32 step
+  { op: 'argmax', rows: 32, cols: 49152 },
   { op: 'siluMul', n: 32 * 14336 },
   { op: 'attention', seqs: 8, qLen: 1, ctxLen: 512, heads: 32, kvHeads: 8, headDim: 128, blockSize: 16 },
   { op: 'attention', seqs: 16, qLen: 1, ctxLen: 256, heads: 14, kvHeads: 2, headDim: 64, blockSize: 16 },
@@ -41,29 +44,33 @@ const CASES: Case[] = [
   // one decode slot of the engine bench at batch 32 (SmolLM 576 → 1536): raw, and compressed (4 clusters)
   { op: 'loraApply', rows: 32, k: 576, n: 1536, rank: 8, segments: 32, cores: false },
   { op: 'loraApply', rows: 32, k: 576, n: 1536, rank: 16, segments: 4, cores: true },
+  // the same with bf16 factors (the engine's default for a bf16 model); the NumPy peer stays f32
+  { op: 'loraApply', rows: 32, k: 576, n: 1536, rank: 8, segments: 32, cores: false, dtype: 'bf16' },
+  { op: 'loraApply', rows: 32, k: 576, n: 1536, rank: 16, segments: 4, cores: true, dtype: 'bf16' },
 ];
 
 function describeCase(c: Case): string {
   switch (c.op) {
     case 'rmsnorm': return `rmsnorm [${c.rows}, ${c.dim}]`;
     case 'softmax': return `softmax [${c.rows}, ${c.cols}]`;
+    case 'argmax': return `argmax [${c.rows}, ${c.cols}]`;
     case 'siluMul': return `siluMul n=${c.n}`;
     case 'attention': return `attention ${c.seqs}×(q ${c.qLen}, ctx ${c.ctxLen}) H ${c.heads}/${c.kvHeads} D ${c.headDim}`;
     case 'loraCore': return `loraCore full R ${c.rank}, ${c.rows} rows`;
-    case 'loraApply': return `loraApply ${c.segments} seg × ${c.rows / c.segments} rows, K ${c.k} N ${c.n}, R ${c.rank}${c.cores ? ', full core per row' : ''}`;
+    case 'loraApply': return `loraApply ${c.segments} seg × ${c.rows / c.segments} rows, K ${c.k} N ${c.n}, R ${c.rank}${c.cores ? ', full core per row' : ''}${c.dtype ? `, ${c.dtype} factors` : ''}`;
     default: return `${c.op} ${c.segments} seg × ${c.rows / c.segments} rows, ${c.op === 'loraShrink' ? `K ${c.k}` : `N ${c.n}`}, R ${c.rank}`;
   }
 }
 
-/** c.segments equal runs of rows, each with its own f32 factors A [R, K] and Bᵀ [R, N]. */
-function equalSegments(c: { rows: number; segments: number; rank: number; k: number; n: number },
+/** c.segments equal runs of rows, each with its own factors A [R, K] and Bᵀ [R, N] (f32 unless c.dtype). */
+function equalSegments(c: { rows: number; segments: number; rank: number; k: number; n: number; dtype?: 'bf16' },
   normal: (n: number, std?: number) => Float32Array): LoraSegment[] {
   const per = c.rows / c.segments;
-  return Array.from({ length: c.segments }, (_, s) => ({
-    start: s * per, end: (s + 1) * per,
-    a: weightMatrix('f32', c.rank, c.k, normal(c.rank * c.k, 0.02)),
-    bt: weightMatrix('f32', c.rank, c.n, normal(c.rank * c.n, 0.02)),
-  }));
+  const factor = (rows: number, cols: number): WeightMatrix => {
+    const data = normal(rows * cols, 0.02);
+    return c.dtype === 'bf16' ? weightMatrix('bf16', rows, cols, f32ArrayToBf16(data)) : weightMatrix('f32', rows, cols, data);
+  };
+  return Array.from({ length: c.segments }, (_, s) => ({ start: s * per, end: (s + 1) * per, a: factor(c.rank, c.k), bt: factor(c.rank, c.n) }));
 }
 
 /** A closure running the op once with `kernels` on data built from `rng`. */
@@ -79,6 +86,11 @@ function prepare(c: Case, rng: Random): (kernels: KernelSet) => void {
     case 'softmax': {
       const x = normal(c.rows * c.cols);
       return (k) => k.softmax(x, c.rows, c.cols);
+    }
+    case 'argmax': {
+      const x = normal(c.rows * c.cols);
+      const out = new Int32Array(c.rows);
+      return (k) => k.argmax(out, x, c.rows, c.cols);
     }
     case 'siluMul': {
       const gate = normal(c.n);
@@ -167,7 +179,7 @@ export async function run(args: string[]): Promise<void> {
     `Command: \`SOPPU_THREADS=${threads} npm run bench -- ops\` — ${new Date().toISOString().replace(/\.\d+Z$/, 'Z')}`,
     '',
     `Machine: ${machineDescription()}. ${threads} native threads; ${numpy.note}. Times are the median of 5 rounds (ref: 3).`,
-    'Attention uses a shuffled (non-contiguous) block table; LoRA ops use f32 factors; the NumPy peer gathers each',
+    'Attention uses a shuffled (non-contiguous) block table; LoRA ops use f32 factors unless a row says bf16; the NumPy peer gathers each',
     "sequence's blocks then runs batched matmuls (attention) or one matmul per segment (LoRA).",
     '',
     ...lines,

@@ -50,6 +50,12 @@ def make(case):
             e = np.exp(x - x.max(axis=1, keepdims=True))
             return e / e.sum(axis=1, keepdims=True)
         return run
+    if op == "argmax":
+        x = rand(case["rows"], case["cols"])
+
+        def run():
+            return x.argmax(axis=1)
+        return run
     if op == "siluMul":
         g, u = rand(case["n"]), rand(case["n"])
         out = np.empty_like(g)
