@@ -19,7 +19,7 @@ import { weightMatrix, type WeightMatrix } from '../src/tensor/weight-matrix.js'
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
 import { onnxMatmulModel } from './helpers/onnx-matmul-model.js';
 import { loadPeerPackage } from './helpers/peers.js';
-import { fmt, secondsPerCall } from './helpers/timing.js';
+import { fmt, median, secondsPerCall } from './helpers/timing.js';
 
 interface Case { m: number; k: number; n: number; dtype: WeightDtype }
 interface Row extends Case { seconds: number; bandwidth: number; rooflineRatio: number; numpy: number | null; ort: number | null }
@@ -63,12 +63,6 @@ function bandwidthProbe(variant: number): { readBandwidth: () => number; bytes: 
     return data.byteLength / best;
   };
   return { readBandwidth, bytes: data.byteLength };
-}
-
-/** Median of a list. */
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  return sorted[Math.floor(sorted.length / 2)]!;
 }
 
 function makeWeightSets(c: Case, sets: number, random: Random): WeightMatrix[] {

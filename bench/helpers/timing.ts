@@ -21,6 +21,12 @@ export function secondsPerCall(fn: (call: number) => void, options: { warmup?: n
   return perRound[Math.floor(perRound.length / 2)]!;
 }
 
+/** Median of a list (the upper middle for an even count). */
+export function median(values: readonly number[]): number {
+  const sorted = [...values].sort((a, b) => a - b);
+  return sorted[Math.floor(sorted.length / 2)]!;
+}
+
 /** Format a number with a fixed count of significant digits for tables. */
 export function fmt(value: number | null | undefined, digits = 3): string {
   if (value === null || value === undefined || !Number.isFinite(value)) return '–';
