@@ -264,15 +264,15 @@ export async function run(argv: string[]): Promise<void> {
       // modes interleaved over rounds (the machine is shared): the best rate of each mode, and each
       // round's mode / base ratio (measured back to back, so a load drifting between rounds cancels)
       for (let round = 0; round < args.rounds; round++) {
-        const round_: Record<Mode, number> = { base: 0, raw: 0, compressed: 0 };
+        const thisRound: Record<Mode, number> = { base: 0, raw: 0, compressed: 0 };
         for (const mode of ['base', 'raw', 'compressed'] as const) {
           const rate = await decodeRate(engine, mode, batch, args.steps, 0);
-          round_[mode] = rate;
+          thisRound[mode] = rate;
           rates[mode] = Math.max(rates[mode], rate);
           log(`${dtype} batch ${batch} ${mode} round ${round}: ${rate.toFixed(2)} tok/s`);
         }
-        ratios.raw.push(round_.raw / round_.base);
-        ratios.compressed.push(round_.compressed / round_.base);
+        ratios.raw.push(thisRound.raw / thisRound.base);
+        ratios.compressed.push(thisRound.compressed / thisRound.base);
       }
       table.push(`| ${dtype} | ${batch} | ${fmt(rates.base)} | ${fmt(rates.raw)} | ${fmt(median(ratios.raw))} | ${fmt(rates.compressed)} | ${fmt(median(ratios.compressed))} |`);
       if (batch === 1) {

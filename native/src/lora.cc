@@ -293,7 +293,7 @@ struct ApplyPlan {
   int64_t n = 0, k = 0, rows = 0;
   std::vector<Segment> shrink, expand;  // one per segment, same rows, same rank
   std::vector<const float*> cores;
-  std::vector<int32_t> coreOfRow, coreRanks, coreDiagonal;
+  std::vector<int32_t> coreOfRow, coreDiagonal;  // core ranks are checked against the segments at build
   std::vector<Tile> tiles;
   std::vector<size_t> firstTile;
   bool disjoint = true, inlineOnly = false;
@@ -335,7 +335,6 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
     }
   const size_t coreCount = plan->cores.size();
   plan->coreOfRow.assign(coreOfRow.data, coreOfRow.data + rows);
-  plan->coreRanks.assign(coreRanks.data, coreRanks.data + coreCount);
   plan->coreDiagonal.assign(coreDiagonal.data, coreDiagonal.data + coreCount);
   plan->tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &plan->firstTile, kApplyRowTile);
   double flops = 0;

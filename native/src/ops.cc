@@ -1,6 +1,7 @@
 // Native element-wise and row-wise ops (rmsnorm, rope, softmax, siluMul, add, addBias, embedding),
 // each in scalar / AVX2 / AVX-512 variants. Contracts: src/kernels/kernel-set.ts; spec: src/kernels/ref.
 #include "native-args.h"
+#include <type_traits>
 #include <vector>
 
 namespace soppu {
@@ -106,36 +107,29 @@ Napi::Value Softmax(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// logSumExp(isa, out, x, rows, cols)
-Napi::Value LogSumExp(const Napi::CallbackInfo& info) {
+// logSumExp(isa, out: Float32Array, x, rows, cols) and argmax(isa, out: Int32Array, x, rows, cols): row
+// reductions, the same shape of call
+template <bool kArgmax>
+Napi::Value RowReduction(const Napi::CallbackInfo& info) {
+  using Out = std::conditional_t<kArgmax, int32_t, float>;
   const Napi::Env env = info.Env();
   const Isa isa = IsaFromArg(info[0]);
   if (env.IsExceptionPending()) return env.Undefined();
-  ArrayArg<float> out, x;
-  int64_t rows, cols;
-  const char* op = "logSumExp";
-  if (!GetF32(info, 1, op, "out", &out) || !GetF32(info, 2, op, "x", &x) || !GetInt(info, 3, op, "rows", 0, &rows) ||
-      !GetInt(info, 4, op, "cols", 1, &cols) || !NeedLength(env, op, "out", out.length, rows) ||
-      !NeedLength(env, op, "x", x.length, rows * cols))
-    return env.Undefined();
-  ParallelFor(rows, RowGrain(cols), [&](int64_t begin, int64_t end) { SOPPU_DISPATCH(isa, LogSumExpRows(out.data, x.data, begin, end, cols)); });
-  return env.Undefined();
-}
-
-// argmax(isa, out: Int32Array, x, rows, cols)
-Napi::Value Argmax(const Napi::CallbackInfo& info) {
-  const Napi::Env env = info.Env();
-  const Isa isa = IsaFromArg(info[0]);
-  if (env.IsExceptionPending()) return env.Undefined();
-  ArrayArg<int32_t> out;
+  ArrayArg<Out> out;
   ArrayArg<float> x;
   int64_t rows, cols;
-  const char* op = "argmax";
-  if (!GetI32(info, 1, op, "out", &out) || !GetF32(info, 2, op, "x", &x) || !GetInt(info, 3, op, "rows", 0, &rows) ||
-      !GetInt(info, 4, op, "cols", 1, &cols) || !NeedLength(env, op, "out", out.length, rows) ||
-      !NeedLength(env, op, "x", x.length, rows * cols))
+  const char* op = kArgmax ? "argmax" : "logSumExp";
+  if (!GetArray(info, 1, kArgmax ? napi_int32_array : napi_float32_array, op, "out", &out) || !GetF32(info, 2, op, "x", &x) ||
+      !GetInt(info, 3, op, "rows", 0, &rows) || !GetInt(info, 4, op, "cols", 1, &cols) ||
+      !NeedLength(env, op, "out", out.length, rows) || !NeedLength(env, op, "x", x.length, rows * cols))
     return env.Undefined();
-  ParallelFor(rows, RowGrain(cols), [&](int64_t begin, int64_t end) { SOPPU_DISPATCH(isa, ArgmaxRows(out.data, x.data, begin, end, cols)); });
+  ParallelFor(rows, RowGrain(cols), [&](int64_t begin, int64_t end) {
+    if constexpr (kArgmax) {
+      SOPPU_DISPATCH(isa, ArgmaxRows(out.data, x.data, begin, end, cols));
+    } else {
+      SOPPU_DISPATCH(isa, LogSumExpRows(out.data, x.data, begin, end, cols));
+    }
+  });
   return env.Undefined();
 }
 
@@ -230,8 +224,8 @@ void RegisterOps(Napi::Env env, Napi::Object exports) {
   exports.Set("rmsnorm", Napi::Function::New(env, Rmsnorm));
   exports.Set("rope", Napi::Function::New(env, Rope));
   exports.Set("softmax", Napi::Function::New(env, Softmax));
-  exports.Set("logSumExp", Napi::Function::New(env, LogSumExp));
-  exports.Set("argmax", Napi::Function::New(env, Argmax));
+  exports.Set("logSumExp", Napi::Function::New(env, RowReduction<false>));
+  exports.Set("argmax", Napi::Function::New(env, RowReduction<true>));
   exports.Set("siluMul", Napi::Function::New(env, Binary<true>));
   exports.Set("add", Napi::Function::New(env, Binary<false>));
   exports.Set("addBias", Napi::Function::New(env, AddBias));

@@ -89,26 +89,19 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     };
   }
 
-  const logSumExp = fn('logSumExp');
-  if (logSumExp) {
-    ops.logSumExp = (out, x, rows, cols) => {
-      checkInteger('logSumExp', 'rows', rows, 0);
-      checkInteger('logSumExp', 'cols', cols, 1);
-      checkLength('logSumExp', 'x', x, rows * cols);
-      checkLength('logSumExp', 'out', out, rows);
-      call('logSumExp', logSumExp, out, x, rows, cols);
+  // row reductions, out[r] from x[r, :] (x: [rows, cols], read only; out: [rows])
+  for (const op of ['logSumExp', 'argmax'] as const) {
+    const f = fn(op);
+    if (!f) continue;
+    const reduce = (out: Float32Array | Int32Array, x: Float32Array, rows: number, cols: number): void => {
+      checkInteger(op, 'rows', rows, 0);
+      checkInteger(op, 'cols', cols, 1);
+      checkLength(op, 'x', x, rows * cols);
+      checkLength(op, 'out', out, rows);
+      call(op, f, out, x, rows, cols);
     };
-  }
-
-  const argmax = fn('argmax');
-  if (argmax) {
-    ops.argmax = (out, x, rows, cols) => {
-      checkInteger('argmax', 'rows', rows, 0);
-      checkInteger('argmax', 'cols', cols, 1);
-      checkLength('argmax', 'x', x, rows * cols);
-      checkLength('argmax', 'out', out, rows);
-      call('argmax', argmax, out, x, rows, cols);
-    };
+    if (op === 'logSumExp') ops.logSumExp = reduce;
+    else ops.argmax = reduce;
   }
 
   const siluMul = fn('siluMul');
