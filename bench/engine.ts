@@ -33,7 +33,7 @@ import { getKernels } from '../src/kernels/index.js';
 import { loadNativeAddon } from '../src/kernels/native-addon.js';
 import { TARGET_MODULES, type TargetModule } from '../src/model/adapter-hook.js';
 import type { LlamaConfig } from '../src/model/llama-config.js';
-import { loadLlamaModel, modelWeightBytes, type LlamaModel } from '../src/model/llama-model.js';
+import { loadLlamaModel, modelWeightBytes, modelWeightDtype, type LlamaModel } from '../src/model/llama-model.js';
 import { Random } from '../src/tensor/random.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
 import { fmt, median } from './helpers/timing.js';
@@ -203,7 +203,7 @@ async function rssChild(args: Args, mode: Mode): Promise<void> {
   const rssArgs = { ...args, bankSize: args.rssAdapters, targets: args.rssTargets };
   const bank = syntheticBank(model.config, rssArgs);
   // factors in the model's dtype, as the engine's default loraDtype (auto) holds them
-  const factorDtype = model.weights.layers[0]?.q.weight.dtype ?? model.weights.embedding.dtype;
+  const factorDtype = modelWeightDtype(model);
   const cache = new AdapterCache({ budgetBytes: Number.MAX_SAFE_INTEGER, bank, loadLocal: rawLoader(model.config, rssArgs), slotShape: slotShapeOf(model.config), factorDtype, maxConcurrentLoads: 1 });
   const gc = (globalThis as { gc?: () => void }).gc;
   gc?.();

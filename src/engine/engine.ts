@@ -12,7 +12,7 @@ import type { TargetModule } from '../model/adapter-hook.js';
 import type { ForwardBatch } from '../model/forward-batch.js';
 import { ForwardScratch, forward } from '../model/forward.js';
 import type { LlamaConfig } from '../model/llama-config.js';
-import { loadLlamaModel, type LlamaModel } from '../model/llama-model.js';
+import { loadLlamaModel, modelWeightDtype, type LlamaModel } from '../model/llama-model.js';
 import { loadTokenizer } from '../model/tokenizer.js';
 import { loadLoraAdapter } from '../io/load-lora-adapter.js';
 import { addToBank } from '../compress/bank-add.js';
@@ -170,7 +170,7 @@ class SoppuEngine implements Engine {
     );
     this.scheduler = new Scheduler<RequestState>(this.pool, { maxBatchTokens: options.maxBatchTokens, maxRunningRequests: options.maxRunningRequests });
     this.slotShape = slotShapeOf(this.config);
-    const modelDtype = model.weights.layers[0]?.q.weight.dtype ?? model.weights.embedding.dtype;
+    const modelDtype = modelWeightDtype(model);
     this.loraDtype = !options.loraDtype || options.loraDtype === 'auto' ? modelDtype : options.loraDtype;
     this.cache = new AdapterCache({
       budgetBytes: options.adapterBudgetBytes,

@@ -5,6 +5,7 @@ import { ropeInvFreq } from '../kernels/ref/rope-inv-freq.js';
 import type { LlamaConfig } from './llama-config.js';
 import { loadLlamaConfig } from './llama-config.js';
 import type { LlamaWeights } from './load-weights.js';
+import type { WeightDtype } from '../tensor/dtype.js';
 import { loadLlamaWeights } from './load-weights.js';
 
 export interface LlamaModel {
@@ -24,6 +25,11 @@ export async function loadLlamaModel(modelDir: string): Promise<LlamaModel> {
   const config = await loadLlamaConfig(modelDir);
   const weights = await loadLlamaWeights(modelDir, config);
   return createLlamaModel(config, weights);
+}
+
+/** The dtype the model's linear weights are stored in (the embedding's for a model without layers). */
+export function modelWeightDtype(model: LlamaModel): WeightDtype {
+  return model.weights.layers[0]?.q.weight.dtype ?? model.weights.embedding.dtype;
 }
 
 /** Bytes held by the matmul weights and vectors (the embedding counted once when tied). */
