@@ -201,6 +201,15 @@ void RunTiles(bool disjoint, const std::vector<Tile>& tiles, const std::vector<s
   }
 }
 
+// Asks for [data, data + bytes) to be brought into cache: to L1 (kLocality 3) or L2 (2).
+template <int kLocality>
+void PrefetchBytes(const void* data, int64_t bytes) {
+  const char* p = static_cast<const char*>(data);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, kLocality);
+}
+
+int64_t FactorBytes(const Segment& segment, int64_t cols) { return segment.rank * cols * (segment.dtype == 0 ? 4 : 2); }
+
 // Per-thread scratch (loraApply's rank vectors), reused across calls.
 float* TileScratch(int64_t floats) {
   thread_local std::vector<float> scratch;
@@ -370,6 +379,15 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
     float* u = t + kApplyRowTile * rank;
     const float* xTile = x.data + tile.r0 * k;
     float* yTile = y.data + tile.r0 * n;
+    // In a decode step every factor and core is cold (a step reads more LoRA bytes than the cache
+    // holds), and factor rows a few cache lines long stream poorly through the hardware prefetchers:
+    // ask for the whole tile at once, A and the cores to L1, Bᵀ (read after the shrink) to L2.
+    PrefetchBytes<3>(a.weights, FactorBytes(a, k));
+    for (int64_t q = 0; q < count; q++) {
+      const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
+      if (c >= 0) PrefetchBytes<3>(plan.cores[static_cast<size_t>(c)], (plan.coreDiagonal[static_cast<size_t>(c)] ? rank : rank * rank) * 4);
+    }
+    PrefetchBytes<2>(bt.weights, FactorBytes(bt, n));
     for (int64_t j0 = 0; j0 < rank; j0 += kShrinkColumns)
       SOPPU_DISPATCH(isa, ShrinkTileAny(t, rank, xTile, k, a.weights, a.dtype, 0, count, j0,
                                         std::min(j0 + kShrinkColumns, rank)));
