@@ -21,6 +21,8 @@ Isa IsaFromArg(const Napi::Value& v);  // validates a JS ISA index; throws a JS 
 int NumThreads();
 // Runs fn(begin, end) over [0, n) split into chunks of at least `grain`, on the pool; blocks until done.
 void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
+// Runs fn(i) for i in [0, n) on the pool, each index claimed on its own and in order; blocks until done.
+void ParallelForEach(int64_t n, const std::function<void(int64_t)>& fn);
 
 // Registration hooks, one per source file.
 void RegisterCpu(Napi::Env env, Napi::Object exports);

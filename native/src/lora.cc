@@ -3,6 +3,7 @@
 // from TS: Int32Array starts/ends/ranks/dtypes plus a JS array of weight arrays, one per segment
 // (Float32Array for f32, Uint16Array of raw bits for bf16/f16, widened in registers as the kernels load them).
 #include "native-args.h"
+#include "matmul.h"
 #include <algorithm>
 #include <memory>
 #include <vector>
@@ -353,6 +354,90 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   return Napi::External<ApplyPlan>::New(env, plan.release(), [](Napi::Env, ApplyPlan* p) { delete p; });
 }
 
+// One loraApply tile: y[r0:r1, :] += per row, (core ·) (a · x[row]) · bt. `beforeExpand` runs between
+// the rank vectors and the expand (matmulLora waits there for the matmul to finish writing y).
+template <typename BeforeExpand>
+void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x, float* y, BeforeExpand beforeExpand) {
+  const Segment& a = plan.shrink[static_cast<size_t>(tile.segment)];
+  const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
+  const int64_t rank = a.rank, count = tile.r1 - tile.r0, n = plan.n, k = plan.k;
+  // t, u: [count ≤ kApplyRowTile, rank]
+  float* t = TileScratch(2 * kApplyRowTile * rank);
+  float* u = t + kApplyRowTile * rank;
+  const float* xTile = x + tile.r0 * k;
+  // In a decode step every factor and core is cold (a step reads more LoRA bytes than the cache
+  // holds), and factor rows a few cache lines long stream poorly through the hardware prefetchers:
+  // ask for the whole tile at once, A and the cores to L1, Bᵀ (read after the shrink) to L2.
+  PrefetchBytes<3>(a.weights, FactorBytes(a, k));
+  for (int64_t q = 0; q < count; q++) {
+    const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
+    if (c >= 0) PrefetchBytes<3>(plan.cores[static_cast<size_t>(c)], (plan.coreDiagonal[static_cast<size_t>(c)] ? rank : rank * rank) * 4);
+  }
+  PrefetchBytes<2>(bt.weights, FactorBytes(bt, n));
+  for (int64_t j0 = 0; j0 < rank; j0 += kShrinkColumns)
+    SOPPU_DISPATCH(isa, ShrinkTileAny(t, rank, xTile, k, a.weights, a.dtype, 0, count, j0, std::min(j0 + kShrinkColumns, rank)));
+  for (int64_t q = 0; q < count; q++) {
+    const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
+    if (c < 0) {
+      std::copy(t + q * rank, t + (q + 1) * rank, u + q * rank);
+      continue;
+    }
+    SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, plan.cores[static_cast<size_t>(c)], rank, plan.coreDiagonal[static_cast<size_t>(c)] != 0));
+  }
+  beforeExpand();
+  float* yTile = y + tile.r0 * n;
+  for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
+    SOPPU_DISPATCH(isa, ExpandTileAny(yTile, n, u, rank, bt.weights, bt.dtype, rank, 0, count, o0, std::min(o0 + kExpandColumns, n)));
+}
+
+// matmulLora(isa, y: [m, n], x: [m, k], w: [n, k] (Float32Array, or Uint16Array of bf16/f16 bits),
+// wDtype (0 f32, 1 bf16, 2 f16), m (at least the plan's rows), plan from loraApplyPlan): y = x · wᵀ,
+// then loraApply's delta, in ONE pool job: the matmul's blocks, then the loraApply tiles, claimed in
+// order and in small chunks. A thread that runs out of blocks starts a tile's shrink and core (they
+// read only x) while the others finish theirs, and waits for the matmul only before its expand; a
+// decode step saves a dispatch per slot, and the threads share the LoRA work evenly.
+Napi::Value MatmulLora(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const Isa isa = IsaFromArg(info[0]);
+  if (env.IsExceptionPending()) return env.Undefined();
+  const char* op = "matmulLora";
+  ArrayArg<float> y, x;
+  int64_t dtype, rows;
+  if (!info[6].IsExternal()) {
+    Fail(env, "soppu native matmulLora: plan must come from loraApplyPlan");
+    return env.Undefined();
+  }
+  const ApplyPlan& plan = *info[6].As<Napi::External<ApplyPlan>>().Data();
+  const int64_t n = plan.n, k = plan.k;
+  if (!GetF32(info, 1, op, "y", &y) || !GetF32(info, 2, op, "x", &x) || !GetInt(info, 4, op, "wDtype", 0, &dtype) ||
+      !GetInt(info, 5, op, "m", plan.rows, &rows) || !NeedLength(env, op, "y", y.length, rows * n) ||
+      !NeedLength(env, op, "x", x.length, rows * k))
+    return env.Undefined();
+  napi_typedarray_type type;
+  size_t length = 0;
+  void* w = nullptr;
+  if (dtype > 2 || !info[3].IsTypedArray() ||
+      napi_get_typedarray_info(env, info[3], &type, &length, &w, nullptr, nullptr) != napi_ok ||
+      type != (dtype == 0 ? napi_float32_array : napi_uint16_array)) {
+    Fail(env, "soppu native matmulLora: w must be a Float32Array (wDtype 0) or Uint16Array (wDtype 1, 2)");
+    return env.Undefined();
+  }
+  if (!NeedLength(env, op, "w", static_cast<int64_t>(length), n * k)) return env.Undefined();
+  MatmulArgs args{y.data, x.data, w, static_cast<WeightDtype>(dtype), rows, n, k, k, false};
+  if (!plan.disjoint) {  // overlapping segments: one after another, as loraApply runs them
+    Matmul(isa, args);
+    RunTiles(false, plan.tiles, plan.firstTile, false, [&](const Tile& tile) { ApplyTile(isa, plan, tile, x.data, y.data, [] {}); });
+    return env.Undefined();
+  }
+  MatmulFusion fusion;
+  fusion.tasks = static_cast<int64_t>(plan.tiles.size());
+  fusion.run = [&](int64_t task, const std::function<void()>& waitForMatmul) {
+    ApplyTile(isa, plan, plan.tiles[static_cast<size_t>(task)], x.data, y.data, waitForMatmul);
+  };
+  Matmul(isa, args, &fusion);
+  return env.Undefined();
+}
+
 // loraApply(isa, y: [rows, n], x: [rows, k], plan from loraApplyPlan): y += per row tile of a segment,
 // shrink → core → expand.
 Napi::Value LoraApply(const Napi::CallbackInfo& info) {
@@ -370,40 +455,8 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
   if (!GetF32(info, 1, op, "y", &y) || !GetF32(info, 2, op, "x", &x) || !NeedLength(env, op, "y", y.length, plan.rows * n) ||
       !NeedLength(env, op, "x", x.length, plan.rows * k))
     return env.Undefined();
-  RunTiles(plan.disjoint, plan.tiles, plan.firstTile, plan.inlineOnly, [&](const Tile& tile) {
-    const Segment& a = plan.shrink[static_cast<size_t>(tile.segment)];
-    const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
-    const int64_t rank = a.rank, count = tile.r1 - tile.r0;
-    // t, u: [count ≤ kApplyRowTile, rank]
-    float* t = TileScratch(2 * kApplyRowTile * rank);
-    float* u = t + kApplyRowTile * rank;
-    const float* xTile = x.data + tile.r0 * k;
-    float* yTile = y.data + tile.r0 * n;
-    // In a decode step every factor and core is cold (a step reads more LoRA bytes than the cache
-    // holds), and factor rows a few cache lines long stream poorly through the hardware prefetchers:
-    // ask for the whole tile at once, A and the cores to L1, Bᵀ (read after the shrink) to L2.
-    PrefetchBytes<3>(a.weights, FactorBytes(a, k));
-    for (int64_t q = 0; q < count; q++) {
-      const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
-      if (c >= 0) PrefetchBytes<3>(plan.cores[static_cast<size_t>(c)], (plan.coreDiagonal[static_cast<size_t>(c)] ? rank : rank * rank) * 4);
-    }
-    PrefetchBytes<2>(bt.weights, FactorBytes(bt, n));
-    for (int64_t j0 = 0; j0 < rank; j0 += kShrinkColumns)
-      SOPPU_DISPATCH(isa, ShrinkTileAny(t, rank, xTile, k, a.weights, a.dtype, 0, count, j0,
-                                        std::min(j0 + kShrinkColumns, rank)));
-    for (int64_t q = 0; q < count; q++) {
-      const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
-      if (c < 0) {
-        std::copy(t + q * rank, t + (q + 1) * rank, u + q * rank);
-        continue;
-      }
-      SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, plan.cores[static_cast<size_t>(c)], rank,
-                                  plan.coreDiagonal[static_cast<size_t>(c)] != 0));
-    }
-    for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
-      SOPPU_DISPATCH(isa, ExpandTileAny(yTile, n, u, rank, bt.weights, bt.dtype, rank, 0, count, o0,
-                                        std::min(o0 + kExpandColumns, n)));
-  });
+  RunTiles(plan.disjoint, plan.tiles, plan.firstTile, plan.inlineOnly,
+           [&](const Tile& tile) { ApplyTile(isa, plan, tile, x.data, y.data, [] {}); });
   return env.Undefined();
 }
 
@@ -415,6 +468,7 @@ void RegisterLora(Napi::Env env, Napi::Object exports) {
   exports.Set("loraCore", Napi::Function::New(env, LoraCore));
   exports.Set("loraApplyPlan", Napi::Function::New(env, LoraApplyPlan));
   exports.Set("loraApply", Napi::Function::New(env, LoraApply));
+  exports.Set("matmulLora", Napi::Function::New(env, MatmulLora));
 }
 
 }  // namespace soppu

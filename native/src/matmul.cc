@@ -4,26 +4,17 @@
 // uninitialised once they are inlined into target-attributed functions; silence that false positive.
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include "common.h"
-#include "simd-common.h"
+#include "matmul.h"
 #include <immintrin.h>
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 namespace soppu {
-
-struct MatmulArgs {
-  float* y;
-  const float* x;
-  const void* w;
-  WeightDtype dtype;
-  int64_t m, n, k;
-  int64_t kBlock;
-  bool accumulate;
-};
 
 namespace scalar {
 #define SOPPU_ISA_LEVEL 0
@@ -75,10 +66,13 @@ int64_t KBlock(int64_t m, int64_t k) { return m <= 4 || k <= 4096 ? k : 2048; }
 
 }  // namespace
 
-void Matmul(Isa isa, const MatmulArgs& args) {
-  if (args.m <= 0 || args.n <= 0) return;
-  if (args.k == 0) {
-    if (!args.accumulate) std::fill(args.y, args.y + args.m * args.n, 0.0f);
+void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
+  if (args.m <= 0 || args.n <= 0 || args.k == 0) {
+    if (args.m > 0 && args.n > 0 && args.k == 0 && !args.accumulate) std::fill(args.y, args.y + args.m * args.n, 0.0f);
+    if (fusion) {
+      const std::function<void()> noWait = [] {};
+      for (int64_t t = 0; t < fusion->tasks; t++) fusion->run(t, noWait);
+    }
     return;
   }
   MatmulArgs a = args;
@@ -87,19 +81,48 @@ void Matmul(Isa isa, const MatmulArgs& args) {
   const int64_t rowBlocks = (a.m + kRowBlock - 1) / kRowBlock;
   const int64_t rowsPerBlock = (a.m + rowBlocks - 1) / rowBlocks;
   const int64_t units = (a.n + kColumnUnit - 1) / kColumnUnit;
+  const int64_t matmulTasks = rowBlocks * units;
   const int64_t macsPerUnit = rowsPerBlock * kColumnUnit * a.k;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerChunk / std::max<int64_t>(1, macsPerUnit));
-  // Task t covers row block t / units and column unit t % units: consecutive tasks share x.
-  ParallelFor(rowBlocks * units, grain, [&](int64_t begin, int64_t end) {
-    while (begin < end) {
-      const int64_t rowBlock = begin / units;
+  std::atomic<int64_t> matmulDone{0};
+  // Tasks [begin, end), task t covering row block t / units and column unit t % units (consecutive
+  // tasks share x): one block call per row block.
+  const auto runTasks = [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end;) {
+      const int64_t rowBlock = task / units;
       const int64_t unitEnd = std::min(end, (rowBlock + 1) * units);
       const int64_t m0 = rowBlock * rowsPerBlock, m1 = std::min(a.m, m0 + rowsPerBlock);
-      const int64_t n0 = (begin - rowBlock * units) * kColumnUnit;
+      const int64_t n0 = (task - rowBlock * units) * kColumnUnit;
       const int64_t n1 = std::min(a.n, (unitEnd - rowBlock * units) * kColumnUnit);
       block(a, m0, m1, n0, n1);
-      begin = unitEnd;
+      if (fusion) matmulDone.fetch_add(unitEnd - task, std::memory_order_release);
+      task = unitEnd;
     }
+  };
+  if (!fusion) {
+    ParallelFor(matmulTasks, grain, runTasks);
+    return;
+  }
+  // Items: the matmul's tasks, then the fused tasks, each in chunks of about a quarter of a thread's
+  // share (as ParallelFor splits them), so the fused work spreads over the threads. Items are claimed
+  // in order, so a thread holding a fused task knows every matmul chunk is held by a running thread:
+  // waiting for them cannot deadlock.
+  const int64_t threads = NumThreads();
+  const int64_t chunk = std::max(grain, (matmulTasks + threads * 4 - 1) / (threads * 4));
+  const int64_t matmulItems = (matmulTasks + chunk - 1) / chunk;
+  const std::function<void()> waitForMatmul = [&] {
+    for (int spins = 0; matmulDone.load(std::memory_order_acquire) < matmulTasks; spins++)
+      if (spins > 2000) std::this_thread::yield();  // a thread holding a chunk was preempted
+  };
+  const int64_t fusedChunk = (fusion->tasks + threads * 4 - 1) / (threads * 4);
+  const int64_t fusedItems = (fusion->tasks + fusedChunk - 1) / std::max<int64_t>(1, fusedChunk);
+  ParallelForEach(matmulItems + fusedItems, [&](int64_t item) {
+    if (item < matmulItems) {
+      runTasks(item * chunk, std::min(matmulTasks, (item + 1) * chunk));
+      return;
+    }
+    const int64_t first = (item - matmulItems) * fusedChunk;
+    for (int64_t task = first; task < std::min(fusion->tasks, first + fusedChunk); task++) fusion->run(task, waitForMatmul);
   });
 }
 

@@ -151,4 +151,16 @@ void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int
   pool.Run(n, std::max(grain, target), fn);
 }
 
+void ParallelForEach(int64_t n, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  ThreadPool& pool = Pool();
+  if (tInsidePool || pool.size() == 1 || n == 1) {
+    for (int64_t i = 0; i < n; i++) fn(i);
+    return;
+  }
+  pool.Run(n, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; i++) fn(i);
+  });
+}
+
 }  // namespace soppu

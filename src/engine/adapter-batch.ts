@@ -1,15 +1,15 @@
 /**
  * Adapter batching: the AdapterHook of one forward step. Rows are ordered so that each adapter's
  * rows, and each cluster's compressed rows, are contiguous (see compareAdapters); per slot the hook
- * then runs one loraApply over
+ * then gives the linear's matmulLora
  *   raw adapters:        one segment per adapter (A, (s·B)ᵀ)
  *   compressed adapters: ONE segment per cluster run with the shared bases (Vᵀ, Uᵀ), and each
  *                        row's own core Σ between shrink and expand
- * and leaves base rows (adapter 0) untouched. Every row's delta depends only on that row's x and
+ * and no segment over base rows (adapter 0). Every row's delta depends only on that row's x and
  * its own adapter, so batch composition never changes a request's result.
  */
-import type { KernelSet, LoraCore, LoraSegment } from '../kernels/kernel-set.js';
-import type { AdapterHook, TargetModule } from '../model/adapter-hook.js';
+import type { LoraCore, LoraSegment } from '../kernels/kernel-set.js';
+import type { AdapterHook, AdapterSlot } from '../model/adapter-hook.js';
 import { slotKey, type ResidentAdapter } from './resident-adapter.js';
 
 /**
@@ -26,18 +26,12 @@ export function compareAdapters(p: ResidentAdapter | null, q: ResidentAdapter | 
   return p.id < q.id ? -1 : p.id > q.id ? 1 : 0;
 }
 
-/** What one slot does in one step. */
-interface SlotPlan {
-  readonly inFeatures: number;
-  readonly outFeatures: number;
-  /** Raw adapter runs and compressed cluster runs, in row order. */
-  readonly segments: LoraSegment[];
+/** What one slot does in one step: raw adapter runs and compressed cluster runs, in row order. */
+interface SlotPlan extends AdapterSlot {
   readonly rawSegments: number;
-  /** Per row: the compressed core, or undefined. */
-  readonly cores: (LoraCore | undefined)[];
 }
 
-const EMPTY: SlotPlan = { inFeatures: 0, outFeatures: 0, segments: [], rawSegments: 0, cores: [] };
+const EMPTY: SlotPlan = { segments: [], rawSegments: 0, cores: [] };
 
 /** Segment statistics of the last step, for tests and benchmarks. */
 export interface BatchSegmentCounts {
@@ -47,15 +41,10 @@ export interface BatchSegmentCounts {
 }
 
 export class AdapterBatcher {
-  private readonly kernels: KernelSet;
   // the last step's rows and plans: a decode step usually has the same rows as the one before, and
   // reusing its plans (and the kernels' checked form of them) saves rebuilding them per slot
   private lastRows: readonly (ResidentAdapter | null)[] = [];
   private lastPlans = new Map<string, SlotPlan>();
-
-  constructor(kernels: KernelSet) {
-    this.kernels = kernels;
-  }
 
   /**
    * The hook for a step whose row r belongs to `rowAdapters[r]` (null = base model). Returns null
@@ -72,7 +61,7 @@ export class AdapterBatcher {
     const plans = same && !counts ? this.lastPlans : new Map<string, SlotPlan>();
     this.lastRows = rowAdapters.slice();
     this.lastPlans = plans;
-    return (y: Float32Array, x: Float32Array, rows: number, layer: number, module: TargetModule): void => {
+    return (layer, module, rows) => {
       if (rows !== m) throw new RangeError(`adapter hook: step has ${m} rows, forward passed ${rows}`);
       const key = slotKey(layer, module);
       let plan = plans.get(key);
@@ -85,9 +74,7 @@ export class AdapterBatcher {
           counts.coreRows += plan.cores.reduce((n, c) => n + (c ? 1 : 0), 0);
         }
       }
-      if (plan.segments.length === 0) return;
-      // y: [M, outFeatures] += per row: x[r] · Aᵀ (· Σᵀ) · Bᵀ
-      this.kernels.loraApply(y, plan.outFeatures, x, plan.inFeatures, plan.segments, plan.cores);
+      return plan.segments.length === 0 ? null : plan;
     };
   }
 }
@@ -96,8 +83,6 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
   const segments: LoraSegment[] = [];
   const cores: (LoraCore | undefined)[] = new Array<LoraCore | undefined>(rowAdapters.length);
   let rawSegments = 0;
-  let inFeatures = 0;
-  let outFeatures = 0;
   // a run is one adapter's A (raw, by identity) or one cluster's bases (compressed, by key)
   let runOperand: object | string | null = null;
   let runStart = 0;
@@ -124,10 +109,8 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
       runFactors = factors;
     }
     if (slot.kind === 'compressed') cores[r] = slot.core;
-    inFeatures = factors.a.cols;
-    outFeatures = factors.bt.cols;
   }
   close(rowAdapters.length);
   if (segments.length === 0) return EMPTY;
-  return { inFeatures, outFeatures, segments, rawSegments, cores };
+  return { segments, rawSegments, cores };
 }

@@ -181,7 +181,7 @@ class SoppuEngine implements Engine {
       maxConcurrentLoads: options.maxConcurrentLoads,
       onSettled: () => this.onAdapterSettled(),
     });
-    this.batcher = new AdapterBatcher(this.kernels);
+    this.batcher = new AdapterBatcher();
     this.scratch = new ForwardScratch(this.config, 1);
     this.seedCounter = options.seed ?? (Date.now() >>> 0);
     this.info = {

@@ -124,6 +124,16 @@ export interface KernelSet {
    */
   loraApply(y: Float32Array, n: number, x: Float32Array, k: number, segments: readonly LoraSegment[],
     cores: readonly (LoraCore | null | undefined)[]): void;
+
+  /**
+   * A linear layer with its rows' adapter deltas: y[M,N] = x[M,K] · W[N,K]ᵀ, then
+   * loraApply(y, N, x, K, segments, cores) — the same result as matmul followed by loraApply (up to
+   * rounding). The native one runs both in one pool job: the shrinks and cores first, then each
+   * output block of the matmul followed by the expands of its rows and columns. The same rules as
+   * loraApply hold for segments and cores (an implementation may keep their checked form).
+   */
+  matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, segments: readonly LoraSegment[],
+    cores: readonly (LoraCore | null | undefined)[]): void;
 }
 
 /** A contiguous run of batch rows that share one adapter (or one cluster's shared basis). */

@@ -19,7 +19,15 @@ export function nativeKernelSet(variantIndex: number): KernelSet {
   if (!variant?.supported) throw new Error(`native variant ${variantIndex} is not supported on this CPU`);
   const set: KernelSet = { ...refKernels, name: `native-${variant.name}` };
   Object.assign(set, nativeCoreOps(addon, variantIndex)); // matmul, gemmF32, gemmF64
-  Object.assign(set, nativeOps(addon, variantIndex)); // element-wise, attention, LoRA segment ops
+  const ops = nativeOps(addon, variantIndex); // element-wise, attention, LoRA segment ops
+  Object.assign(set, ops);
+  // an addon without the fused op still runs it natively, as its two halves
+  if (!ops.matmulLora) {
+    set.matmulLora = (y, x, w, m, segments, cores) => {
+      set.matmul(y, x, w, m);
+      set.loraApply(y, w.rows, x, w.cols, segments, cores);
+    };
+  }
   cache.set(variantIndex, set);
   return set;
 }

@@ -14,7 +14,7 @@ type NativeFunction = (...args: unknown[]) => unknown;
 
 /** The ops of this module, as KernelSet members. */
 export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'argmax' | 'siluMul' | 'add' | 'addBias' | 'embedding'
-  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply'>;
+  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply' | 'matmulLora'>;
 
 const DTYPE_INDEX = { f32: 0, bf16: 1, f16: 2 } as const;
 
@@ -205,24 +205,44 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
 
   const loraApply = fn('loraApply');
   const loraApplyPlan = fn('loraApplyPlan');
+  const matmulLora = fn('matmulLora');
   if (loraApply && loraApplyPlan) {
     // A checked plan per segments array, held by the addon: the engine passes the same plan's arrays for
     // every step whose batch is unchanged, and reading ~40 arrays per call cost more than a small slot's kernel.
     const applyCache = new WeakMap<readonly LoraSegment[], FlatApply>();
-    ops.loraApply = (y, n, x, k, segments, cores) => {
+    const planFor = (op: string, n: number, k: number, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[]): FlatApply => {
       let flat = applyCache.get(segments);
       if (!flat || flat.coresSource !== cores || flat.n !== n || flat.k !== k) {
-        const checked = flattenApply(segments, cores, n, k);
-        const plan = call('loraApply', loraApplyPlan, n, k, checked.rows, checked.shrink.starts, checked.shrink.ends, checked.shrink.weights, checked.shrink.ranks,
+        const checked = flattenApply(op, segments, cores, n, k);
+        const plan = call(op, loraApplyPlan, n, k, checked.rows, checked.shrink.starts, checked.shrink.ends, checked.shrink.weights, checked.shrink.ranks,
           checked.shrink.dtypes, checked.expand.weights, checked.expand.ranks, checked.expand.dtypes, checked.cores.coreOfRow,
           checked.cores.data, checked.cores.ranks, checked.cores.diagonal);
         flat = { ...checked, plan };
         applyCache.set(segments, flat);
       }
+      return flat;
+    };
+    ops.loraApply = (y, n, x, k, segments, cores) => {
+      const flat = planFor('loraApply', n, k, segments, cores);
       checkLength('loraApply', 'y', y, flat.rows * n);
       checkLength('loraApply', 'x', x, flat.rows * k);
       call('loraApply', loraApply, y, x, flat.plan);
     };
+    if (matmulLora) {
+      ops.matmulLora = (y, x, w, m, segments, cores) => {
+        checkInteger('matmulLora', 'm', m, 0);
+        const n = w.rows, k = w.cols;
+        checkLength('matmulLora', `w (${w.dtype} [${n}, ${k}])`, w.data, n * k);
+        if ((w.dtype === 'f32') !== w.data instanceof Float32Array) {
+          throw kernelError('matmulLora', `weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`);
+        }
+        const flat = planFor('matmulLora', n, k, segments, cores);
+        if (flat.rows > m) throw kernelError('matmulLora', `segments reach row ${flat.rows}, the batch has ${m} rows`, { limit: m });
+        checkLength('matmulLora', 'y', y, m * n);
+        checkLength('matmulLora', 'x', x, m * k);
+        call('matmulLora', matmulLora, y, x, w.data, DTYPE_INDEX[w.dtype], m, flat.plan);
+      };
+    }
   }
 
   return ops;
@@ -248,26 +268,26 @@ interface FlatApply {
 }
 
 /** Checks loraApply's segments and cores (everything but y and x) and flattens them for the addon. */
-function flattenApply(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number): Omit<FlatApply, 'plan'> {
-  checkInteger('loraApply', 'n', n, 1);
-  checkInteger('loraApply', 'k', k, 1);
-  const shrink = flattenSegments('loraApply', segments, 'a', (w) => w.cols === k && w.rows <= MAX_APPLY_RANK,
+function flattenApply(op: string, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number): Omit<FlatApply, 'plan'> {
+  checkInteger(op, 'n', n, 1);
+  checkInteger(op, 'k', k, 1);
+  const shrink = flattenSegments(op, segments, 'a', (w) => w.cols === k && w.rows <= MAX_APPLY_RANK,
     `[R <= ${MAX_APPLY_RANK}, k ${k}]`);
-  const expand = flattenSegments('loraApply', segments, 'bt', (w) => w.cols === n && w.rows <= MAX_APPLY_RANK,
+  const expand = flattenSegments(op, segments, 'bt', (w) => w.cols === n && w.rows <= MAX_APPLY_RANK,
     `[R <= ${MAX_APPLY_RANK}, n ${n}]`);
   for (let s = 0; s < segments.length; s++) {
     if (shrink.ranks[s] !== expand.ranks[s]) {
-      throw kernelError('loraApply', `segment ${s}: a has rank ${shrink.ranks[s]}, bt has rank ${expand.ranks[s]}`);
+      throw kernelError(op, `segment ${s}: a has rank ${shrink.ranks[s]}, bt has rank ${expand.ranks[s]}`);
     }
   }
   const rows = shrink.rows;
-  const flatCores = flattenCores('loraApply', cores, rows, MAX_APPLY_RANK);
+  const flatCores = flattenCores(op, cores, rows, MAX_APPLY_RANK);
   for (let s = 0; s < segments.length; s++) {
     const segment = segments[s]!;
     for (let r = segment.start; r < segment.end; r++) {
       const index = flatCores.coreOfRow[r]!;
       if (index >= 0 && flatCores.ranks[index] !== shrink.ranks[s]) {
-        throw kernelError('loraApply', `row ${r} has a core of rank ${flatCores.ranks[index]}, its segment rank ${shrink.ranks[s]}`);
+        throw kernelError(op, `row ${r} has a core of rank ${flatCores.ranks[index]}, its segment rank ${shrink.ranks[s]}`);
       }
     }
   }

@@ -1,14 +1,25 @@
+import type { LoraCore, LoraSegment } from '../kernels/kernel-set.js';
+
 /**
- * The forward pass calls this after every base linear y = x·Wᵀ of a targeted module, so the engine
- * can add each row's adapter delta (raw LoRA or compressed) in place. The model knows nothing about
- * adapters beyond this hook.
+ * The forward pass asks the hook, before every targeted linear y = x·Wᵀ of a step, for the rows' adapter
+ * work on that linear: given a slot, the linear runs as kernels.matmulLora (the base product and every
+ * row's delta, raw LoRA or compressed, in one kernel call); given null, as kernels.matmul. Adapters are
+ * data the kernels index, never code in the model: the model knows nothing about them beyond this.
  */
 export type TargetModule = 'q_proj' | 'k_proj' | 'v_proj' | 'o_proj' | 'gate_proj' | 'up_proj' | 'down_proj';
 
 export const TARGET_MODULES: readonly TargetModule[] = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'];
 
+/** One linear's adapter work in one step, in the KernelSet's loraApply/matmulLora form. */
+export interface AdapterSlot {
+  /** Row runs sharing one shrink/expand pair (a raw adapter, or a cluster's shared bases). */
+  readonly segments: readonly LoraSegment[];
+  /** Per row: the compressed core, or undefined. */
+  readonly cores: readonly (LoraCore | undefined)[];
+}
+
 /**
- * y: [m, outFeatures] (already holds x·Wᵀ + bias), x: [m, inFeatures]. Adds ΔW rows in place.
- * Rows of the base model (adapter 0) must be left untouched.
+ * The adapter work of one linear of a step with `rows` token rows, or null when no row has an adapter
+ * on it. Rows outside every segment (the base model, adapter 0) get x·Wᵀ alone.
  */
-export type AdapterHook = (y: Float32Array, x: Float32Array, m: number, layer: number, module: TargetModule) => void;
+export type AdapterHook = (layer: number, module: TargetModule, rows: number) => AdapterSlot | null;

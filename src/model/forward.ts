@@ -1,13 +1,13 @@
 /**
  * The forward pass of a Llama-family decoder over a flat batch of token rows from many sequences,
- * with a paged KV cache and a per-row adapter hook after every targeted linear. All math goes through
+ * with a paged KV cache and a per-row adapter hook at every targeted linear. All math goes through
  * the KernelSet, so the reference and native kernels can be compared on the whole model.
  *
  *   embedding
  *   for each layer:
- *     rmsnorm → q, k, v (matmul + bias + hook) → rope → write K/V to the cache → attention
- *     → o_proj (+ hook) → residual
- *     rmsnorm → gate, up (+ hooks) → silu(gate)·up → down (+ hook) → residual
+ *     rmsnorm → q, k, v (matmul with the hook's adapters + bias) → rope → write K/V to the cache
+ *     → attention → o_proj (+ adapters) → residual
+ *     rmsnorm → gate, up (+ adapters) → silu(gate)·up → down (+ adapters) → residual
  *   final rmsnorm → lm_head, for batch.logitRows only
  */
 import { SoppuError } from '../errors/soppu-error.js';
@@ -73,8 +73,7 @@ export class ForwardScratch {
 /**
  * Run one step. Writes the K/V of every batch row into `cache`, and returns a fresh Float32Array of
  * logits [batch.logitRows.length, vocab] (row i is the logits of batch row logitRows[i]).
- * `hook` (or null for the base model alone) is called after each targeted linear with y already
- * holding x·Wᵀ + bias.
+ * `hook` (or null for the base model alone) gives each targeted linear its rows' adapters.
  */
 export function forward(model: LlamaModel, kernels: KernelSet, batch: ForwardBatch, cache: KvCacheStorage, hook: AdapterHook | null, scratch?: ForwardScratch): Float32Array {
   const { config, weights, invFreq } = model;
@@ -95,11 +94,12 @@ export function forward(model: LlamaModel, kernels: KernelSet, batch: ForwardBat
   const gate = buffers.gate.subarray(0, m * dFfn); // gate: [M, dFfn]
   const up = buffers.up.subarray(0, m * dFfn); // up: [M, dFfn]
 
-  // y = x·Wᵀ + bias, then the adapter delta of each row
+  // y = x·Wᵀ plus each row's adapter delta (one kernel call), + bias
   const linear = (y: Float32Array, input: Float32Array, layerWeights: LinearWeights, layer: number, module: TargetModule): void => {
-    kernels.matmul(y, input, layerWeights.weight, m); // y: [M, N]
+    const slot = hook ? hook(layer, module, m) : null;
+    if (slot) kernels.matmulLora(y, input, layerWeights.weight, m, slot.segments, slot.cores); // y: [M, N]
+    else kernels.matmul(y, input, layerWeights.weight, m); // y: [M, N]
     if (layerWeights.bias) kernels.addBias(y, layerWeights.bias, m, layerWeights.weight.rows);
-    if (hook) hook(y, input, m, layer, module);
   };
 
   kernels.embedding(x, weights.embedding, batch.tokens, m); // x: [M, dModel]

@@ -18,7 +18,7 @@ function freshPool(model: LlamaModel): KvBlockPool {
 /** Prefill logits of every row, then the logits of one decode step. */
 function run(model: LlamaModel, adapter: ResidentAdapter | null, prompt: number[], next: number): { prefill: Float32Array; decode: Float32Array } {
   const pool = freshPool(model);
-  const batcher = new AdapterBatcher(kernels);
+  const batcher = new AdapterBatcher();
   const prefillBatch = contiguousBatch([{ tokens: prompt, pastLength: 0, firstBlock: 0 }], 8, 'all');
   const prefill = forward(model, kernels, prefillBatch, pool.storage, batcher.hook(new Array(prompt.length).fill(adapter)), undefined);
   const decodeBatch = contiguousBatch([{ tokens: [next], pastLength: prompt.length, firstBlock: 0 }], 8);
@@ -89,7 +89,7 @@ describe('adapter batching', () => {
     const ordered = [...adapters].sort(compareAdapters);
     expect(ordered.map((a) => a?.id ?? 'base')).toEqual(['base', 'c0-0', 'c0-1', 'c1-0', 'c1-2', 'a-raw', 'z-raw']);
     const counts: BatchSegmentCounts = { rawSegments: 0, sharedSegments: 0, coreRows: 0 };
-    const hook = new AdapterBatcher(kernels).hook(ordered, counts)!;
+    const hook = new AdapterBatcher().hook(ordered, counts)!;
     const m = ordered.length;
     const slots = model.config.numLayers * 7;
     // q_proj of layer 0: in = out = 32
@@ -100,7 +100,8 @@ describe('adapter batching', () => {
         const { inFeatures, outFeatures } = shape(l, module)!;
         const yy = module === 'q_proj' && l === 0 ? y : new Float32Array(m * outFeatures);
         const xx = module === 'q_proj' && l === 0 ? x : new Float32Array(m * inFeatures);
-        hook(yy, xx, m, l, module);
+        const slot = hook(l, module, m);
+        if (slot) kernels.loraApply(yy, outFeatures, xx, inFeatures, slot.segments, slot.cores);
       }
     }
     expect(counts.sharedSegments).toBe(2 * slots);
@@ -108,7 +109,7 @@ describe('adapter batching', () => {
     expect(counts.coreRows).toBe(4 * slots);
     expect(Array.from(y.subarray(0, 32)).every((v) => v === 0.5)).toBe(true);
     expect(Array.from(y.subarray(32, 64)).some((v) => v !== 0.5)).toBe(true);
-    expect(new AdapterBatcher(kernels).hook([null, null])).toBeNull();
+    expect(new AdapterBatcher().hook([null, null])).toBeNull();
   });
 
   it('reuses a slot plan while the rows are unchanged, and rebuilds it when any row changes', () => {
@@ -116,18 +117,14 @@ describe('adapter batching', () => {
     const first = residentFromLora('first', randomLora(model.config, 31), shape);
     const second = residentFromLora('second', randomLora(model.config, 32), shape);
     const reloaded = residentFromLora('first', randomLora(model.config, 33), shape); // same id, new weights
-    const seen: (readonly unknown[])[] = [];
-    const spy = { ...kernels, loraApply: (...args: Parameters<typeof kernels.loraApply>) => {
-      seen.push(args[4]);
-      kernels.loraApply(...args);
-    } };
-    const batcher = new AdapterBatcher(spy);
+    const batcher = new AdapterBatcher();
     const { inFeatures, outFeatures } = shape(0, 'q_proj')!;
     const step = (rows: (ResidentAdapter | null)[]): { segments: readonly unknown[]; y: Float32Array } => {
       const x = new Float32Array(rows.length * inFeatures).map((_, i) => Math.cos(i));
       const y = new Float32Array(rows.length * outFeatures);
-      batcher.hook(rows)!(y, x, rows.length, 0, 'q_proj');
-      return { segments: seen[seen.length - 1]!, y };
+      const slot = batcher.hook(rows)!(0, 'q_proj', rows.length)!;
+      kernels.loraApply(y, outFeatures, x, inFeatures, slot.segments, slot.cores);
+      return { segments: slot.segments, y };
     };
     const a = step([first, null, second]);
     const b = step([first, null, second]);

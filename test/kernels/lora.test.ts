@@ -34,6 +34,32 @@ function gapRows(segments: readonly [number, number, number][], rows: number): n
   return Array.from({ length: rows }, (_, r) => r).filter((r) => !segments.some(([s, e]) => r >= s && r < e));
 }
 
+/** W [n, k] of a dtype. */
+function weights(rng: Random, dtype: 'f32' | 'bf16' | 'f16', n: number, k: number): WeightMatrix {
+  const values = randomArray(rng, n * k, 1 / Math.sqrt(k));
+  if (dtype === 'f32') return weightMatrix('f32', n, k, offsetCopy(values));
+  return weightMatrix(dtype, n, k, offsetCopy(Uint16Array.from(values, dtype === 'bf16' ? f32ToBf16 : f32ToF16)));
+}
+
+type MatmulLoraCase = ReturnType<typeof applyCase> & { w: WeightMatrix; x: Float32Array; want: Float32Array };
+const matmulLoraCases = new Map<string, MatmulLoraCase>();
+
+/** A matmulLora case's inputs and reference result, built once and shared by the variants (the large shapes are slow in TS). */
+function matmulLoraCase(spec: SegmentCase, dtype: 'f32' | 'bf16'): MatmulLoraCase {
+  const key = `${spec.name}/${dtype}`;
+  const hit = matmulLoraCases.get(key);
+  if (hit) return hit;
+  const rng = new Random(23);
+  const inputs = applyCase(rng, spec, dtype);
+  const w = weights(rng, dtype, spec.n, spec.k);
+  const x = randomArray(rng, inputs.rows * spec.k);
+  const want = new Float32Array(inputs.rows * spec.n);
+  refKernels.matmulLora(want, x, w, inputs.rows, inputs.segments, inputs.cores);
+  const built = { ...inputs, w, x, want };
+  matmulLoraCases.set(key, built);
+  return built;
+}
+
 function f32Matrix(rng: Random, rows: number, cols: number, std: number): WeightMatrix {
   return weightMatrix('f32', rows, cols, offsetCopy(randomArray(rng, rows * cols, std)));
 }
@@ -45,6 +71,7 @@ it('the addon provides native LoRA segment ops in every supported variant', () =
     expect(set.loraExpand).not.toBe(refKernels.loraExpand);
     expect(set.loraCore).not.toBe(refKernels.loraCore);
     expect(set.loraApply).not.toBe(refKernels.loraApply);
+    expect(set.matmulLora).not.toBe(refKernels.matmulLora);
   }
 });
 
@@ -203,6 +230,42 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     const y = offsetCopy(yStart);
     native.loraApply(y, spec.n, x, spec.k, segments, cores);
     expectClose(y, want, TOLERANCE, `${dtype} loraApply`);
+  });
+
+  it.each(CASES.flatMap((c) => (['f32', 'bf16'] as const).map((dtype) => [c.name, dtype, c] as const)))('matmulLora (x·Wᵀ and every row\'s delta in one job): %s, %s weights and factors', (_caseName, dtype, spec) => {
+    const { segments, cores, rows, w, x, want } = matmulLoraCase(spec, dtype);
+    const y = offsetCopy(randomArray(new Random(5), rows * spec.n)); // overwritten, not accumulated
+    native.matmulLora(y, offsetCopy(x), w, rows, segments, cores);
+    expectClose(y, want, TOLERANCE, 'matmulLora');
+    // base-model rows hold x·Wᵀ alone
+    const base = new Float32Array(rows * spec.n);
+    native.matmul(base, x, w, rows);
+    for (const r of gapRows(spec.segments, rows)) expect(Array.from(y.subarray(r * spec.n, (r + 1) * spec.n))).toEqual(Array.from(base.subarray(r * spec.n, (r + 1) * spec.n)));
+  });
+
+  it.each([
+    ['prefill: 150 rows over several row blocks', { name: 'prefill', k: 96, n: 200, segments: [[0, 70, 8], [70, 140, 16], [141, 149, 5]] }],
+    ['overlapping segments and many one-row segments', { name: 'overlap', k: 70, n: 150, segments: [[0, 6, 4], [3, 9, 4], [9, 10, 19], ...Array.from({ length: 20 }, (_, i) => [10 + i, 11 + i, 3])] }],
+  ] as [string, SegmentCase][])('matmulLora: %s (f16 weights and factors)', (_name, spec) => {
+    const rng = new Random(29);
+    const { segments, cores, rows } = applyCase(rng, spec, 'f16');
+    const w = weights(rng, 'f16', spec.n, spec.k);
+    const x = randomArray(rng, rows * spec.k);
+    const want = new Float32Array(rows * spec.n);
+    refKernels.matmulLora(want, x, w, rows, segments, cores);
+    const y = new Float32Array(rows * spec.n);
+    native.matmulLora(y, x, w, rows, segments, cores);
+    expectClose(y, want, TOLERANCE, 'matmulLora');
+  });
+
+  it('matmulLora rejects segments beyond its rows, and a weight shorter than its shape', () => {
+    const rng = new Random(31);
+    const spec: SegmentCase = { name: 'small', k: 10, n: 6, segments: [[0, 3, 4]] };
+    const { segments, cores } = applyCase(rng, spec);
+    const w = weights(rng, 'f32', 6, 10);
+    expect(() => native.matmulLora(new Float32Array(2 * 6), new Float32Array(2 * 10), w, 2, segments, cores)).toThrow(/matmulLora: segments reach row 3, the batch has 2 rows/);
+    const short = { ...w, data: w.data.subarray(1) } as WeightMatrix;
+    expect(() => native.matmulLora(new Float32Array(4 * 6), new Float32Array(4 * 10), short, 4, segments, cores)).toThrow(/matmulLora: w \(f32 \[6, 10\]\) has 59 elements, needs 60/);
   });
 
   it('loraApply called again with the same segments array and new cores uses the new cores', () => {

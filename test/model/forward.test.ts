@@ -1,7 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { refKernels, supportedNativeKernelSets } from '../../src/kernels/index.js';
-import type { LoraSegment } from '../../src/kernels/kernel-set.js';
-import type { AdapterHook, TargetModule } from '../../src/model/adapter-hook.js';
+import type { AdapterHook, AdapterSlot, TargetModule } from '../../src/model/adapter-hook.js';
 import type { ForwardBatch } from '../../src/model/forward-batch.js';
 import { allocateKvCache, contiguousBatch, forward, ForwardScratch } from '../../src/model/forward.js';
 import { createLlamaModel } from '../../src/model/llama-model.js';
@@ -116,7 +115,7 @@ describe('adapter hook at the model level', () => {
   ];
   const FIELD: Record<TargetModule, keyof LayerWeights> = { q_proj: 'q', k_proj: 'k', v_proj: 'v', o_proj: 'o', gate_proj: 'gate', up_proj: 'up', down_proj: 'down' };
 
-  it('a hook adding s·B·A equals merged weights W + s·B·A, in prefill and decode', async () => {
+  it('a hook giving s·B·A equals merged weights W + s·B·A, in prefill and decode, reference and native', async () => {
     const base = await tinyModel({ arch: 'qwen2', seed: 7 });
     const random = new Random(11);
     const factors = new Map<string, { a: Float32Array; b: Float32Array; n: number; k: number }>();
@@ -124,17 +123,19 @@ describe('adapter hook at the model level', () => {
       const w = (base.weights.layers[layer]![FIELD[module]] as LinearWeights).weight;
       factors.set(`${layer}.${module}`, { a: random.fillNormal(new Float32Array(RANK * w.cols), 0.3), b: random.fillNormal(new Float32Array(w.rows * RANK), 0.3), n: w.rows, k: w.cols });
     }
-    // the hook: raw LoRA through the segment kernels, scale folded into B
-    const hook: AdapterHook = (y, x, m, layer, module) => {
-      const f = factors.get(`${layer}.${module}`);
-      if (!f) return;
+    // the hook: raw LoRA segments over every row, scale folded into B
+    const slots = new Map<string, AdapterSlot>();
+    for (const [key, f] of factors) {
       // bt: [RANK, n] = (s·B)ᵀ
       const scaledBt = new Float32Array(RANK * f.n);
       for (let o = 0; o < f.n; o++) for (let j = 0; j < RANK; j++) scaledBt[j * f.n + o] = f.b[o * RANK + j]! * SCALE;
-      const segments: LoraSegment[] = [{ start: 0, end: m, a: weightMatrix('f32', RANK, f.k, f.a), bt: weightMatrix('f32', RANK, f.n, scaledBt) }];
-      const t = new Float32Array(m * RANK);
-      refKernels.loraShrink(t, RANK, x, f.k, segments);
-      refKernels.loraExpand(y, f.n, t, RANK, segments);
+      slots.set(key, { segments: [{ start: 0, end: 0, a: weightMatrix('f32', RANK, f.k, f.a), bt: weightMatrix('f32', RANK, f.n, scaledBt) }], cores: [] });
+    }
+    const asked: string[] = [];
+    const hook: AdapterHook = (layer, module, m) => {
+      asked.push(`${layer}.${module}`);
+      const slot = slots.get(`${layer}.${module}`);
+      return slot ? { segments: slot.segments.map((segment) => ({ ...segment, end: m })), cores: [] } : null;
     };
     // the merged model: W' = W + s·B·A (f32)
     const layers = base.weights.layers.map((layer, l) => {
@@ -158,6 +159,16 @@ describe('adapter hook at the model level', () => {
       expect(maxAbsDiff(withHook[i]!, withMerged[i]!)).toBeLessThan(1e-4 * Math.max(1, maxAbs(withMerged[i]!)));
       // the adapter really changes the output (the comparison above is not vacuous)
       expect(maxAbsDiff(withHook[i]!, withoutAdapter[i]!)).toBeGreaterThan(1e-2);
+    }
+    // the forward pass asks for every targeted linear of every layer
+    expect(new Set(asked).size).toBe(base.config.numLayers * 7);
+    // the native kernels' fused matmulLora gives the same model
+    for (const kernels of supportedNativeKernelSets()) {
+      const nativeHook = runSequence(base, kernels, PROMPT, 5, hook);
+      const nativeMerged = runSequence(mergedModel, kernels, PROMPT, 5);
+      for (let i = 0; i < PROMPT.length; i++) {
+        expect(maxAbsDiff(nativeHook[i]!, nativeMerged[i]!), kernels.name).toBeLessThan(1e-4 * Math.max(1, maxAbs(nativeMerged[i]!)));
+      }
     }
   });
 });

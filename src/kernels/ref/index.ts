@@ -7,7 +7,7 @@ import { matmul } from './matmul.js';
 import { gemm } from './gemm.js';
 import { add, addBias, argmax, embedding, logSumExp, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
 import { attention } from './attention.js';
-import { loraApply, loraCore, loraExpand, loraShrink } from './lora.js';
+import { loraApply, loraCore, loraExpand, loraShrink, matmulLora } from './lora.js';
 
 export { ropeInvFreq, type RopeScaling } from './rope-inv-freq.js';
 
@@ -30,4 +30,5 @@ export const refKernels: KernelSet = {
   loraExpand,
   loraCore,
   loraApply,
+  matmulLora,
 };

@@ -1,5 +1,6 @@
 import type { LoraCore, LoraSegment } from '../kernel-set.js';
-import { weightAt } from '../../tensor/weight-matrix.js';
+import { weightAt, type WeightMatrix } from '../../tensor/weight-matrix.js';
+import { matmul } from './matmul.js';
 
 // t: [M, tStride]; x: [M, k]; segment.a: [R, k]
 export function loraShrink(t: Float32Array, tStride: number, x: Float32Array, k: number, segments: readonly LoraSegment[]): void {
@@ -86,4 +87,12 @@ export function loraApply(y: Float32Array, n: number, x: Float32Array, k: number
       }
     }
   }
+}
+
+/** y = x·Wᵀ, then the rows' adapter deltas (matmul, then loraApply). */
+export function matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, segments: readonly LoraSegment[],
+  cores: readonly (LoraCore | null | undefined)[]): void {
+  matmul(y, x, w, m);
+  if (y.length < m * w.rows || x.length < m * w.cols) throw new RangeError(`matmulLora: y or x shorter than ${m} rows`);
+  loraApply(y, w.rows, x, w.cols, segments, cores);
 }
