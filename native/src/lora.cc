@@ -306,6 +306,7 @@ struct ApplyPlan {
   std::vector<int32_t> coreOfRow, coreDiagonal;  // core ranks are checked against the segments at build
   std::vector<Tile> tiles;
   std::vector<size_t> firstTile;
+  std::vector<int64_t> rankOffset;  // matmulLora: tile p's rank vectors start at rankOffset[p] (floats); last = total
   bool disjoint = true, inlineOnly = false;
 };
 
@@ -350,30 +351,29 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   double flops = 0;
   for (const Segment& segment : shrink) flops += 2.0 * static_cast<double>((segment.end - segment.start) * segment.rank * (k + n));
   plan->inlineOnly = flops < kInlineFlops;
+  plan->rankOffset.assign(1, 0);
+  for (const Tile& tile : plan->tiles)
+    plan->rankOffset.push_back(plan->rankOffset.back() + (tile.r1 - tile.r0) * shrink[static_cast<size_t>(tile.segment)].rank);
   plan->disjoint = Disjoint(shrink);
   return Napi::External<ApplyPlan>::New(env, plan.release(), [](Napi::Env, ApplyPlan* p) { delete p; });
 }
 
-// One loraApply tile: y[r0:r1, :] += per row, (core ·) (a · x[row]) · bt. `beforeExpand` runs between
-// the rank vectors and the expand (matmulLora waits there for the matmul to finish writing y).
-template <typename BeforeExpand>
-void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x, float* y, BeforeExpand beforeExpand) {
+// u[0:count, 0:rank] = per row of the tile, core · (a · x[row]) (a · x[row] for a row without a core),
+// after asking for the tile's A and cores (to L1) and Bᵀ (to L2): in a decode step every factor and core
+// is cold (a step reads more LoRA bytes than the cache holds), and factor rows a few cache lines long
+// stream poorly through the hardware prefetchers, so the whole tile is requested at once.
+void ShrinkCoreTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x, float* u) {
   const Segment& a = plan.shrink[static_cast<size_t>(tile.segment)];
   const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
-  const int64_t rank = a.rank, count = tile.r1 - tile.r0, n = plan.n, k = plan.k;
-  // t, u: [count ≤ kApplyRowTile, rank]
-  float* t = TileScratch(2 * kApplyRowTile * rank);
-  float* u = t + kApplyRowTile * rank;
-  const float* xTile = x + tile.r0 * k;
-  // In a decode step every factor and core is cold (a step reads more LoRA bytes than the cache
-  // holds), and factor rows a few cache lines long stream poorly through the hardware prefetchers:
-  // ask for the whole tile at once, A and the cores to L1, Bᵀ (read after the shrink) to L2.
+  const int64_t rank = a.rank, count = tile.r1 - tile.r0, k = plan.k;
+  float* t = TileScratch(kApplyRowTile * rank);  // [count, rank]
   PrefetchBytes<3>(a.weights, FactorBytes(a, k));
   for (int64_t q = 0; q < count; q++) {
     const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
     if (c >= 0) PrefetchBytes<3>(plan.cores[static_cast<size_t>(c)], (plan.coreDiagonal[static_cast<size_t>(c)] ? rank : rank * rank) * 4);
   }
-  PrefetchBytes<2>(bt.weights, FactorBytes(bt, n));
+  PrefetchBytes<2>(bt.weights, FactorBytes(bt, plan.n));
+  const float* xTile = x + tile.r0 * k;
   for (int64_t j0 = 0; j0 < rank; j0 += kShrinkColumns)
     SOPPU_DISPATCH(isa, ShrinkTileAny(t, rank, xTile, k, a.weights, a.dtype, 0, count, j0, std::min(j0 + kShrinkColumns, rank)));
   for (int64_t q = 0; q < count; q++) {
@@ -384,7 +384,15 @@ void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x,
     }
     SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, plan.cores[static_cast<size_t>(c)], rank, plan.coreDiagonal[static_cast<size_t>(c)] != 0));
   }
-  beforeExpand();
+}
+
+// One loraApply tile: y[r0:r1, :] += per row, (core ·) (a · x[row]) · bt.
+void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x, float* y) {
+  const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
+  const int64_t rank = bt.rank, count = tile.r1 - tile.r0, n = plan.n;
+  // [count, rank] after ShrinkCoreTile's t (asked for first: the scratch only grows, so t stays put)
+  float* u = TileScratch(2 * kApplyRowTile * rank) + kApplyRowTile * rank;
+  ShrinkCoreTile(isa, plan, tile, x, u);
   float* yTile = y + tile.r0 * n;
   for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
     SOPPU_DISPATCH(isa, ExpandTileAny(yTile, n, u, rank, bt.weights, bt.dtype, rank, 0, count, o0, std::min(o0 + kExpandColumns, n)));
@@ -392,10 +400,10 @@ void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x,
 
 // matmulLora(isa, y: [m, n], x: [m, k], w: [n, k] (Float32Array, or Uint16Array of bf16/f16 bits),
 // wDtype (0 f32, 1 bf16, 2 f16), m (at least the plan's rows), plan from loraApplyPlan): y = x · wᵀ,
-// then loraApply's delta, in ONE pool job: the matmul's blocks, then the loraApply tiles, claimed in
-// order and in small chunks. A thread that runs out of blocks starts a tile's shrink and core (they
-// read only x) while the others finish theirs, and waits for the matmul only before its expand; a
-// decode step saves a dispatch per slot, and the threads share the LoRA work evenly.
+// then loraApply's delta, in ONE pool job: the matmul's blocks, then every tile's shrink and core
+// (they read only x, so a thread that runs out of blocks starts them while the others finish theirs),
+// then every tile's expand (once the matmul and the rank vectors are done). A decode step so saves a
+// dispatch per slot, the LoRA work overlaps the matmul's tail, and the threads share it evenly.
 Napi::Value MatmulLora(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
   const Isa isa = IsaFromArg(info[0]);
@@ -426,13 +434,25 @@ Napi::Value MatmulLora(const Napi::CallbackInfo& info) {
   MatmulArgs args{y.data, x.data, w, static_cast<WeightDtype>(dtype), rows, n, k, k, false};
   if (!plan.disjoint) {  // overlapping segments: one after another, as loraApply runs them
     Matmul(isa, args);
-    RunTiles(false, plan.tiles, plan.firstTile, false, [&](const Tile& tile) { ApplyTile(isa, plan, tile, x.data, y.data, [] {}); });
+    RunTiles(false, plan.tiles, plan.firstTile, false, [&](const Tile& tile) { ApplyTile(isa, plan, tile, x.data, y.data); });
     return env.Undefined();
   }
+  // every tile's rank vectors, u: [tile rows, rank] from rankOffset[p]
+  std::vector<float> rankVectors(static_cast<size_t>(plan.rankOffset.back()));
+  const int64_t tiles = static_cast<int64_t>(plan.tiles.size());
   MatmulFusion fusion;
-  fusion.tasks = static_cast<int64_t>(plan.tiles.size());
-  fusion.run = [&](int64_t task, const std::function<void()>& waitForMatmul) {
-    ApplyTile(isa, plan, plan.tiles[static_cast<size_t>(task)], x.data, y.data, waitForMatmul);
+  fusion.tasks = tiles;  // shrink and core: read only x, so they start during the matmul's tail
+  fusion.run = [&](int64_t p) {
+    ShrinkCoreTile(isa, plan, plan.tiles[static_cast<size_t>(p)], x.data, rankVectors.data() + plan.rankOffset[static_cast<size_t>(p)]);
+  };
+  fusion.finalTasks = tiles;  // expand: once the matmul has written y
+  fusion.runFinal = [&](int64_t p) {
+    const Tile& tile = plan.tiles[static_cast<size_t>(p)];
+    const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
+    const float* u = rankVectors.data() + plan.rankOffset[static_cast<size_t>(p)];
+    for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
+      SOPPU_DISPATCH(isa, ExpandTileAny(y.data + tile.r0 * n, n, u, bt.rank, bt.weights, bt.dtype, bt.rank, 0, tile.r1 - tile.r0, o0,
+                                        std::min(o0 + kExpandColumns, n)));
   };
   Matmul(isa, args, &fusion);
   return env.Undefined();
@@ -456,7 +476,7 @@ Napi::Value LoraApply(const Napi::CallbackInfo& info) {
       !NeedLength(env, op, "x", x.length, plan.rows * k))
     return env.Undefined();
   RunTiles(plan.disjoint, plan.tiles, plan.firstTile, plan.inlineOnly,
-           [&](const Tile& tile) { ApplyTile(isa, plan, tile, x.data, y.data, [] {}); });
+           [&](const Tile& tile) { ApplyTile(isa, plan, tile, x.data, y.data); });
   return env.Undefined();
 }
 

@@ -70,8 +70,8 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
   if (args.m <= 0 || args.n <= 0 || args.k == 0) {
     if (args.m > 0 && args.n > 0 && args.k == 0 && !args.accumulate) std::fill(args.y, args.y + args.m * args.n, 0.0f);
     if (fusion) {
-      const std::function<void()> noWait = [] {};
-      for (int64_t t = 0; t < fusion->tasks; t++) fusion->run(t, noWait);
+      for (int64_t t = 0; t < fusion->tasks; t++) fusion->run(t);
+      for (int64_t t = 0; t < fusion->finalTasks; t++) fusion->runFinal(t);
     }
     return;
   }
@@ -84,7 +84,6 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
   const int64_t matmulTasks = rowBlocks * units;
   const int64_t macsPerUnit = rowsPerBlock * kColumnUnit * a.k;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerChunk / std::max<int64_t>(1, macsPerUnit));
-  std::atomic<int64_t> matmulDone{0};
   // Tasks [begin, end), task t covering row block t / units and column unit t % units (consecutive
   // tasks share x): one block call per row block.
   const auto runTasks = [&](int64_t begin, int64_t end) {
@@ -95,7 +94,6 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
       const int64_t n0 = (task - rowBlock * units) * kColumnUnit;
       const int64_t n1 = std::min(a.n, (unitEnd - rowBlock * units) * kColumnUnit);
       block(a, m0, m1, n0, n1);
-      if (fusion) matmulDone.fetch_add(unitEnd - task, std::memory_order_release);
       task = unitEnd;
     }
   };
@@ -103,26 +101,31 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
     ParallelFor(matmulTasks, grain, runTasks);
     return;
   }
-  // Items: the matmul's tasks, then the fused tasks, each in chunks of about a quarter of a thread's
-  // share (as ParallelFor splits them), so the fused work spreads over the threads. Items are claimed
-  // in order, so a thread holding a fused task knows every matmul chunk is held by a running thread:
-  // waiting for them cannot deadlock.
+  // Items, claimed one at a time and in order: the matmul's tasks, the fusion's tasks, its final
+  // tasks, each in chunks of about a quarter of a thread's share (as ParallelFor splits work). A
+  // thread holding a final item knows every earlier item is held by a running thread that does not
+  // wait: waiting for them cannot deadlock.
   const int64_t threads = NumThreads();
-  const int64_t chunk = std::max(grain, (matmulTasks + threads * 4 - 1) / (threads * 4));
-  const int64_t matmulItems = (matmulTasks + chunk - 1) / chunk;
-  const std::function<void()> waitForMatmul = [&] {
-    for (int spins = 0; matmulDone.load(std::memory_order_acquire) < matmulTasks; spins++)
-      if (spins > 2000) std::this_thread::yield();  // a thread holding a chunk was preempted
-  };
-  const int64_t fusedChunk = (fusion->tasks + threads * 4 - 1) / (threads * 4);
-  const int64_t fusedItems = (fusion->tasks + fusedChunk - 1) / std::max<int64_t>(1, fusedChunk);
-  ParallelForEach(matmulItems + fusedItems, [&](int64_t item) {
+  const auto chunkOf = [&](int64_t tasks, int64_t minimum) { return std::max(minimum, (tasks + threads * 4 - 1) / (threads * 4)); };
+  const int64_t matmulChunk = chunkOf(matmulTasks, grain), taskChunk = chunkOf(fusion->tasks, 1), finalChunk = chunkOf(fusion->finalTasks, 1);
+  const int64_t matmulItems = (matmulTasks + matmulChunk - 1) / matmulChunk;
+  const int64_t taskItems = (fusion->tasks + taskChunk - 1) / taskChunk;
+  const int64_t finalItems = (fusion->finalTasks + finalChunk - 1) / finalChunk;
+  std::atomic<int64_t> done{0};  // matmul and task items finished
+  ParallelForEach(matmulItems + taskItems + finalItems, [&](int64_t item) {
     if (item < matmulItems) {
-      runTasks(item * chunk, std::min(matmulTasks, (item + 1) * chunk));
+      runTasks(item * matmulChunk, std::min(matmulTasks, (item + 1) * matmulChunk));
+    } else if (item < matmulItems + taskItems) {
+      const int64_t i = item - matmulItems;
+      for (int64_t t = i * taskChunk; t < std::min(fusion->tasks, (i + 1) * taskChunk); t++) fusion->run(t);
+    } else {
+      for (int spins = 0; done.load(std::memory_order_acquire) < matmulItems + taskItems; spins++)
+        if (spins > 2000) std::this_thread::yield();  // a thread holding an earlier item was preempted
+      const int64_t i = item - matmulItems - taskItems;
+      for (int64_t t = i * finalChunk; t < std::min(fusion->finalTasks, (i + 1) * finalChunk); t++) fusion->runFinal(t);
       return;
     }
-    const int64_t first = (item - matmulItems) * fusedChunk;
-    for (int64_t task = first; task < std::min(fusion->tasks, first + fusedChunk); task++) fusion->run(task, waitForMatmul);
+    done.fetch_add(1, std::memory_order_release);
   });
 }
 

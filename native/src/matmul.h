@@ -18,12 +18,14 @@ struct MatmulArgs {
 };
 
 // Extra work that runs inside the matmul's own pool job, so the two share one dispatch and the
-// threads balance them together: `tasks` tasks claimed after every output block of the matmul. A task
-// may start on what does not need y (the matmul may still be running on other threads) and must call
-// waitForMatmul() before it reads or writes y.
+// threads balance them together. Claimed in order after the matmul's blocks: `tasks` (which may read
+// only what the matmul does not write, so they start while other threads finish the matmul), then
+// `finalTasks` (each starts once the matmul and every task are done, so it may read them and change y).
 struct MatmulFusion {
   int64_t tasks = 0;
-  std::function<void(int64_t task, const std::function<void()>& waitForMatmul)> run;
+  std::function<void(int64_t task)> run;
+  int64_t finalTasks = 0;
+  std::function<void(int64_t task)> runFinal;
 };
 
 // y[M,N] = x[M,K] · W[N,K]ᵀ (or += when args.accumulate), on the pool; with `fusion`, its work too.

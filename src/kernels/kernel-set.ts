@@ -128,9 +128,10 @@ export interface KernelSet {
   /**
    * A linear layer with its rows' adapter deltas: y[M,N] = x[M,K] · W[N,K]ᵀ, then
    * loraApply(y, N, x, K, segments, cores) — the same result as matmul followed by loraApply (up to
-   * rounding). The native one runs both in one pool job: the shrinks and cores first, then each
-   * output block of the matmul followed by the expands of its rows and columns. The same rules as
-   * loraApply hold for segments and cores (an implementation may keep their checked form).
+   * rounding). The native one runs both in one pool job: the matmul, the row tiles' shrinks and
+   * cores (overlapping the matmul's tail), then their expands. Rows outside every segment get x·Wᵀ
+   * alone. The same rules as loraApply hold for segments and cores (an implementation may keep their
+   * checked form).
    */
   matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, segments: readonly LoraSegment[],
     cores: readonly (LoraCore | null | undefined)[]): void;
