@@ -7,7 +7,8 @@
  * for compressed slots (4 clusters of M/4 rows, shared rank 16, a full core per row) and raw slots
  * (rank 8, one adapter per row), bf16 and f32 weights with factors of the same dtype. Every slot has
  * its own weights and factors, so each step streams them from memory as a served step does.
- * Modes run interleaved per iteration (the machine is shared); a mode's LoRA cost is the median over
+ * Modes run interleaved per iteration (the machine is shared; base first, the other two in alternating
+ * order, so neither always follows the other); a mode's LoRA cost is the median over
  * iterations of (that iteration's mode time − its base time). base / (base + cost) is what the
  * engine's mode/base decode ratio would be if a step were its linears alone; the engine's step also
  * spends time on attention, norms and sampling that adapters do not change, so its ratio is higher.
@@ -102,7 +103,9 @@ export async function run(args: string[]): Promise<void> {
       const times: Record<Mode, number[]> = { base: [], separate: [], fused: [] };
       const warmup = 2;
       for (let iteration = 0; iteration < warmup + iterations; iteration++) {
-        for (const mode of ['base', 'separate', 'fused'] as const) {
+        // base first (each iteration's reference), then the two adapter modes in alternating order
+        const order: readonly Mode[] = iteration % 2 === 0 ? ['base', 'separate', 'fused'] : ['base', 'fused', 'separate'];
+        for (const mode of order) {
           const start = process.hrtime.bigint();
           runStep(kernels, mode, slots, x, y, batch);
           if (iteration >= warmup) times[mode].push(Number(process.hrtime.bigint() - start) / 1e6);
@@ -126,7 +129,7 @@ export async function run(args: string[]): Promise<void> {
     `The 210 targeted linears of a SmolLM-135M-shaped decode step at batch ${batch}, every slot with its own weights and factors (so each step`,
     'reads them from memory, as a served step does). Compressed: 4 clusters, shared rank 16, a full 16×16 core per row; raw: rank 8, one',
     'adapter per row; factors in the weights\' dtype. base = matmul alone; separate = matmul then loraApply; fused = matmulLora (the',
-    'engine\'s path). Modes interleaved per iteration; LoRA ms = median over iterations of (mode − base) in that iteration. The last column',
+    'engine\'s path). Modes interleaved per iteration (base first, the other two in alternating order); LoRA ms = median over iterations of (mode − base) in that iteration. The last column',
     'is the mode/base ratio a step made of its linears alone would have; the engine\'s step also spends time on attention, norms and',
     'sampling that adapters do not change, so its ratio is higher.',
     '',

@@ -119,8 +119,12 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
       const int64_t i = item - matmulItems;
       for (int64_t t = i * taskChunk; t < std::min(fusion->tasks, (i + 1) * taskChunk); t++) fusion->run(t);
     } else {
-      for (int spins = 0; done.load(std::memory_order_acquire) < matmulItems + taskItems; spins++)
-        if (spins > 2000) std::this_thread::yield();  // a thread holding an earlier item was preempted
+      // pause between polls (a tight loop slows an SMT sibling doing the work); yield if the thread
+      // holding an earlier item was preempted
+      for (int spins = 0; done.load(std::memory_order_acquire) < matmulItems + taskItems; spins++) {
+        if (spins < 2000) _mm_pause();
+        else std::this_thread::yield();
+      }
       const int64_t i = item - matmulItems - taskItems;
       for (int64_t t = i * finalChunk; t < std::min(fusion->finalTasks, (i + 1) * finalChunk); t++) fusion->runFinal(t);
       return;
