@@ -7,7 +7,7 @@
  * - `allocateKvCache(config, numBlocks, blockSize)`, `kvCacheBytesPerBlock(config, blockSize)`
  * - `contiguousBatch(steps, blockSize)` builds a ForwardBatch for the simple contiguous-blocks case
  */
-export type { AdapterHook, TargetModule } from './adapter-hook.js';
+export type { AdapterHook, AdapterSlot, TargetModule } from './adapter-hook.js';
 export { TARGET_MODULES } from './adapter-hook.js';
 export type { ForwardBatch, KvCacheStorage } from './forward-batch.js';
 export type { SequenceStep } from './forward.js';
