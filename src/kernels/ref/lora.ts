@@ -92,7 +92,7 @@ export function loraApply(y: Float32Array, n: number, x: Float32Array, k: number
 /** y = x·Wᵀ, then the rows' adapter deltas (matmul, then loraApply). */
 export function matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, segments: readonly LoraSegment[],
   cores: readonly (LoraCore | null | undefined)[]): void {
-  matmul(y, x, w, m);
   if (y.length < m * w.rows || x.length < m * w.cols) throw new RangeError(`matmulLora: y or x shorter than ${m} rows`);
+  matmul(y, x, w, m); // y: [M, N]
   loraApply(y, w.rows, x, w.cols, segments, cores);
 }
