@@ -5,6 +5,7 @@
 #include <napi.h>
 #include <cstdint>
 #include <functional>
+#include <thread>
 
 namespace soppu {
 
@@ -23,6 +24,17 @@ int NumThreads();
 void ParallelFor(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& fn);
 // Runs fn(i) for i in [0, n) on the pool, each index claimed on its own and in order; blocks until done.
 void ParallelForEach(int64_t n, const std::function<void(int64_t)>& fn);
+
+// Waits until done() holds: polls with a pause between reads (a tight loop slows an SMT sibling doing
+// the work), then yields the CPU, as the thread that will make it true may have been preempted.
+template <typename Done>
+inline void SpinUntil(Done done) {
+  constexpr int kSpins = 2000;  // pause iterations before yielding
+  for (int spins = 0; !done(); spins++) {
+    if (spins < kSpins) __builtin_ia32_pause();
+    else std::this_thread::yield();
+  }
+}
 
 // Registration hooks, one per source file.
 void RegisterCpu(Napi::Env env, Napi::Object exports);

@@ -386,16 +386,22 @@ void ShrinkCoreTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const floa
   }
 }
 
+// y[r0:r1, :] += u[0:count, 0:rank] · bt of the tile's segment, over every column.
+void ExpandRowTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* u, float* y) {
+  const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
+  const int64_t n = plan.n;
+  for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
+    SOPPU_DISPATCH(isa, ExpandTileAny(y + tile.r0 * n, n, u, bt.rank, bt.weights, bt.dtype, bt.rank, 0, tile.r1 - tile.r0, o0,
+                                      std::min(o0 + kExpandColumns, n)));
+}
+
 // One loraApply tile: y[r0:r1, :] += per row, (core ·) (a · x[row]) · bt.
 void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x, float* y) {
-  const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
-  const int64_t rank = bt.rank, count = tile.r1 - tile.r0, n = plan.n;
+  const int64_t rank = plan.expand[static_cast<size_t>(tile.segment)].rank;
   // [count, rank] after ShrinkCoreTile's t (asked for first: the scratch only grows, so t stays put)
   float* u = TileScratch(2 * kApplyRowTile * rank) + kApplyRowTile * rank;
   ShrinkCoreTile(isa, plan, tile, x, u);
-  float* yTile = y + tile.r0 * n;
-  for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
-    SOPPU_DISPATCH(isa, ExpandTileAny(yTile, n, u, rank, bt.weights, bt.dtype, rank, 0, count, o0, std::min(o0 + kExpandColumns, n)));
+  ExpandRowTile(isa, plan, tile, u, y);
 }
 
 // matmulLora(isa, y: [m, n], x: [m, k], w: [n, k] (Float32Array, or Uint16Array of bf16/f16 bits),
@@ -447,12 +453,7 @@ Napi::Value MatmulLora(const Napi::CallbackInfo& info) {
   };
   fusion.finalTasks = tiles;  // expand: once the matmul has written y
   fusion.runFinal = [&](int64_t p) {
-    const Tile& tile = plan.tiles[static_cast<size_t>(p)];
-    const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
-    const float* u = rankVectors.data() + plan.rankOffset[static_cast<size_t>(p)];
-    for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
-      SOPPU_DISPATCH(isa, ExpandTileAny(y.data + tile.r0 * n, n, u, bt.rank, bt.weights, bt.dtype, bt.rank, 0, tile.r1 - tile.r0, o0,
-                                        std::min(o0 + kExpandColumns, n)));
+    ExpandRowTile(isa, plan, plan.tiles[static_cast<size_t>(p)], rankVectors.data() + plan.rankOffset[static_cast<size_t>(p)], y.data);
   };
   Matmul(isa, args, &fusion);
   return env.Undefined();

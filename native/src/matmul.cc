@@ -10,7 +10,6 @@
 #include <array>
 #include <atomic>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -119,12 +118,7 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
       const int64_t i = item - matmulItems;
       for (int64_t t = i * taskChunk; t < std::min(fusion->tasks, (i + 1) * taskChunk); t++) fusion->run(t);
     } else {
-      // pause between polls (a tight loop slows an SMT sibling doing the work); yield if the thread
-      // holding an earlier item was preempted
-      for (int spins = 0; done.load(std::memory_order_acquire) < matmulItems + taskItems; spins++) {
-        if (spins < 2000) _mm_pause();
-        else std::this_thread::yield();
-      }
+      SpinUntil([&] { return done.load(std::memory_order_acquire) == matmulItems + taskItems; });
       const int64_t i = item - matmulItems - taskItems;
       for (int64_t t = i * finalChunk; t < std::min(fusion->finalTasks, (i + 1) * finalChunk); t++) fusion->runFinal(t);
       return;

@@ -18,7 +18,6 @@ namespace {
 
 constexpr int kMaxThreads = 1024;
 constexpr int kWorkerSpins = 4000;  // pause iterations (~50-100 µs) before a worker sleeps
-constexpr int kCallerSpins = 2000;  // pause iterations before the caller yields while waiting
 
 inline void CpuRelax() { __builtin_ia32_pause(); }
 
@@ -68,10 +67,7 @@ class ThreadPool {
     // Every chunk is claimed. Close the job, then wait only for workers that joined it: a worker
     // the OS has not scheduled yet does not hold the caller up (it sees the job closed and leaves).
     open_.store(false, std::memory_order_seq_cst);
-    for (int spins = 0; active_.load(std::memory_order_seq_cst) != 0; spins++) {
-      if (spins < kCallerSpins) CpuRelax();
-      else std::this_thread::yield();
-    }
+    SpinUntil([this] { return active_.load(std::memory_order_seq_cst) == 0; });
   }
 
  private:
