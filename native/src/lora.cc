@@ -57,6 +57,9 @@ constexpr double kInlineFlops = 2e5;    // loraApply below this runs on the call
 // loraApply rows per tile: each tile reads its segment's factors once (from memory, in a decode step)
 // and works through them four rows at a time from L1, so larger tiles cut factor traffic
 constexpr int64_t kApplyRowTile = 8;
+// matmulLora requests its tiles' memory during the matmul from this many rows on (fewer rows: the
+// matmul is bound by its own weight stream, and the requests would only compete with it)
+constexpr int64_t kSidePrefetchRows = 16;
 
 struct Tile {
   int64_t segment, r0, r1, c0, c1;  // rows [r0, r1), columns (j or o) [c0, c1)
@@ -307,6 +310,8 @@ struct ApplyPlan {
   std::vector<Tile> tiles;
   std::vector<size_t> firstTile;
   std::vector<int64_t> rankOffset;  // matmulLora: tile p's rank vectors start at rankOffset[p] (floats); last = total
+  std::vector<PrefetchRange> prefetch;  // matmulLora: what the tiles read, in tile order (requested during its matmul)
+  int64_t prefetchLines = 0;
   bool disjoint = true, inlineOnly = false;
 };
 
@@ -355,6 +360,22 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   for (const Tile& tile : plan->tiles)
     plan->rankOffset.push_back(plan->rankOffset.back() + (tile.r1 - tile.r0) * shrink[static_cast<size_t>(tile.segment)].rank);
   plan->disjoint = Disjoint(shrink);
+  // the tiles' memory in the order the tiles run: per segment its A, each row's core, its Bᵀ
+  const auto addRange = [&](const void* data, int64_t bytes) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(data) & ~uintptr_t{63};
+    const int64_t lines = static_cast<int64_t>((reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes) - first + 63) / 64);
+    plan->prefetch.push_back(PrefetchRange{reinterpret_cast<const char*>(first), lines});
+    plan->prefetchLines += lines;
+  };
+  for (size_t s = 0; s < shrink.size(); s++) {
+    if (shrink[s].end <= shrink[s].start) continue;
+    addRange(shrink[s].weights, FactorBytes(shrink[s], k));
+    for (int64_t r = shrink[s].start; r < shrink[s].end; r++) {
+      const int32_t c = plan->coreOfRow[static_cast<size_t>(r)];
+      if (c >= 0) addRange(plan->cores[static_cast<size_t>(c)], (plan->coreDiagonal[static_cast<size_t>(c)] ? shrink[s].rank : shrink[s].rank * shrink[s].rank) * 4);
+    }
+    addRange(plan->expand[s].weights, FactorBytes(plan->expand[s], n));
+  }
   return Napi::External<ApplyPlan>::New(env, plan.release(), [](Napi::Env, ApplyPlan* p) { delete p; });
 }
 
@@ -455,6 +476,14 @@ Napi::Value MatmulLora(const Napi::CallbackInfo& info) {
   fusion.runFinal = [&](int64_t p) {
     ExpandRowTile(isa, plan, plan.tiles[static_cast<size_t>(p)], rankVectors.data() + plan.rankOffset[static_cast<size_t>(p)], y.data);
   };
+  // The matmul's blocks request the tiles' factors and cores a few lines per block tile, so they arrive
+  // while it computes. That pays where the matmul leaves memory bandwidth spare: a 16-bit W with at
+  // least kSidePrefetchRows rows. An f32 W streams twice the bytes per multiply-add, and with the extra
+  // requests it slowed down more than the tiles sped up (see docs/architecture.md).
+  if (dtype != 0 && rows >= kSidePrefetchRows) {
+    fusion.prefetch = &plan.prefetch;
+    fusion.prefetchLines = plan.prefetchLines;
+  }
   Matmul(isa, args, &fusion);
   return env.Undefined();
 }

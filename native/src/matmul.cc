@@ -47,7 +47,7 @@ namespace avx512 {
 
 namespace {
 
-using BlockFn = void (*)(const MatmulArgs&, int64_t, int64_t, int64_t, int64_t);
+using BlockFn = void (*)(const MatmulArgs&, int64_t, int64_t, int64_t, int64_t, LinePrefetcher*);
 using SumFn = double (*)(const float*, int64_t);
 
 // Indexed by Isa. A later AVX512-BF16 / AMX variant adds a row here (and an Isa value in common.h).
@@ -85,19 +85,19 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerChunk / std::max<int64_t>(1, macsPerUnit));
   // Tasks [begin, end), task t covering row block t / units and column unit t % units (consecutive
   // tasks share x): one block call per row block.
-  const auto runTasks = [&](int64_t begin, int64_t end) {
+  const auto runTasks = [&](int64_t begin, int64_t end, LinePrefetcher* side) {
     for (int64_t task = begin; task < end;) {
       const int64_t rowBlock = task / units;
       const int64_t unitEnd = std::min(end, (rowBlock + 1) * units);
       const int64_t m0 = rowBlock * rowsPerBlock, m1 = std::min(a.m, m0 + rowsPerBlock);
       const int64_t n0 = (task - rowBlock * units) * kColumnUnit;
       const int64_t n1 = std::min(a.n, (unitEnd - rowBlock * units) * kColumnUnit);
-      block(a, m0, m1, n0, n1);
+      block(a, m0, m1, n0, n1, side);
       task = unitEnd;
     }
   };
   if (!fusion) {
-    ParallelFor(matmulTasks, grain, runTasks);
+    ParallelFor(matmulTasks, grain, [&](int64_t begin, int64_t end) { runTasks(begin, end, nullptr); });
     return;
   }
   // Items, claimed one at a time and in order: the matmul's tasks, the fusion's tasks, its final
@@ -113,7 +113,18 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
   std::atomic<int64_t> done{0};  // matmul and task items finished
   ParallelForEach(matmulItems + taskItems + finalItems, [&](int64_t item) {
     if (item < matmulItems) {
-      runTasks(item * matmulChunk, std::min(matmulTasks, (item + 1) * matmulChunk));
+      const int64_t begin = item * matmulChunk, end = std::min(matmulTasks, (item + 1) * matmulChunk);
+      if (!fusion->prefetch || fusion->prefetchLines == 0) {
+        runTasks(begin, end, nullptr);
+      } else {
+        // item i requests its share of the tasks' memory, in order (the first tasks' first), spread
+        // over its tiles (about ⌈rows/4⌉ · 4 per task: the AVX-512 tile is 4 × 6, a task 24 columns)
+        const int64_t lines = fusion->prefetchLines;
+        LinePrefetcher side(*fusion->prefetch, lines * item / matmulItems, lines * (item + 1) / matmulItems,
+                            (end - begin) * ((rowsPerBlock + 3) / 4) * 4);
+        runTasks(begin, end, &side);
+        side.Flush();
+      }
     } else if (item < matmulItems + taskItems) {
       const int64_t i = item - matmulItems;
       for (int64_t t = i * taskChunk; t < std::min(fusion->tasks, (i + 1) * taskChunk); t++) fusion->run(t);
