@@ -18,6 +18,9 @@ import type { LlamaConfig } from './llama-config.js';
 import type { LlamaModel } from './llama-model.js';
 import type { LinearWeights } from './load-weights.js';
 
+/** The most logits bytes a ForwardScratch keeps between calls (64 MiB: a decode step of 128 rows of a 128k vocabulary). */
+const LOGITS_SCRATCH_BYTES = 64 * 2 ** 20;
+
 /**
  * Activation buffers reused across forward calls (sized for the largest batch seen so far).
  * Keep one per engine (not shared between concurrent callers).
@@ -42,6 +45,8 @@ export class ForwardScratch {
   gate = new Float32Array(0);
   /** [M, dFfn] */
   up = new Float32Array(0);
+  /** logits: [L, vocab], reused while they fit in LOGITS_SCRATCH_BYTES (a fresh 6 MB array per decode step cost page faults and GC) */
+  private logits = new Float32Array(0);
 
   constructor(readonly config: LlamaConfig, rows = 1) {
     this.ensure(rows);
@@ -50,7 +55,18 @@ export class ForwardScratch {
   /** True when the buffers have the widths of `config` (scratch from another model is not reused). */
   fits(config: LlamaConfig): boolean {
     const mine = this.config;
-    return mine === config || (mine.hiddenSize === config.hiddenSize && mine.intermediateSize === config.intermediateSize && mine.numHeads === config.numHeads && mine.numKvHeads === config.numKvHeads && mine.headDim === config.headDim);
+    return mine === config || (mine.vocabSize === config.vocabSize && mine.hiddenSize === config.hiddenSize && mine.intermediateSize === config.intermediateSize && mine.numHeads === config.numHeads && mine.numKvHeads === config.numKvHeads && mine.headDim === config.headDim);
+  }
+
+  /**
+   * A logits buffer [rows, vocab]: a view of the scratch's own buffer (valid until the next call) while it
+   * fits in LOGITS_SCRATCH_BYTES, else a fresh array (long prompts with prompt logprobs are not kept).
+   */
+  logitsFor(rows: number): Float32Array {
+    const length = rows * this.config.vocabSize;
+    if (length * 4 > LOGITS_SCRATCH_BYTES) return new Float32Array(length);
+    if (this.logits.length < length) this.logits = new Float32Array(length);
+    return this.logits.subarray(0, length);
   }
 
   /** Grow the buffers to hold `rows` rows (never shrinks). */
@@ -71,8 +87,9 @@ export class ForwardScratch {
 }
 
 /**
- * Run one step. Writes the K/V of every batch row into `cache`, and returns a fresh Float32Array of
- * logits [batch.logitRows.length, vocab] (row i is the logits of batch row logitRows[i]).
+ * Run one step. Writes the K/V of every batch row into `cache`, and returns the logits
+ * [batch.logitRows.length, vocab] (row i is the logits of batch row logitRows[i]): with a `scratch`, usually
+ * a view of its buffer, overwritten by the next call with that scratch; without one, a fresh array.
  * `hook` (or null for the base model alone) gives each targeted linear its rows' adapters.
  */
 export function forward(model: LlamaModel, kernels: KernelSet, batch: ForwardBatch, cache: KvCacheStorage, hook: AdapterHook | null, scratch?: ForwardScratch): Float32Array {
@@ -168,7 +185,7 @@ export function forward(model: LlamaModel, kernels: KernelSet, batch: ForwardBat
     last.set(x.subarray(row * dModel, (row + 1) * dModel), i * dModel);
   }
   kernels.rmsnorm(last, last, weights.finalNorm, logitRows, dModel, eps); // last: [L, dModel]
-  const logits = new Float32Array(logitRows * config.vocabSize); // logits: [L, vocab]
+  const logits = buffers.logitsFor(logitRows); // logits: [L, vocab]
   kernels.matmul(logits, last, weights.lmHead, logitRows);
   return logits;
 }

@@ -30,6 +30,27 @@ describe('forward pass on the generated tiny model', () => {
     expect(new Set(generated).size).toBeGreaterThanOrEqual(4);
   });
 
+  it('with a scratch, logits are a reused view (overwritten by the next call), equal to a fresh call\'s; beyond the scratch limit, fresh arrays', async () => {
+    const model = await tinyModel();
+    const batchOf = (tokens: number[], past: number) => contiguousBatch([{ tokens, pastLength: past, firstBlock: 0 }], 8);
+    const scratchCache = allocateKvCache(model.config, 8, 8);
+    const freshCache = allocateKvCache(model.config, 8, 8);
+    const scratch = new ForwardScratch(model.config);
+    const first = forward(model, refKernels, batchOf(PROMPT, 0), scratchCache, null, scratch);
+    const firstCopy = first.slice();
+    expect(Array.from(firstCopy)).toEqual(Array.from(forward(model, refKernels, batchOf(PROMPT, 0), freshCache, null)));
+    const second = forward(model, refKernels, batchOf([7], PROMPT.length), scratchCache, null, scratch);
+    expect(second.buffer).toBe(first.buffer); // one buffer, no allocation per step
+    expect(Array.from(second)).toEqual(Array.from(forward(model, refKernels, batchOf([7], PROMPT.length), freshCache, null)));
+    expect(Array.from(first)).not.toEqual(Array.from(firstCopy)); // the earlier view now holds the later step's logits
+    // more than 64 MiB of logits: not kept by the scratch
+    const rows = Math.floor((64 * 2 ** 20) / (model.config.vocabSize * 4)) + 1;
+    const big = scratch.logitsFor(rows);
+    expect(big.length).toBe(rows * model.config.vocabSize);
+    expect(big.buffer).not.toBe(first.buffer);
+    expect(scratch.logitsFor(1).buffer).toBe(first.buffer);
+  });
+
   it('decode steps after a prefill give the logits of a full prefill of the longer sequence', async () => {
     const model = await tinyModel({ arch: 'qwen2' });
     const full = runSequence(model, refKernels, PROMPT, PROMPT.length);
