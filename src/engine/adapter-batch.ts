@@ -83,16 +83,17 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
   const segments: LoraSegment[] = [];
   const cores: (LoraCore | undefined)[] = new Array<LoraCore | undefined>(rowAdapters.length);
   let rawSegments = 0;
-  // a run is one adapter's A (raw, by identity) or one cluster's bases (compressed, by key)
+  // a run is one adapter's A (raw, by identity) or one cluster's bases (compressed, by key); no
+  // object per row: a composition change rebuilds every slot's plan, rows × slots of them
   let runOperand: object | string | null = null;
   let runStart = 0;
-  let runFactors: { a: LoraSegment['a']; bt: LoraSegment['bt'] } | null = null;
+  let runA: LoraSegment['a'] = undefined;
+  let runBt: LoraSegment['bt'] = undefined;
   const close = (end: number): void => {
-    if (!runFactors || runOperand === null) return;
-    segments.push({ start: runStart, end, a: runFactors.a, bt: runFactors.bt });
+    if (runOperand === null) return;
+    segments.push({ start: runStart, end, a: runA, bt: runBt });
     if (typeof runOperand !== 'string') rawSegments++;
     runOperand = null;
-    runFactors = null;
   };
   for (let r = 0; r < rowAdapters.length; r++) {
     const slot = rowAdapters[r]?.slots.get(key);
@@ -101,12 +102,12 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
       continue;
     }
     const operand = slot.kind === 'raw' ? slot.a : slot.bases.key;
-    const factors = slot.kind === 'raw' ? { a: slot.a, bt: slot.bt } : { a: slot.bases.a, bt: slot.bases.bt };
     if (operand !== runOperand) {
       close(r);
       runOperand = operand;
       runStart = r;
-      runFactors = factors;
+      runA = slot.kind === 'raw' ? slot.a : slot.bases.a;
+      runBt = slot.kind === 'raw' ? slot.bt : slot.bases.bt;
     }
     if (slot.kind === 'compressed') cores[r] = slot.core;
   }

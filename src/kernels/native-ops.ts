@@ -29,10 +29,10 @@ function checkInteger(op: string, name: string, value: number, minimum: number):
   }
 }
 
-/** Throws unless the array holds at least `needed` elements. */
-function checkLength(op: string, name: string, array: { length: number }, needed: number): void {
+/** Throws unless the array holds at least `needed` elements (a name built per call is given as a function: the check runs per slot and row). */
+function checkLength(op: string, name: string | (() => string), array: { length: number }, needed: number): void {
   if (array.length < needed) {
-    throw kernelError(op, `${name} has ${array.length} elements, needs ${needed}`, { limit: needed });
+    throw kernelError(op, `${typeof name === 'string' ? name : name()} has ${array.length} elements, needs ${needed}`, { limit: needed });
   }
 }
 
@@ -232,7 +232,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
       ops.matmulLora = (y, x, w, m, segments, cores) => {
         checkInteger('matmulLora', 'm', m, 0);
         const n = w.rows, k = w.cols;
-        checkLength('matmulLora', `w (${w.dtype} [${n}, ${k}])`, w.data, n * k);
+        checkLength('matmulLora', () => `w (${w.dtype} [${n}, ${k}])`, w.data, n * k);
         if ((w.dtype === 'f32') !== w.data instanceof Float32Array) {
           throw kernelError('matmulLora', `weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`);
         }
@@ -271,16 +271,32 @@ interface FlatApply {
 function flattenApply(op: string, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number): Omit<FlatApply, 'plan'> {
   checkInteger(op, 'n', n, 1);
   checkInteger(op, 'k', k, 1);
-  const shrink = flattenSegments(op, segments, 'a', (w) => w.cols === k && w.rows <= MAX_APPLY_RANK,
-    `[R <= ${MAX_APPLY_RANK}, k ${k}]`);
-  const expand = flattenSegments(op, segments, 'bt', (w) => w.cols === n && w.rows <= MAX_APPLY_RANK,
-    `[R <= ${MAX_APPLY_RANK}, n ${n}]`);
-  for (let s = 0; s < segments.length; s++) {
-    if (shrink.ranks[s] !== expand.ranks[s]) {
-      throw kernelError(op, `segment ${s}: a has rank ${shrink.ranks[s]}, bt has rank ${expand.ranks[s]}`);
-    }
+  // one pass, and A and Bᵀ share starts, ends and ranks: a composition change rebuilds every slot's plan
+  const count = segments.length;
+  const starts = new Int32Array(count);
+  const ends = new Int32Array(count);
+  const ranks = new Int32Array(count);
+  const aDtypes = new Int32Array(count);
+  const btDtypes = new Int32Array(count);
+  const aWeights: (Float32Array | Uint16Array)[] = [];
+  const btWeights: (Float32Array | Uint16Array)[] = [];
+  let rows = 0;
+  for (let s = 0; s < count; s++) {
+    const segment = segments[s]!;
+    const a = checkedFactor(op, segment, s, 'a', k, 'k');
+    const bt = checkedFactor(op, segment, s, 'bt', n, 'n');
+    if (a.rows !== bt.rows) throw kernelError(op, `segment ${s}: a has rank ${a.rows}, bt has rank ${bt.rows}`);
+    starts[s] = segment.start;
+    ends[s] = segment.end;
+    ranks[s] = a.rows;
+    aDtypes[s] = DTYPE_INDEX[a.dtype];
+    btDtypes[s] = DTYPE_INDEX[bt.dtype];
+    aWeights.push(a.data);
+    btWeights.push(bt.data);
+    rows = Math.max(rows, segment.end);
   }
-  const rows = shrink.rows;
+  const shrink: FlatSegments = { rows, starts, ends, ranks, dtypes: aDtypes, weights: aWeights };
+  const expand: FlatSegments = { rows, starts, ends, ranks, dtypes: btDtypes, weights: btWeights };
   const flatCores = flattenCores(op, cores, rows, MAX_APPLY_RANK);
   for (let s = 0; s < segments.length; s++) {
     const segment = segments[s]!;
@@ -303,32 +319,40 @@ interface FlatCores {
   diagonal: Int32Array;
 }
 
-/** Distinct cores of rows [0, rows) as flat arrays for the addon; checks every core's rank and length. */
+/**
+ * Cores of rows [0, rows) as flat arrays for the addon; checks every core's rank and length. A row whose
+ * core is the previous row's shares its entry (a request's prefill rows, or requests of one adapter:
+ * the engine orders rows by adapter); any other row gets its own.
+ */
 function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[], rows: number, maxRank: number): FlatCores {
-  const indexOf = new Map<LoraCore, number>();
   const coreOfRow = new Int32Array(rows).fill(-1);
+  let count = 0;
+  for (let r = 0; r < rows; r++) {
+    const core = cores[r];
+    if (core && core !== cores[r - 1]) count++;
+  }
   const data: Float32Array[] = [];
-  const ranks: number[] = [];
-  const diagonal: number[] = [];
+  const ranks = new Int32Array(count);
+  const diagonal = new Int32Array(count);
   for (let r = 0; r < rows; r++) {
     const core = cores[r];
     if (!core) continue;
-    let index = indexOf.get(core);
-    if (index === undefined) {
-      const needed = core.diagonal ? core.rank : core.rank * core.rank;
-      if (!Number.isInteger(core.rank) || core.rank < 1 || core.rank > maxRank) {
-        throw kernelError(op, `row ${r}: core rank ${core.rank} outside [1, ${maxRank}]`, { limit: maxRank });
-      }
-      checkLength(op, `core of row ${r}`, core.data, needed);
-      index = data.length;
-      indexOf.set(core, index);
-      data.push(core.data);
-      ranks.push(core.rank);
-      diagonal.push(core.diagonal ? 1 : 0);
+    if (r > 0 && core === cores[r - 1]) {
+      coreOfRow[r] = coreOfRow[r - 1]!;
+      continue;
     }
+    const needed = core.diagonal ? core.rank : core.rank * core.rank;
+    if (!Number.isInteger(core.rank) || core.rank < 1 || core.rank > maxRank) {
+      throw kernelError(op, `row ${r}: core rank ${core.rank} outside [1, ${maxRank}]`, { limit: maxRank });
+    }
+    checkLength(op, () => `core of row ${r}`, core.data, needed);
+    const index = data.length;
+    data.push(core.data);
+    ranks[index] = core.rank;
+    diagonal[index] = core.diagonal ? 1 : 0;
     coreOfRow[r] = index;
   }
-  return { coreOfRow, data, ranks: Int32Array.from(ranks), diagonal: Int32Array.from(diagonal) };
+  return { coreOfRow, data, ranks, diagonal };
 }
 
 interface FlatSegments {
@@ -339,6 +363,21 @@ interface FlatSegments {
   /** 0 f32, 1 bf16, 2 f16 per segment. */
   dtypes: Int32Array;
   weights: (Float32Array | Uint16Array)[];
+}
+
+/** A segment's factor (a: [R, k], bt: [R, n]) after the checks flattenSegments makes, with the same messages. */
+function checkedFactor(op: string, segment: LoraSegment, s: number, factor: 'a' | 'bt', cols: number, colsName: string): WeightMatrix {
+  const w = segment[factor];
+  if (!w) throw kernelError(op, `segment ${s} has no ${factor}`);
+  if (!Number.isInteger(segment.start) || !Number.isInteger(segment.end) || segment.start < 0 || segment.end < segment.start
+    || segment.end >= 2 ** 31) {
+    throw kernelError(op, `segment ${s} rows [${segment.start}, ${segment.end}) are not a valid range`);
+  }
+  if (w.cols !== cols || w.rows > MAX_APPLY_RANK || w.rows < 1 || w.cols < 1) {
+    throw kernelError(op, `segment ${s}: ${factor} is [${w.rows}, ${w.cols}], expected [R <= ${MAX_APPLY_RANK}, ${colsName} ${cols}]`);
+  }
+  checkLength(op, () => `segment ${s} ${factor}`, w.data, w.rows * w.cols);
+  return w;
 }
 
 /** Segments as flat arrays for the addon; checks every segment's rows and factor shape. */
@@ -362,7 +401,7 @@ function flattenSegments(op: string, segments: readonly LoraSegment[], factor: '
     if (!shapeOk(w) || w.rows < 1 || w.cols < 1) {
       throw kernelError(op, `segment ${s}: ${factor} is [${w.rows}, ${w.cols}], expected ${expected}`);
     }
-    checkLength(op, `segment ${s} ${factor}`, w.data, w.rows * w.cols);
+    checkLength(op, () => `segment ${s} ${factor}`, w.data, w.rows * w.cols);
     dtypes[s] = DTYPE_INDEX[w.dtype];
     starts[s] = segment.start;
     ends[s] = segment.end;
