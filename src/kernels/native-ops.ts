@@ -210,14 +210,17 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     // A checked plan per segments array, held by the addon: the engine passes the same plan's arrays for
     // every step whose batch is unchanged, and reading ~40 arrays per call cost more than a small slot's kernel.
     const applyCache = new WeakMap<readonly LoraSegment[], FlatApply>();
+    const ints = new IntScratch();
     const planFor = (op: string, n: number, k: number, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[]): FlatApply => {
       let flat = applyCache.get(segments);
       if (!flat || flat.coresSource !== cores || flat.n !== n || flat.k !== k) {
-        const checked = flattenApply(op, segments, cores, n, k);
+        ints.reset();
+        const checked = flattenApply(op, segments, cores, n, k, ints);
         const plan = call(op, loraApplyPlan, n, k, checked.rows, checked.shrink.starts, checked.shrink.ends, checked.shrink.weights, checked.shrink.ranks,
           checked.shrink.dtypes, checked.expand.weights, checked.expand.ranks, checked.expand.dtypes, checked.cores.coreOfRow,
           checked.cores.data, checked.cores.ranks, checked.cores.diagonal);
-        flat = { ...checked, plan };
+        // the addon copied the integers: keep only what later calls read (the views in `ints` are reused)
+        flat = { n, k, rows: checked.rows, coresSource: cores, plan };
         applyCache.set(segments, flat);
       }
       return flat;
@@ -251,33 +254,66 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
 /** The addon's loraApply rank limit (its per-thread rank vectors). */
 const MAX_APPLY_RANK = 4096;
 
+/** A checked loraApply plan of one segments array. */
 interface FlatApply {
   readonly n: number;
   readonly k: number;
   readonly rows: number;
-  readonly shrink: FlatSegments;
-  readonly expand: FlatSegments;
-  /** The cores array this was flattened with (a new array means new cores), and its flat form. */
+  /** The cores array this was built with (a new array means new cores). */
   readonly coresSource: readonly (LoraCore | null | undefined)[];
-  readonly cores: FlatCores;
   /**
-   * The addon's checked copy of the above: raw pointers into the factor and core arrays, which this object
-   * keeps alive for as long as the plan can be used.
+   * The addon's checked copy of segments and cores: raw pointers into their factor and core arrays, which
+   * the segments array (this entry's key) and coresSource keep alive for as long as the plan can be used.
    */
   readonly plan: unknown;
 }
 
+/** The flattened form flattenApply checks and builds, for one loraApplyPlan call. */
+interface FlatApplyInput {
+  readonly rows: number;
+  readonly shrink: FlatSegments;
+  readonly expand: FlatSegments;
+  readonly cores: FlatCores;
+}
+
+/**
+ * Reused storage for the small integer arrays of a plan call: a typed array of at most 64 bytes lives on
+ * V8's heap, and the addon's first access to one moves it off-heap (a malloc and a copy per array, ~8 per
+ * slot plan, and every slot's plan is rebuilt when the batch's composition changes). Views taken after
+ * reset() are valid until the next reset().
+ */
+class IntScratch {
+  private buffer = new Int32Array(4096);
+  private used = 0;
+
+  reset(): void {
+    this.used = 0;
+  }
+
+  /** A zeroed view of `length` ints (a larger buffer when full; earlier views keep the old one). */
+  take(length: number): Int32Array {
+    if (this.used + length > this.buffer.length) {
+      this.buffer = new Int32Array(Math.max(2 * this.buffer.length, length));
+      this.used = 0;
+    }
+    const view = this.buffer.subarray(this.used, this.used + length);
+    this.used += length;
+    return view.fill(0);
+  }
+}
+
 /** Checks loraApply's segments and cores (everything but y and x) and flattens them for the addon. */
-function flattenApply(op: string, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number): Omit<FlatApply, 'plan'> {
+function flattenApply(op: string, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number,
+  ints: IntScratch): FlatApplyInput {
   checkInteger(op, 'n', n, 1);
   checkInteger(op, 'k', k, 1);
   // one pass, and A and Bᵀ share starts, ends and ranks: a composition change rebuilds every slot's plan
   const count = segments.length;
-  const starts = new Int32Array(count);
-  const ends = new Int32Array(count);
-  const ranks = new Int32Array(count);
-  const aDtypes = new Int32Array(count);
-  const btDtypes = new Int32Array(count);
+  const starts = ints.take(count);
+  const ends = ints.take(count);
+  const ranks = ints.take(count);
+  const aDtypes = ints.take(count);
+  const btDtypes = ints.take(count);
   const aWeights: (Float32Array | Uint16Array)[] = [];
   const btWeights: (Float32Array | Uint16Array)[] = [];
   let rows = 0;
@@ -297,7 +333,7 @@ function flattenApply(op: string, segments: readonly LoraSegment[], cores: reado
   }
   const shrink: FlatSegments = { rows, starts, ends, ranks, dtypes: aDtypes, weights: aWeights };
   const expand: FlatSegments = { rows, starts, ends, ranks, dtypes: btDtypes, weights: btWeights };
-  const flatCores = flattenCores(op, cores, rows, MAX_APPLY_RANK);
+  const flatCores = flattenCores(op, cores, rows, MAX_APPLY_RANK, ints);
   for (let s = 0; s < segments.length; s++) {
     const segment = segments[s]!;
     for (let r = segment.start; r < segment.end; r++) {
@@ -307,7 +343,7 @@ function flattenApply(op: string, segments: readonly LoraSegment[], cores: reado
       }
     }
   }
-  return { n, k, rows, shrink, expand, coresSource: cores, cores: flatCores };
+  return { rows, shrink, expand, cores: flatCores };
 }
 
 interface FlatCores {
@@ -324,16 +360,18 @@ interface FlatCores {
  * core is the previous row's shares its entry (a request's prefill rows, or requests of one adapter:
  * the engine orders rows by adapter); any other row gets its own.
  */
-function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[], rows: number, maxRank: number): FlatCores {
-  const coreOfRow = new Int32Array(rows).fill(-1);
+function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[], rows: number, maxRank: number,
+  ints?: IntScratch): FlatCores {
+  const intArray = (length: number): Int32Array => (ints ? ints.take(length) : new Int32Array(length));
+  const coreOfRow = intArray(rows).fill(-1);
   let count = 0;
   for (let r = 0; r < rows; r++) {
     const core = cores[r];
     if (core && core !== cores[r - 1]) count++;
   }
   const data: Float32Array[] = [];
-  const ranks = new Int32Array(count);
-  const diagonal = new Int32Array(count);
+  const ranks = intArray(count);
+  const diagonal = intArray(count);
   for (let r = 0; r < rows; r++) {
     const core = cores[r];
     if (!core) continue;
