@@ -3,7 +3,8 @@
  *
  * - `loadLlamaModel(dir)` → LlamaModel (config + weights in stored dtype + rope inverse frequencies)
  * - `loadTokenizer(dir, config)` → ModelTokenizer (encode/decode, chat template, stream decoder, offsets)
- * - `forward(model, kernels, batch, cache, hook, scratch?)` → logits [batch.logitRows.length, vocab]
+ * - `forward(model, kernels, batch, cache, hook, scratch?)` → logits [batch.logitRows.length, vocab] (with a
+ *   scratch, a view of its buffer that the next call overwrites)
  * - `allocateKvCache(config, numBlocks, blockSize)`, `kvCacheBytesPerBlock(config, blockSize)`
  * - `contiguousBatch(steps, blockSize)` builds a ForwardBatch for the simple contiguous-blocks case
  */
