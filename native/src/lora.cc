@@ -313,6 +313,9 @@ struct ApplyPlan {
   std::vector<PrefetchRange> prefetch;  // matmulLora: what the tiles read, in tile order (requested during its matmul)
   int64_t prefetchLines = 0;
   bool disjoint = true, inlineOnly = false;
+
+  // bytes of core c of a segment of rank `rank` (full: rank², diagonal: rank floats)
+  int64_t CoreBytes(int32_t c, int64_t rank) const { return (coreDiagonal[static_cast<size_t>(c)] ? rank : rank * rank) * 4; }
 };
 
 // loraApplyPlan(isa (unused: a plan is the same for every variant), n, k, rows, starts, ends, aWeights, aRanks,
@@ -372,7 +375,7 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
     addRange(shrink[s].weights, FactorBytes(shrink[s], k));
     for (int64_t r = shrink[s].start; r < shrink[s].end; r++) {
       const int32_t c = plan->coreOfRow[static_cast<size_t>(r)];
-      if (c >= 0) addRange(plan->cores[static_cast<size_t>(c)], (plan->coreDiagonal[static_cast<size_t>(c)] ? shrink[s].rank : shrink[s].rank * shrink[s].rank) * 4);
+      if (c >= 0) addRange(plan->cores[static_cast<size_t>(c)], plan->CoreBytes(c, shrink[s].rank));
     }
     addRange(plan->expand[s].weights, FactorBytes(plan->expand[s], n));
   }
@@ -391,7 +394,7 @@ void ShrinkCoreTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const floa
   PrefetchBytes<3>(a.weights, FactorBytes(a, k));
   for (int64_t q = 0; q < count; q++) {
     const int32_t c = plan.coreOfRow[static_cast<size_t>(tile.r0 + q)];
-    if (c >= 0) PrefetchBytes<3>(plan.cores[static_cast<size_t>(c)], (plan.coreDiagonal[static_cast<size_t>(c)] ? rank : rank * rank) * 4);
+    if (c >= 0) PrefetchBytes<3>(plan.cores[static_cast<size_t>(c)], plan.CoreBytes(c, rank));
   }
   PrefetchBytes<2>(bt.weights, FactorBytes(bt, plan.n));
   const float* xTile = x + tile.r0 * k;

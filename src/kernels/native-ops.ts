@@ -316,11 +316,13 @@ function flattenApply(op: string, segments: readonly LoraSegment[], cores: reado
   const btDtypes = ints.take(count);
   const aWeights: (Float32Array | Uint16Array)[] = [];
   const btWeights: (Float32Array | Uint16Array)[] = [];
+  const aShape = (w: WeightMatrix): boolean => w.cols === k && w.rows <= MAX_APPLY_RANK;
+  const btShape = (w: WeightMatrix): boolean => w.cols === n && w.rows <= MAX_APPLY_RANK;
   let rows = 0;
   for (let s = 0; s < count; s++) {
     const segment = segments[s]!;
-    const a = checkedFactor(op, segment, s, 'a', k, 'k');
-    const bt = checkedFactor(op, segment, s, 'bt', n, 'n');
+    const a = checkedFactor(op, segment, s, 'a', aShape, () => `[R <= ${MAX_APPLY_RANK}, k ${k}]`);
+    const bt = checkedFactor(op, segment, s, 'bt', btShape, () => `[R <= ${MAX_APPLY_RANK}, n ${n}]`);
     if (a.rows !== bt.rows) throw kernelError(op, `segment ${s}: a has rank ${a.rows}, bt has rank ${bt.rows}`);
     starts[s] = segment.start;
     ends[s] = segment.end;
@@ -403,16 +405,20 @@ interface FlatSegments {
   weights: (Float32Array | Uint16Array)[];
 }
 
-/** A segment's factor (a: [R, k], bt: [R, n]) after the checks flattenSegments makes, with the same messages. */
-function checkedFactor(op: string, segment: LoraSegment, s: number, factor: 'a' | 'bt', cols: number, colsName: string): WeightMatrix {
+/**
+ * A segment's factor after the checks every flattening makes: present, rows a valid range, shape per
+ * `shapeOk` (`expected` describes it, built only for the error), data long enough.
+ */
+function checkedFactor(op: string, segment: LoraSegment, s: number, factor: 'a' | 'bt', shapeOk: (w: WeightMatrix) => boolean,
+  expected: () => string): WeightMatrix {
   const w = segment[factor];
   if (!w) throw kernelError(op, `segment ${s} has no ${factor}`);
   if (!Number.isInteger(segment.start) || !Number.isInteger(segment.end) || segment.start < 0 || segment.end < segment.start
     || segment.end >= 2 ** 31) {
     throw kernelError(op, `segment ${s} rows [${segment.start}, ${segment.end}) are not a valid range`);
   }
-  if (w.cols !== cols || w.rows > MAX_APPLY_RANK || w.rows < 1 || w.cols < 1) {
-    throw kernelError(op, `segment ${s}: ${factor} is [${w.rows}, ${w.cols}], expected [R <= ${MAX_APPLY_RANK}, ${colsName} ${cols}]`);
+  if (!shapeOk(w) || w.rows < 1 || w.cols < 1) {
+    throw kernelError(op, `segment ${s}: ${factor} is [${w.rows}, ${w.cols}], expected ${expected()}`);
   }
   checkLength(op, () => `segment ${s} ${factor}`, w.data, w.rows * w.cols);
   return w;
@@ -430,16 +436,7 @@ function flattenSegments(op: string, segments: readonly LoraSegment[], factor: '
   let rows = 0;
   for (let s = 0; s < count; s++) {
     const segment = segments[s]!;
-    const w = segment[factor];
-    if (!w) throw kernelError(op, `segment ${s} has no ${factor}`);
-    if (!Number.isInteger(segment.start) || !Number.isInteger(segment.end) || segment.start < 0 || segment.end < segment.start
-      || segment.end >= 2 ** 31) {
-      throw kernelError(op, `segment ${s} rows [${segment.start}, ${segment.end}) are not a valid range`);
-    }
-    if (!shapeOk(w) || w.rows < 1 || w.cols < 1) {
-      throw kernelError(op, `segment ${s}: ${factor} is [${w.rows}, ${w.cols}], expected ${expected}`);
-    }
-    checkLength(op, () => `segment ${s} ${factor}`, w.data, w.rows * w.cols);
+    const w = checkedFactor(op, segment, s, factor, shapeOk, () => expected);
     dtypes[s] = DTYPE_INDEX[w.dtype];
     starts[s] = segment.start;
     ends[s] = segment.end;
