@@ -33,6 +33,8 @@ const modelShapes: Case[] = [
   { m: 1, n: 37, k: 576 }, { m: 5, n: 29, k: 576 }, { m: 2, n: 25, k: 1536 },
   { m: 3, n: 31, k: 896 }, { m: 1, n: 19, k: 4864 }, { m: 9, n: 13, k: 2048 },
   { m: 1, n: 26, k: 4096 }, { m: 4, n: 7, k: 4096 }, { m: 70, n: 11, k: 576 },
+  // K in two slices for more than four f32 rows (down_proj: two of 768; k 1100: 560 + 540)
+  { m: 33, n: 31, k: 1536 }, { m: 6, n: 17, k: 1100 },
 ];
 
 describe.skipIf(variants.length === 0)('native matmul vs ref', () => {
