@@ -410,13 +410,21 @@ void ShrinkCoreTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const floa
   }
 }
 
-// y[r0:r1, :] += u[0:count, 0:rank] · bt of the tile's segment, over every column.
+// y[r0:r1, :] += u[0:count, 0:rank] · bt of the tile's segment, over every column, in chunks of
+// kExpandColumns. A 16-bit bt's next chunk (rank short runs, too many streams for the hardware
+// prefetcher) is asked into L1 before each chunk runs: bf16 compressed step -0.08 to -0.15 ms in five
+// of five paired runs (scratch, batch 32); with f32 factors it gained nothing, or cost up to 0.8 ms (raw).
 void ExpandRowTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* u, float* y) {
   const Segment& bt = plan.expand[static_cast<size_t>(tile.segment)];
   const int64_t n = plan.n;
-  for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns)
+  for (int64_t o0 = 0; o0 < n; o0 += kExpandColumns) {
+    const int64_t next = o0 + kExpandColumns;
+    if (bt.dtype != 0 && next < n)
+      for (int64_t j = 0; j < bt.rank; j++)
+        PrefetchBytes<3>(static_cast<const uint16_t*>(bt.weights) + j * n + next, std::min(kExpandColumns, n - next) * 2);
     SOPPU_DISPATCH(isa, ExpandTileAny(y + tile.r0 * n, n, u, bt.rank, bt.weights, bt.dtype, bt.rank, 0, tile.r1 - tile.r0, o0,
-                                      std::min(o0 + kExpandColumns, n)));
+                                      std::min(next, n)));
+  }
 }
 
 // One loraApply tile: y[r0:r1, :] += per row, (core ·) (a · x[row]) · bt.
