@@ -354,7 +354,7 @@ export async function run(argv: string[]): Promise<void> {
     `Command: \`${command}\` — ${new Date().toISOString().slice(0, 10)}, ${machineDescription()}, kernel ${kernels.name}.`,
     `Model: SmolLM-135M shapes (generated weights${args.layers ? `, ${args.layers} layers` : ''}). Raw adapters: rank ${args.rank} on ${args.targets.join(', ')}, one distinct adapter per row. ` +
       `Compressed: a synthetic in-memory bank of ${args.bankSize} adapters, ${args.clusters} clusters, shared rank ${args.sharedRank}, full cores, one distinct adapter per row. ` +
-      `Adapter factors (raw A, Bᵀ and the bank's bases) are held in the model's dtype (the engine default, loraDtype auto: bf16 rows use bf16 factors, f32 rows f32); cores are f32. ` +
+      `Adapter factors (raw A, Bᵀ, the bank's bases and each adapter's core) are held in the model's dtype (the engine default, loraDtype auto: bf16 rows use bf16 factors and cores, f32 rows f32). ` +
       `Decode tok/s = batch × ${args.steps} steps / time after every request's first token (prompts of 16 tokens), best of ${args.rounds} interleaved rounds; ` +
       `a ratio is the median over the rounds of that round's mode / base (the three modes run back to back in each round). Targets at batch 32: compressed ≥ 0.9× base, raw ≥ 0.7× base.`,
     '',
@@ -368,7 +368,7 @@ export async function run(argv: string[]): Promise<void> {
     '',
     ...breakdown,
     '',
-    `Resident-set growth with every adapter resident (each mode in a fresh process, bf16 model, so bf16 factors; adapters on ${args.rssTargets.join(', ')}, raw rank ${args.rank}, compressed shared rank ${args.sharedRank}):`,
+    `Resident-set growth with every adapter resident (each mode in a fresh process, bf16 model, so bf16 factors and cores; adapters on ${args.rssTargets.join(', ')}, raw rank ${args.rank}, compressed shared rank ${args.sharedRank}):`,
     '',
     '| storage | adapters | cache bytes | RSS growth |',
     '|---|---|---|---|',

@@ -5,7 +5,7 @@
  *   separate     matmul, then loraApply (the engine's path before matmulLora)
  *   fused        matmulLora (what the engine runs)
  * for compressed slots (4 clusters of M/4 rows, shared rank 16, a full core per row) and raw slots
- * (rank 8, one adapter per row), bf16 and f32 weights with factors of the same dtype. Every slot has
+ * (rank 8, one adapter per row), bf16 and f32 weights with factors and cores of the same dtype. Every slot has
  * its own weights and factors, so each step streams them from memory as a served step does.
  * Modes run interleaved per iteration (the machine is shared; base first, the other two in alternating
  * order, so neither always follows the other); a mode's LoRA cost is the median over
@@ -57,7 +57,11 @@ function buildSlots(kind: 'compressed' | 'raw', dtype: Dtype, batch: number, rng
         const clusters = 4;
         const per = batch / clusters;
         const segments = Array.from({ length: clusters }, (_, c) => ({ start: c * per, end: (c + 1) * per, a: matrix(16, k, 0.05), bt: matrix(16, n, 0.05) }));
-        const cores = Array.from({ length: batch }, () => ({ rank: 16, diagonal: false, data: rng.fillNormal(new Float32Array(256), 0.2) }));
+        // cores in the weights' dtype too, as the engine holds them
+        const cores: LoraCore[] = Array.from({ length: batch }, () => {
+          const values = rng.fillNormal(new Float32Array(256), 0.2);
+          return dtype === 'f32' ? { rank: 16, diagonal: false, data: values } : { rank: 16, diagonal: false, dtype, data: f32ArrayToBf16(values) };
+        });
         slots.push({ w, segments, cores });
       } else {
         const segments = Array.from({ length: batch }, (_, r) => ({ start: r, end: r + 1, a: matrix(8, k, 0.05), bt: matrix(8, n, 0.05) }));
@@ -128,7 +132,7 @@ export async function run(args: string[]): Promise<void> {
     `Machine: ${machineDescription()}. Kernels ${kernels.name}, ${threads} threads.`,
     `The 210 targeted linears of a SmolLM-135M-shaped decode step at batch ${batch}, every slot with its own weights and factors (so each step`,
     'reads them from memory, as a served step does). Compressed: 4 clusters, shared rank 16, a full 16×16 core per row; raw: rank 8, one',
-    'adapter per row; factors in the weights\' dtype. base = matmul alone; separate = matmul then loraApply; fused = matmulLora (the',
+    'adapter per row; factors and cores in the weights\' dtype. base = matmul alone; separate = matmul then loraApply; fused = matmulLora (the',
     'engine\'s path). Modes interleaved per iteration (base first, the other two in alternating order); LoRA ms = median over iterations of (mode − base) in that iteration. The last column',
     'is the mode/base ratio a step made of its linears alone would have; the engine\'s step also spends time on attention, norms and',
     'sampling that adapters do not change, so its ratio is higher.',

@@ -121,13 +121,13 @@ bool ReadSegments(const Napi::CallbackInfo& info, SegmentArgs at, const char* op
  */
 bool ReadCores(const Napi::CallbackInfo& info, size_t first, const char* op, int64_t maxRank, int64_t rows,
                const ArrayArg<int32_t>& coreOfRow, const ArrayArg<int32_t>& ranks, const ArrayArg<int32_t>& diagonal,
-               std::vector<const float*>* cores) {
+               const ArrayArg<int32_t>& dtypes, std::vector<const void*>* cores) {
   const Napi::Env env = info.Env();
   if (!info[first].IsArray()) return Fail(env, std::string("soppu native ") + op + ": cores must be an array");
   const Napi::Array coreArrays = info[first].As<Napi::Array>();
   const int64_t count = coreArrays.Length();
   if (!NeedLength(env, op, "coreRanks", ranks.length, count) || !NeedLength(env, op, "coreDiagonal", diagonal.length, count) ||
-      !NeedLength(env, op, "coreOfRow", coreOfRow.length, rows))
+      !NeedLength(env, op, "coreDtypes", dtypes.length, count) || !NeedLength(env, op, "coreOfRow", coreOfRow.length, rows))
     return false;
   for (int64_t c = 0; c < count; c++) {
     const int64_t rank = ranks.data[c];
@@ -138,13 +138,15 @@ bool ReadCores(const Napi::CallbackInfo& info, size_t first, const char* op, int
     napi_typedarray_type type;
     size_t length = 0;
     void* data = nullptr;
+    const int32_t dtype = dtypes.data[c];
+    if (dtype < 0 || dtype > 2) return Fail(env, where() + "dtype code " + std::to_string(dtype) + " is not 0 (f32), 1 (bf16) or 2 (f16)");
     if (!value.IsTypedArray() || napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
-        type != napi_float32_array)
-      return Fail(env, where() + "data must be a Float32Array");
+        type != (dtype == 0 ? napi_float32_array : napi_uint16_array))
+      return Fail(env, where() + (dtype == 0 ? "data must be a Float32Array (dtype f32)" : "data must be a Uint16Array (dtype bf16 or f16)"));
     const int64_t needed = diagonal.data[c] ? rank : rank * rank;
     if (static_cast<int64_t>(length) < needed)
       return Fail(env, where() + "data has " + std::to_string(length) + " elements, needs " + std::to_string(needed));
-    cores->push_back(static_cast<const float*>(data));
+    cores->push_back(data);
   }
   for (int64_t r = 0; r < rows; r++)
     if (coreOfRow.data[r] < -1 || coreOfRow.data[r] >= count)
@@ -269,29 +271,30 @@ Napi::Value LoraExpand(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
-// loraCore(isa, out, t, stride, rows, coreOfRow (Int32Array [rows], −1 = none), cores (Float32Array
-// each), coreRanks (Int32Array), coreDiagonal (Int32Array, 0/1))
+// loraCore(isa, out, t, stride, rows, coreOfRow (Int32Array [rows], −1 = none), cores (Float32Array, or
+// Uint16Array of bf16/f16 bits, each), coreRanks (Int32Array), coreDiagonal (Int32Array, 0/1), coreDtypes
+// (Int32Array: 0 f32, 1 bf16, 2 f16))
 Napi::Value LoraCore(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
   const Isa isa = IsaFromArg(info[0]);
   if (env.IsExceptionPending()) return env.Undefined();
   const char* op = "loraCore";
   ArrayArg<float> out, t;
-  ArrayArg<int32_t> coreOfRow, ranks, diagonal;
+  ArrayArg<int32_t> coreOfRow, ranks, diagonal, dtypes;
   int64_t stride, rows;
   if (!GetF32(info, 1, op, "out", &out) || !GetF32(info, 2, op, "t", &t) || !GetInt(info, 3, op, "stride", 1, &stride) ||
       !GetInt(info, 4, op, "rows", 0, &rows) || !GetI32(info, 5, op, "coreOfRow", &coreOfRow) ||
       !GetI32(info, 7, op, "coreRanks", &ranks) || !GetI32(info, 8, op, "coreDiagonal", &diagonal) ||
-      !NeedLength(env, op, "out", out.length, rows * stride) || !NeedLength(env, op, "t", t.length, rows * stride) ||
+      !GetI32(info, 9, op, "coreDtypes", &dtypes) || !NeedLength(env, op, "out", out.length, rows * stride) || !NeedLength(env, op, "t", t.length, rows * stride) ||
       !NeedLength(env, op, "coreOfRow", coreOfRow.length, rows))
     return env.Undefined();
-  std::vector<const float*> cores;
-  if (!ReadCores(info, 6, op, stride, rows, coreOfRow, ranks, diagonal, &cores)) return env.Undefined();
+  std::vector<const void*> cores;
+  if (!ReadCores(info, 6, op, stride, rows, coreOfRow, ranks, diagonal, dtypes, &cores)) return env.Undefined();
   ParallelFor(rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; r++) {
       const int32_t c = coreOfRow.data[r];
       if (c < 0) continue;
-      SOPPU_DISPATCH(isa, CoreRow(out.data, t.data, stride, r, cores[static_cast<size_t>(c)], ranks.data[c], diagonal.data[c] != 0));
+      SOPPU_DISPATCH(isa, CoreRow(out.data, t.data, stride, r, cores[static_cast<size_t>(c)], dtypes.data[c], ranks.data[c], diagonal.data[c] != 0));
     }
   });
   return env.Undefined();
@@ -305,8 +308,8 @@ Napi::Value LoraCore(const Napi::CallbackInfo& info) {
 struct ApplyPlan {
   int64_t n = 0, k = 0, rows = 0;
   std::vector<Segment> shrink, expand;  // one per segment, same rows, same rank
-  std::vector<const float*> cores;
-  std::vector<int32_t> coreOfRow, coreDiagonal;  // core ranks are checked against the segments at build
+  std::vector<const void*> cores;
+  std::vector<int32_t> coreOfRow, coreDiagonal, coreDtype;  // core ranks are checked against the segments at build
   std::vector<Tile> tiles;
   std::vector<size_t> firstTile;
   std::vector<int64_t> rankOffset;  // matmulLora: tile p's rank vectors start at rankOffset[p] (floats); last = total
@@ -314,21 +317,25 @@ struct ApplyPlan {
   int64_t prefetchLines = 0;
   bool disjoint = true, inlineOnly = false;
 
-  // bytes of core c of a segment of rank `rank` (full: rank², diagonal: rank floats)
-  int64_t CoreBytes(int32_t c, int64_t rank) const { return (coreDiagonal[static_cast<size_t>(c)] ? rank : rank * rank) * 4; }
+  // bytes of core c of a segment of rank `rank` (full: rank², diagonal: rank values of its dtype)
+  int64_t CoreBytes(int32_t c, int64_t rank) const {
+    const size_t i = static_cast<size_t>(c);
+    return (coreDiagonal[i] ? rank : rank * rank) * (coreDtype[i] == 0 ? 4 : 2);
+  }
 };
 
 // loraApplyPlan(isa (unused: a plan is the same for every variant), n, k, rows, starts, ends, aWeights, aRanks,
 //               aDtypes, btWeights, btRanks, btDtypes, coreOfRow (Int32Array [rows], −1 = none), cores,
-//               coreRanks, coreDiagonal) → an opaque plan for loraApply
+//               coreRanks, coreDiagonal, coreDtypes) → an opaque plan for loraApply
 Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
   const char* op = "loraApply";
-  ArrayArg<int32_t> coreOfRow, coreRanks, coreDiagonal;
+  ArrayArg<int32_t> coreOfRow, coreRanks, coreDiagonal, coreDtypes;
   auto plan = std::make_unique<ApplyPlan>();
   if (!GetInt(info, 1, op, "n", 1, &plan->n) || !GetInt(info, 2, op, "k", 1, &plan->k) ||
       !GetInt(info, 3, op, "rows", 0, &plan->rows) || !GetI32(info, 12, op, "coreOfRow", &coreOfRow) ||
-      !GetI32(info, 14, op, "coreRanks", &coreRanks) || !GetI32(info, 15, op, "coreDiagonal", &coreDiagonal))
+      !GetI32(info, 14, op, "coreRanks", &coreRanks) || !GetI32(info, 15, op, "coreDiagonal", &coreDiagonal) ||
+      !GetI32(info, 16, op, "coreDtypes", &coreDtypes))
     return env.Undefined();
   const int64_t n = plan->n, k = plan->k, rows = plan->rows;
   // the a and bt lists share starts and ends
@@ -342,7 +349,7 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
                     std::to_string(shrink[s].rank) + ", bt has rank " + std::to_string(plan->expand[s].rank));
       return env.Undefined();
     }
-  if (!ReadCores(info, 13, op, kMaxApplyRank, rows, coreOfRow, coreRanks, coreDiagonal, &plan->cores)) return env.Undefined();
+  if (!ReadCores(info, 13, op, kMaxApplyRank, rows, coreOfRow, coreRanks, coreDiagonal, coreDtypes, &plan->cores)) return env.Undefined();
   for (const Segment& segment : shrink)
     for (int64_t r = segment.start; r < segment.end; r++) {
       const int32_t c = coreOfRow.data[r];
@@ -355,6 +362,7 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   const size_t coreCount = plan->cores.size();
   plan->coreOfRow.assign(coreOfRow.data, coreOfRow.data + rows);
   plan->coreDiagonal.assign(coreDiagonal.data, coreDiagonal.data + coreCount);
+  plan->coreDtype.assign(coreDtypes.data, coreDtypes.data + coreCount);
   plan->tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &plan->firstTile, kApplyRowTile);
   double flops = 0;
   for (const Segment& segment : shrink) flops += 2.0 * static_cast<double>((segment.end - segment.start) * segment.rank * (k + n));
@@ -406,7 +414,8 @@ void ShrinkCoreTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const floa
       std::copy(t + q * rank, t + (q + 1) * rank, u + q * rank);
       continue;
     }
-    SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, plan.cores[static_cast<size_t>(c)], rank, plan.coreDiagonal[static_cast<size_t>(c)] != 0));
+    SOPPU_DISPATCH(isa, CoreRow(u, t, rank, q, plan.cores[static_cast<size_t>(c)], plan.coreDtype[static_cast<size_t>(c)], rank,
+                                plan.coreDiagonal[static_cast<size_t>(c)] != 0));
   }
 }
 

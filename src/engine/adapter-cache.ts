@@ -20,7 +20,7 @@ export interface AdapterCacheOptions {
   /** Loads a PEFT directory (the io loader). */
   readonly loadLocal: (dir: string) => Promise<LoraAdapter>;
   readonly slotShape: SlotShape;
-  /** dtype of resident adapter factors and shared bases (default f32; cores stay f32). */
+  /** dtype of resident adapter factors, shared bases and cores (default f32). */
   readonly factorDtype?: WeightDtype;
   /** Loads in flight at once (default 4). */
   readonly maxConcurrentLoads?: number;

@@ -60,7 +60,7 @@ export interface EngineOptions {
   /** Adapter loads in flight at once (default 4). */
   readonly maxConcurrentLoads?: number;
   /**
-   * dtype of resident adapter factors (LoRA A, Bᵀ and a bank's shared bases; cores stay f32). 'auto'
+   * dtype of resident adapter factors (LoRA A, Bᵀ, a bank's shared bases and cores). 'auto'
    * (default) is the model's weight dtype, as vLLM's lora_dtype: 16-bit factors halve adapter memory and
    * the LoRA kernels' memory traffic, at one rounding of each factor at load.
    */

@@ -3,7 +3,8 @@
  * factors (A, (scale·B)ᵀ) or a compressed core that multiplies a cluster's shared bases (Vᵀ, Uᵀ).
  * Scale is folded in here, at load, so the kernels never see it; expand factors are transposed here
  * too ([R, N]), once, so the expand kernel streams contiguous output rows; and factors are stored in the
- * engine's adapter dtype (f32, or bf16/f16 for half the memory and memory traffic; cores stay f32).
+ * engine's adapter dtype (f32, or bf16/f16 for half the memory and memory traffic), compressed cores
+ * included: a core is the one part of a compressed adapter that is each user's own.
  */
 import { SoppuError } from '../errors/soppu-error.js';
 import type { LoraCore } from '../kernels/kernel-set.js';
@@ -142,7 +143,7 @@ export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', fi
   return { key: bases.key, rank: bases.rank, a, bt, bytes: bytesOf(a) + bytesOf(bt) };
 }
 
-/** A bank adapter: compressed slots reference the already loaded shared bases in `bases`; raw slots' factors stored as `dtype`. */
+/** A bank adapter: compressed slots reference the already loaded shared bases in `bases`; raw factors and cores stored as `dtype`. */
 export function residentFromBank(
   parts: BankAdapterParts,
   bases: ReadonlyMap<string, ResidentBases>,
@@ -175,9 +176,10 @@ export function residentFromBank(
       );
     }
     checkFinite(parts.id, file, path, part.core);
-    slots.set(key, { kind: 'compressed', rank: part.rank, bases: shared, core: { rank: part.rank, diagonal: part.diagonal, data: part.core } });
+    const core = factor(dtype, 1, part.core.length, part.core, `${path}.core`, file).data;
+    slots.set(key, { kind: 'compressed', rank: part.rank, bases: shared, core: { rank: part.rank, diagonal: part.diagonal, dtype, data: core } });
     basesKeys.add(part.basesKey);
-    bytes += part.core.length * 4;
+    bytes += core.byteLength;
     anyCompressed = true;
   }
   return {

@@ -1,4 +1,5 @@
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
+import type { WeightDtype } from '../tensor/dtype.js';
 
 /**
  * The one op interface. `ref/` implements it in plain TypeScript (the spec); the native addon
@@ -149,12 +150,17 @@ export interface LoraSegment {
   readonly bt?: WeightMatrix;
 }
 
-/** One adapter's core in the compressed form, f32. */
+/** One adapter's core in the compressed form. */
 export interface LoraCore {
   readonly rank: number;
   readonly diagonal: boolean;
+  /**
+   * How data is stored (default f32): a Float32Array for f32, a Uint16Array of raw bits for bf16 and
+   * f16 (as a WeightMatrix holds them), widened to f32 as the kernels read it.
+   */
+  readonly dtype?: WeightDtype;
   /** [R, R] row-major when full; [R] when diagonal. The adapter's scale is folded in. */
-  readonly data: Float32Array;
+  readonly data: Float32Array | Uint16Array;
 }
 
 /**

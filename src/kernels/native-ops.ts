@@ -199,7 +199,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
       checkLength('loraCore', 't', t, rows * stride);
       const flat = flattenCores('loraCore', cores, rows, stride);
       if (flat.data.length === 0) return;
-      call('loraCore', loraCore, out, t, stride, rows, flat.coreOfRow, flat.data, flat.ranks, flat.diagonal);
+      call('loraCore', loraCore, out, t, stride, rows, flat.coreOfRow, flat.data, flat.ranks, flat.diagonal, flat.dtypes);
     };
   }
 
@@ -218,7 +218,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
         const checked = flattenApply(op, segments, cores, n, k, ints);
         const plan = call(op, loraApplyPlan, n, k, checked.rows, checked.shrink.starts, checked.shrink.ends, checked.shrink.weights, checked.shrink.ranks,
           checked.shrink.dtypes, checked.expand.weights, checked.expand.ranks, checked.expand.dtypes, checked.cores.coreOfRow,
-          checked.cores.data, checked.cores.ranks, checked.cores.diagonal);
+          checked.cores.data, checked.cores.ranks, checked.cores.diagonal, checked.cores.dtypes);
         // the addon copied the integers: keep only what later calls read (the views in `ints` are reused)
         flat = { n, k, rows: checked.rows, coresSource: cores, plan };
         applyCache.set(segments, flat);
@@ -351,10 +351,12 @@ function flattenApply(op: string, segments: readonly LoraSegment[], cores: reado
 interface FlatCores {
   /** Per row: index into data, or −1. */
   coreOfRow: Int32Array;
-  data: Float32Array[];
+  data: (Float32Array | Uint16Array)[];
   ranks: Int32Array;
   /** 1 when diagonal. */
   diagonal: Int32Array;
+  /** 0 f32, 1 bf16, 2 f16 per core. */
+  dtypes: Int32Array;
 }
 
 /**
@@ -371,9 +373,10 @@ function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[
     const core = cores[r];
     if (core && core !== cores[r - 1]) count++;
   }
-  const data: Float32Array[] = [];
+  const data: (Float32Array | Uint16Array)[] = [];
   const ranks = intArray(count);
   const diagonal = intArray(count);
+  const dtypes = intArray(count);
   for (let r = 0; r < rows; r++) {
     const core = cores[r];
     if (!core) continue;
@@ -386,13 +389,18 @@ function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[
       throw kernelError(op, `row ${r}: core rank ${core.rank} outside [1, ${maxRank}]`, { limit: maxRank });
     }
     checkLength(op, () => `core of row ${r}`, core.data, needed);
+    const dtype = core.dtype ?? 'f32';
+    if ((dtype === 'f32') !== core.data instanceof Float32Array) {
+      throw kernelError(op, `row ${r}: core of dtype ${dtype} holds a ${core.data.constructor.name}`);
+    }
     const index = data.length;
     data.push(core.data);
     ranks[index] = core.rank;
     diagonal[index] = core.diagonal ? 1 : 0;
+    dtypes[index] = DTYPE_INDEX[dtype];
     coreOfRow[r] = index;
   }
-  return { coreOfRow, data, ranks, diagonal };
+  return { coreOfRow, data, ranks, diagonal, dtypes };
 }
 
 interface FlatSegments {

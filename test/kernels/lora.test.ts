@@ -75,7 +75,10 @@ it('the addon provides native LoRA segment ops in every supported variant', () =
   }
 });
 
-/** Segments of a case with both factors, and per row a core: none, full or diagonal in turn. */
+/**
+ * Segments of a case with both factors, and per row a core: none, full or diagonal in turn. Factors and
+ * cores in `dtype`, as the engine stores them.
+ */
 function applyCase(rng: Random, spec: SegmentCase, dtype: 'f32' | 'bf16' | 'f16' = 'f32'): { segments: LoraSegment[]; cores: (LoraCore | undefined)[]; rows: number } {
   const matrix = (rows: number, cols: number, std: number): WeightMatrix => {
     const values = randomArray(rng, rows * cols, std);
@@ -83,13 +86,18 @@ function applyCase(rng: Random, spec: SegmentCase, dtype: 'f32' | 'bf16' | 'f16'
     const toBits = dtype === 'bf16' ? f32ToBf16 : f32ToF16;
     return weightMatrix(dtype, rows, cols, offsetCopy(Uint16Array.from(values, toBits)));
   };
+  const core = (rank: number, diagonal: boolean, std: number): LoraCore => {
+    const values = randomArray(rng, diagonal ? rank : rank * rank, std);
+    if (dtype === 'f32') return { rank, diagonal, data: values };
+    return { rank, diagonal, dtype, data: Uint16Array.from(values, dtype === 'bf16' ? f32ToBf16 : f32ToF16) };
+  };
   const rows = rowsOf(spec.segments);
   const cores: (LoraCore | undefined)[] = new Array<LoraCore | undefined>(rows);
   const segments = spec.segments.map(([start, end, rank]) => {
     for (let r = start; r < end; r++) {
       const kind = r % 3;
-      if (kind === 1) cores[r] = { rank, diagonal: false, data: randomArray(rng, rank * rank, 0.5) };
-      if (kind === 2) cores[r] = { rank, diagonal: true, data: randomArray(rng, rank, 1) };
+      if (kind === 1) cores[r] = core(rank, false, 0.5);
+      if (kind === 2) cores[r] = core(rank, true, 1);
     }
     return { start, end, a: matrix(rank, spec.k, 1 / Math.sqrt(spec.k)), bt: matrix(rank, spec.n, 0.5) };
   });
@@ -188,13 +196,17 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expectClose(y, wantY, TOLERANCE, `${dtype} expand`);
   });
 
-  it.each([1, 7, 16, 64, 256])('core rank %i: full and diagonal per row, null rows untouched', (rank) => {
+  it.each([1, 7, 16, 64, 256].flatMap((rank) => (['f32', 'bf16', 'f16'] as const).map((dtype) => [rank, dtype] as const)))('core rank %i, %s: full and diagonal per row, null rows untouched', (rank, dtype) => {
     const rng = new Random(rank);
     const stride = rank + 2;
     const rows = 7;
-    const full: LoraCore = { rank, diagonal: false, data: offsetCopy(randomArray(rng, rank * rank, 0.5)) };
-    const diagonal: LoraCore = { rank, diagonal: true, data: offsetCopy(randomArray(rng, rank, 2)) };
-    const smaller: LoraCore = { rank: Math.max(1, rank - 3), diagonal: false, data: randomArray(rng, Math.max(1, rank - 3) ** 2) };
+    // 16-bit cores hold raw bits, widened as read (as the engine stores them for a 16-bit model)
+    const core = (coreRank: number, isDiagonal: boolean, values: Float32Array): LoraCore => dtype === 'f32'
+      ? { rank: coreRank, diagonal: isDiagonal, data: values }
+      : { rank: coreRank, diagonal: isDiagonal, dtype, data: offsetCopy(Uint16Array.from(values, dtype === 'bf16' ? f32ToBf16 : f32ToF16)) };
+    const full = core(rank, false, offsetCopy(randomArray(rng, rank * rank, 0.5)));
+    const diagonal = core(rank, true, offsetCopy(randomArray(rng, rank, 2)));
+    const smaller = core(Math.max(1, rank - 3), false, randomArray(rng, Math.max(1, rank - 3) ** 2));
     const cores = [full, null, diagonal, full, undefined, smaller]; // row 6 beyond the array: untouched too
     const t = randomArray(rng, rows * stride);
     const outStart = randomArray(rng, rows * stride);
@@ -313,14 +325,21 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     const a = randomArray(rng, 4 * 10), bt = randomArray(rng, 4 * 6);
     const i32 = (...values: number[]): Int32Array => Int32Array.from(values);
     // one segment, rows [0, 2), rank 4, f32 factors, no cores
-    const handle = plan(0, 6, 10, 2, i32(0), i32(2), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32());
+    const handle = plan(0, 6, 10, 2, i32(0), i32(2), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32(), i32());
     expect(() => apply(0, new Float32Array(12), new Float32Array(20), {})).toThrow(/loraApply: plan must come from loraApplyPlan/);
     expect(() => apply(0, new Float32Array(11), new Float32Array(20), handle)).toThrow(/loraApply: y has 11 elements, needs 12/);
     expect(() => apply(0, new Float32Array(12), new Float32Array(19), handle)).toThrow(/loraApply: x has 19 elements, needs 20/);
-    expect(() => plan(0, 6, 10, 2, i32(0), i32(3), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32()))
+    expect(() => plan(0, 6, 10, 2, i32(0), i32(3), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32(), i32()))
       .toThrow(/loraApply: segment 0: rows \[0, 3\) outside \[0, 2\)/);
-    expect(() => plan(0, 6, 10, 2, i32(0), i32(2), [a.subarray(1)], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32()))
+    expect(() => plan(0, 6, 10, 2, i32(0), i32(2), [a.subarray(1)], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32(), i32()))
       .toThrow(/loraApply: segment 0: a has 39 elements, needs 40/);
+    // cores: the data's array type must match its dtype code (0 f32, 1 bf16, 2 f16)
+    const withCore = (data: Float32Array | Uint16Array, dtype: number): unknown =>
+      plan(0, 6, 10, 2, i32(0), i32(2), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(0, -1), [data], i32(4), i32(1), i32(dtype));
+    expect(() => withCore(new Uint16Array(4), 0)).toThrow(/loraApply: core 0: data must be a Float32Array \(dtype f32\)/);
+    expect(() => withCore(new Float32Array(4), 1)).toThrow(/loraApply: core 0: data must be a Uint16Array \(dtype bf16 or f16\)/);
+    expect(() => withCore(new Uint16Array(4), 3)).toThrow(/loraApply: core 0: dtype code 3 is not 0 \(f32\), 1 \(bf16\) or 2 \(f16\)/);
+    expect(() => withCore(new Uint16Array(3), 1)).toThrow(/loraApply: core 0: data has 3 elements, needs 4/);
     const y = new Float32Array(12);
     const x = randomArray(rng, 20);
     apply(0, y, x, handle);
@@ -349,5 +368,9 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expectKernelError(() => native.loraExpand(t, 10, t, 4, [{ start: 0, end: 1, a }]), /loraExpand: segment 0 has no bt/);
     expectKernelError(() => native.loraCore(t, x, 4, 3, [{ rank: 5, diagonal: true, data: new Float32Array(5) }]), /loraCore: row 0: core rank 5/);
     expectKernelError(() => native.loraCore(t, x, 4, 3, [{ rank: 3, diagonal: false, data: new Float32Array(5) }]), /loraCore: core of row 0 has 5 elements, needs 9/);
+    expectKernelError(() => native.loraCore(t, x, 4, 3, [{ rank: 3, diagonal: true, dtype: 'bf16', data: new Float32Array(3) }]),
+      /loraCore: row 0: core of dtype bf16 holds a Float32Array/);
+    expectKernelError(() => native.loraCore(t, x, 4, 3, [{ rank: 3, diagonal: true, data: new Uint16Array(3) }]),
+      /loraCore: row 0: core of dtype f32 holds a Uint16Array/);
   });
 });

@@ -54,7 +54,7 @@ export function register(program: Command): void {
     .option('--seed <n>', 'sampling seed')
     .option('--ignore-eos', 'keep generating past end-of-sequence')
     .option('--stop <text...>', 'stop sequences')
-    .option('--lora-dtype <dtype>', 'adapter factors in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
+    .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
     .action(async (options: GenerateOptions) => {
       if (options.adapter && (options.bank || options.adapterId)) {
         throw new SoppuError('CONFIG', 'use either --adapter DIR or --bank DIR --adapter-id ID, not both', { field: 'adapter' });

@@ -88,7 +88,7 @@ export function register(program: Command): void {
     .option('--kv-memory-mb <n>', 'KV-cache budget in MiB', '512')
     .option('--adapter-memory-mb <n>', 'resident adapter budget in MiB', '512')
     .option('--block-size <n>', 'KV-cache block size in positions', '16')
-    .option('--lora-dtype <dtype>', 'adapter factors in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
+    .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
     .option('--drain-deadline-s <n>', 'on SIGTERM, seconds to let running requests finish', String(DEFAULT_SERVER_OPTIONS.drainDeadlineMs / 1000))
     .option('--max-upload-mb <n>', 'largest adapter upload in MiB', String(DEFAULT_SERVER_OPTIONS.maxUploadBytes / 1024 / 1024))
     .action(async (options: ServeOptions) => {

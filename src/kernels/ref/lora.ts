@@ -1,6 +1,20 @@
 import type { LoraCore, LoraSegment } from '../kernel-set.js';
+import { bf16ToF32, f16ToF32 } from '../../tensor/dtype.js';
 import { weightAt, type WeightMatrix } from '../../tensor/weight-matrix.js';
 import { matmul } from './matmul.js';
+
+/** Element i of a core as f32 (16-bit cores hold raw bits). */
+function coreAt(core: LoraCore, i: number): number {
+  const value = core.data[i]!;
+  return core.dtype === 'bf16' ? bf16ToF32(value) : core.dtype === 'f16' ? f16ToF32(value) : value;
+}
+
+/** Throws when a core's data array does not match its dtype. */
+function checkCore(op: string, core: LoraCore): void {
+  if (((core.dtype ?? 'f32') === 'f32') !== core.data instanceof Float32Array) {
+    throw new TypeError(`${op}: core of dtype ${core.dtype ?? 'f32'} holds a ${core.data.constructor.name}`);
+  }
+}
 
 // t: [M, tStride]; x: [M, k]; segment.a: [R, k]
 export function loraShrink(t: Float32Array, tStride: number, x: Float32Array, k: number, segments: readonly LoraSegment[]): void {
@@ -37,14 +51,15 @@ export function loraCore(out: Float32Array, t: Float32Array, stride: number, row
   for (let r = 0; r < rows; r++) {
     const core = cores[r];
     if (!core) continue;
+    checkCore('loraCore', core);
     const base = r * stride;
     for (let i = 0; i < core.rank; i++) {
       if (core.diagonal) {
-        out[base + i] = core.data[i]! * t[base + i]!;
+        out[base + i] = coreAt(core, i) * t[base + i]!;
         continue;
       }
       let sum = 0;
-      for (let j = 0; j < core.rank; j++) sum += core.data[i * core.rank + j]! * t[base + j]!;
+      for (let j = 0; j < core.rank; j++) sum += coreAt(core, i * core.rank + j) * t[base + j]!;
       out[base + i] = sum;
     }
   }
@@ -69,14 +84,15 @@ export function loraApply(y: Float32Array, n: number, x: Float32Array, k: number
       let u = t;
       if (core) {
         if (core.rank !== rank) throw new TypeError(`loraApply: row ${r} has a core of rank ${core.rank}, its segment rank ${rank}`);
+        checkCore('loraApply', core);
         u = new Float64Array(rank);
         for (let i = 0; i < rank; i++) {
           if (core.diagonal) {
-            u[i] = core.data[i]! * t[i]!;
+            u[i] = coreAt(core, i) * t[i]!;
             continue;
           }
           let sum = 0;
-          for (let j = 0; j < rank; j++) sum += core.data[i * rank + j]! * t[j]!;
+          for (let j = 0; j < rank; j++) sum += coreAt(core, i * rank + j) * t[j]!;
           u[i] = sum;
         }
       }
