@@ -78,7 +78,7 @@ describe('engine', () => {
     expect(engine.listAdapters().find((a) => a.id === 'c1-3')).toMatchObject({ storage: 'compressed', tier: 'resident', source: 'bank' });
   });
 
-  it('loraDtype: auto is the model dtype; bf16 factors are the adapter rounded once, in half the bytes; f16 refuses what it cannot hold', async () => {
+  it('loraDtype: auto is the model dtype; bf16 factors and cores are the adapter rounded once, in half the bytes; f16 refuses what it cannot hold', async () => {
     expect((await createEngine(options())).info.loraDtype).toBe('f32');
     expect((await createEngine(options({}, bf16Copy(model)))).info.loraDtype).toBe('bf16');
     const half = await createEngine(options({ loraDtype: 'bf16' }));
@@ -101,6 +101,12 @@ describe('engine', () => {
     const compressed = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
     const exported = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'exported', adapterSource: 'local', adapterPath: '/adapters/export-c1-3' }));
     expect(compressed.tokens).toEqual(exported.tokens);
+    // a compressed adapter's own bytes are its cores: bf16 like the factors, half of f32
+    const full = await createEngine(options());
+    await collect(full.generate({ prompt, maxNewTokens: 1, adapterId: 'c1-3' }));
+    const coreBytes = full.listAdapters().find((a) => a.id === 'c1-3')!.bytes;
+    expect(coreBytes).toBeGreaterThan(0);
+    expect(half.listAdapters().find((a) => a.id === 'c1-3')?.bytes).toBe(coreBytes / 2);
     // f16 cannot hold 1e5: the request naming that adapter fails, naming the tensor; others are served
     const huge = randomLora(model.config, 7, 4, 8);
     const firstModule = [...huge.modules.values()][0]!;
