@@ -47,6 +47,14 @@ export class AdapterBatcher {
   private lastPlans = new Map<string, SlotPlan>();
 
   /**
+   * `slotKeys`: every slot the forward pass will ask for (slotKey(layer, module)). Given, a step whose rows
+   * changed builds all its plans at once, before the forward pass: built lazily, each plan came between two
+   * linears that had evicted the rows' adapter objects from cache (scratch, f32 SmolLM-135M shapes, 32
+   * compressed rows: the batcher's share of a composition change 1.35 → 0.95 ms).
+   */
+  constructor(private readonly slotKeys: readonly string[] = []) {}
+
+  /**
    * The hook for a step whose row r belongs to `rowAdapters[r]` (null = base model). Returns null
    * when no row has an adapter, so the forward pass can skip the hook entirely.
    */
@@ -58,12 +66,11 @@ export class AdapterBatcher {
     }
     const m = rowAdapters.length;
     const same = m === this.lastRows.length && rowAdapters.every((adapter, r) => adapter === this.lastRows[r]);
-    const plans = same && !counts ? this.lastPlans : new Map<string, SlotPlan>();
+    const reuse = same && !counts;
+    const plans = reuse ? this.lastPlans : new Map<string, SlotPlan>();
     this.lastRows = rowAdapters.slice();
     this.lastPlans = plans;
-    return (layer, module, rows) => {
-      if (rows !== m) throw new RangeError(`adapter hook: step has ${m} rows, forward passed ${rows}`);
-      const key = slotKey(layer, module);
+    const planOf = (key: string): SlotPlan => {
       let plan = plans.get(key);
       if (!plan) {
         plan = buildPlan(rowAdapters, key);
@@ -74,6 +81,12 @@ export class AdapterBatcher {
           counts.coreRows += plan.cores.reduce((n, c) => n + (c ? 1 : 0), 0);
         }
       }
+      return plan;
+    };
+    if (!reuse) for (const key of this.slotKeys) planOf(key);
+    return (layer, module, rows) => {
+      if (rows !== m) throw new RangeError(`adapter hook: step has ${m} rows, forward passed ${rows}`);
+      const plan = planOf(slotKey(layer, module));
       return plan.segments.length === 0 ? null : plan;
     };
   }

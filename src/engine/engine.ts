@@ -8,7 +8,7 @@ import type { BankReader } from '../compress/bank-reader-types.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { getKernels } from '../kernels/index.js';
 import type { KernelSet } from '../kernels/kernel-set.js';
-import type { TargetModule } from '../model/adapter-hook.js';
+import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
 import type { ForwardBatch } from '../model/forward-batch.js';
 import { ForwardScratch, forward } from '../model/forward.js';
 import type { LlamaConfig } from '../model/llama-config.js';
@@ -32,7 +32,7 @@ import type {
 import { IncrementalDecoder, engineTokenizerOf, type EngineTokenizer } from './engine-tokenizer.js';
 import { EventQueue } from './event-queue.js';
 import { KvBlockPool } from './kv-block-pool.js';
-import { residentFromLora, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
+import { residentFromLora, slotKey, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
 import { Sampler, resolveSampling, rowKernelsOf, type RowKernels } from './sampler.js';
 import { Scheduler, type ScheduledSequence, type StepEntry } from './scheduler.js';
 import type { WeightDtype } from '../tensor/dtype.js';
@@ -181,7 +181,12 @@ class SoppuEngine implements Engine {
       maxConcurrentLoads: options.maxConcurrentLoads,
       onSettled: () => this.onAdapterSettled(),
     });
-    this.batcher = new AdapterBatcher();
+    // every slot a forward step asks for: a new batch composition has its plans built at once
+    const slotKeys: string[] = [];
+    for (let layer = 0; layer < this.config.numLayers; layer++) {
+      for (const module of TARGET_MODULES) if (this.slotShape(layer, module)) slotKeys.push(slotKey(layer, module));
+    }
+    this.batcher = new AdapterBatcher(slotKeys);
     this.scratch = new ForwardScratch(this.config, 1);
     this.seedCounter = options.seed ?? (Date.now() >>> 0);
     this.info = {

@@ -2,9 +2,10 @@ import { describe, expect, it } from 'vitest';
 import { AdapterBatcher, compareAdapters, type BatchSegmentCounts } from '../../src/engine/adapter-batch.js';
 import { slotShapeOf } from '../../src/engine/engine.js';
 import { KvBlockPool } from '../../src/engine/kv-block-pool.js';
-import { residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases } from '../../src/engine/resident-adapter.js';
+import { residentBases, residentFromBank, residentFromLora, slotKey, type ResidentAdapter, type ResidentBases } from '../../src/engine/resident-adapter.js';
 import { getKernels } from '../../src/kernels/index.js';
 import { contiguousBatch, forward } from '../../src/model/forward.js';
+import { TARGET_MODULES } from '../../src/model/adapter-hook.js';
 import type { LlamaModel } from '../../src/model/llama-model.js';
 import { handBank, mergedModel, randomLora, tinyModel } from './helpers.js';
 
@@ -138,5 +139,22 @@ describe('adapter batching', () => {
     expect(d.segments).not.toBe(c.segments);
     expect(batcher.hook([null])).toBeNull(); // an adapter-free step drops the remembered rows
     expect(step([first, second]).segments).not.toBe(d.segments);
+  });
+
+  it('given the model\'s slots, builds every plan of a new composition before the first slot is asked for', () => {
+    const shape = slotShapeOf(model.config);
+    const adapter = residentFromLora('eager', randomLora(model.config, 34), shape);
+    const keys = Array.from({ length: model.config.numLayers }, (_, l) => TARGET_MODULES.map((m) => slotKey(l, m))).flat();
+    const counts: BatchSegmentCounts = { rawSegments: 0, sharedSegments: 0, coreRows: 0 };
+    const eager = new AdapterBatcher(keys).hook([adapter, null], counts)!;
+    expect(counts.rawSegments).toBe(keys.length); // all built at hook time
+    const lazyCounts: BatchSegmentCounts = { rawSegments: 0, sharedSegments: 0, coreRows: 0 };
+    const lazy = new AdapterBatcher().hook([adapter, null], lazyCounts)!;
+    expect(lazyCounts.rawSegments).toBe(0);
+    for (let l = 0; l < model.config.numLayers; l++) {
+      for (const module of TARGET_MODULES) expect(eager(l, module, 2)).toEqual(lazy(l, module, 2));
+    }
+    expect(counts.rawSegments).toBe(keys.length); // asking did not build them again
+    expect(lazyCounts.rawSegments).toBe(keys.length);
   });
 });
