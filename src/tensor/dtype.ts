@@ -41,6 +41,11 @@ export function f16ToF32(bits: number): number {
   return sign * (1 + mantissa / 1024) * 2 ** (exponent - 15);
 }
 
+/** One stored element as f32: an f32 value as is, bf16/f16 raw bits widened. */
+export function storedToF32(dtype: WeightDtype, value: number): number {
+  return dtype === 'f32' ? value : dtype === 'bf16' ? bf16ToF32(value) : f16ToF32(value);
+}
+
 /** f32 → f16 bits, round to nearest even; overflow goes to ±inf. */
 export function f32ToF16(value: number): number {
   f32Scratch[0] = value;

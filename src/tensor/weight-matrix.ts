@@ -1,5 +1,5 @@
 import type { WeightDtype } from './dtype.js';
-import { bf16ToF32, f16ToF32 } from './dtype.js';
+import { bf16ToF32, f16ToF32, storedToF32 } from './dtype.js';
 
 /**
  * A row-major weight matrix W[rows, cols] kept in its stored dtype (never widened in memory).
@@ -23,8 +23,7 @@ export function weightMatrix(dtype: WeightDtype, rows: number, cols: number, dat
 
 /** Element (row, col) of W as f32 (slow; for references and tests). */
 export function weightAt(w: WeightMatrix, row: number, col: number): number {
-  const v = w.data[row * w.cols + col]!;
-  return w.dtype === 'f32' ? v : w.dtype === 'bf16' ? bf16ToF32(v) : f16ToF32(v);
+  return storedToF32(w.dtype, w.data[row * w.cols + col]!);
 }
 
 /** Row `row` of W widened to f32 into `dst` (for embedding gathers and references). */

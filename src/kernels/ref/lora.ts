@@ -1,12 +1,11 @@
 import type { LoraCore, LoraSegment } from '../kernel-set.js';
-import { bf16ToF32, f16ToF32 } from '../../tensor/dtype.js';
+import { storedToF32 } from '../../tensor/dtype.js';
 import { weightAt, type WeightMatrix } from '../../tensor/weight-matrix.js';
 import { matmul } from './matmul.js';
 
 /** Element i of a core as f32 (16-bit cores hold raw bits). */
 function coreAt(core: LoraCore, i: number): number {
-  const value = core.data[i]!;
-  return core.dtype === 'bf16' ? bf16ToF32(value) : core.dtype === 'f16' ? f16ToF32(value) : value;
+  return storedToF32(core.dtype ?? 'f32', core.data[i]!);
 }
 
 /** Throws when a core's data array does not match its dtype. */
