@@ -70,6 +70,14 @@ struct SegmentArgs {
   size_t starts, ends, weights, ranks, dtypes;
 };
 
+// True when `value` is the typed array a factor or core of dtype code `dtype` lives in (Float32Array for 0,
+// Uint16Array of raw bits for 1 bf16 and 2 f16); sets its data and element count.
+bool DtypeArray(const Napi::Env& env, const Napi::Value& value, int dtype, void** data, size_t* length) {
+  napi_typedarray_type type;
+  return value.IsTypedArray() && napi_get_typedarray_info(env, value, &type, length, data, nullptr, nullptr) == napi_ok &&
+         type == (dtype == 0 ? napi_float32_array : napi_uint16_array);
+}
+
 /**
  * Reads segments from (starts, ends, weights, ranks, dtypes) at the argument positions `at` and checks each:
  * rows within [0, maxRows), rank in [1, maxRank], weights a Float32Array (dtype 0) or Uint16Array
@@ -98,13 +106,9 @@ bool ReadSegments(const Napi::CallbackInfo& info, SegmentArgs at, const char* op
       return Fail(env, where() + "rank " + std::to_string(rank) + " outside [1, " + std::to_string(maxRank) + "]");
     const int dtype = dtypes.data[s];
     if (dtype < 0 || dtype > 2) return Fail(env, where() + "dtype index " + std::to_string(dtype) + " is not 0, 1 or 2");
-    const Napi::Value value = weights.Get(static_cast<uint32_t>(s));
-    napi_typedarray_type type;
     size_t length = 0;
     void* data = nullptr;
-    if (!value.IsTypedArray() ||
-        napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
-        type != (dtype == 0 ? napi_float32_array : napi_uint16_array))
+    if (!DtypeArray(env, weights.Get(static_cast<uint32_t>(s)), dtype, &data, &length))
       return Fail(env, where() + weightName + (dtype == 0 ? " must be a Float32Array" : " must be a Uint16Array"));
     if (static_cast<int64_t>(length) < rank * weightCols)
       return Fail(env, where() + weightName + " has " + std::to_string(length) + " elements, needs " +
@@ -134,14 +138,11 @@ bool ReadCores(const Napi::CallbackInfo& info, size_t first, const char* op, int
     const auto where = [&] { return std::string("soppu native ") + op + ": core " + std::to_string(c) + ": "; };
     if (rank < 1 || rank > maxRank)
       return Fail(env, where() + "rank " + std::to_string(rank) + " outside [1, " + std::to_string(maxRank) + "]");
-    const Napi::Value value = coreArrays.Get(static_cast<uint32_t>(c));
-    napi_typedarray_type type;
     size_t length = 0;
     void* data = nullptr;
     const int32_t dtype = dtypes.data[c];
     if (dtype < 0 || dtype > 2) return Fail(env, where() + "dtype code " + std::to_string(dtype) + " is not 0 (f32), 1 (bf16) or 2 (f16)");
-    if (!value.IsTypedArray() || napi_get_typedarray_info(env, value, &type, &length, &data, nullptr, nullptr) != napi_ok ||
-        type != (dtype == 0 ? napi_float32_array : napi_uint16_array))
+    if (!DtypeArray(env, coreArrays.Get(static_cast<uint32_t>(c)), dtype, &data, &length))
       return Fail(env, where() + (dtype == 0 ? "data must be a Float32Array (dtype f32)" : "data must be a Uint16Array (dtype bf16 or f16)"));
     const int64_t needed = diagonal.data[c] ? rank : rank * rank;
     if (static_cast<int64_t>(length) < needed)
