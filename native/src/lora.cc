@@ -325,6 +325,39 @@ struct ApplyPlan {
   }
 };
 
+// Completes a plan whose segments, cores and coreOfRow are set: its tiles, their rank-vector offsets and the
+// memory they read (in the order they run), and whether it runs inline; returns it as the opaque JS value.
+Napi::Value PlanValue(const Napi::Env& env, std::unique_ptr<ApplyPlan> owned) {
+  ApplyPlan& p = *owned;
+  const int64_t n = p.n, k = p.k;
+  const std::vector<Segment>& shrink = p.shrink;
+  p.tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &p.firstTile, kApplyRowTile);
+  double flops = 0;
+  for (const Segment& segment : shrink) flops += 2.0 * static_cast<double>((segment.end - segment.start) * segment.rank * (k + n));
+  p.inlineOnly = flops < kInlineFlops;
+  p.rankOffset.assign(1, 0);
+  for (const Tile& tile : p.tiles)
+    p.rankOffset.push_back(p.rankOffset.back() + (tile.r1 - tile.r0) * shrink[static_cast<size_t>(tile.segment)].rank);
+  p.disjoint = Disjoint(shrink);
+  // the tiles' memory in the order the tiles run: per segment its A, each row's core, its Bᵀ
+  const auto addRange = [&](const void* data, int64_t bytes) {
+    const uintptr_t first = reinterpret_cast<uintptr_t>(data) & ~uintptr_t{63};
+    const int64_t lines = static_cast<int64_t>((reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes) - first + 63) / 64);
+    p.prefetch.push_back(PrefetchRange{reinterpret_cast<const char*>(first), lines});
+    p.prefetchLines += lines;
+  };
+  for (size_t s = 0; s < shrink.size(); s++) {
+    if (shrink[s].end <= shrink[s].start) continue;
+    addRange(shrink[s].weights, FactorBytes(shrink[s], k));
+    for (int64_t r = shrink[s].start; r < shrink[s].end; r++) {
+      const int32_t c = p.coreOfRow[static_cast<size_t>(r)];
+      if (c >= 0) addRange(p.cores[static_cast<size_t>(c)], p.CoreBytes(c, shrink[s].rank));
+    }
+    addRange(p.expand[s].weights, FactorBytes(p.expand[s], n));
+  }
+  return Napi::External<ApplyPlan>::New(env, owned.release(), [](Napi::Env, ApplyPlan* plan) { delete plan; });
+}
+
 // loraApplyPlan(isa (unused: a plan is the same for every variant), n, k, rows, starts, ends, aWeights, aRanks,
 //               aDtypes, btWeights, btRanks, btDtypes, coreOfRow (Int32Array [rows], −1 = none), cores,
 //               coreRanks, coreDiagonal, coreDtypes) → an opaque plan for loraApply
@@ -364,31 +397,49 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   plan->coreOfRow.assign(coreOfRow.data, coreOfRow.data + rows);
   plan->coreDiagonal.assign(coreDiagonal.data, coreDiagonal.data + coreCount);
   plan->coreDtype.assign(coreDtypes.data, coreDtypes.data + coreCount);
-  plan->tiles = MakeTiles(shrink, n, [n](const Segment&) { return n; }, &plan->firstTile, kApplyRowTile);
-  double flops = 0;
-  for (const Segment& segment : shrink) flops += 2.0 * static_cast<double>((segment.end - segment.start) * segment.rank * (k + n));
-  plan->inlineOnly = flops < kInlineFlops;
-  plan->rankOffset.assign(1, 0);
-  for (const Tile& tile : plan->tiles)
-    plan->rankOffset.push_back(plan->rankOffset.back() + (tile.r1 - tile.r0) * shrink[static_cast<size_t>(tile.segment)].rank);
-  plan->disjoint = Disjoint(shrink);
-  // the tiles' memory in the order the tiles run: per segment its A, each row's core, its Bᵀ
-  const auto addRange = [&](const void* data, int64_t bytes) {
-    const uintptr_t first = reinterpret_cast<uintptr_t>(data) & ~uintptr_t{63};
-    const int64_t lines = static_cast<int64_t>((reinterpret_cast<uintptr_t>(data) + static_cast<uintptr_t>(bytes) - first + 63) / 64);
-    plan->prefetch.push_back(PrefetchRange{reinterpret_cast<const char*>(first), lines});
-    plan->prefetchLines += lines;
-  };
-  for (size_t s = 0; s < shrink.size(); s++) {
-    if (shrink[s].end <= shrink[s].start) continue;
-    addRange(shrink[s].weights, FactorBytes(shrink[s], k));
-    for (int64_t r = shrink[s].start; r < shrink[s].end; r++) {
-      const int32_t c = plan->coreOfRow[static_cast<size_t>(r)];
-      if (c >= 0) addRange(plan->cores[static_cast<size_t>(c)], plan->CoreBytes(c, shrink[s].rank));
-    }
-    addRange(plan->expand[s].weights, FactorBytes(plan->expand[s], n));
+  return PlanValue(env, std::move(plan));
+}
+
+// loraPlanRows(isa (unused), plan from loraApplyPlan, rowOf: Int32Array [rows]) → the plan of the same adapter work
+// at new rows, as KernelSet.loraRows defines it: row i is the plan's row rowOf[i] (a negative index, or a row
+// outside every segment: no work). Per segment, in order, one segment per run of rows mapping into it; a row keeps its core.
+// Built from the plan alone: its factors and cores were checked when it was made, and the JS side keeps
+// them alive beside the new plan too, so a batch whose rows change but not its adapters reads no JS objects.
+Napi::Value LoraPlanRows(const Napi::CallbackInfo& info) {
+  const Napi::Env env = info.Env();
+  const char* op = "loraRows";
+  if (!info[1].IsExternal()) {
+    Fail(env, "soppu native loraRows: plan must come from loraApplyPlan");
+    return env.Undefined();
   }
-  return Napi::External<ApplyPlan>::New(env, plan.release(), [](Napi::Env, ApplyPlan* p) { delete p; });
+  const ApplyPlan& from = *info[1].As<Napi::External<ApplyPlan>>().Data();
+  ArrayArg<int32_t> rowOf;
+  if (!GetI32(info, 2, op, "rowOf", &rowOf)) return env.Undefined();
+  const int64_t rows = static_cast<int64_t>(rowOf.length);
+  auto plan = std::make_unique<ApplyPlan>();
+  plan->n = from.n;
+  plan->k = from.k;
+  plan->cores = from.cores;
+  plan->coreDiagonal = from.coreDiagonal;
+  plan->coreDtype = from.coreDtype;
+  for (size_t s = 0; s < from.shrink.size(); s++) {
+    const Segment& a = from.shrink[s];
+    const auto inside = [&](int64_t i) { return rowOf.data[i] >= a.start && rowOf.data[i] < a.end; };
+    for (int64_t i = 0; i < rows; i++) {
+      if (!inside(i)) continue;
+      const int64_t start = i;
+      while (i < rows && inside(i)) i++;
+      plan->shrink.push_back(Segment{start, i, a.rank, a.weights, a.dtype});
+      plan->expand.push_back(Segment{start, i, a.rank, from.expand[s].weights, from.expand[s].dtype});
+      plan->rows = std::max(plan->rows, i);
+    }
+  }
+  // rows outside every segment keep no core: a plan never reads one there
+  plan->coreOfRow.assign(static_cast<size_t>(plan->rows), -1);
+  for (const Segment& segment : plan->shrink)
+    for (int64_t i = segment.start; i < segment.end; i++)
+      plan->coreOfRow[static_cast<size_t>(i)] = from.coreOfRow[static_cast<size_t>(rowOf.data[i])];
+  return PlanValue(env, std::move(plan));
 }
 
 // u[0:count, 0:rank] = per row of the tile, core · (a · x[row]) (a · x[row] for a row without a core),
@@ -538,6 +589,7 @@ void RegisterLora(Napi::Env env, Napi::Object exports) {
   exports.Set("loraExpand", Napi::Function::New(env, LoraExpand));
   exports.Set("loraCore", Napi::Function::New(env, LoraCore));
   exports.Set("loraApplyPlan", Napi::Function::New(env, LoraApplyPlan));
+  exports.Set("loraPlanRows", Napi::Function::New(env, LoraPlanRows));
   exports.Set("loraApply", Napi::Function::New(env, LoraApply));
   exports.Set("matmulLora", Napi::Function::New(env, MatmulLora));
 }

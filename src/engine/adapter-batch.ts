@@ -8,7 +8,7 @@
  * and no segment over base rows (adapter 0). Every row's delta depends only on that row's x and
  * its own adapter, so batch composition never changes a request's result.
  */
-import type { LoraCore, LoraSegment } from '../kernels/kernel-set.js';
+import type { KernelSet, LoraCore, LoraSegment } from '../kernels/kernel-set.js';
 import type { AdapterHook, AdapterSlot } from '../model/adapter-hook.js';
 import { slotKey, type ResidentAdapter } from './resident-adapter.js';
 
@@ -26,12 +26,7 @@ export function compareAdapters(p: ResidentAdapter | null, q: ResidentAdapter | 
   return p.id < q.id ? -1 : p.id > q.id ? 1 : 0;
 }
 
-/** What one slot does in one step: raw adapter runs and compressed cluster runs, in row order. */
-interface SlotPlan extends AdapterSlot {
-  readonly rawSegments: number;
-}
-
-const EMPTY: SlotPlan = { segments: [], rawSegments: 0, cores: [] };
+const EMPTY: AdapterSlot = { segments: [], cores: [] };
 
 /** Segment statistics of the last step, for tests and benchmarks. */
 export interface BatchSegmentCounts {
@@ -44,15 +39,18 @@ export class AdapterBatcher {
   // the last step's rows and plans: a decode step usually has the same rows as the one before, and
   // reusing its plans (and the kernels' checked form of them) saves rebuilding them per slot
   private lastRows: readonly (ResidentAdapter | null)[] = [];
-  private lastPlans = new Map<string, SlotPlan>();
+  private lastPlans = new Map<string, AdapterSlot>();
 
   /**
    * `slotKeys`: every slot the forward pass will ask for (slotKey(layer, module)). Given, a step whose rows
    * changed builds all its plans at once, before the forward pass: built lazily, each plan came between two
    * linears that had evicted the rows' adapter objects from cache (scratch, f32 SmolLM-135M shapes, 32
    * compressed rows: the batcher's share of a composition change 1.35 → 0.95 ms).
+   * `kernels` given too, a step whose rows changed but whose adapters all ran in the last step (a request's
+   * prefill rows became one decode row, or a request left) carries the last plans over with
+   * kernels.loraRows instead, reading no adapter, factor or core again.
    */
-  constructor(private readonly slotKeys: readonly string[] = []) {}
+  constructor(private readonly slotKeys: readonly string[] = [], private readonly kernels?: Pick<KernelSet, 'loraRows'>) {}
 
   /**
    * The hook for a step whose row r belongs to `rowAdapters[r]` (null = base model). Returns null
@@ -67,32 +65,63 @@ export class AdapterBatcher {
     const m = rowAdapters.length;
     const same = m === this.lastRows.length && rowAdapters.every((adapter, r) => adapter === this.lastRows[r]);
     const reuse = same && !counts;
-    const plans = reuse ? this.lastPlans : new Map<string, SlotPlan>();
+    // counted steps build every plan from the rows (the counts are of what building finds)
+    const carried = reuse || counts ? null : this.carriedPlans(rowAdapters);
+    const plans = reuse ? this.lastPlans : carried ?? new Map<string, AdapterSlot>();
     this.lastRows = rowAdapters.slice();
     this.lastPlans = plans;
-    const planOf = (key: string): SlotPlan => {
+    const planOf = (key: string): AdapterSlot => {
       let plan = plans.get(key);
       if (!plan) {
-        plan = buildPlan(rowAdapters, key);
+        const built = buildPlan(rowAdapters, key);
+        plan = built.plan;
         plans.set(key, plan);
         if (counts) {
-          counts.rawSegments += plan.rawSegments;
-          counts.sharedSegments += plan.segments.length - plan.rawSegments;
+          counts.rawSegments += built.rawSegments;
+          counts.sharedSegments += plan.segments.length - built.rawSegments;
           counts.coreRows += plan.cores.reduce((n, c) => n + (c ? 1 : 0), 0);
         }
       }
       return plan;
     };
-    if (!reuse) for (const key of this.slotKeys) planOf(key);
+    if (!reuse && !carried) for (const key of this.slotKeys) planOf(key);
     return (layer, module, rows) => {
       if (rows !== m) throw new RangeError(`adapter hook: step has ${m} rows, forward passed ${rows}`);
       const plan = planOf(slotKey(layer, module));
       return plan.segments.length === 0 ? null : plan;
     };
   }
+
+  /**
+   * Every slot's plan for rows whose adapters all ran in the last step, carried over from the last plans
+   * (row r takes the work of the last step's first row of its adapter); null when an adapter is new to the
+   * batch, or the last step did not build every slot's plan.
+   */
+  private carriedPlans(rowAdapters: readonly (ResidentAdapter | null)[]): Map<string, AdapterSlot> | null {
+    if (!this.kernels || this.slotKeys.length === 0) return null;
+    const firstRow = new Map<ResidentAdapter, number>();
+    this.lastRows.forEach((adapter, r) => {
+      if (adapter && !firstRow.has(adapter)) firstRow.set(adapter, r);
+    });
+    const rowOf = new Int32Array(rowAdapters.length);
+    for (let r = 0; r < rowAdapters.length; r++) {
+      const adapter = rowAdapters[r];
+      const last = adapter ? firstRow.get(adapter) : -1;
+      if (last === undefined) return null;
+      rowOf[r] = last;
+    }
+    const plans = new Map<string, AdapterSlot>();
+    for (const key of this.slotKeys) {
+      const last = this.lastPlans.get(key);
+      if (!last) return null;
+      const carried = last.segments.length === 0 ? EMPTY : this.kernels.loraRows(last.segments, last.cores, rowOf);
+      plans.set(key, carried.segments.length === 0 ? EMPTY : carried);
+    }
+    return plans;
+  }
 }
 
-function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string): SlotPlan {
+function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string): { plan: AdapterSlot; rawSegments: number } {
   const segments: LoraSegment[] = [];
   const cores: (LoraCore | undefined)[] = new Array<LoraCore | undefined>(rowAdapters.length);
   let rawSegments = 0;
@@ -125,6 +154,5 @@ function buildPlan(rowAdapters: readonly (ResidentAdapter | null)[], key: string
     if (slot.kind === 'compressed') cores[r] = slot.core;
   }
   close(rowAdapters.length);
-  if (segments.length === 0) return EMPTY;
-  return { segments, rawSegments, cores };
+  return { plan: segments.length === 0 ? EMPTY : { segments, cores }, rawSegments };
 }

@@ -186,7 +186,7 @@ class SoppuEngine implements Engine {
     for (let layer = 0; layer < this.config.numLayers; layer++) {
       for (const module of TARGET_MODULES) if (this.slotShape(layer, module)) slotKeys.push(slotKey(layer, module));
     }
-    this.batcher = new AdapterBatcher(slotKeys);
+    this.batcher = new AdapterBatcher(slotKeys, this.kernels);
     this.scratch = new ForwardScratch(this.config, 1);
     this.seedCounter = options.seed ?? (Date.now() >>> 0);
     this.info = {

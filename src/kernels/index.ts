@@ -7,7 +7,7 @@ import { loadNativeAddon } from './native-addon.js';
 import { nativeKernelSet } from './native-kernel-set.js';
 import { refKernels } from './ref/index.js';
 
-export type { KernelSet, LoraSegment, LoraCore, AttentionArgs } from './kernel-set.js';
+export type { KernelSet, LoraSegment, LoraCore, LoraRows, AttentionArgs } from './kernel-set.js';
 export { refKernels } from './ref/index.js';
 
 let chosen: KernelSet | undefined;

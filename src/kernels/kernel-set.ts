@@ -136,6 +136,23 @@ export interface KernelSet {
    */
   matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, segments: readonly LoraSegment[],
     cores: readonly (LoraCore | null | undefined)[]): void;
+  /**
+   * The same adapter work carried over to new rows: row i of the result is row rowOf[i] of (segments,
+   * cores), or a row without adapter work where rowOf[i] is negative (−1) or outside every segment. Per segment s, in
+   * order, one segment {start, end, a: s.a, bt: s.bt} per run of consecutive rows i with rowOf[i] in
+   * [s.start, s.end); cores[i] = cores[rowOf[i]] for rows inside a segment. So loraApply of the result on x'
+   * gives row i the delta loraApply of the input gives x'[i] at row rowOf[i].
+   * For a batch whose rows change while its adapters do not (a request's prefill rows become one decode
+   * row; a request leaves): an implementation that keeps the checked form of segments arrays (see
+   * loraApply) carries it over here, instead of checking every factor and core again on the next call.
+   */
+  loraRows(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], rowOf: Int32Array): LoraRows;
+}
+
+/** The result of KernelSet.loraRows: fresh arrays (a new batch's), over the same factors and cores. */
+export interface LoraRows {
+  readonly segments: readonly LoraSegment[];
+  readonly cores: readonly (LoraCore | undefined)[];
 }
 
 /** A contiguous run of batch rows that share one adapter (or one cluster's shared basis). */

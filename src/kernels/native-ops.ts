@@ -1,6 +1,6 @@
 /**
  * The native non-matmul ops (rmsnorm, rope, softmax, logSumExp, argmax, siluMul, add, addBias, embedding, attention,
- * loraShrink, loraExpand, loraCore, loraApply) bound to one ISA variant of the addon. Every op validates its
+ * loraShrink, loraExpand, loraCore, loraApply, matmulLora, loraRows) bound to one ISA variant of the addon. Every op validates its
  * sizes and indices here and throws SoppuError('KERNEL') naming the op and the sizes before the
  * native call; the addon checks again (so native code never reads out of bounds) and any error it
  * raises is rethrown as the same SoppuError.
@@ -9,12 +9,13 @@ import type { AttentionArgs, KernelSet, LoraCore, LoraSegment } from './kernel-s
 import type { NativeAddon } from './native-addon.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import { SoppuError } from '../errors/soppu-error.js';
+import { loraRows as refLoraRows } from './ref/lora.js';
 
 type NativeFunction = (...args: unknown[]) => unknown;
 
 /** The ops of this module, as KernelSet members. */
 export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'argmax' | 'siluMul' | 'add' | 'addBias' | 'embedding'
-  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply' | 'matmulLora'>;
+  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply' | 'matmulLora' | 'loraRows'>;
 
 const DTYPE_INDEX = { f32: 0, bf16: 1, f16: 2 } as const;
 
@@ -231,6 +232,21 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
       checkLength('loraApply', 'x', x, flat.rows * k);
       call('loraApply', loraApply, y, x, flat.plan);
     };
+    const loraPlanRows = fn('loraPlanRows');
+    if (loraPlanRows) {
+      // the new arrays as the reference builds them; a checked plan of the old ones carries over to them natively
+      ops.loraRows = (segments, cores, rowOf) => {
+        if (!(rowOf instanceof Int32Array)) throw kernelError('loraRows', 'rowOf must be an Int32Array');
+        const derived = refLoraRows(segments, cores, rowOf);
+        const flat = applyCache.get(segments);
+        if (flat && flat.coresSource === cores && derived.segments.length > 0) {
+          const plan = call('loraRows', loraPlanRows, flat.plan, rowOf);
+          const rows = derived.segments.reduce((most, segment) => Math.max(most, segment.end), 0);
+          applyCache.set(derived.segments, { n: flat.n, k: flat.k, rows, coresSource: derived.cores, plan });
+        }
+        return derived;
+      };
+    }
     if (matmulLora) {
       ops.matmulLora = (y, x, w, m, segments, cores) => {
         checkInteger('matmulLora', 'm', m, 0);

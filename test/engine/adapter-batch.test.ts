@@ -7,6 +7,7 @@ import { getKernels } from '../../src/kernels/index.js';
 import { contiguousBatch, forward } from '../../src/model/forward.js';
 import { TARGET_MODULES } from '../../src/model/adapter-hook.js';
 import type { LlamaModel } from '../../src/model/llama-model.js';
+import { Random } from '../../src/tensor/random.js';
 import { handBank, mergedModel, randomLora, tinyModel } from './helpers.js';
 
 const kernels = getKernels();
@@ -139,6 +140,49 @@ describe('adapter batching', () => {
     expect(d.segments).not.toBe(c.segments);
     expect(batcher.hook([null])).toBeNull(); // an adapter-free step drops the remembered rows
     expect(step([first, second]).segments).not.toBe(d.segments);
+  });
+
+  it('carries its plans over (kernels.loraRows) when rows change but adapters do not, equal to plans built for the rows', async () => {
+    const bank = handBank(model.config, { clusters: 2, perCluster: 3, rank: 3, seed: 8 });
+    const shape = slotShapeOf(model.config);
+    const keys = Array.from({ length: model.config.numLayers }, (_, l) => TARGET_MODULES.map((m) => slotKey(l, m))).flat();
+    const adapters = [await bankResident(bank, 'c0-0', model), await bankResident(bank, 'c0-1', model), await bankResident(bank, 'c1-0', model),
+      residentFromLora('a-raw', randomLora(model.config, 5), shape)];
+    const joining = await bankResident(bank, 'c1-2', model);
+    let carriedCalls = 0;
+    const counting = { loraRows: (...args: Parameters<typeof kernels.loraRows>) => (carriedCalls++, kernels.loraRows(...args)) };
+    const batcher = new AdapterBatcher(keys, counting);
+    const rng = new Random(9);
+    // runs every slot as the forward pass would (so the kernels keep each plan's checked form); per slot y
+    const runStep = (hook: NonNullable<ReturnType<AdapterBatcher['hook']>>, m: number, seed: number): Float32Array[] =>
+      keys.map((_, index) => {
+        const l = Math.floor(index / TARGET_MODULES.length);
+        const module = TARGET_MODULES[index % TARGET_MODULES.length]!;
+        const { inFeatures, outFeatures } = shape(l, module)!;
+        const x = new Float32Array(m * inFeatures).map((_, i) => Math.sin(seed + i));
+        const y = new Float32Array(m * outFeatures);
+        const slot = hook(l, module, m);
+        if (slot) kernels.loraApply(y, outFeatures, x, inFeatures, slot.segments, slot.cores);
+        return y;
+      });
+    const steps: { rows: (ResidentAdapter | null)[]; carried: boolean }[] = [
+      { rows: [null, null, ...adapters.flatMap((a) => [a, a, a])], carried: false }, // prefill: three rows per request
+      { rows: [null, ...adapters], carried: true }, // decode
+      { rows: [adapters[0]!, adapters[2]!, adapters[3]!], carried: true }, // a request (and the base one) left
+      { rows: [adapters[0]!, adapters[2]!, joining, adapters[3]!], carried: false }, // a new adapter joined
+    ];
+    for (const [index, { rows, carried }] of steps.entries()) {
+      const before = carriedCalls;
+      const m = rows.length;
+      const hook = batcher.hook(rows)!;
+      expect(carriedCalls > before, `step ${index} carried`).toBe(carried);
+      const built = new AdapterBatcher(keys).hook(rows)!;
+      for (let l = 0; l < model.config.numLayers; l++) {
+        for (const module of TARGET_MODULES) expect(hook(l, module, m), `step ${index} ${l} ${module}`).toEqual(built(l, module, m));
+      }
+      const seed = rng.int(1000);
+      expect(runStep(hook, m, seed)).toEqual(runStep(built, m, seed));
+    }
   });
 
   it('given the model\'s slots, builds every plan of a new composition before the first slot is asked for', () => {

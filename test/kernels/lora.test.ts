@@ -72,6 +72,7 @@ it('the addon provides native LoRA segment ops in every supported variant', () =
     expect(set.loraCore).not.toBe(refKernels.loraCore);
     expect(set.loraApply).not.toBe(refKernels.loraApply);
     expect(set.matmulLora).not.toBe(refKernels.matmulLora);
+    expect(set.loraRows).not.toBe(refKernels.loraRows);
   }
 });
 
@@ -120,6 +121,20 @@ it('ref loraApply equals loraShrink, loraCore and loraExpand in turn', () => {
   const got = yStart.slice();
   refKernels.loraApply(got, spec.n, x, spec.k, segments, cores);
   expectClose(got, want, 1e-5, 'ref loraApply');
+});
+
+
+it('ref loraRows: per segment in order, one segment per run of new rows mapping into it; rows keep their cores', () => {
+  const rng = new Random(29);
+  const { segments, cores } = applyCase(rng, CASES[0]!); // segments [1, 3) and [4, 9); rows 0, 3 and 9 are base rows
+  // new row i is old row rowOf[i]: reordered, repeated, base (−1 and old row 3) and beyond the old rows (12)
+  const rowOf = Int32Array.from([5, 6, 1, 2, 2, -1, 3, 8, 12, 4]);
+  const carried = refKernels.loraRows(segments, cores, rowOf);
+  expect(carried.segments.map((s) => [s.start, s.end])).toEqual([[2, 5], [0, 2], [7, 8], [9, 10]]);
+  expect(carried.segments.map((s) => s.a)).toEqual([segments[0]!.a, segments[1]!.a, segments[1]!.a, segments[1]!.a]);
+  expect(carried.segments.every((s, i) => s.bt === segments[i === 0 ? 0 : 1]!.bt)).toBe(true);
+  for (const i of [0, 1, 2, 3, 4, 7, 9]) expect(carried.cores[i]).toBe(cores[rowOf[i]!]);
+  for (const i of [5, 6, 8]) expect(carried.cores[i]).toBeUndefined();
 });
 
 describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs ref', (_name, native) => {
@@ -278,6 +293,68 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expect(() => native.matmulLora(new Float32Array(2 * 6), new Float32Array(2 * 10), w, 2, segments, cores)).toThrow(/matmulLora: segments reach row 3, the batch has 2 rows/);
     const short = { ...w, data: w.data.subarray(1) } as WeightMatrix;
     expect(() => native.matmulLora(new Float32Array(4 * 6), new Float32Array(4 * 10), short, 4, segments, cores)).toThrow(/matmulLora: w \(f32 \[6, 10\]\) has 59 elements, needs 60/);
+  });
+
+  it.each(['f32', 'bf16'] as const)('%s: loraRows carries a checked plan over to new rows, with the result of a plan built for them', (dtype) => {
+    const rng = new Random(31);
+    for (const spec of [CASES[0]!, CASES[1]!, { name: 'clusters of prefill rows', k: 64, n: 48, segments: [[0, 12, 8], [12, 20, 8], [20, 32, 4]] } as SegmentCase]) {
+      const old = applyCase(rng, spec, dtype);
+      const w = weights(rng, dtype, spec.n, spec.k);
+      const oldX = randomArray(rng, old.rows * spec.k);
+      native.matmulLora(new Float32Array(old.rows * spec.n), oldX, w, old.rows, old.segments, old.cores); // its plan is kept
+      const rows = old.rows + 3;
+      // decode-like (each run's first row), reordered, repeated, base rows and rows beyond the old batch
+      const rowOf = Int32Array.from({ length: rows }, (_, i) => (i % 5 === 4 ? -1 : (i * 7) % (old.rows + 2)));
+      const carried = native.loraRows(old.segments, old.cores, rowOf);
+      const wanted = refKernels.loraRows(old.segments, old.cores, rowOf);
+      expect(carried.segments.map((s) => [s.start, s.end, s.a, s.bt])).toEqual(wanted.segments.map((s) => [s.start, s.end, s.a, s.bt]));
+      const x = randomArray(rng, rows * spec.k);
+      const got = new Float32Array(rows * spec.n);
+      native.matmulLora(got, x, w, rows, carried.segments, carried.cores);
+      // a plan built from scratch: fresh arrays over the same factors and cores
+      const fresh = new Float32Array(rows * spec.n);
+      native.matmulLora(fresh, x, w, rows, carried.segments.map((s) => ({ ...s })), [...carried.cores]);
+      expect(Array.from(got)).toEqual(Array.from(fresh));
+      const want = new Float32Array(rows * spec.n);
+      refKernels.matmulLora(want, x, w, rows, wanted.segments, wanted.cores);
+      expectClose(got, want, dtype === 'f32' ? TOLERANCE : 1e-3, `${spec.name} carried`);
+      const applied = randomArray(rng, rows * spec.n);
+      const appliedWant = applied.slice();
+      native.loraApply(applied, spec.n, x, spec.k, carried.segments, carried.cores);
+      refKernels.loraApply(appliedWant, spec.n, x, spec.k, wanted.segments, wanted.cores);
+      expectClose(applied, appliedWant, dtype === 'f32' ? TOLERANCE : 1e-3, `${spec.name} carried loraApply`);
+    }
+  });
+
+  it('loraRows carries overlapping segments over, still applied one after another', () => {
+    const rng = new Random(37);
+    const k = 40;
+    const n = 24;
+    const segments: LoraSegment[] = [[0, 6, 4], [3, 9, 4], [2, 4, 8]].map(([start, end, rank]) => ({
+      start: start!, end: end!, a: f32Matrix(rng, rank!, k, 0.3), bt: f32Matrix(rng, rank!, n, 0.3),
+    }));
+    const cores = new Array<LoraCore | undefined>(9);
+    native.loraApply(new Float32Array(9 * n), n, randomArray(rng, 9 * k), k, segments, cores);
+    const rowOf = Int32Array.from([3, 2, 8, 0, 5, 3]);
+    const carried = native.loraRows(segments, cores, rowOf);
+    const x = randomArray(rng, rowOf.length * k);
+    const y = randomArray(rng, rowOf.length * n);
+    const want = y.slice();
+    native.loraApply(y, n, x, k, carried.segments, carried.cores);
+    refKernels.loraApply(want, n, x, k, carried.segments, carried.cores);
+    expectClose(y, want, TOLERANCE, 'overlapping carried');
+  });
+
+  it('loraRows rejects a rowOf that is not an Int32Array with a KERNEL error', () => {
+    const rng = new Random(41);
+    const { segments, cores } = applyCase(rng, CASES[0]!);
+    let caught: unknown;
+    try {
+      native.loraRows(segments, cores, [0, 1] as unknown as Int32Array);
+    } catch (e) {
+      caught = e;
+    }
+    expect(isSoppuError(caught) && caught.code === 'KERNEL' && /rowOf must be an Int32Array/.test(caught.message)).toBe(true);
   });
 
   it('loraApply called again with the same segments array and new cores uses the new cores', () => {

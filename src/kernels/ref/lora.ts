@@ -1,4 +1,4 @@
-import type { LoraCore, LoraSegment } from '../kernel-set.js';
+import type { LoraCore, LoraRows, LoraSegment } from '../kernel-set.js';
 import { storedToF32 } from '../../tensor/dtype.js';
 import { weightAt, type WeightMatrix } from '../../tensor/weight-matrix.js';
 import { matmul } from './matmul.js';
@@ -110,4 +110,20 @@ export function matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m:
   if (y.length < m * w.rows || x.length < m * w.cols) throw new RangeError(`matmulLora: y or x shorter than ${m} rows`);
   matmul(y, x, w, m); // y: [M, N]
   loraApply(y, w.rows, x, w.cols, segments, cores);
+}
+
+/** The adapter work of (segments, cores) at new rows: row i is their row rowOf[i] (see KernelSet.loraRows). */
+export function loraRows(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], rowOf: Int32Array): LoraRows {
+  const derived: LoraSegment[] = [];
+  const derivedCores = new Array<LoraCore | undefined>(rowOf.length);
+  for (const segment of segments) {
+    const inside = (i: number): boolean => rowOf[i]! >= segment.start && rowOf[i]! < segment.end;
+    for (let i = 0; i < rowOf.length; i++) {
+      if (!inside(i)) continue;
+      const start = i;
+      for (; i < rowOf.length && inside(i); i++) derivedCores[i] = cores[rowOf[i]!] ?? undefined;
+      derived.push({ start, end: i, a: segment.a, bt: segment.bt });
+    }
+  }
+  return { segments: derived, cores: derivedCores };
 }
