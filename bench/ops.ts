@@ -57,7 +57,7 @@ function describeCase(c: Case): string {
     case 'siluMul': return `siluMul n=${c.n}`;
     case 'attention': return `attention ${c.seqs}×(q ${c.qLen}, ctx ${c.ctxLen}) H ${c.heads}/${c.kvHeads} D ${c.headDim}`;
     case 'loraCore': return `loraCore full R ${c.rank}, ${c.rows} rows`;
-    case 'loraApply': return `loraApply ${c.segments} seg × ${c.rows / c.segments} rows, K ${c.k} N ${c.n}, R ${c.rank}${c.cores ? ', full core per row' : ''}${c.dtype ? `, ${c.dtype} factors` : ''}`;
+    case 'loraApply': return `loraApply ${c.segments} seg × ${c.rows / c.segments} rows, K ${c.k} N ${c.n}, R ${c.rank}${c.cores ? ', full core per row' : ''}${c.dtype ? `, ${c.dtype} factors${c.cores ? ' and cores' : ''}` : ''}`;
     default: return `${c.op} ${c.segments} seg × ${c.rows / c.segments} rows, ${c.op === 'loraShrink' ? `K ${c.k}` : `N ${c.n}`}, R ${c.rank}`;
   }
 }
@@ -130,7 +130,12 @@ function prepare(c: Case, rng: Random): (kernels: KernelSet) => void {
     }
     case 'loraApply': {
       const segments = equalSegments(c, normal);
-      const cores: LoraCore[] = c.cores ? Array.from({ length: c.rows }, () => ({ rank: c.rank, diagonal: false, data: normal(c.rank * c.rank) })) : [];
+      // cores in the factors' dtype, as the engine holds them (loraDtype)
+      const core = (): LoraCore => {
+        const data = normal(c.rank * c.rank);
+        return c.dtype === 'bf16' ? { rank: c.rank, diagonal: false, dtype: 'bf16', data: f32ArrayToBf16(data) } : { rank: c.rank, diagonal: false, data };
+      };
+      const cores: LoraCore[] = c.cores ? Array.from({ length: c.rows }, core) : [];
       const x = normal(c.rows * c.k);
       const y = normal(c.rows * c.n);
       return (k) => k.loraApply(y, c.n, x, c.k, segments, cores);

@@ -78,6 +78,12 @@ bool DtypeArray(const Napi::Env& env, const Napi::Value& value, int dtype, void*
          type == (dtype == 0 ? napi_float32_array : napi_uint16_array);
 }
 
+// Fails with `where` + the limit unless `dtype` is a dtype code: 0 f32, 1 bf16, 2 f16.
+bool DtypeCodeOk(const Napi::Env& env, const std::string& where, int dtype) {
+  if (dtype >= 0 && dtype <= 2) return true;
+  return Fail(env, where + "dtype code " + std::to_string(dtype) + " is not 0 (f32), 1 (bf16) or 2 (f16)");
+}
+
 /**
  * Reads segments from (starts, ends, weights, ranks, dtypes) at the argument positions `at` and checks each:
  * rows within [0, maxRows), rank in [1, maxRank], weights a Float32Array (dtype 0) or Uint16Array
@@ -105,7 +111,7 @@ bool ReadSegments(const Napi::CallbackInfo& info, SegmentArgs at, const char* op
     if (rank < 1 || rank > maxRank)
       return Fail(env, where() + "rank " + std::to_string(rank) + " outside [1, " + std::to_string(maxRank) + "]");
     const int dtype = dtypes.data[s];
-    if (dtype < 0 || dtype > 2) return Fail(env, where() + "dtype index " + std::to_string(dtype) + " is not 0, 1 or 2");
+    if (!DtypeCodeOk(env, where(), dtype)) return false;
     size_t length = 0;
     void* data = nullptr;
     if (!DtypeArray(env, weights.Get(static_cast<uint32_t>(s)), dtype, &data, &length))
@@ -141,7 +147,7 @@ bool ReadCores(const Napi::CallbackInfo& info, size_t first, const char* op, int
     size_t length = 0;
     void* data = nullptr;
     const int32_t dtype = dtypes.data[c];
-    if (dtype < 0 || dtype > 2) return Fail(env, where() + "dtype code " + std::to_string(dtype) + " is not 0 (f32), 1 (bf16) or 2 (f16)");
+    if (!DtypeCodeOk(env, where(), dtype)) return false;
     if (!DtypeArray(env, coreArrays.Get(static_cast<uint32_t>(c)), dtype, &data, &length))
       return Fail(env, where() + (dtype == 0 ? "data must be a Float32Array (dtype f32)" : "data must be a Uint16Array (dtype bf16 or f16)"));
     const int64_t needed = diagonal.data[c] ? rank : rank * rank;

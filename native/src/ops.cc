@@ -188,7 +188,7 @@ Napi::Value Embedding(const Napi::CallbackInfo& info) {
       !GetI32(info, 6, op, "ids", &ids) || !GetInt(info, 7, op, "tokens", 0, &tokens))
     return env.Undefined();
   if (dtype > 2) {
-    Fail(env, "soppu native embedding: dtype index " + std::to_string(dtype) + " is not 0 (f32), 1 (bf16) or 2 (f16)");
+    Fail(env, "soppu native embedding: dtype code " + std::to_string(dtype) + " is not 0 (f32), 1 (bf16) or 2 (f16)");
     return env.Undefined();
   }
   const void* table = nullptr;

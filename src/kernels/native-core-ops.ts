@@ -4,7 +4,7 @@
  * the op and the size, never an out-of-bounds read in C++.
  */
 import { SoppuError } from '../errors/soppu-error.js';
-import type { WeightDtype } from '../tensor/dtype.js';
+import { holdsDtype, type WeightDtype } from '../tensor/dtype.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import type { KernelSet } from './kernel-set.js';
 import type { NativeAddon } from './native-addon.js';
@@ -59,8 +59,7 @@ export function nativeCoreOps(addon: NativeAddon, variantIndex: number): Partial
       checkLength('matmul', 'y', y.length, m * n);
       checkLength('matmul', 'x', x.length, m * k);
       checkLength('matmul', `w (${w.dtype} [${n}, ${k}])`, w.data.length, n * k);
-      const wantF32 = w.dtype === 'f32';
-      if (wantF32 !== w.data instanceof Float32Array || (!wantF32 && !(w.data instanceof Uint16Array))) {
+      if (!holdsDtype(w.dtype, w.data)) {
         throw kernelError('matmul', `weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`, 'w.dtype', w.dtype);
       }
       matmul(variantIndex, y, x, w.data, WEIGHT_DTYPE_CODE[w.dtype], m, n, k, accumulate);

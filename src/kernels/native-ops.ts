@@ -9,6 +9,7 @@ import type { AttentionArgs, KernelSet, LoraCore, LoraSegment } from './kernel-s
 import type { NativeAddon } from './native-addon.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import { SoppuError } from '../errors/soppu-error.js';
+import { holdsDtype } from '../tensor/dtype.js';
 import { loraRows as refLoraRows } from './ref/lora.js';
 
 type NativeFunction = (...args: unknown[]) => unknown;
@@ -252,7 +253,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
         checkInteger('matmulLora', 'm', m, 0);
         const n = w.rows, k = w.cols;
         checkLength('matmulLora', () => `w (${w.dtype} [${n}, ${k}])`, w.data, n * k);
-        if ((w.dtype === 'f32') !== w.data instanceof Float32Array) {
+        if (!holdsDtype(w.dtype, w.data)) {
           throw kernelError('matmulLora', `weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`);
         }
         const flat = planFor('matmulLora', n, k, segments, cores);
@@ -406,7 +407,7 @@ function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[
     }
     checkLength(op, () => `core of row ${r}`, core.data, needed);
     const dtype = core.dtype ?? 'f32';
-    if ((dtype === 'f32') !== core.data instanceof Float32Array) {
+    if (!holdsDtype(dtype, core.data)) {
       throw kernelError(op, `row ${r}: core of dtype ${dtype} holds a ${core.data.constructor.name}`);
     }
     const index = data.length;

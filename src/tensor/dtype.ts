@@ -46,6 +46,14 @@ export function storedToF32(dtype: WeightDtype, value: number): number {
   return dtype === 'f32' ? value : dtype === 'bf16' ? bf16ToF32(value) : f16ToF32(value);
 }
 
+/**
+ * True when `data` is the array a dtype's elements are stored in: a Float32Array for f32, a Uint16Array of
+ * raw bits for bf16 and f16 (weights, adapter factors and cores alike).
+ */
+export function holdsDtype(dtype: WeightDtype, data: ArrayBufferView): boolean {
+  return dtype === 'f32' ? data instanceof Float32Array : data instanceof Uint16Array;
+}
+
 /** f32 → f16 bits, round to nearest even; overflow goes to ±inf. */
 export function f32ToF16(value: number): number {
   f32Scratch[0] = value;

@@ -1,5 +1,5 @@
 import type { WeightDtype } from './dtype.js';
-import { bf16ToF32, f16ToF32, storedToF32 } from './dtype.js';
+import { bf16ToF32, f16ToF32, holdsDtype, storedToF32 } from './dtype.js';
 
 /**
  * A row-major weight matrix W[rows, cols] kept in its stored dtype (never widened in memory).
@@ -15,8 +15,7 @@ export interface WeightMatrix {
 
 /** Wrap data as a WeightMatrix, checking the element count. */
 export function weightMatrix(dtype: WeightDtype, rows: number, cols: number, data: Float32Array | Uint16Array): WeightMatrix {
-  const isF32 = data instanceof Float32Array;
-  if (isF32 !== (dtype === 'f32')) throw new TypeError(`weightMatrix: dtype ${dtype} does not match ${data.constructor.name}`);
+  if (!holdsDtype(dtype, data)) throw new TypeError(`weightMatrix: dtype ${dtype} does not match ${data.constructor.name}`);
   if (data.length !== rows * cols) throw new RangeError(`weightMatrix: ${data.length} elements for shape [${rows}, ${cols}]`);
   return { dtype, rows, cols, data };
 }

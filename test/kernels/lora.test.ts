@@ -410,6 +410,8 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
       .toThrow(/loraApply: segment 0: rows \[0, 3\) outside \[0, 2\)/);
     expect(() => plan(0, 6, 10, 2, i32(0), i32(2), [a.subarray(1)], i32(4), i32(0), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32(), i32()))
       .toThrow(/loraApply: segment 0: a has 39 elements, needs 40/);
+    expect(() => plan(0, 6, 10, 2, i32(0), i32(2), [a], i32(4), i32(3), [bt], i32(4), i32(0), i32(-1, -1), [], i32(), i32(), i32()))
+      .toThrow(/loraApply: segment 0: dtype code 3 is not 0 \(f32\), 1 \(bf16\) or 2 \(f16\)/);
     // cores: the data's array type must match its dtype code (0 f32, 1 bf16, 2 f16)
     const withCore = (data: Float32Array | Uint16Array, dtype: number): unknown =>
       plan(0, 6, 10, 2, i32(0), i32(2), [a], i32(4), i32(0), [bt], i32(4), i32(0), i32(0, -1), [data], i32(4), i32(1), i32(dtype));

@@ -1,5 +1,5 @@
 import type { LoraCore, LoraRows, LoraSegment } from '../kernel-set.js';
-import { storedToF32 } from '../../tensor/dtype.js';
+import { holdsDtype, storedToF32 } from '../../tensor/dtype.js';
 import { weightAt, type WeightMatrix } from '../../tensor/weight-matrix.js';
 import { matmul } from './matmul.js';
 
@@ -10,7 +10,7 @@ function coreAt(core: LoraCore, i: number): number {
 
 /** Throws when a core's data array does not match its dtype. */
 function checkCore(op: string, core: LoraCore): void {
-  if (((core.dtype ?? 'f32') === 'f32') !== core.data instanceof Float32Array) {
+  if (!holdsDtype(core.dtype ?? 'f32', core.data)) {
     throw new TypeError(`${op}: core of dtype ${core.dtype ?? 'f32'} holds a ${core.data.constructor.name}`);
   }
 }
