@@ -180,20 +180,28 @@ export async function decodeRate(engine: Engine, mode: Mode, batch: number, step
   return (batch * steps) / seconds;
 }
 
-function bandwidth(): number | null {
+/**
+ * Read bandwidth in bytes/s (best of three passes over 1 GiB, on the pool), or null without the native probe.
+ * Measured again in every batch-1 round: this machine's bandwidth moves between modes (~45 and ~65-75 GB/s)
+ * over minutes, so a step is held against the bandwidth measured beside it, not at the start of the run.
+ */
+function bandwidthProbe(): (() => number) | null {
   const { addon } = loadNativeAddon();
   const read = (addon as unknown as { memoryReadSum?: (variant: number, data: Float32Array) => number; bestVariant(): number } | null);
-  if (!read?.memoryReadSum) return null;
+  const readSum = read?.memoryReadSum;
+  if (!read || !readSum) return null;
   const data = new Float32Array((1 * 2 ** 30) / 4).fill(1);
   const variant = read.bestVariant();
-  read.memoryReadSum(variant, data);
-  let best = Infinity;
-  for (let i = 0; i < 3; i++) {
-    const start = performance.now();
-    read.memoryReadSum(variant, data);
-    best = Math.min(best, (performance.now() - start) / 1000);
-  }
-  return data.byteLength / best;
+  readSum(variant, data);
+  return () => {
+    let best = Infinity;
+    for (let i = 0; i < 3; i++) {
+      const start = performance.now();
+      readSum(variant, data);
+      best = Math.min(best, (performance.now() - start) / 1000);
+    }
+    return data.byteLength / best;
+  };
 }
 
 /** Child process: make `count` adapters resident and print the RSS growth in bytes. */
@@ -233,7 +241,8 @@ export async function run(argv: string[]): Promise<void> {
   const log = (line: string): void => {
     process.stderr.write(`${line}\n`);
   };
-  const measuredBandwidth = bandwidth();
+  const probe = bandwidthProbe();
+  const measuredBandwidth = probe ? probe() : null;
   log(`kernel ${kernels.name}; read bandwidth ${measuredBandwidth ? (measuredBandwidth / 1e9).toFixed(1) + ' GB/s' : 'not measurable (no native memoryReadSum)'}`);
   const table: string[] = ['| dtype | batch | base tok/s | raw tok/s | raw / base | compressed tok/s | compressed / base |', '|---|---|---|---|---|---|---|'];
   const roofline: string[] = [];
@@ -259,6 +268,9 @@ export async function run(argv: string[]): Promise<void> {
     for (const batch of args.batches) {
       const rates: Record<Mode, number> = { base: 0, raw: 0, compressed: 0 };
       const ratios: Record<'raw' | 'compressed', number[]> = { raw: [], compressed: [] };
+      // batch 1: each round's base step and the read bandwidth measured right after it
+      const roundSteps: number[] = [];
+      const roundBandwidths: number[] = [];
       // adapters loaded by a first short run, so the timed runs measure decode only
       for (const mode of ['raw', 'compressed'] as const) await decodeRate(engine, mode, batch, 1, 0);
       // modes interleaved over rounds (the machine is shared): the best rate of each mode, and each
@@ -273,13 +285,25 @@ export async function run(argv: string[]): Promise<void> {
         }
         ratios.raw.push(thisRound.raw / thisRound.base);
         ratios.compressed.push(thisRound.compressed / thisRound.base);
+        if (batch === 1 && probe) {
+          roundSteps.push(1 / thisRound.base);
+          roundBandwidths.push(probe());
+          log(`${dtype} batch 1 round ${round}: read bandwidth ${(roundBandwidths[roundBandwidths.length - 1]! / 1e9).toFixed(1)} GB/s`);
+        }
       }
       table.push(`| ${dtype} | ${batch} | ${fmt(rates.base)} | ${fmt(rates.raw)} | ${fmt(median(ratios.raw))} | ${fmt(rates.compressed)} | ${fmt(median(ratios.compressed))} |`);
       if (batch === 1) {
         const weightBytes = modelWeightBytes(model);
-        const measured = 1 / rates.base;
-        const bound = measuredBandwidth ? weightBytes / measuredBandwidth : null;
-        roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(measured * 1000)} ms | ${bound ? fmt(bound * 1000) + ' ms' : '–'} | ${bound ? fmt(measured / bound) : '–'} |`);
+        const gbs = (bytesPerSecond: number): string => (bytesPerSecond / 1e9).toFixed(1);
+        if (roundSteps.length > 0) {
+          // per round: that round's step against the roofline at that round's bandwidth
+          const perRound = roundSteps.map((step, i) => step / (weightBytes / roundBandwidths[i]!));
+          roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(median(roundSteps) * 1000)} ms | ` +
+            `${gbs(Math.min(...roundBandwidths))}–${gbs(Math.max(...roundBandwidths))} GB/s | ${fmt(weightBytes / median(roundBandwidths) * 1000)} ms | ` +
+            `${fmt(median(perRound))} (${fmt(Math.min(...perRound))}–${fmt(Math.max(...perRound))}) |`);
+        } else {
+          roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(1000 / rates.base)} ms | – | – | – |`);
+        }
       }
     }
     await engine.close();
@@ -360,10 +384,12 @@ export async function run(argv: string[]): Promise<void> {
     '',
     ...table,
     '',
-    'Batch-1 decode step vs the roofline (weight bytes / measured read bandwidth; target within 1.3×):',
+    'Batch-1 decode step vs the roofline (weight bytes / read bandwidth; target within 1.3×). The bandwidth is measured after every round ' +
+      '(best of three passes over 1 GiB): this machine moves between bandwidth modes over minutes, so each round\'s step is held against ' +
+      'the bandwidth beside it:',
     '',
-    '| dtype | weights | measured step | roofline | ratio |',
-    '|---|---|---|---|---|',
+    '| dtype | weights | measured step (median) | read bandwidth (per round) | roofline (median bandwidth) | step / roofline, median of rounds (range) |',
+    '|---|---|---|---|---|---|',
     ...roofline,
     '',
     ...breakdown,
