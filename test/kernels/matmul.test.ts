@@ -35,6 +35,8 @@ const modelShapes: Case[] = [
   { m: 1, n: 26, k: 4096 }, { m: 4, n: 7, k: 4096 }, { m: 70, n: 11, k: 576 },
   // K in two slices for more than four f32 rows (down_proj: two of 768; k 1100: 560 + 540)
   { m: 33, n: 31, k: 1536 }, { m: 6, n: 17, k: 1100 },
+  // one row of x: W rows in address order, except f32 rows over 8 KiB (k 2048 on one side, 2056 on the other)
+  { m: 1, n: 21, k: 2048 }, { m: 1, n: 9, k: 2056 },
 ];
 
 describe.skipIf(variants.length === 0)('native matmul vs ref', () => {
