@@ -406,9 +406,12 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
   return PlanValue(env, std::move(plan));
 }
 
-// loraPlanRows(isa (unused), plan from loraApplyPlan, rowOf: Int32Array [rows]) → the plan of the same adapter work
-// at new rows, as KernelSet.loraRows defines it: row i is the plan's row rowOf[i] (a negative index, or a row
-// outside every segment: no work). Per segment, in order, one segment per run of rows mapping into it; a row keeps its core.
+// loraPlanRows(isa (unused), plan from loraApplyPlan, rowOf: Int32Array [rows], added (optional): a plan from
+// loraApplyPlan of work on rows that map to none of the plan's) → the plan of the same adapter work at new rows,
+// as KernelSet.loraRows defines it: row i is the plan's row rowOf[i] (a negative index, or a row outside every
+// segment: no work). Per segment, in order, one segment per run of rows mapping into it; a row keeps its core.
+// The added plan's segments and cores join them: all segments by start, and one starting where the one before
+// ends over the same factors merged into it (as a plan built from the rows would have them).
 // Built from the plan alone: its factors and cores were checked when it was made, and the JS side keeps
 // them alive beside the new plan too, so a batch whose rows change but not its adapters reads no JS objects.
 Napi::Value LoraPlanRows(const Napi::CallbackInfo& info) {
@@ -440,11 +443,52 @@ Napi::Value LoraPlanRows(const Napi::CallbackInfo& info) {
       plan->rows = std::max(plan->rows, i);
     }
   }
+  const ApplyPlan* added = info.Length() > 3 && info[3].IsExternal() ? info[3].As<Napi::External<ApplyPlan>>().Data() : nullptr;
+  if (added && (added->n != from.n || added->k != from.k)) {
+    Fail(env, "soppu native loraRows: the added plan is [" + std::to_string(added->n) + ", " + std::to_string(added->k) +
+                  "], the carried one [" + std::to_string(from.n) + ", " + std::to_string(from.k) + "]");
+    return env.Undefined();
+  }
+  const size_t carried = plan->shrink.size();
+  if (added) {
+    plan->shrink.insert(plan->shrink.end(), added->shrink.begin(), added->shrink.end());
+    plan->expand.insert(plan->expand.end(), added->expand.begin(), added->expand.end());
+    plan->cores.insert(plan->cores.end(), added->cores.begin(), added->cores.end());
+    plan->coreDiagonal.insert(plan->coreDiagonal.end(), added->coreDiagonal.begin(), added->coreDiagonal.end());
+    plan->coreDtype.insert(plan->coreDtype.end(), added->coreDtype.begin(), added->coreDtype.end());
+    plan->rows = std::max(plan->rows, added->rows);
+  }
   // rows outside every segment keep no core: a plan never reads one there
   plan->coreOfRow.assign(static_cast<size_t>(plan->rows), -1);
-  for (const Segment& segment : plan->shrink)
-    for (int64_t i = segment.start; i < segment.end; i++)
-      plan->coreOfRow[static_cast<size_t>(i)] = from.coreOfRow[static_cast<size_t>(rowOf.data[i])];
+  for (size_t s = 0; s < plan->shrink.size(); s++) {
+    const Segment& segment = plan->shrink[s];
+    for (int64_t i = segment.start; i < segment.end; i++) {
+      const int32_t core = s < carried ? from.coreOfRow[static_cast<size_t>(rowOf.data[i])] : added->coreOfRow[static_cast<size_t>(i)];
+      plan->coreOfRow[static_cast<size_t>(i)] = s < carried || core < 0 ? core : core + static_cast<int32_t>(from.cores.size());
+    }
+  }
+  if (added) {
+    // by start (stable), then runs over the same factors merged
+    std::vector<size_t> order(plan->shrink.size());
+    for (size_t s = 0; s < order.size(); s++) order[s] = s;
+    std::stable_sort(order.begin(), order.end(), [&](size_t p, size_t q) { return plan->shrink[p].start < plan->shrink[q].start; });
+    std::vector<Segment> shrink, expand;
+    for (const size_t s : order) {
+      const Segment& a = plan->shrink[s];
+      const Segment& b = plan->expand[s];
+      const bool sameFactors = !shrink.empty() && shrink.back().weights == a.weights && shrink.back().rank == a.rank &&
+                               shrink.back().dtype == a.dtype && expand.back().weights == b.weights && expand.back().dtype == b.dtype;
+      if (sameFactors && shrink.back().end == a.start) {
+        shrink.back().end = a.end;
+        expand.back().end = b.end;
+      } else {
+        shrink.push_back(a);
+        expand.push_back(b);
+      }
+    }
+    plan->shrink = std::move(shrink);
+    plan->expand = std::move(expand);
+  }
   return PlanValue(env, std::move(plan));
 }
 

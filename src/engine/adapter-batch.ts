@@ -93,9 +93,9 @@ export class AdapterBatcher {
   }
 
   /**
-   * Every slot's plan for rows whose adapters all ran in the last step, carried over from the last plans
-   * (row r takes the work of the last step's first row of its adapter); null when an adapter is new to the
-   * batch, or the last step did not build every slot's plan.
+   * Every slot's plan carried over from the last step's plans: row r takes the work of the last step's first
+   * row of its adapter, and rows of adapters new to the batch (a request arrived) get theirs built from them
+   * alone and joined in. Null when the last step did not build every slot's plan, or shared no adapter.
    */
   private carriedPlans(rowAdapters: readonly (ResidentAdapter | null)[]): Map<string, AdapterSlot> | null {
     if (!this.kernels || this.slotKeys.length === 0) return null;
@@ -104,17 +104,24 @@ export class AdapterBatcher {
       if (adapter && !firstRow.has(adapter)) firstRow.set(adapter, r);
     });
     const rowOf = new Int32Array(rowAdapters.length);
-    for (let r = 0; r < rowAdapters.length; r++) {
-      const adapter = rowAdapters[r];
+    let known = 0;
+    let arrived = false;
+    // the rows of adapters new to the batch (the others as base rows): their work is built from them
+    const newRows = rowAdapters.map((adapter, r) => {
       const last = adapter ? firstRow.get(adapter) : -1;
-      if (last === undefined) return null;
-      rowOf[r] = last;
-    }
+      rowOf[r] = last ?? -1;
+      if (last === undefined) arrived = true;
+      else if (last >= 0) known++;
+      return last === undefined ? adapter : null;
+    });
+    if (known === 0) return null;
     const plans = new Map<string, AdapterSlot>();
     for (const key of this.slotKeys) {
       const last = this.lastPlans.get(key);
       if (!last) return null;
-      const carried = last.segments.length === 0 ? EMPTY : this.kernels.loraRows(last.segments, last.cores, rowOf);
+      const added = arrived ? buildPlan(newRows, key).plan : EMPTY;
+      const carried = last.segments.length === 0 && added.segments.length === 0 ? EMPTY
+        : this.kernels.loraRows(last.segments, last.cores, rowOf, added.segments.length > 0 ? added : undefined);
       plans.set(key, carried.segments.length === 0 ? EMPTY : carried);
     }
     return plans;

@@ -142,11 +142,17 @@ export interface KernelSet {
    * order, one segment {start, end, a: s.a, bt: s.bt} per run of consecutive rows i with rowOf[i] in
    * [s.start, s.end); cores[i] = cores[rowOf[i]] for rows inside a segment. So loraApply of the result on x'
    * gives row i the delta loraApply of the input gives x'[i] at row rowOf[i].
-   * For a batch whose rows change while its adapters do not (a request's prefill rows become one decode
-   * row; a request leaves): an implementation that keeps the checked form of segments arrays (see
-   * loraApply) carries it over here, instead of checking every factor and core again on the next call.
+   * With `added` (work on rows that map to none of theirs: an adapter new to the batch), its segments join
+   * the carried ones: all in row order (by start; a stable sort), and a segment that starts where the one
+   * before it ends, over the same a and bt, merged into it; added.cores[i] is row i's core inside an added
+   * segment. (With overlapping segments, the order they apply in may so change, within rounding.)
+   * For a batch whose rows change while its adapters stay (a request's prefill rows become one decode row; a
+   * request leaves) or only gain new ones (a request arrives): an implementation that keeps the checked form
+   * of segments arrays (see loraApply) carries it over here and checks only the added work, instead of every
+   * factor and core again on the next call.
    */
-  loraRows(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], rowOf: Int32Array): LoraRows;
+  loraRows(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], rowOf: Int32Array,
+    added?: LoraRows): LoraRows;
 }
 
 /** The result of KernelSet.loraRows: fresh arrays (a new batch's), over the same factors and cores. */

@@ -236,12 +236,14 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     const loraPlanRows = fn('loraPlanRows');
     if (loraPlanRows) {
       // the new arrays as the reference builds them; a checked plan of the old ones carries over to them natively
-      ops.loraRows = (segments, cores, rowOf) => {
+      ops.loraRows = (segments, cores, rowOf, added) => {
         if (!(rowOf instanceof Int32Array)) throw kernelError('loraRows', 'rowOf must be an Int32Array');
-        const derived = refLoraRows(segments, cores, rowOf);
+        const derived = refLoraRows(segments, cores, rowOf, added);
         const flat = applyCache.get(segments);
         if (flat && flat.coresSource === cores && derived.segments.length > 0) {
-          const plan = call('loraRows', loraPlanRows, flat.plan, rowOf);
+          // the added work is checked as any new work is (only its own factors and cores are read)
+          const addedPlan = added && added.segments.length > 0 ? planFor('loraRows', flat.n, flat.k, added.segments, added.cores).plan : undefined;
+          const plan = call('loraRows', loraPlanRows, flat.plan, rowOf, addedPlan);
           const rows = derived.segments.reduce((most, segment) => Math.max(most, segment.end), 0);
           applyCache.set(derived.segments, { n: flat.n, k: flat.k, rows, coresSource: derived.cores, plan });
         }

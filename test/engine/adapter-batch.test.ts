@@ -38,9 +38,10 @@ function maxRelativeDifference(p: Float32Array, q: Float32Array): number {
   return worst / scale;
 }
 
-async function bankResident(bank: ReturnType<typeof handBank>, id: string, model: LlamaModel): Promise<ResidentAdapter> {
+/** A bank adapter made resident; `loaded` shares cluster bases between adapters, as the engine's cache does. */
+async function bankResident(bank: ReturnType<typeof handBank>, id: string, model: LlamaModel,
+  loaded = new Map<string, ResidentBases>()): Promise<ResidentAdapter> {
   const parts = await bank.reader.loadAdapter(id);
-  const loaded = new Map<string, ResidentBases>();
   for (const part of parts.slots.values()) {
     if (part.kind === 'compressed' && !loaded.has(part.basesKey)) loaded.set(part.basesKey, residentBases(await bank.reader.loadBases(part.basesKey)));
   }
@@ -142,13 +143,15 @@ describe('adapter batching', () => {
     expect(step([first, second]).segments).not.toBe(d.segments);
   });
 
-  it('carries its plans over (kernels.loraRows) when rows change but adapters do not, equal to plans built for the rows', async () => {
+  it('carries its plans over (kernels.loraRows) when rows change and adapters stay or arrive, equal to plans built for the rows', async () => {
     const bank = handBank(model.config, { clusters: 2, perCluster: 3, rank: 3, seed: 8 });
     const shape = slotShapeOf(model.config);
     const keys = Array.from({ length: model.config.numLayers }, (_, l) => TARGET_MODULES.map((m) => slotKey(l, m))).flat();
-    const adapters = [await bankResident(bank, 'c0-0', model), await bankResident(bank, 'c0-1', model), await bankResident(bank, 'c1-0', model),
-      residentFromLora('a-raw', randomLora(model.config, 5), shape)];
-    const joining = await bankResident(bank, 'c1-2', model);
+    const bases = new Map<string, ResidentBases>();
+    const adapters = [await bankResident(bank, 'c0-0', model, bases), await bankResident(bank, 'c0-1', model, bases),
+      await bankResident(bank, 'c1-0', model, bases), residentFromLora('a-raw', randomLora(model.config, 5), shape)];
+    const joining = await bankResident(bank, 'c1-2', model, bases);
+    const fresh = residentFromLora('b-raw', randomLora(model.config, 6), shape);
     let carriedCalls = 0;
     const counting = { loraRows: (...args: Parameters<typeof kernels.loraRows>) => (carriedCalls++, kernels.loraRows(...args)) };
     const batcher = new AdapterBatcher(keys, counting);
@@ -169,7 +172,9 @@ describe('adapter batching', () => {
       { rows: [null, null, ...adapters.flatMap((a) => [a, a, a])], carried: false }, // prefill: three rows per request
       { rows: [null, ...adapters], carried: true }, // decode
       { rows: [adapters[0]!, adapters[2]!, adapters[3]!], carried: true }, // a request (and the base one) left
-      { rows: [adapters[0]!, adapters[2]!, joining, adapters[3]!], carried: false }, // a new adapter joined
+      { rows: [adapters[0]!, adapters[2]!, joining, adapters[3]!], carried: true }, // a new adapter joined (cluster 1's run)
+      { rows: [null, adapters[0]!, joining, joining, fresh, adapters[3]!], carried: true }, // another, raw, and a request left
+      { rows: [residentFromLora('z-new', randomLora(model.config, 7), shape)], carried: false }, // nothing in common
     ];
     for (const [index, { rows, carried }] of steps.entries()) {
       const before = carriedCalls;

@@ -135,6 +135,17 @@ it('ref loraRows: per segment in order, one segment per run of new rows mapping 
   expect(carried.segments.every((s, i) => s.bt === segments[i === 0 ? 0 : 1]!.bt)).toBe(true);
   for (const i of [0, 1, 2, 3, 4, 7, 9]) expect(carried.cores[i]).toBe(cores[rowOf[i]!]);
   for (const i of [5, 6, 8]) expect(carried.cores[i]).toBeUndefined();
+  // added work on rows 5, 6 and 8: joins in row order; rows 6 and 8 join [7, 8) and [9, 10) over segment 1's factors
+  const addedCore: LoraCore = { rank: 7, diagonal: true, data: new Float32Array(7).fill(0.5) };
+  const joined = refKernels.loraRows(segments, cores, rowOf, {
+    segments: [{ start: 5, end: 6, a: segments[0]!.a, bt: segments[1]!.bt }, { start: 6, end: 7, a: segments[1]!.a, bt: segments[1]!.bt },
+      { start: 8, end: 9, a: segments[1]!.a, bt: segments[1]!.bt }],
+    cores: [undefined, undefined, undefined, undefined, undefined, undefined, addedCore, undefined, addedCore],
+  });
+  expect(joined.segments.map((s) => [s.start, s.end])).toEqual([[0, 2], [2, 5], [5, 6], [6, 10]]);
+  expect(joined.cores[6]).toBe(addedCore);
+  expect(joined.cores[8]).toBe(addedCore);
+  expect(joined.cores[7]).toBe(cores[8]);
 });
 
 describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs ref', (_name, native) => {
@@ -318,12 +329,49 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
       const want = new Float32Array(rows * spec.n);
       refKernels.matmulLora(want, x, w, rows, wanted.segments, wanted.cores);
       expectClose(got, want, dtype === 'f32' ? TOLERANCE : 1e-3, `${spec.name} carried`);
+      // work added on the rows that map to nothing (every fifth): joins the carried plan natively
+      const addedCores = new Array<LoraCore | undefined>(rows);
+      const added = { segments: [] as LoraSegment[], cores: addedCores };
+      const addedFactors = applyCase(rng, { ...spec, segments: [[0, 1, old.segments[0]!.a!.rows]] }, dtype);
+      for (let i = 4; i < rows; i += 5) {
+        added.segments.push({ start: i, end: i + 1, a: addedFactors.segments[0]!.a, bt: addedFactors.segments[0]!.bt });
+        addedCores[i] = i % 2 ? old.cores.find((c) => c && !c.diagonal) : undefined;
+      }
+      const joined = native.loraRows(old.segments, old.cores, rowOf, added);
+      const joinedWant = refKernels.loraRows(old.segments, old.cores, rowOf, added);
+      const joinedGot = new Float32Array(rows * spec.n);
+      native.matmulLora(joinedGot, x, w, rows, joined.segments, joined.cores);
+      const joinedFresh = new Float32Array(rows * spec.n);
+      native.matmulLora(joinedFresh, x, w, rows, joined.segments.map((s) => ({ ...s })), [...joined.cores]);
+      expect(Array.from(joinedGot)).toEqual(Array.from(joinedFresh));
+      const joinedRef = new Float32Array(rows * spec.n);
+      refKernels.matmulLora(joinedRef, x, w, rows, joinedWant.segments, joinedWant.cores);
+      expectClose(joinedGot, joinedRef, dtype === 'f32' ? TOLERANCE : 1e-3, `${spec.name} carried and added`);
       const applied = randomArray(rng, rows * spec.n);
       const appliedWant = applied.slice();
       native.loraApply(applied, spec.n, x, spec.k, carried.segments, carried.cores);
       refKernels.loraApply(appliedWant, spec.n, x, spec.k, wanted.segments, wanted.cores);
       expectClose(applied, appliedWant, dtype === 'f32' ? TOLERANCE : 1e-3, `${spec.name} carried loraApply`);
     }
+  });
+
+  it.each(['f32', 'bf16'] as const)('%s: added work over the same factors as a carried run merges with it, as a plan built for the rows has it', (dtype) => {
+    const rng = new Random(43);
+    const spec: SegmentCase = { name: 'one cluster run of 8 rows', k: 576, n: 96, segments: [[0, 8, 16]] };
+    const old = applyCase(rng, spec, dtype);
+    const w = weights(rng, dtype, spec.n, spec.k);
+    native.matmulLora(new Float32Array(old.rows * spec.n), randomArray(rng, old.rows * spec.k), w, old.rows, old.segments, old.cores);
+    // row 3 is new (an adapter that arrived, in the same cluster): the eight rows are one run again
+    const rowOf = Int32Array.from([0, 1, 2, -1, 3, 4, 5, 6]);
+    const added = { segments: [{ start: 3, end: 4, a: old.segments[0]!.a, bt: old.segments[0]!.bt }], cores: [undefined, undefined, undefined, old.cores[7]] };
+    const joined = native.loraRows(old.segments, old.cores, rowOf, added);
+    expect(joined.segments.map((s) => [s.start, s.end])).toEqual([[0, 8]]);
+    const x = randomArray(rng, 8 * spec.k);
+    const got = new Float32Array(8 * spec.n);
+    native.matmulLora(got, x, w, 8, joined.segments, joined.cores);
+    const fresh = new Float32Array(8 * spec.n);
+    native.matmulLora(fresh, x, w, 8, joined.segments.map((s) => ({ ...s })), [...joined.cores]);
+    expect(Array.from(got)).toEqual(Array.from(fresh)); // the same row tiles, so the same sums
   });
 
   it('loraRows carries overlapping segments over, still applied one after another', () => {

@@ -112,8 +112,12 @@ export function matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m:
   loraApply(y, w.rows, x, w.cols, segments, cores);
 }
 
-/** The adapter work of (segments, cores) at new rows: row i is their row rowOf[i] (see KernelSet.loraRows). */
-export function loraRows(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], rowOf: Int32Array): LoraRows {
+/**
+ * The adapter work of (segments, cores) at new rows: row i is their row rowOf[i]; with `added`, its work joins
+ * in row order, runs over the same factors merged (see KernelSet.loraRows).
+ */
+export function loraRows(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], rowOf: Int32Array,
+  added?: LoraRows): LoraRows {
   const derived: LoraSegment[] = [];
   const derivedCores = new Array<LoraCore | undefined>(rowOf.length);
   for (const segment of segments) {
@@ -125,5 +129,18 @@ export function loraRows(segments: readonly LoraSegment[], cores: readonly (Lora
       derived.push({ start, end: i, a: segment.a, bt: segment.bt });
     }
   }
-  return { segments: derived, cores: derivedCores };
+  if (!added || added.segments.length === 0) return { segments: derived, cores: derivedCores };
+  for (const segment of added.segments) {
+    for (let r = segment.start; r < segment.end; r++) derivedCores[r] = added.cores[r] ?? undefined;
+  }
+  const joined: LoraSegment[] = [];
+  for (const segment of [...derived, ...added.segments].sort((p, q) => p.start - q.start)) {
+    const last = joined[joined.length - 1];
+    if (last && last.end === segment.start && last.a === segment.a && last.bt === segment.bt) {
+      joined[joined.length - 1] = { start: last.start, end: segment.end, a: last.a, bt: last.bt };
+    } else {
+      joined.push({ start: segment.start, end: segment.end, a: segment.a, bt: segment.bt });
+    }
+  }
+  return { segments: joined, cores: derivedCores };
 }
