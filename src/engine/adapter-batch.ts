@@ -46,9 +46,9 @@ export class AdapterBatcher {
    * changed builds all its plans at once, before the forward pass: built lazily, each plan came between two
    * linears that had evicted the rows' adapter objects from cache (scratch, f32 SmolLM-135M shapes, 32
    * compressed rows: the batcher's share of a composition change 1.35 → 0.95 ms).
-   * `kernels` given too, a step whose rows changed but whose adapters all ran in the last step (a request's
-   * prefill rows became one decode row, or a request left) carries the last plans over with
-   * kernels.loraRows instead, reading no adapter, factor or core again.
+   * `kernels` given too, a step that shares adapters with the last one (a request's prefill rows became one
+   * decode row, a request left or arrived) carries the last plans over with kernels.loraRows instead: the
+   * known adapters' work is not read again, and only an arriving adapter's is built (see carriedPlans).
    */
   constructor(private readonly slotKeys: readonly string[] = [], private readonly kernels?: Pick<KernelSet, 'loraRows'>) {}
 
@@ -121,7 +121,7 @@ export class AdapterBatcher {
       if (!last) return null;
       const added = arrived ? buildPlan(newRows, key).plan : EMPTY;
       const carried = last.segments.length === 0 && added.segments.length === 0 ? EMPTY
-        : this.kernels.loraRows(last.segments, last.cores, rowOf, added.segments.length > 0 ? added : undefined);
+        : this.kernels.loraRows(last.segments, last.cores, rowOf, added);
       plans.set(key, carried.segments.length === 0 ? EMPTY : carried);
     }
     return plans;

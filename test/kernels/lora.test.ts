@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { refKernels } from '../../src/kernels/index.js';
 import { loadNativeAddon } from '../../src/kernels/native-addon.js';
-import type { LoraCore, LoraSegment } from '../../src/kernels/kernel-set.js';
+import type { KernelSet, LoraCore, LoraRows, LoraSegment } from '../../src/kernels/kernel-set.js';
 import { isSoppuError } from '../../src/errors/soppu-error.js';
 import { f32ToBf16, f32ToF16 } from '../../src/tensor/dtype.js';
 import { weightMatrix, type WeightMatrix } from '../../src/tensor/weight-matrix.js';
@@ -147,6 +147,19 @@ it('ref loraRows: per segment in order, one segment per run of new rows mapping 
   expect(joined.cores[8]).toBe(addedCore);
   expect(joined.cores[7]).toBe(cores[8]);
 });
+
+/**
+ * matmulLora of carried work (from loraRows: the kernels' plan carried over) and of fresh arrays over the same
+ * factors and cores (a plan built for them): the two must agree bit for bit. Returns the carried result.
+ */
+function expectCarriedAsBuilt(native: KernelSet, x: Float32Array, w: WeightMatrix, rows: number, carried: LoraRows): Float32Array {
+  const got = new Float32Array(rows * w.rows);
+  native.matmulLora(got, x, w, rows, carried.segments, carried.cores);
+  const fresh = new Float32Array(rows * w.rows);
+  native.matmulLora(fresh, x, w, rows, carried.segments.map((s) => ({ ...s })), [...carried.cores]);
+  expect(Array.from(got)).toEqual(Array.from(fresh));
+  return got;
+}
 
 describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs ref', (_name, native) => {
   it.each(CASES.map((c) => [c.name, c] as const))('shrink and expand: %s', (_caseName, spec) => {
@@ -320,12 +333,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
       const wanted = refKernels.loraRows(old.segments, old.cores, rowOf);
       expect(carried.segments.map((s) => [s.start, s.end, s.a, s.bt])).toEqual(wanted.segments.map((s) => [s.start, s.end, s.a, s.bt]));
       const x = randomArray(rng, rows * spec.k);
-      const got = new Float32Array(rows * spec.n);
-      native.matmulLora(got, x, w, rows, carried.segments, carried.cores);
-      // a plan built from scratch: fresh arrays over the same factors and cores
-      const fresh = new Float32Array(rows * spec.n);
-      native.matmulLora(fresh, x, w, rows, carried.segments.map((s) => ({ ...s })), [...carried.cores]);
-      expect(Array.from(got)).toEqual(Array.from(fresh));
+      const got = expectCarriedAsBuilt(native, x, w, rows, carried);
       const want = new Float32Array(rows * spec.n);
       refKernels.matmulLora(want, x, w, rows, wanted.segments, wanted.cores);
       expectClose(got, want, dtype === 'f32' ? TOLERANCE : 1e-3, `${spec.name} carried`);
@@ -339,11 +347,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
       }
       const joined = native.loraRows(old.segments, old.cores, rowOf, added);
       const joinedWant = refKernels.loraRows(old.segments, old.cores, rowOf, added);
-      const joinedGot = new Float32Array(rows * spec.n);
-      native.matmulLora(joinedGot, x, w, rows, joined.segments, joined.cores);
-      const joinedFresh = new Float32Array(rows * spec.n);
-      native.matmulLora(joinedFresh, x, w, rows, joined.segments.map((s) => ({ ...s })), [...joined.cores]);
-      expect(Array.from(joinedGot)).toEqual(Array.from(joinedFresh));
+      const joinedGot = expectCarriedAsBuilt(native, x, w, rows, joined);
       const joinedRef = new Float32Array(rows * spec.n);
       refKernels.matmulLora(joinedRef, x, w, rows, joinedWant.segments, joinedWant.cores);
       expectClose(joinedGot, joinedRef, dtype === 'f32' ? TOLERANCE : 1e-3, `${spec.name} carried and added`);
@@ -366,12 +370,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     const added = { segments: [{ start: 3, end: 4, a: old.segments[0]!.a, bt: old.segments[0]!.bt }], cores: [undefined, undefined, undefined, old.cores[7]] };
     const joined = native.loraRows(old.segments, old.cores, rowOf, added);
     expect(joined.segments.map((s) => [s.start, s.end])).toEqual([[0, 8]]);
-    const x = randomArray(rng, 8 * spec.k);
-    const got = new Float32Array(8 * spec.n);
-    native.matmulLora(got, x, w, 8, joined.segments, joined.cores);
-    const fresh = new Float32Array(8 * spec.n);
-    native.matmulLora(fresh, x, w, 8, joined.segments.map((s) => ({ ...s })), [...joined.cores]);
-    expect(Array.from(got)).toEqual(Array.from(fresh)); // the same row tiles, so the same sums
+    expectCarriedAsBuilt(native, randomArray(rng, 8 * spec.k), w, 8, joined); // the same row tiles, so the same sums
   });
 
   it('loraRows carries overlapping segments over, still applied one after another', () => {
