@@ -57,6 +57,14 @@ constexpr SumFn kSumFns[kIsaCount] = {&scalar::SumRange, &avx2::SumRange, &avx51
 constexpr int64_t kRowBlock = 64;   // rows of x per task when M is large (x block stays in L2)
 constexpr int64_t kColumnUnit = 24; // rows of W per scheduling unit (a multiple of every NR)
 constexpr int64_t kMinMacsPerChunk = 1 << 16;
+// Up to this many rows of x, a matmul is bound by its one pass over W, and each thread takes one
+// contiguous part of W: every part's start is a cold stream (the hardware prefetcher relearns it, and the
+// row-order kernel's requests run past the part's end into rows another thread reads), so about four
+// parts per thread, as ParallelFor splits, read slower. Step sequence of SmolLM-135M's 211 matmuls
+// (scratch, one process per variant, rounds classed by a read probe): bf16 at ~72 GB/s M = 1
+// 4.77–4.92 → 4.36–4.42 ms, M = 2 5.64–5.67 → 5.17–5.39 ms, M = 4 5.95 → 5.41–5.45 ms, M = 16
+// 14.3–14.5 → 13.4–13.6 ms; at M = 32 the two were within noise.
+constexpr int64_t kStreamRows = 16;
 
 // K slice per pass, measured per shape on Zen 5 (best of 10, µs at M = 8 / 32, whole K against two
 // slices): f32 K 1536 95 / 216 against 87 / 203 (768), f32 K 2048 438 / 1094 against 440 / 974 (1024);
@@ -103,17 +111,20 @@ void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
       task = unitEnd;
     }
   };
+  const int64_t threads = NumThreads();
+  const bool streaming = a.m <= kStreamRows;
   if (!fusion) {
-    ParallelFor(matmulTasks, grain, [&](int64_t begin, int64_t end) { runTasks(begin, end, nullptr); });
+    // a grain of a thread's share makes ParallelFor split into one part per thread
+    const int64_t chunk = streaming ? std::max(grain, (matmulTasks + threads - 1) / threads) : grain;
+    ParallelFor(matmulTasks, chunk, [&](int64_t begin, int64_t end) { runTasks(begin, end, nullptr); });
     return;
   }
   // Items, claimed one at a time and in order: the matmul's tasks, the fusion's tasks, its final
   // tasks, each in chunks of about a quarter of a thread's share (as ParallelFor splits work). A
   // thread holding a final item knows every earlier item is held by a running thread that does not
   // wait: waiting for them cannot deadlock.
-  const int64_t threads = NumThreads();
   const auto chunkOf = [&](int64_t tasks, int64_t minimum) { return std::max(minimum, (tasks + threads * 4 - 1) / (threads * 4)); };
-  const int64_t matmulChunk = chunkOf(matmulTasks, grain), taskChunk = chunkOf(fusion->tasks, 1), finalChunk = chunkOf(fusion->finalTasks, 1);
+  const int64_t matmulChunk = streaming ? std::max(grain, (matmulTasks + threads - 1) / threads) : chunkOf(matmulTasks, grain), taskChunk = chunkOf(fusion->tasks, 1), finalChunk = chunkOf(fusion->finalTasks, 1);
   const int64_t matmulItems = (matmulTasks + matmulChunk - 1) / matmulChunk;
   const int64_t taskItems = (fusion->tasks + taskChunk - 1) / taskChunk;
   const int64_t finalItems = (fusion->finalTasks + finalChunk - 1) / finalChunk;
