@@ -3,7 +3,7 @@
  * SmolLM-135M-shaped step (30 layers × q, k, v, o, gate, up, down) at batch M, run as
  *   base         matmul only
  *   separate     matmul, then loraApply (the engine's path before matmulLora)
- *   fused        matmulLora (what the engine runs)
+ *   fused        matmulLora (the engine runs it as a part of matmulGroup, beside the linears that share its input)
  * for compressed slots (4 clusters of M/4 rows, shared rank 16, a full core per row) and raw slots
  * (rank 8, one adapter per row), bf16 and f32 weights with factors and cores of the same dtype. Every slot has
  * its own weights and factors, so each step streams them from memory as a served step does.

@@ -5,6 +5,8 @@
 #include "native-args.h"
 #include "matmul.h"
 #include <algorithm>
+#include <array>
+#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -559,66 +561,128 @@ void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x,
   ExpandRowTile(isa, plan, tile, u, y);
 }
 
-// matmulLora(isa, y: [m, n], x: [m, k], w: [n, k] (Float32Array, or Uint16Array of bf16/f16 bits),
-// wDtype (0 f32, 1 bf16, 2 f16), m (at least the plan's rows), plan from loraApplyPlan): y = x · wᵀ,
-// then loraApply's delta, in ONE pool job: the matmul's blocks, then every tile's shrink and core
-// (they read only x, so a thread that runs out of blocks starts them while the others finish theirs),
-// then every tile's expand (once the matmul and the rank vectors are done). A decode step so saves a
-// dispatch per slot, the LoRA work overlaps the matmul's tail, and the threads share it evenly.
-Napi::Value MatmulLora(const Napi::CallbackInfo& info) {
+// matmulGroup(isa, x: [m, k], m, k, parts: a flat array of (y: [m, n], w: [n, k] (Float32Array, or Uint16Array of
+// bf16/f16 bits), wDtype (0 f32, 1 bf16, 2 f16), n, plan from loraApplyPlan or undefined) per part): per part,
+// y = x · wᵀ, then with a plan loraApply's delta, in ONE pool job: every part's matmul blocks (the parts' weights
+// in turn), then every tile's shrink and core (they read only x, so a thread that runs out of blocks starts
+// them while the others finish theirs), then every tile's expand (once the matmuls and the rank vectors are
+// done). A decode step so pays one dispatch per group of linears that read one x (q, k, v; gate, up), the
+// LoRA work overlaps the matmuls' tail, and the threads share it evenly. matmulLora is a group of one.
+Napi::Value MatmulGroup(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
   const Isa isa = IsaFromArg(info[0]);
   if (env.IsExceptionPending()) return env.Undefined();
-  const char* op = "matmulLora";
-  ArrayArg<float> y, x;
-  int64_t dtype, rows;
-  if (!info[6].IsExternal()) {
-    Fail(env, "soppu native matmulLora: plan must come from loraApplyPlan");
+  const char* op = "matmulGroup";
+  constexpr uint32_t kFields = 5;  // y, w, wDtype, n, plan
+  ArrayArg<float> x;
+  int64_t m, k;
+  if (!GetF32(info, 1, op, "x", &x) || !GetInt(info, 2, op, "m", 0, &m) || !GetInt(info, 3, op, "k", 0, &k) ||
+      !NeedLength(env, op, "x", x.length, m * k))
+    return env.Undefined();
+  if (!info[4].IsArray()) return Fail(env, "soppu native matmulGroup: parts must be an array"), env.Undefined();
+  const Napi::Array flat = info[4].As<Napi::Array>();
+  const int64_t count = flat.Length() / kFields;
+  if (flat.Length() % kFields != 0 || count < 1 || count > kMaxMatmulParts) {
+    Fail(env, "soppu native matmulGroup: parts holds " + std::to_string(flat.Length()) + " values, not 5 per part for 1 to " +
+                  std::to_string(kMaxMatmulParts) + " parts");
     return env.Undefined();
   }
-  const ApplyPlan& plan = *info[6].As<Napi::External<ApplyPlan>>().Data();
-  const int64_t n = plan.n, k = plan.k;
-  if (!GetF32(info, 1, op, "y", &y) || !GetF32(info, 2, op, "x", &x) || !GetInt(info, 4, op, "wDtype", 0, &dtype) ||
-      !GetInt(info, 5, op, "m", plan.rows, &rows) || !NeedLength(env, op, "y", y.length, rows * n) ||
-      !NeedLength(env, op, "x", x.length, rows * k))
-    return env.Undefined();
-  napi_typedarray_type type;
-  size_t length = 0;
-  void* w = nullptr;
-  if (dtype > 2 || !info[3].IsTypedArray() ||
-      napi_get_typedarray_info(env, info[3], &type, &length, &w, nullptr, nullptr) != napi_ok ||
-      type != (dtype == 0 ? napi_float32_array : napi_uint16_array)) {
-    Fail(env, "soppu native matmulLora: w must be a Float32Array (wDtype 0) or Uint16Array (wDtype 1, 2)");
+  std::array<MatmulArgs, kMaxMatmulParts> parts;
+  std::array<const ApplyPlan*, kMaxMatmulParts> plans{};
+  bool allDisjoint = true, allNarrow = true;
+  for (int64_t p = 0; p < count; p++) {
+    const std::string where = "soppu native matmulGroup: part " + std::to_string(p) + ": ";
+    const Napi::Value yValue = flat[static_cast<uint32_t>(p * kFields)], wValue = flat[static_cast<uint32_t>(p * kFields + 1)];
+    const Napi::Value dtypeValue = flat[static_cast<uint32_t>(p * kFields + 2)], nValue = flat[static_cast<uint32_t>(p * kFields + 3)];
+    const Napi::Value planValue = flat[static_cast<uint32_t>(p * kFields + 4)];
+    const double dtypeNumber = dtypeValue.IsNumber() ? dtypeValue.As<Napi::Number>().DoubleValue() : -1;
+    const double nNumber = nValue.IsNumber() ? nValue.As<Napi::Number>().DoubleValue() : -1;
+    if (!(nNumber >= 0 && nNumber < 2147483648.0 && nNumber == std::floor(nNumber)))
+      return Fail(env, where + "n must be an integer >= 0 and < 2^31"), env.Undefined();
+    const int dtype = dtypeNumber == std::floor(dtypeNumber) && dtypeNumber >= 0 && dtypeNumber <= 2 ? static_cast<int>(dtypeNumber) : -1;
+    if (!DtypeCodeOk(env, where + "w ", dtype)) return env.Undefined();
+    const int64_t n = static_cast<int64_t>(nNumber);
+    void* y = nullptr;
+    void* w = nullptr;
+    size_t yLength = 0, wLength = 0;
+    if (!DtypeArray(env, yValue, 0, &y, &yLength)) return Fail(env, where + "y must be a Float32Array"), env.Undefined();
+    if (!DtypeArray(env, wValue, dtype, &w, &wLength))
+      return Fail(env, where + "w must be a Float32Array (wDtype 0) or Uint16Array (wDtype 1, 2)"), env.Undefined();
+    if (!NeedLength(env, op, "y", static_cast<int64_t>(yLength), m * n) || !NeedLength(env, op, "w", static_cast<int64_t>(wLength), n * k))
+      return env.Undefined();
+    if (planValue.IsExternal()) {
+      const ApplyPlan* plan = planValue.As<Napi::External<ApplyPlan>>().Data();
+      if (plan->n != n || plan->k != k || plan->rows > m) {
+        Fail(env, where + "its plan is for [" + std::to_string(plan->n) + ", " + std::to_string(plan->k) + "] and " +
+                      std::to_string(plan->rows) + " rows, the part is [" + std::to_string(n) + ", " + std::to_string(k) + "] with " +
+                      std::to_string(m) + " rows");
+        return env.Undefined();
+      }
+      plans[p] = plan;
+      allDisjoint = allDisjoint && plan->disjoint;
+    } else if (!planValue.IsUndefined() && !planValue.IsNull()) {
+      return Fail(env, where + "plan must come from loraApplyPlan"), env.Undefined();
+    }
+    allNarrow = allNarrow && dtype != 0;
+    parts[p] = MatmulArgs{static_cast<float*>(y), x.data, w, static_cast<WeightDtype>(dtype), m, n, k, k, false};
+  }
+  std::array<int64_t, kMaxMatmulParts + 1> firstTile{}, firstRank{};  // part p's tiles and rank vectors start here
+  for (int64_t p = 0; p < count; p++) {
+    firstTile[p + 1] = firstTile[p] + (plans[p] ? static_cast<int64_t>(plans[p]->tiles.size()) : 0);
+    firstRank[p + 1] = firstRank[p] + (plans[p] ? plans[p]->rankOffset.back() : 0);
+  }
+  const int64_t tiles = firstTile[count];
+  if (tiles == 0) {
+    MatmulParts(isa, parts.data(), count);
     return env.Undefined();
   }
-  if (!NeedLength(env, op, "w", static_cast<int64_t>(length), n * k)) return env.Undefined();
-  MatmulArgs args{y.data, x.data, w, static_cast<WeightDtype>(dtype), rows, n, k, k, false};
-  if (!plan.disjoint) {  // overlapping segments: one after another, as loraApply runs them
-    Matmul(isa, args);
-    RunTiles(false, plan.tiles, plan.firstTile, false, [&](const Tile& tile) { ApplyTile(isa, plan, tile, x.data, y.data); });
+  if (!allDisjoint) {  // overlapping segments: one after another, as loraApply runs them
+    MatmulParts(isa, parts.data(), count);
+    for (int64_t p = 0; p < count; p++)
+      if (plans[p])
+        RunTiles(false, plans[p]->tiles, plans[p]->firstTile, false,
+                 [&](const Tile& tile) { ApplyTile(isa, *plans[p], tile, x.data, parts[p].y); });
     return env.Undefined();
   }
-  // every tile's rank vectors, u: [tile rows, rank] from rankOffset[p]
-  std::vector<float> rankVectors(static_cast<size_t>(plan.rankOffset.back()));
-  const int64_t tiles = static_cast<int64_t>(plan.tiles.size());
+  // tile t of the group: part p's tile t - firstTile[p]
+  const auto partOf = [&](int64_t t) {
+    int64_t p = 0;
+    while (t >= firstTile[p + 1]) p++;
+    return p;
+  };
+  // every tile's rank vectors: part p's tile i's, u: [tile rows, rank] from firstRank[p] + its plan's rankOffset[i]
+  std::vector<float> rankVectors(static_cast<size_t>(firstRank[count]));
+  const auto rankVectorsOf = [&](int64_t p, int64_t i) { return rankVectors.data() + firstRank[p] + plans[p]->rankOffset[static_cast<size_t>(i)]; };
   MatmulFusion fusion;
-  fusion.tasks = tiles;  // shrink and core: read only x, so they start during the matmul's tail
-  fusion.run = [&](int64_t p) {
-    ShrinkCoreTile(isa, plan, plan.tiles[static_cast<size_t>(p)], x.data, rankVectors.data() + plan.rankOffset[static_cast<size_t>(p)]);
+  fusion.tasks = tiles;  // shrink and core: read only x, so they start during the matmuls' tail
+  fusion.run = [&](int64_t t) {
+    const int64_t p = partOf(t), i = t - firstTile[p];
+    ShrinkCoreTile(isa, *plans[p], plans[p]->tiles[static_cast<size_t>(i)], x.data, rankVectorsOf(p, i));
   };
-  fusion.finalTasks = tiles;  // expand: once the matmul has written y
-  fusion.runFinal = [&](int64_t p) {
-    ExpandRowTile(isa, plan, plan.tiles[static_cast<size_t>(p)], rankVectors.data() + plan.rankOffset[static_cast<size_t>(p)], y.data);
+  fusion.finalTasks = tiles;  // expand: once the matmuls have written every y
+  fusion.runFinal = [&](int64_t t) {
+    const int64_t p = partOf(t), i = t - firstTile[p];
+    ExpandRowTile(isa, *plans[p], plans[p]->tiles[static_cast<size_t>(i)], rankVectorsOf(p, i), parts[p].y);
   };
-  // The matmul's blocks request the tiles' factors and cores a few lines per block tile, so they arrive
-  // while it computes. That pays where the matmul leaves memory bandwidth spare: a 16-bit W with at
+  // The matmuls' blocks request the tiles' factors and cores a few lines per block tile, so they arrive
+  // while they compute. That pays where the matmuls leave memory bandwidth spare: 16-bit weights with at
   // least kSidePrefetchRows rows. An f32 W streams twice the bytes per multiply-add, and with the extra
   // requests it slowed down more than the tiles sped up (see docs/architecture.md).
-  if (dtype != 0 && rows >= kSidePrefetchRows) {
-    fusion.prefetch = &plan.prefetch;
-    fusion.prefetchLines = plan.prefetchLines;
+  std::vector<PrefetchRange> joined;  // the parts' ranges in tile order, when more than one part has a plan
+  if (allNarrow && m >= kSidePrefetchRows) {
+    for (int64_t p = 0; p < count; p++) {
+      if (!plans[p]) continue;
+      if (fusion.prefetch) {
+        if (joined.empty()) joined = *fusion.prefetch;
+        joined.insert(joined.end(), plans[p]->prefetch.begin(), plans[p]->prefetch.end());
+        fusion.prefetch = &joined;
+      } else {
+        fusion.prefetch = &plans[p]->prefetch;
+      }
+      fusion.prefetchLines += plans[p]->prefetchLines;
+    }
   }
-  Matmul(isa, args, &fusion);
+  MatmulParts(isa, parts.data(), count, &fusion);
   return env.Undefined();
 }
 
@@ -653,7 +717,7 @@ void RegisterLora(Napi::Env env, Napi::Object exports) {
   exports.Set("loraApplyPlan", Napi::Function::New(env, LoraApplyPlan));
   exports.Set("loraPlanRows", Napi::Function::New(env, LoraPlanRows));
   exports.Set("loraApply", Napi::Function::New(env, LoraApply));
-  exports.Set("matmulLora", Napi::Function::New(env, MatmulLora));
+  exports.Set("matmulGroup", Napi::Function::New(env, MatmulGroup));
 }
 
 }  // namespace soppu

@@ -80,39 +80,52 @@ int64_t KBlock(int64_t m, int64_t k, WeightDtype dtype) {
 
 }  // namespace
 
-void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion) {
-  if (args.m <= 0 || args.n <= 0 || args.k == 0) {
-    if (args.m > 0 && args.n > 0 && args.k == 0 && !args.accumulate) std::fill(args.y, args.y + args.m * args.n, 0.0f);
+void MatmulParts(Isa isa, const MatmulArgs* parts, int64_t count, const MatmulFusion* fusion) {
+  // Part p covers tasks [first[p], first[p] + rowBlocks · units[p]): its row blocks × column units, as one
+  // matmul's. The binding checks count; the guard keeps the arrays in bounds.
+  std::array<MatmulArgs, kMaxMatmulParts> a;
+  std::array<int64_t, kMaxMatmulParts> units{}, first{};
+  count = std::min(count, kMaxMatmulParts);
+  const int64_t m = count > 0 ? parts[0].m : 0, k = count > 0 ? parts[0].k : 0;
+  const int64_t rowBlocks = (m + kRowBlock - 1) / kRowBlock;
+  const int64_t rowsPerBlock = m > 0 ? (m + rowBlocks - 1) / rowBlocks : 0;
+  int64_t matmulTasks = 0;
+  for (int64_t p = 0; p < count; p++) {
+    a[p] = parts[p];
+    a[p].kBlock = KBlock(m, k, a[p].dtype);
+    if (m > 0 && a[p].n > 0 && k == 0 && !a[p].accumulate) std::fill(a[p].y, a[p].y + m * a[p].n, 0.0f);
+    units[p] = m > 0 && k > 0 ? (a[p].n + kColumnUnit - 1) / kColumnUnit : 0;
+    first[p] = matmulTasks;
+    matmulTasks += rowBlocks * units[p];
+  }
+  if (matmulTasks == 0) {
     if (fusion) {
       for (int64_t t = 0; t < fusion->tasks; t++) fusion->run(t);
       for (int64_t t = 0; t < fusion->finalTasks; t++) fusion->runFinal(t);
     }
     return;
   }
-  MatmulArgs a = args;
-  a.kBlock = KBlock(a.m, a.k, a.dtype);
   const BlockFn block = kBlockFns[static_cast<int>(isa)];
-  const int64_t rowBlocks = (a.m + kRowBlock - 1) / kRowBlock;
-  const int64_t rowsPerBlock = (a.m + rowBlocks - 1) / rowBlocks;
-  const int64_t units = (a.n + kColumnUnit - 1) / kColumnUnit;
-  const int64_t matmulTasks = rowBlocks * units;
-  const int64_t macsPerUnit = rowsPerBlock * kColumnUnit * a.k;
+  const int64_t macsPerUnit = rowsPerBlock * kColumnUnit * k;
   const int64_t grain = std::max<int64_t>(1, kMinMacsPerChunk / std::max<int64_t>(1, macsPerUnit));
-  // Tasks [begin, end), task t covering row block t / units and column unit t % units (consecutive
-  // tasks share x): one block call per row block.
+  // Tasks [begin, end): task first[p] + t of part p covers row block t / units[p] and column unit
+  // t % units[p] (consecutive tasks share x): one block call per part and row block.
   const auto runTasks = [&](int64_t begin, int64_t end, LinePrefetcher* side) {
-    for (int64_t task = begin; task < end;) {
-      const int64_t rowBlock = task / units;
-      const int64_t unitEnd = std::min(end, (rowBlock + 1) * units);
-      const int64_t m0 = rowBlock * rowsPerBlock, m1 = std::min(a.m, m0 + rowsPerBlock);
-      const int64_t n0 = (task - rowBlock * units) * kColumnUnit;
-      const int64_t n1 = std::min(a.n, (unitEnd - rowBlock * units) * kColumnUnit);
-      block(a, m0, m1, n0, n1, side);
-      task = unitEnd;
+    for (int64_t p = 0; p < count; p++) {
+      const int64_t partEnd = std::min(end, first[p] + rowBlocks * units[p]) - first[p];
+      for (int64_t task = std::max(begin, first[p]) - first[p]; task < partEnd;) {
+        const int64_t rowBlock = task / units[p];
+        const int64_t unitEnd = std::min(partEnd, (rowBlock + 1) * units[p]);
+        const int64_t m0 = rowBlock * rowsPerBlock, m1 = std::min(m, m0 + rowsPerBlock);
+        const int64_t n0 = (task - rowBlock * units[p]) * kColumnUnit;
+        const int64_t n1 = std::min(a[p].n, (unitEnd - rowBlock * units[p]) * kColumnUnit);
+        block(a[p], m0, m1, n0, n1, side);
+        task = unitEnd;
+      }
     }
   };
   const int64_t threads = NumThreads();
-  const bool streaming = a.m <= kStreamRows;
+  const bool streaming = m <= kStreamRows;
   if (!fusion) {
     // a grain of a thread's share makes ParallelFor split into one part per thread
     const int64_t chunk = streaming ? std::max(grain, (matmulTasks + threads - 1) / threads) : grain;

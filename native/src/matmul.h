@@ -67,7 +67,15 @@ struct MatmulFusion {
   int64_t prefetchLines = 0;
 };
 
+// The most matmuls MatmulParts runs in one job (a layer's q, k and v; its gate and up).
+constexpr int64_t kMaxMatmulParts = 8;
+
+// For each of `count` parts, y[M,N] = x[M,K] · W[N,K]ᵀ (or += when its accumulate), in ONE pool job over
+// the parts' weights in turn: every part has the same x, m and k (each its own W, dtype, y and n). With
+// `fusion`, its work too, after every part's blocks.
+void MatmulParts(Isa isa, const MatmulArgs* parts, int64_t count, const MatmulFusion* fusion = nullptr);
+
 // y[M,N] = x[M,K] · W[N,K]ᵀ (or += when args.accumulate), on the pool; with `fusion`, its work too.
-void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion = nullptr);
+inline void Matmul(Isa isa, const MatmulArgs& args, const MatmulFusion* fusion = nullptr) { MatmulParts(isa, &args, 1, fusion); }
 
 }  // namespace soppu

@@ -1,7 +1,7 @@
 /**
  * Adapter batching: the AdapterHook of one forward step. Rows are ordered so that each adapter's
  * rows, and each cluster's compressed rows, are contiguous (see compareAdapters); per slot the hook
- * then gives the linear's matmulLora
+ * then gives the linear's part of a matmulGroup
  *   raw adapters:        one segment per adapter (A, (s·B)ᵀ)
  *   compressed adapters: ONE segment per cluster run with the shared bases (Vᵀ, Uᵀ), and each
  *                        row's own core Σ between shrink and expand

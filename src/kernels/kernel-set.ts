@@ -136,6 +136,16 @@ export interface KernelSet {
    */
   matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, segments: readonly LoraSegment[],
     cores: readonly (LoraCore | null | undefined)[]): void;
+
+  /**
+   * Several linear layers of one input (a layer's q, k and v; its gate and up): per part,
+   * y[M,N] = x[M,K] · W[N,K]ᵀ, plus its rows' adapter deltas when the part has segments — the same
+   * result as matmul or matmulLora on each part (up to rounding). Every W has K = x's columns; at most
+   * MAX_MATMUL_GROUP parts, with distinct y arrays that do not overlap x. The native one runs the whole
+   * group in one pool job (the matmuls over the parts' weights in turn, then every part's adapter tiles):
+   * a decode step then streams one run of weights per group instead of one per linear, with one dispatch.
+   */
+  matmulGroup(x: Float32Array, m: number, parts: readonly MatmulGroupPart[]): void;
   /**
    * The same adapter work carried over to new rows: row i of the result is row rowOf[i] of (segments,
    * cores), or a row without adapter work where rowOf[i] is negative (−1) or outside every segment. Per segment s, in
@@ -153,6 +163,19 @@ export interface KernelSet {
    */
   loraRows(segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], rowOf: Int32Array,
     added?: LoraRows): LoraRows;
+}
+
+/** The most parts one matmulGroup call takes (the addon's kMaxMatmulParts). */
+export const MAX_MATMUL_GROUP = 8;
+
+/** One linear of a matmulGroup: its output, its weight and, optionally, its rows' adapter work (as matmulLora takes it). */
+export interface MatmulGroupPart {
+  /** y: [M, N] */
+  readonly y: Float32Array;
+  /** W: [N, K] */
+  readonly w: WeightMatrix;
+  readonly segments?: readonly LoraSegment[];
+  readonly cores?: readonly (LoraCore | null | undefined)[];
 }
 
 /** The result of KernelSet.loraRows: fresh arrays (a new batch's), over the same factors and cores. */

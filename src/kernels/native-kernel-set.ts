@@ -28,6 +28,14 @@ export function nativeKernelSet(variantIndex: number): KernelSet {
       set.loraApply(y, w.rows, x, w.cols, segments, cores);
     };
   }
+  if (!ops.matmulGroup) {
+    set.matmulGroup = (x, m, parts) => {
+      for (const part of parts) {
+        if (part.segments) set.matmulLora(part.y, x, part.w, m, part.segments, part.cores ?? []);
+        else set.matmul(part.y, x, part.w, m);
+      }
+    };
+  }
   cache.set(variantIndex, set);
   return set;
 }

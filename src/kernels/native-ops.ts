@@ -1,11 +1,11 @@
 /**
  * The native non-matmul ops (rmsnorm, rope, softmax, logSumExp, argmax, siluMul, add, addBias, embedding, attention,
- * loraShrink, loraExpand, loraCore, loraApply, matmulLora, loraRows) bound to one ISA variant of the addon. Every op validates its
+ * loraShrink, loraExpand, loraCore, loraApply, matmulLora, matmulGroup, loraRows) bound to one ISA variant of the addon. Every op validates its
  * sizes and indices here and throws SoppuError('KERNEL') naming the op and the sizes before the
  * native call; the addon checks again (so native code never reads out of bounds) and any error it
  * raises is rethrown as the same SoppuError.
  */
-import type { AttentionArgs, KernelSet, LoraCore, LoraSegment } from './kernel-set.js';
+import { MAX_MATMUL_GROUP, type AttentionArgs, type KernelSet, type LoraCore, type LoraSegment, type MatmulGroupPart } from './kernel-set.js';
 import type { NativeAddon } from './native-addon.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import { SoppuError } from '../errors/soppu-error.js';
@@ -16,7 +16,7 @@ type NativeFunction = (...args: unknown[]) => unknown;
 
 /** The ops of this module, as KernelSet members. */
 export type NativeOps = Pick<KernelSet, 'rmsnorm' | 'rope' | 'softmax' | 'logSumExp' | 'argmax' | 'siluMul' | 'add' | 'addBias' | 'embedding'
-  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply' | 'matmulLora' | 'loraRows'>;
+  | 'attention' | 'loraShrink' | 'loraExpand' | 'loraCore' | 'loraApply' | 'matmulLora' | 'matmulGroup' | 'loraRows'>;
 
 const DTYPE_INDEX = { f32: 0, bf16: 1, f16: 2 } as const;
 
@@ -207,7 +207,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
 
   const loraApply = fn('loraApply');
   const loraApplyPlan = fn('loraApplyPlan');
-  const matmulLora = fn('matmulLora');
+  const matmulGroup = fn('matmulGroup');
   if (loraApply && loraApplyPlan) {
     // A checked plan per segments array, held by the addon: the engine passes the same plan's arrays for
     // every step whose batch is unchanged, and reading ~40 arrays per call cost more than a small slot's kernel.
@@ -250,19 +250,37 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
         return derived;
       };
     }
-    if (matmulLora) {
+    if (matmulGroup) {
+      // (y, w data, dtype code, n, plan or undefined) per part, checked as `op` (the caller's name for it)
+      const groupArgs = (op: string, x: Float32Array, m: number, parts: readonly MatmulGroupPart[]): unknown[] => {
+        checkInteger(op, 'm', m, 0);
+        if (parts.length > MAX_MATMUL_GROUP) throw kernelError(op, `${parts.length} parts, at most ${MAX_MATMUL_GROUP}`, { limit: MAX_MATMUL_GROUP });
+        const k = parts[0]!.w.cols;
+        checkLength(op, 'x', x, m * k);
+        const flat: unknown[] = [];
+        parts.forEach((part, i) => {
+          const { y, w, segments } = part;
+          const n = w.rows;
+          const name = parts.length === 1 ? '' : `part ${i}: `;
+          if (w.cols !== k) throw kernelError(op, `${name}w has K = ${w.cols}, part 0 has ${k}`, { limit: k });
+          checkLength(op, () => `${name}w (${w.dtype} [${n}, ${k}])`, w.data, n * k);
+          if (!holdsDtype(w.dtype, w.data)) throw kernelError(op, `${name}weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`);
+          let plan: unknown;
+          if (segments) {
+            const built = planFor(op, n, k, segments, part.cores ?? []);
+            if (built.rows > m) throw kernelError(op, `${name}segments reach row ${built.rows}, the batch has ${m} rows`, { limit: m });
+            plan = built.plan;
+          }
+          checkLength(op, () => `${name}y`, y, m * n);
+          flat.push(y, w.data, DTYPE_INDEX[w.dtype], n, plan);
+        });
+        return [x, m, k, flat];
+      };
+      ops.matmulGroup = (x, m, parts) => {
+        if (parts.length > 0) call('matmulGroup', matmulGroup, ...groupArgs('matmulGroup', x, m, parts));
+      };
       ops.matmulLora = (y, x, w, m, segments, cores) => {
-        checkInteger('matmulLora', 'm', m, 0);
-        const n = w.rows, k = w.cols;
-        checkLength('matmulLora', () => `w (${w.dtype} [${n}, ${k}])`, w.data, n * k);
-        if (!holdsDtype(w.dtype, w.data)) {
-          throw kernelError('matmulLora', `weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`);
-        }
-        const flat = planFor('matmulLora', n, k, segments, cores);
-        if (flat.rows > m) throw kernelError('matmulLora', `segments reach row ${flat.rows}, the batch has ${m} rows`, { limit: m });
-        checkLength('matmulLora', 'y', y, m * n);
-        checkLength('matmulLora', 'x', x, m * k);
-        call('matmulLora', matmulLora, y, x, w.data, DTYPE_INDEX[w.dtype], m, flat.plan);
+        call('matmulLora', matmulGroup, ...groupArgs('matmulLora', x, m, [{ y, w, segments, cores }]));
       };
     }
   }

@@ -5,13 +5,13 @@
  *
  *   embedding
  *   for each layer:
- *     rmsnorm → q, k, v (matmul with the hook's adapters + bias) → rope → write K/V to the cache
+ *     rmsnorm → q, k, v (one matmul group, with the hook's adapters, + bias) → rope → write K/V to the cache
  *     → attention → o_proj (+ adapters) → residual
- *     rmsnorm → gate, up (+ adapters) → silu(gate)·up → down (+ adapters) → residual
+ *     rmsnorm → gate, up (one group, + adapters) → silu(gate)·up → down (+ adapters) → residual
  *   final rmsnorm → lm_head, for batch.logitRows only
  */
 import { SoppuError } from '../errors/soppu-error.js';
-import type { KernelSet } from '../kernels/kernel-set.js';
+import type { KernelSet, MatmulGroupPart } from '../kernels/kernel-set.js';
 import type { AdapterHook, TargetModule } from './adapter-hook.js';
 import type { ForwardBatch, KvCacheStorage } from './forward-batch.js';
 import type { LlamaConfig } from './llama-config.js';
@@ -111,12 +111,15 @@ export function forward(model: LlamaModel, kernels: KernelSet, batch: ForwardBat
   const gate = buffers.gate.subarray(0, m * dFfn); // gate: [M, dFfn]
   const up = buffers.up.subarray(0, m * dFfn); // up: [M, dFfn]
 
-  // y = x·Wᵀ plus each row's adapter delta (one kernel call), + bias
-  const linear = (y: Float32Array, input: Float32Array, layerWeights: LinearWeights, layer: number, module: TargetModule): void => {
-    const slot = hook ? hook(layer, module, m) : null;
-    if (slot) kernels.matmulLora(y, input, layerWeights.weight, m, slot.segments, slot.cores); // y: [M, N]
-    else kernels.matmul(y, input, layerWeights.weight, m); // y: [M, N]
-    if (layerWeights.bias) kernels.addBias(y, layerWeights.bias, m, layerWeights.weight.rows);
+  // per linear, y = input·Wᵀ plus each row's adapter delta, for linears that read the same input: one
+  // kernel call (the weights stream in one run, a decode step's q, k and v being a few hundred KB each) + biases
+  const linears = (input: Float32Array, layer: number, outputs: readonly (readonly [Float32Array, LinearWeights, TargetModule])[]): void => {
+    const parts = outputs.map(([y, linear, module]): MatmulGroupPart => {
+      const slot = hook ? hook(layer, module, m) : null;
+      return slot ? { y, w: linear.weight, segments: slot.segments, cores: slot.cores } : { y, w: linear.weight };
+    });
+    kernels.matmulGroup(input, m, parts); // each y: [M, N]
+    for (const [y, linear] of outputs) if (linear.bias) kernels.addBias(y, linear.bias, m, linear.weight.rows);
   };
 
   kernels.embedding(x, weights.embedding, batch.tokens, m); // x: [M, dModel]
@@ -128,9 +131,7 @@ export function forward(model: LlamaModel, kernels: KernelSet, batch: ForwardBat
 
     // --- attention block ---
     kernels.rmsnorm(normed, x, layer.inputNorm, m, dModel, eps); // normed: [M, dModel]
-    linear(q, normed, layer.q, l, 'q_proj'); // q: [M, H·D]
-    linear(k, normed, layer.k, l, 'k_proj'); // k: [M, Hkv·D]
-    linear(v, normed, layer.v, l, 'v_proj'); // v: [M, Hkv·D]
+    linears(normed, l, [[q, layer.q, 'q_proj'], [k, layer.k, 'k_proj'], [v, layer.v, 'v_proj']]); // q: [M, H·D]; k, v: [M, Hkv·D]
     kernels.rope(q, batch.positions, m, numHeads, headDim, invFreq); // q: [M, H·D]
     kernels.rope(k, batch.positions, m, numKvHeads, headDim, invFreq); // k: [M, Hkv·D]
     for (let s = 0; s < batch.seqs; s++) {
@@ -165,15 +166,14 @@ export function forward(model: LlamaModel, kernels: KernelSet, batch: ForwardBat
       blockSize: cache.blockSize,
       scale: 1 / Math.sqrt(headDim),
     });
-    linear(projected, attended, layer.o, l, 'o_proj'); // projected: [M, dModel]
+    linears(attended, l, [[projected, layer.o, 'o_proj']]); // projected: [M, dModel]
     kernels.add(x, x, projected, m * dModel); // x: [M, dModel]
 
     // --- MLP block ---
     kernels.rmsnorm(normed, x, layer.postAttentionNorm, m, dModel, eps); // normed: [M, dModel]
-    linear(gate, normed, layer.gate, l, 'gate_proj'); // gate: [M, dFfn]
-    linear(up, normed, layer.up, l, 'up_proj'); // up: [M, dFfn]
+    linears(normed, l, [[gate, layer.gate, 'gate_proj'], [up, layer.up, 'up_proj']]); // gate, up: [M, dFfn]
     kernels.siluMul(gate, gate, up, m * dFfn); // gate: [M, dFfn] = silu(gate)·up
-    linear(projected, gate, layer.down, l, 'down_proj'); // projected: [M, dModel]
+    linears(gate, l, [[projected, layer.down, 'down_proj']]); // projected: [M, dModel]
     kernels.add(x, x, projected, m * dModel); // x: [M, dModel]
   }
 

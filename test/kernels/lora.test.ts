@@ -1,7 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { refKernels } from '../../src/kernels/index.js';
 import { loadNativeAddon } from '../../src/kernels/native-addon.js';
-import type { KernelSet, LoraCore, LoraRows, LoraSegment } from '../../src/kernels/kernel-set.js';
+import type { KernelSet, LoraCore, LoraRows, LoraSegment, MatmulGroupPart } from '../../src/kernels/kernel-set.js';
 import { isSoppuError } from '../../src/errors/soppu-error.js';
 import { f32ToBf16, f32ToF16 } from '../../src/tensor/dtype.js';
 import { weightMatrix, type WeightMatrix } from '../../src/tensor/weight-matrix.js';
@@ -60,6 +60,45 @@ function matmulLoraCase(spec: SegmentCase, dtype: 'f32' | 'bf16'): MatmulLoraCas
   return built;
 }
 
+interface GroupCase {
+  name: string;
+  k: number;
+  rows: number;
+  /** Per part its N and, for a part with adapters, segments as SegmentCase has them. */
+  parts: { n: number; segments?: [number, number, number][] }[];
+}
+
+const GROUP_CASES: GroupCase[] = [
+  { name: 'odd: k 33, n 17 / 5 / 40, 4 rows, adapters on the first', k: 33, rows: 4, parts: [{ n: 17, segments: [[0, 2, 3]] }, { n: 5 }, { n: 40 }] },
+  { name: 'SmolLM q, k, v at one decode row, adapters on q and v', k: 576, rows: 1, parts: [{ n: 576, segments: [[0, 1, 16]] }, { n: 192 }, { n: 192, segments: [[0, 1, 8]] }] },
+  { name: 'SmolLM gate and up at 17 rows (past the streaming split), every row adapted', k: 576, rows: 17, parts: [{ n: 1536, segments: [[0, 9, 16], [9, 17, 8]] }, { n: 1536, segments: [[0, 17, 16]] }] },
+  { name: 'Qwen 896 q, k, v at 5 rows, no adapters', k: 896, rows: 5, parts: [{ n: 896 }, { n: 128 }, { n: 128 }] },
+  { name: 'prefill: 150 rows over several row blocks', k: 96, rows: 150, parts: [{ n: 200, segments: [[0, 70, 8], [71, 149, 5]] }, { n: 24 }] },
+];
+
+type BuiltGroup = { x: Float32Array; parts: MatmulGroupPart[]; want: Float32Array[] };
+const groupCases = new Map<string, BuiltGroup>();
+
+/** A matmulGroup case's inputs and the reference result per part, built once and shared by the variants. */
+function groupCase(spec: GroupCase, dtype: 'f32' | 'bf16'): BuiltGroup {
+  const key = `${spec.name}/${dtype}`;
+  const hit = groupCases.get(key);
+  if (hit) return hit;
+  const rng = new Random(41);
+  const x = randomArray(rng, spec.rows * spec.k);
+  const parts = spec.parts.map(({ n, segments }): MatmulGroupPart => {
+    const w = weights(rng, dtype, n, spec.k);
+    const y = new Float32Array(spec.rows * n);
+    if (!segments) return { y, w };
+    const adapted = applyCase(rng, { name: spec.name, k: spec.k, n, segments }, dtype);
+    return { y, w, segments: adapted.segments, cores: adapted.cores.slice(0, spec.rows) };
+  });
+  refKernels.matmulGroup(x, spec.rows, parts);
+  const built = { x, parts, want: parts.map((part) => part.y.slice()) };
+  groupCases.set(key, built);
+  return built;
+}
+
 function f32Matrix(rng: Random, rows: number, cols: number, std: number): WeightMatrix {
   return weightMatrix('f32', rows, cols, offsetCopy(randomArray(rng, rows * cols, std)));
 }
@@ -72,6 +111,7 @@ it('the addon provides native LoRA segment ops in every supported variant', () =
     expect(set.loraCore).not.toBe(refKernels.loraCore);
     expect(set.loraApply).not.toBe(refKernels.loraApply);
     expect(set.matmulLora).not.toBe(refKernels.matmulLora);
+    expect(set.matmulGroup).not.toBe(refKernels.matmulGroup);
     expect(set.loraRows).not.toBe(refKernels.loraRows);
   }
 });
@@ -104,6 +144,18 @@ function applyCase(rng: Random, spec: SegmentCase, dtype: 'f32' | 'bf16' | 'f16'
   });
   return { segments, cores, rows };
 }
+
+it('ref matmulGroup is matmul or matmulLora per part, and rejects a part of another K', () => {
+  const { x, parts, want } = groupCase(GROUP_CASES[0]!, 'f32');
+  parts.forEach((part, i) => {
+    const alone = new Float32Array(part.y.length);
+    if (part.segments) refKernels.matmulLora(alone, x, part.w, GROUP_CASES[0]!.rows, part.segments, part.cores ?? []);
+    else refKernels.matmul(alone, x, part.w, GROUP_CASES[0]!.rows);
+    expect(Array.from(want[i]!)).toEqual(Array.from(alone));
+  });
+  const other = weightMatrix('f32', 2, 5, new Float32Array(10));
+  expect(() => refKernels.matmulGroup(x, 1, [parts[1]!, { y: new Float32Array(2), w: other }])).toThrow(/matmulGroup: part 1 has K = 5, part 0 has 33/);
+});
 
 it('ref loraApply equals loraShrink, loraCore and loraExpand in turn', () => {
   const rng = new Random(21);
@@ -317,6 +369,33 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     expect(() => native.matmulLora(new Float32Array(2 * 6), new Float32Array(2 * 10), w, 2, segments, cores)).toThrow(/matmulLora: segments reach row 3, the batch has 2 rows/);
     const short = { ...w, data: w.data.subarray(1) } as WeightMatrix;
     expect(() => native.matmulLora(new Float32Array(4 * 6), new Float32Array(4 * 10), short, 4, segments, cores)).toThrow(/matmulLora: w \(f32 \[6, 10\]\) has 59 elements, needs 60/);
+  });
+
+  it.each(GROUP_CASES.flatMap((c) => (['f32', 'bf16'] as const).map((dtype) => [c.name, dtype, c] as const)))('matmulGroup (one job over several linears of one x): %s, %s', (_caseName, dtype, spec) => {
+    const { x, parts, want } = groupCase(spec, dtype);
+    const ys = parts.map((part) => offsetCopy(randomArray(new Random(7), part.y.length))); // overwritten, not accumulated
+    native.matmulGroup(offsetCopy(x), spec.rows, parts.map((part, i) => ({ ...part, y: ys[i]! })));
+    parts.forEach((part, i) => {
+      expectClose(ys[i]!, want[i]!, TOLERANCE, `matmulGroup part ${i}`);
+      // the same arithmetic as the part's own call: a group changes only how the work is scheduled
+      const alone = new Float32Array(part.y.length);
+      if (part.segments) native.matmulLora(alone, x, part.w, spec.rows, part.segments, part.cores ?? []);
+      else native.matmul(alone, x, part.w, spec.rows);
+      expect(Array.from(ys[i]!), `part ${i} against its own call`).toEqual(Array.from(alone));
+    });
+  });
+
+  it('matmulGroup rejects parts of another K, too many parts, and segments beyond its rows, naming the part', () => {
+    const rng = new Random(37);
+    const spec: SegmentCase = { name: 'small', k: 10, n: 6, segments: [[0, 3, 4]] };
+    const { segments, cores } = applyCase(rng, spec);
+    const w = weights(rng, 'f32', 6, 10);
+    const y = (): Float32Array => new Float32Array(4 * 6);
+    const x = new Float32Array(4 * 10);
+    expect(() => native.matmulGroup(x, 4, [{ y: y(), w }, { y: y(), w: weights(rng, 'f32', 6, 9) }])).toThrow(/matmulGroup: part 1: w has K = 9, part 0 has 10/);
+    expect(() => native.matmulGroup(x, 4, Array.from({ length: 9 }, () => ({ y: y(), w })))).toThrow(/matmulGroup: 9 parts, at most 8/);
+    expect(() => native.matmulGroup(x, 2, [{ y: y(), w }, { y: y(), w, segments, cores }])).toThrow(/matmulGroup: part 1: segments reach row 3, the batch has 2 rows/);
+    expect(() => native.matmulGroup(x, 4, [{ y: new Float32Array(5), w }])).toThrow(/matmulGroup: y has 5 elements, needs 24/);
   });
 
   it.each(['f32', 'bf16'] as const)('%s: loraRows carries a checked plan over to new rows, with the result of a plan built for them', (dtype) => {

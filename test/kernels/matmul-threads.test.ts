@@ -9,7 +9,7 @@ const variants = supportedNativeKernelSets();
 const addonPath = join(process.cwd(), 'build', 'Release', 'soppu_native.node');
 
 describe.skipIf(variants.length === 0)('native thread pool', () => {
-  it('SOPPU_THREADS sets the pool size, and odd thread counts split matmul correctly', () => {
+  it('SOPPU_THREADS sets the pool size, and odd thread counts split matmul and matmulGroup correctly', () => {
     // A fresh process per thread count: the pool is sized once, at first use.
     const script = `
       const addon = require(${JSON.stringify(addonPath)});
@@ -17,13 +17,18 @@ describe.skipIf(variants.length === 0)('native thread pool', () => {
       const x = new Float32Array(m * k), w = new Float32Array(n * k), y = new Float32Array(m * n);
       for (let i = 0; i < x.length; i++) x[i] = ((i * 37) % 19) / 19 - 0.5;
       for (let i = 0; i < w.length; i++) w[i] = ((i * 53) % 23) / 23 - 0.5;
+      // a group of two: w's rows [0, 40) and [40, n) as parts, each thread's share crossing between them
+      const y0 = new Float32Array(m * 40), y1 = new Float32Array(m * (n - 40));
+      const w0 = w.subarray(0, 40 * k), w1 = w.subarray(40 * k);
       let worst = 0;
       for (let repeat = 0; repeat < 50; repeat++) {
         addon.matmul(addon.bestVariant(), y, x, w, 0, m, n, k, false);
+        addon.matmulGroup(addon.bestVariant(), x, m, k, [y0, w0, 0, 40, undefined, y1, w1, 0, n - 40, undefined]);
         for (let i = 0; i < m; i++) for (let j = 0; j < n; j++) {
           let s = 0;
           for (let c = 0; c < k; c++) s += x[i * k + c] * w[j * k + c];
-          worst = Math.max(worst, Math.abs(s - y[i * n + j]));
+          const grouped = j < 40 ? y0[i * 40 + j] : y1[i * (n - 40) + j - 40];
+          worst = Math.max(worst, Math.abs(s - y[i * n + j]), Math.abs(s - grouped));
         }
       }
       process.stdout.write(JSON.stringify({ threads: addon.numThreads(), worst }));`;

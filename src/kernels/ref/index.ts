@@ -7,7 +7,7 @@ import { matmul } from './matmul.js';
 import { gemm } from './gemm.js';
 import { add, addBias, argmax, embedding, logSumExp, rmsnorm, rope, siluMul, softmax } from './elementwise.js';
 import { attention } from './attention.js';
-import { loraApply, loraCore, loraExpand, loraRows, loraShrink, matmulLora } from './lora.js';
+import { loraApply, loraCore, loraExpand, loraRows, loraShrink, matmulGroup, matmulLora } from './lora.js';
 
 export { ropeInvFreq, type RopeScaling } from './rope-inv-freq.js';
 
@@ -31,5 +31,6 @@ export const refKernels: KernelSet = {
   loraCore,
   loraApply,
   matmulLora,
+  matmulGroup,
   loraRows,
 };

@@ -1,4 +1,4 @@
-import type { LoraCore, LoraRows, LoraSegment } from '../kernel-set.js';
+import { MAX_MATMUL_GROUP, type LoraCore, type LoraRows, type LoraSegment, type MatmulGroupPart } from '../kernel-set.js';
 import { holdsDtype, storedToF32 } from '../../tensor/dtype.js';
 import { weightAt, type WeightMatrix } from '../../tensor/weight-matrix.js';
 import { matmul } from './matmul.js';
@@ -110,6 +110,17 @@ export function matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m:
   if (y.length < m * w.rows || x.length < m * w.cols) throw new RangeError(`matmulLora: y or x shorter than ${m} rows`);
   matmul(y, x, w, m); // y: [M, N]
   loraApply(y, w.rows, x, w.cols, segments, cores);
+}
+
+/** Each part as matmulLora (with segments) or matmul (without) of the one x: see KernelSet.matmulGroup. */
+export function matmulGroup(x: Float32Array, m: number, parts: readonly MatmulGroupPart[]): void {
+  if (parts.length > MAX_MATMUL_GROUP) throw new RangeError(`matmulGroup: ${parts.length} parts, at most ${MAX_MATMUL_GROUP}`);
+  const k = parts[0]?.w.cols ?? 0;
+  parts.forEach((part, i) => {
+    if (part.w.cols !== k) throw new RangeError(`matmulGroup: part ${i} has K = ${part.w.cols}, part 0 has ${k}`);
+    if (part.segments) matmulLora(part.y, x, part.w, m, part.segments, part.cores ?? []); // y: [M, N]
+    else matmul(part.y, x, part.w, m); // y: [M, N]
+  });
 }
 
 /**
