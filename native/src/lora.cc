@@ -561,13 +561,73 @@ void ApplyTile(Isa isa, const ApplyPlan& plan, const Tile& tile, const float* x,
   ExpandRowTile(isa, plan, tile, u, y);
 }
 
+// Parts [0, count) of a checked group (every part with the same x, m and k; plans[p] null for a part without
+// adapter work) as ONE pool job: see MatmulGroup.
+void RunGroup(Isa isa, const float* x, const MatmulArgs* parts, const ApplyPlan* const* plans, int64_t count) {
+  const int64_t m = parts[0].m;
+  bool allDisjoint = true, allNarrow = true;
+  for (int64_t p = 0; p < count; p++) {
+    allDisjoint = allDisjoint && (!plans[p] || plans[p]->disjoint);
+    allNarrow = allNarrow && parts[p].dtype != WeightDtype::F32;
+  }
+  std::array<int64_t, kMaxMatmulParts + 1> firstTile{}, firstRank{};  // part p's tiles and rank vectors start here
+  for (int64_t p = 0; p < count; p++) {
+    firstTile[p + 1] = firstTile[p] + (plans[p] ? static_cast<int64_t>(plans[p]->tiles.size()) : 0);
+    firstRank[p + 1] = firstRank[p] + (plans[p] ? plans[p]->rankOffset.back() : 0);
+  }
+  const int64_t tiles = firstTile[count];
+  if (tiles == 0) {
+    MatmulParts(isa, parts, count);
+    return;
+  }
+  if (!allDisjoint) {  // overlapping segments: one after another, as loraApply runs them
+    MatmulParts(isa, parts, count);
+    for (int64_t p = 0; p < count; p++)
+      if (plans[p])
+        RunTiles(false, plans[p]->tiles, plans[p]->firstTile, false,
+                 [&](const Tile& tile) { ApplyTile(isa, *plans[p], tile, x, parts[p].y); });
+    return;
+  }
+  // tile t of the group: part p's tile t - firstTile[p]
+  const auto partOf = [&](int64_t t) {
+    int64_t p = 0;
+    while (t >= firstTile[p + 1]) p++;
+    return p;
+  };
+  // every tile's rank vectors: part p's tile i's, u: [tile rows, rank] from firstRank[p] + its plan's rankOffset[i]
+  std::vector<float> rankVectors(static_cast<size_t>(firstRank[count]));
+  const auto rankVectorsOf = [&](int64_t p, int64_t i) { return rankVectors.data() + firstRank[p] + plans[p]->rankOffset[static_cast<size_t>(i)]; };
+  MatmulFusion fusion;
+  fusion.tasks = tiles;  // shrink and core: read only x, so they start during the matmuls' tail
+  fusion.run = [&](int64_t t) {
+    const int64_t p = partOf(t), i = t - firstTile[p];
+    ShrinkCoreTile(isa, *plans[p], plans[p]->tiles[static_cast<size_t>(i)], x, rankVectorsOf(p, i));
+  };
+  fusion.finalTasks = tiles;  // expand: once the matmuls have written every y
+  fusion.runFinal = [&](int64_t t) {
+    const int64_t p = partOf(t), i = t - firstTile[p];
+    ExpandRowTile(isa, *plans[p], plans[p]->tiles[static_cast<size_t>(i)], rankVectorsOf(p, i), parts[p].y);
+  };
+  // The matmuls' blocks request the tiles' factors and cores a few lines per block tile, so they arrive
+  // while they compute. That pays where the matmuls leave memory bandwidth spare: 16-bit weights with at
+  // least kSidePrefetchRows rows. An f32 W streams twice the bytes per multiply-add, and with the extra
+  // requests it slowed down more than the tiles sped up (see docs/architecture.md).
+  // (MatmulGroup runs each part alone from kSidePrefetchRows rows on, so a job that requests has one plan.)
+  if (allNarrow && m >= kSidePrefetchRows && count == 1) {
+    fusion.prefetch = &plans[0]->prefetch;
+    fusion.prefetchLines = plans[0]->prefetchLines;
+  }
+  MatmulParts(isa, parts, count, &fusion);
+}
+
 // matmulGroup(isa, x: [m, k], m, k, parts: a flat array of (y: [m, n], w: [n, k] (Float32Array, or Uint16Array of
 // bf16/f16 bits), wDtype (0 f32, 1 bf16, 2 f16), n, plan from loraApplyPlan or undefined) per part): per part,
-// y = x · wᵀ, then with a plan loraApply's delta, in ONE pool job: every part's matmul blocks (the parts' weights
-// in turn), then every tile's shrink and core (they read only x, so a thread that runs out of blocks starts
-// them while the others finish theirs), then every tile's expand (once the matmuls and the rank vectors are
-// done). A decode step so pays one dispatch per group of linears that read one x (q, k, v; gate, up), the
-// LoRA work overlaps the matmuls' tail, and the threads share it evenly. matmulLora is a group of one.
+// y = x · wᵀ, then with a plan loraApply's delta, in ONE pool job (below kSidePrefetchRows rows; see the end):
+// every part's matmul blocks (the parts' weights in turn), then every tile's shrink and core (they read only x,
+// so a thread that runs out of blocks starts them while the others finish theirs), then every tile's expand
+// (once the matmuls and the rank vectors are done). A decode step of few rows so pays one dispatch and one
+// weight stream per group of linears that read one x (q, k, v; gate, up), the LoRA work overlaps the matmuls'
+// tail, and the threads share it evenly. matmulLora is a group of one.
 Napi::Value MatmulGroup(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
   const Isa isa = IsaFromArg(info[0]);
@@ -589,7 +649,6 @@ Napi::Value MatmulGroup(const Napi::CallbackInfo& info) {
   }
   std::array<MatmulArgs, kMaxMatmulParts> parts;
   std::array<const ApplyPlan*, kMaxMatmulParts> plans{};
-  bool allDisjoint = true, allNarrow = true;
   for (int64_t p = 0; p < count; p++) {
     const std::string where = "soppu native matmulGroup: part " + std::to_string(p) + ": ";
     const Napi::Value yValue = flat[static_cast<uint32_t>(p * kFields)], wValue = flat[static_cast<uint32_t>(p * kFields + 1)];
@@ -619,70 +678,20 @@ Napi::Value MatmulGroup(const Napi::CallbackInfo& info) {
         return env.Undefined();
       }
       plans[p] = plan;
-      allDisjoint = allDisjoint && plan->disjoint;
     } else if (!planValue.IsUndefined() && !planValue.IsNull()) {
       return Fail(env, where + "plan must come from loraApplyPlan"), env.Undefined();
     }
-    allNarrow = allNarrow && dtype != 0;
     parts[p] = MatmulArgs{static_cast<float*>(y), x.data, w, static_cast<WeightDtype>(dtype), m, n, k, k, false};
   }
-  std::array<int64_t, kMaxMatmulParts + 1> firstTile{}, firstRank{};  // part p's tiles and rank vectors start here
-  for (int64_t p = 0; p < count; p++) {
-    firstTile[p + 1] = firstTile[p] + (plans[p] ? static_cast<int64_t>(plans[p]->tiles.size()) : 0);
-    firstRank[p + 1] = firstRank[p] + (plans[p] ? plans[p]->rankOffset.back() : 0);
+  // From kSidePrefetchRows rows on, each part runs as its own job: there the matmul items request their tiles'
+  // factors ahead, and a job over the whole group's weights asked for the first parts' lines long before their
+  // tiles ran (scratch A/B, batch 32 bf16: raw / base ~2 % lower), while the base model's step gained nothing
+  // measurable from the group (the engine bench's breakdown: linears and lm_head 23.6 → 23.8 ms).
+  if (m >= kSidePrefetchRows) {
+    for (int64_t p = 0; p < count; p++) RunGroup(isa, x.data, &parts[p], &plans[p], 1);
+  } else {
+    RunGroup(isa, x.data, parts.data(), plans.data(), count);
   }
-  const int64_t tiles = firstTile[count];
-  if (tiles == 0) {
-    MatmulParts(isa, parts.data(), count);
-    return env.Undefined();
-  }
-  if (!allDisjoint) {  // overlapping segments: one after another, as loraApply runs them
-    MatmulParts(isa, parts.data(), count);
-    for (int64_t p = 0; p < count; p++)
-      if (plans[p])
-        RunTiles(false, plans[p]->tiles, plans[p]->firstTile, false,
-                 [&](const Tile& tile) { ApplyTile(isa, *plans[p], tile, x.data, parts[p].y); });
-    return env.Undefined();
-  }
-  // tile t of the group: part p's tile t - firstTile[p]
-  const auto partOf = [&](int64_t t) {
-    int64_t p = 0;
-    while (t >= firstTile[p + 1]) p++;
-    return p;
-  };
-  // every tile's rank vectors: part p's tile i's, u: [tile rows, rank] from firstRank[p] + its plan's rankOffset[i]
-  std::vector<float> rankVectors(static_cast<size_t>(firstRank[count]));
-  const auto rankVectorsOf = [&](int64_t p, int64_t i) { return rankVectors.data() + firstRank[p] + plans[p]->rankOffset[static_cast<size_t>(i)]; };
-  MatmulFusion fusion;
-  fusion.tasks = tiles;  // shrink and core: read only x, so they start during the matmuls' tail
-  fusion.run = [&](int64_t t) {
-    const int64_t p = partOf(t), i = t - firstTile[p];
-    ShrinkCoreTile(isa, *plans[p], plans[p]->tiles[static_cast<size_t>(i)], x.data, rankVectorsOf(p, i));
-  };
-  fusion.finalTasks = tiles;  // expand: once the matmuls have written every y
-  fusion.runFinal = [&](int64_t t) {
-    const int64_t p = partOf(t), i = t - firstTile[p];
-    ExpandRowTile(isa, *plans[p], plans[p]->tiles[static_cast<size_t>(i)], rankVectorsOf(p, i), parts[p].y);
-  };
-  // The matmuls' blocks request the tiles' factors and cores a few lines per block tile, so they arrive
-  // while they compute. That pays where the matmuls leave memory bandwidth spare: 16-bit weights with at
-  // least kSidePrefetchRows rows. An f32 W streams twice the bytes per multiply-add, and with the extra
-  // requests it slowed down more than the tiles sped up (see docs/architecture.md).
-  std::vector<PrefetchRange> joined;  // the parts' ranges in tile order, when more than one part has a plan
-  if (allNarrow && m >= kSidePrefetchRows) {
-    for (int64_t p = 0; p < count; p++) {
-      if (!plans[p]) continue;
-      if (fusion.prefetch) {
-        if (joined.empty()) joined = *fusion.prefetch;
-        joined.insert(joined.end(), plans[p]->prefetch.begin(), plans[p]->prefetch.end());
-        fusion.prefetch = &joined;
-      } else {
-        fusion.prefetch = &plans[p]->prefetch;
-      }
-      fusion.prefetchLines += plans[p]->prefetchLines;
-    }
-  }
-  MatmulParts(isa, parts.data(), count, &fusion);
   return env.Undefined();
 }
 

@@ -141,9 +141,10 @@ export interface KernelSet {
    * Several linear layers of one input (a layer's q, k and v; its gate and up): per part,
    * y[M,N] = x[M,K] · W[N,K]ᵀ, plus its rows' adapter deltas when the part has segments — the same
    * result as matmul or matmulLora on each part (up to rounding). Every W has K = x's columns; at most
-   * MAX_MATMUL_GROUP parts, with distinct y arrays that do not overlap x. The native one runs the whole
-   * group in one pool job (the matmuls over the parts' weights in turn, then every part's adapter tiles):
-   * a decode step then streams one run of weights per group instead of one per linear, with one dispatch.
+   * MAX_MATMUL_GROUP parts, with distinct y arrays that do not overlap x. With few rows (below 16) the
+   * native one runs the whole group in one pool job (the matmuls over the parts' weights in turn, then every
+   * part's adapter tiles): a decode step then streams one run of weights per group instead of one per
+   * linear, with one dispatch. With more rows each part runs as its own job, as matmulLora.
    */
   matmulGroup(x: Float32Array, m: number, parts: readonly MatmulGroupPart[]): void;
   /**
