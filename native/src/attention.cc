@@ -122,8 +122,15 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
   const AttentionView view{out.data, q.data, kCache.data, vCache.data, blockTable.data,
                            heads, kvHeads, headDim, blockSize, static_cast<float>(scale)};
   ParallelFor(tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(static_cast<size_t>(headsPerTask * headDim)), scores(static_cast<size_t>(headsPerTask * blockSize)),
-        runningMax(static_cast<size_t>(headsPerTask)), runningSum(static_cast<size_t>(headsPerTask));
+    // per-thread scratch, grown and kept (a decode row's call has a few tasks per thread, and four
+    // allocations per chunk were a visible share of it)
+    thread_local std::vector<float> scratch;
+    const size_t accSize = static_cast<size_t>(headsPerTask * headDim), scoresSize = static_cast<size_t>(headsPerTask * blockSize);
+    if (scratch.size() < accSize + scoresSize + 2 * static_cast<size_t>(headsPerTask)) scratch.resize(accSize + scoresSize + 2 * static_cast<size_t>(headsPerTask));
+    float* const acc = scratch.data();
+    float* const scores = acc + accSize;
+    float* const runningMax = scores + scoresSize;
+    float* const runningSum = runningMax + headsPerTask;
     for (int64_t task = begin; task < end; task++) {
       // Zigzag over rows (first, last, second, second-last, …) so each contiguous chunk mixes
       // short and long causal prefixes.
@@ -135,8 +142,8 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
       const int64_t kvHead = (task % unitsPerRow) / slices, slice = (task % unitsPerRow) % slices;
       const int64_t firstHead = kvHead * groupSize + slice * headsPerTask;
       const int64_t headCount = std::min(headsPerTask, groupSize - slice * headsPerTask);
-      SOPPU_DISPATCH(isa, AttendGroup(view, row, firstHead, headCount, blockTableStart.data[s], position, acc.data(),
-                                      scores.data(), runningMax.data(), runningSum.data()));
+      SOPPU_DISPATCH(isa, AttendGroup(view, row, firstHead, headCount, blockTableStart.data[s], position, acc, scores, runningMax,
+                                      runningSum));
     }
   });
   return env.Undefined();

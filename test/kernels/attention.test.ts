@@ -25,6 +25,7 @@ interface AttentionCase {
 
 const CASES: AttentionCase[] = [
   { name: 'odd: D 6, block 5, 3/1 heads, prefill+decode', heads: 3, kvHeads: 1, headDim: 6, blockSize: 5, sequences: [{ qLen: 7, ctxLen: 7 }, { qLen: 1, ctxLen: 12 }], gaps: true },
+  { name: 'odd: D 40, block 20 (a 16-position chunk and a tail), 4/2 heads', heads: 4, kvHeads: 2, headDim: 40, blockSize: 20, sequences: [{ qLen: 3, ctxLen: 45 }, { qLen: 1, ctxLen: 21 }] },
   { name: 'odd: D 1, block 1', heads: 2, kvHeads: 2, headDim: 1, blockSize: 1, sequences: [{ qLen: 3, ctxLen: 4 }] },
   { name: 'SmolLM 9/3 D 64 prefill', heads: 9, kvHeads: 3, headDim: 64, blockSize: 16, sequences: [{ qLen: 20, ctxLen: 20 }] },
   { name: 'SmolLM 9/3 D 64 decode ×3', heads: 9, kvHeads: 3, headDim: 64, blockSize: 16, sequences: [{ qLen: 1, ctxLen: 37 }, { qLen: 1, ctxLen: 1 }, { qLen: 1, ctxLen: 16 }] },
