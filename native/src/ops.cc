@@ -1,6 +1,8 @@
 // Native element-wise and row-wise ops (rmsnorm, rope, softmax, siluMul, add, addBias, embedding),
 // each in scalar / AVX2 / AVX-512 variants. Contracts: src/kernels/kernel-set.ts; spec: src/kernels/ref.
 #include "native-args.h"
+#include <algorithm>
+#include <cmath>
 #include <type_traits>
 #include <vector>
 
@@ -62,6 +64,58 @@ Napi::Value Rmsnorm(const Napi::CallbackInfo& info) {
   return env.Undefined();
 }
 
+// cos and sin of position · invFreq[i] (f64, rounded to f32, as the reference computes them) for positions
+// 0 … kept − 1 of the last invFreq seen, kept between calls: a step calls rope twice per layer with the same
+// positions, and computing them in every call was most of rope's time (batch 32: ~1 ms of a SmolLM step).
+// A position outside the table (negative, or past kMaxBytes of it) gets its row computed for that call.
+class RopeAngles {
+ public:
+  std::vector<const float*> cosines, sines;  // per token of the last Prepare: its row
+
+  void Prepare(const float* invFreq, int64_t half, const int32_t* positions, int64_t tokens) {
+    if (half != half_ || !std::equal(invFreq, invFreq + half, invFreq_.begin())) {
+      invFreq_.assign(invFreq, invFreq + half);
+      half_ = half;
+      kept_ = 0;
+    }
+    const int64_t limit = std::max<int64_t>(1, kMaxBytes / (8 * half));
+    int64_t wanted = kept_, outside = 0;
+    for (int64_t t = 0; t < tokens; t++) {
+      if (positions[t] >= 0 && positions[t] < limit) wanted = std::max<int64_t>(wanted, positions[t] + 1);
+      else outside++;
+    }
+    if (wanted > kept_) {  // grow geometrically, so a sequence that creeps forward fills it in few passes
+      const int64_t kept = std::min(limit, std::max(wanted, 2 * kept_));
+      table_.resize(static_cast<size_t>(2 * kept * half));
+      for (int64_t p = kept_; p < kept; p++) Fill(static_cast<double>(p), table_.data() + 2 * p * half);
+      kept_ = kept;
+    }
+    spill_.resize(static_cast<size_t>(2 * outside * half));
+    cosines.resize(static_cast<size_t>(tokens));
+    sines.resize(static_cast<size_t>(tokens));
+    for (int64_t t = 0, spilled = 0; t < tokens; t++) {
+      const int64_t p = positions[t];
+      float* row = p >= 0 && p < kept_ ? table_.data() + 2 * p * half : spill_.data() + 2 * spilled++ * half;
+      if (!(p >= 0 && p < kept_)) Fill(static_cast<double>(p), row);
+      cosines[static_cast<size_t>(t)] = row;
+      sines[static_cast<size_t>(t)] = row + half;
+    }
+  }
+
+ private:
+  static constexpr int64_t kMaxBytes = 8 << 20;
+  // row: [cos of the half angles, sin of them]
+  void Fill(double position, float* row) const {
+    for (int64_t i = 0; i < half_; i++) {
+      const double angle = position * static_cast<double>(invFreq_[static_cast<size_t>(i)]);
+      row[i] = static_cast<float>(std::cos(angle));
+      row[half_ + i] = static_cast<float>(std::sin(angle));
+    }
+  }
+  std::vector<float> invFreq_, table_, spill_;
+  int64_t half_ = 0, kept_ = 0;
+};
+
 // rope(isa, x, positions, tokens, heads, headDim, invFreq)
 Napi::Value Rope(const Napi::CallbackInfo& info) {
   const Napi::Env env = info.Env();
@@ -83,10 +137,13 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
       !NeedLength(env, op, "positions", positions.length, tokens) ||
       !NeedLength(env, op, "invFreq", invFreq.length, headDim / 2))
     return env.Undefined();
+  thread_local RopeAngles angles;  // per calling thread
+  angles.Prepare(invFreq.data, headDim / 2, positions.data, tokens);
+  // the rows by pointer: inside the lambda `angles` would name each pool thread's own (empty) instance
+  const float* const* cosines = angles.cosines.data();
+  const float* const* sines = angles.sines.data();
   ParallelFor(tokens, RowGrain(heads * headDim), [&](int64_t begin, int64_t end) {
-    std::vector<float> cosBuffer(static_cast<size_t>(headDim / 2)), sinBuffer(static_cast<size_t>(headDim / 2));
-    SOPPU_DISPATCH(isa, RopeTokens(x.data, positions.data, begin, end, heads, headDim, invFreq.data, cosBuffer.data(),
-                                   sinBuffer.data()));
+    SOPPU_DISPATCH(isa, RopeTokens(x.data, cosines, sines, begin, end, heads, headDim));
   });
   return env.Undefined();
 }

@@ -30,7 +30,7 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_
     expectClose(inPlace, want, TOLERANCE, 'rmsnorm in place');
   });
 
-  it.each([[1, 1, 2], [4, 3, 6], [3, 9, 64], [2, 14, 64], [2, 32, 128]])('rope tokens %i heads %i D %i', (tokens, heads, headDim) => {
+  it.each([[1, 1, 2], [4, 3, 6], [3, 9, 64], [2, 14, 64], [2, 32, 128], [64, 9, 64], [40, 32, 128]])('rope tokens %i heads %i D %i (many tokens: on the pool)', (tokens, heads, headDim) => {
     const x = randomArray(rng, tokens * heads * headDim);
     const positions = Int32Array.from({ length: tokens }, (_, t) => (t === 0 ? 0 : rng.int(8000)));
     const invFreq = ropeInvFreq(headDim, 500000, { ropeType: 'llama3', factor: 32, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 });
@@ -39,6 +39,22 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_
     const got = offsetCopy(x);
     native.rope(got, offsetCopy(positions), tokens, heads, headDim, offsetCopy(invFreq));
     expectClose(got, want, TOLERANCE, 'rope');
+  });
+
+  it('rope keeps its angles between calls per invFreq: the same as the reference across frequency changes, growing positions and positions past its table', () => {
+    const heads = 2;
+    const cases: [number, number][] = [[64, 10000], [64, 500000], [128, 10000], [64, 10000]]; // [D, theta], the first again last
+    for (const [headDim, theta] of cases) {
+      const invFreq = ropeInvFreq(headDim, theta);
+      // small positions, then larger ones (the table grows), then negative ones and one past any table
+      for (const positions of [Int32Array.of(0, 1, 2), Int32Array.of(3, 900, 40000), Int32Array.of(-5, 7, 3_000_000)]) {
+        const x = randomArray(rng, positions.length * heads * headDim);
+        const want = x.slice();
+        refKernels.rope(want, positions, positions.length, heads, headDim, invFreq);
+        native.rope(x, positions, positions.length, heads, headDim, invFreq);
+        expectClose(x, want, TOLERANCE, `rope D ${headDim} theta ${theta} positions ${Array.from(positions).join(',')}`);
+      }
+    }
   });
 
   it.each([[1, 1], [3, 17], [4, 151], [2, 4096]])('softmax rows %i cols %i', (rows, cols) => {
