@@ -274,8 +274,9 @@ export async function run(argv: string[]): Promise<void> {
       // batch 1: each round's base step and the read bandwidth measured right after it
       const roundSteps: number[] = [];
       const roundBandwidths: number[] = [];
-      // adapters loaded by a first short run, so the timed runs measure decode only
-      for (const mode of ['raw', 'compressed'] as const) await decodeRate(engine, mode, batch, 1, 0);
+      // a first short run per mode (adapters loaded, this batch size's buffers grown), so the timed runs measure
+      // decode only: without one for base, round 0's base read ~15 % slower than the later rounds' (f32, batch 1)
+      for (const mode of MODE_ORDER) await decodeRate(engine, mode, batch, 1, 0);
       // modes interleaved over rounds (the machine is shared): the best rate of each mode, and each
       // round's mode / base ratio (measured back to back, so a load drifting between rounds cancels; the
       // order reverses every round, so a drift within a round cancels over two: in a fixed order the
