@@ -6,7 +6,6 @@
 #include "matmul.h"
 #include <algorithm>
 #include <array>
-#include <cmath>
 #include <memory>
 #include <vector>
 
@@ -654,13 +653,12 @@ Napi::Value MatmulGroup(const Napi::CallbackInfo& info) {
     const Napi::Value yValue = flat[static_cast<uint32_t>(p * kFields)], wValue = flat[static_cast<uint32_t>(p * kFields + 1)];
     const Napi::Value dtypeValue = flat[static_cast<uint32_t>(p * kFields + 2)], nValue = flat[static_cast<uint32_t>(p * kFields + 3)];
     const Napi::Value planValue = flat[static_cast<uint32_t>(p * kFields + 4)];
-    const double dtypeNumber = dtypeValue.IsNumber() ? dtypeValue.As<Napi::Number>().DoubleValue() : -1;
-    const double nNumber = nValue.IsNumber() ? nValue.As<Napi::Number>().DoubleValue() : -1;
-    if (!(nNumber >= 0 && nNumber < 2147483648.0 && nNumber == std::floor(nNumber)))
-      return Fail(env, where + "n must be an integer >= 0 and < 2^31"), env.Undefined();
-    const int dtype = dtypeNumber == std::floor(dtypeNumber) && dtypeNumber >= 0 && dtypeNumber <= 2 ? static_cast<int>(dtypeNumber) : -1;
-    if (!DtypeCodeOk(env, where + "w ", dtype)) return env.Undefined();
-    const int64_t n = static_cast<int64_t>(nNumber);
+    int64_t n, dtypeCode;
+    if (!IntValue(env, nValue, 0, &n, [&] { return where + "n"; }) ||
+        !IntValue(env, dtypeValue, 0, &dtypeCode, [&] { return where + "wDtype"; }) ||
+        !DtypeCodeOk(env, where + "w ", static_cast<int>(dtypeCode)))
+      return env.Undefined();
+    const int dtype = static_cast<int>(dtypeCode);
     void* y = nullptr;
     void* w = nullptr;
     size_t yLength = 0, wLength = 0;

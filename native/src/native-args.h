@@ -76,16 +76,23 @@ inline bool GetI32(const Napi::CallbackInfo& info, size_t index, const char* op,
   return GetArray(info, index, napi_int32_array, op, name, out);
 }
 
+/**
+ * `value` as an integer in [minimum, 2^31); fails with what() (built only then: this runs per call) + the limits.
+ * For values that are not a call's own arguments (an element of an array argument); GetInt for those.
+ */
+template <typename What>
+inline bool IntValue(const Napi::Env& env, const Napi::Value& value, int64_t minimum, int64_t* out, What what) {
+  const double number = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : NAN;
+  if (!(number >= static_cast<double>(minimum) && number < 2147483648.0 && number == std::floor(number)))
+    return Fail(env, what() + " must be an integer >= " + std::to_string(minimum) + " and < 2^31");
+  *out = static_cast<int64_t>(number);
+  return true;
+}
+
 /** Argument `index` as an integer in [minimum, 2^31); fails naming op and argument. */
 inline bool GetInt(const Napi::CallbackInfo& info, size_t index, const char* op, const char* name, int64_t minimum,
                    int64_t* out) {
-  const Napi::Value value = info[index];
-  const double number = value.IsNumber() ? value.As<Napi::Number>().DoubleValue() : NAN;
-  if (!(number >= static_cast<double>(minimum) && number < 2147483648.0 && number == std::floor(number)))
-    return Fail(info.Env(), std::string("soppu native ") + op + ": " + name + " must be an integer >= " +
-                                std::to_string(minimum) + " and < 2^31");
-  *out = static_cast<int64_t>(number);
-  return true;
+  return IntValue(info.Env(), info[index], minimum, out, [&] { return std::string("soppu native ") + op + ": " + name; });
 }
 
 inline bool GetNumber(const Napi::CallbackInfo& info, size_t index, const char* op, const char* name, double* out) {

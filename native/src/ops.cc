@@ -95,8 +95,9 @@ class RopeAngles {
     sines.resize(static_cast<size_t>(tokens));
     for (int64_t t = 0, spilled = 0; t < tokens; t++) {
       const int64_t p = positions[t];
-      float* row = p >= 0 && p < kept_ ? table_.data() + 2 * p * half : spill_.data() + 2 * spilled++ * half;
-      if (!(p >= 0 && p < kept_)) Fill(static_cast<double>(p), row);
+      const bool kept = p >= 0 && p < kept_;
+      float* row = kept ? table_.data() + 2 * p * half : spill_.data() + 2 * spilled++ * half;
+      if (!kept) Fill(static_cast<double>(p), row);
       cosines[static_cast<size_t>(t)] = row;
       sines[static_cast<size_t>(t)] = row + half;
     }

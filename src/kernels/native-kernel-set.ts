@@ -7,6 +7,7 @@ import { loadNativeAddon } from './native-addon.js';
 import { nativeCoreOps } from './native-core-ops.js';
 import { nativeOps } from './native-ops.js';
 import { refKernels } from './ref/index.js';
+import { matmulGroupOf } from './ref/lora.js';
 
 const cache = new Map<number, KernelSet>();
 
@@ -28,14 +29,7 @@ export function nativeKernelSet(variantIndex: number): KernelSet {
       set.loraApply(y, w.rows, x, w.cols, segments, cores);
     };
   }
-  if (!ops.matmulGroup) {
-    set.matmulGroup = (x, m, parts) => {
-      for (const part of parts) {
-        if (part.segments) set.matmulLora(part.y, x, part.w, m, part.segments, part.cores ?? []);
-        else set.matmul(part.y, x, part.w, m);
-      }
-    };
-  }
+  if (!ops.matmulGroup) set.matmulGroup = matmulGroupOf(set); // its parts one by one, on this set's ops
   cache.set(variantIndex, set);
   return set;
 }

@@ -41,23 +41,27 @@ function weights(rng: Random, dtype: 'f32' | 'bf16' | 'f16', n: number, k: numbe
   return weightMatrix(dtype, n, k, offsetCopy(Uint16Array.from(values, dtype === 'bf16' ? f32ToBf16 : f32ToF16)));
 }
 
+/** `build()` once per key, kept in `cache`: a case's inputs and reference result, shared by the variants (large shapes are slow in TS). */
+function builtOnce<T>(cache: Map<string, T>, key: string, build: () => T): T {
+  let hit = cache.get(key);
+  if (hit === undefined) cache.set(key, (hit = build()));
+  return hit;
+}
+
 type MatmulLoraCase = ReturnType<typeof applyCase> & { w: WeightMatrix; x: Float32Array; want: Float32Array };
 const matmulLoraCases = new Map<string, MatmulLoraCase>();
 
-/** A matmulLora case's inputs and reference result, built once and shared by the variants (the large shapes are slow in TS). */
+/** A matmulLora case's inputs and reference result. */
 function matmulLoraCase(spec: SegmentCase, dtype: 'f32' | 'bf16'): MatmulLoraCase {
-  const key = `${spec.name}/${dtype}`;
-  const hit = matmulLoraCases.get(key);
-  if (hit) return hit;
-  const rng = new Random(23);
-  const inputs = applyCase(rng, spec, dtype);
-  const w = weights(rng, dtype, spec.n, spec.k);
-  const x = randomArray(rng, inputs.rows * spec.k);
-  const want = new Float32Array(inputs.rows * spec.n);
-  refKernels.matmulLora(want, x, w, inputs.rows, inputs.segments, inputs.cores);
-  const built = { ...inputs, w, x, want };
-  matmulLoraCases.set(key, built);
-  return built;
+  return builtOnce(matmulLoraCases, `${spec.name}/${dtype}`, () => {
+    const rng = new Random(23);
+    const inputs = applyCase(rng, spec, dtype);
+    const w = weights(rng, dtype, spec.n, spec.k);
+    const x = randomArray(rng, inputs.rows * spec.k);
+    const want = new Float32Array(inputs.rows * spec.n);
+    refKernels.matmulLora(want, x, w, inputs.rows, inputs.segments, inputs.cores);
+    return { ...inputs, w, x, want };
+  });
 }
 
 interface GroupCase {
@@ -79,24 +83,21 @@ const GROUP_CASES: GroupCase[] = [
 type BuiltGroup = { x: Float32Array; parts: MatmulGroupPart[]; want: Float32Array[] };
 const groupCases = new Map<string, BuiltGroup>();
 
-/** A matmulGroup case's inputs and the reference result per part, built once and shared by the variants. */
+/** A matmulGroup case's inputs and the reference result per part. */
 function groupCase(spec: GroupCase, dtype: 'f32' | 'bf16'): BuiltGroup {
-  const key = `${spec.name}/${dtype}`;
-  const hit = groupCases.get(key);
-  if (hit) return hit;
-  const rng = new Random(41);
-  const x = randomArray(rng, spec.rows * spec.k);
-  const parts = spec.parts.map(({ n, segments }): MatmulGroupPart => {
-    const w = weights(rng, dtype, n, spec.k);
-    const y = new Float32Array(spec.rows * n);
-    if (!segments) return { y, w };
-    const adapted = applyCase(rng, { name: spec.name, k: spec.k, n, segments }, dtype);
-    return { y, w, segments: adapted.segments, cores: adapted.cores.slice(0, spec.rows) };
+  return builtOnce(groupCases, `${spec.name}/${dtype}`, () => {
+    const rng = new Random(41);
+    const x = randomArray(rng, spec.rows * spec.k);
+    const parts = spec.parts.map(({ n, segments }): MatmulGroupPart => {
+      const w = weights(rng, dtype, n, spec.k);
+      const y = new Float32Array(spec.rows * n);
+      if (!segments) return { y, w };
+      const adapted = applyCase(rng, { name: spec.name, k: spec.k, n, segments }, dtype);
+      return { y, w, segments: adapted.segments, cores: adapted.cores.slice(0, spec.rows) };
+    });
+    refKernels.matmulGroup(x, spec.rows, parts);
+    return { x, parts, want: parts.map((part) => part.y.slice()) };
   });
-  refKernels.matmulGroup(x, spec.rows, parts);
-  const built = { x, parts, want: parts.map((part) => part.y.slice()) };
-  groupCases.set(key, built);
-  return built;
 }
 
 function f32Matrix(rng: Random, rows: number, cols: number, std: number): WeightMatrix {

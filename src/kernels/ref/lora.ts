@@ -1,4 +1,4 @@
-import { MAX_MATMUL_GROUP, type LoraCore, type LoraRows, type LoraSegment, type MatmulGroupPart } from '../kernel-set.js';
+import { MAX_MATMUL_GROUP, type KernelSet, type LoraCore, type LoraRows, type LoraSegment } from '../kernel-set.js';
 import { holdsDtype, storedToF32 } from '../../tensor/dtype.js';
 import { weightAt, type WeightMatrix } from '../../tensor/weight-matrix.js';
 import { matmul } from './matmul.js';
@@ -112,16 +112,23 @@ export function matmulLora(y: Float32Array, x: Float32Array, w: WeightMatrix, m:
   loraApply(y, w.rows, x, w.cols, segments, cores);
 }
 
-/** Each part as matmulLora (with segments) or matmul (without) of the one x: see KernelSet.matmulGroup. */
-export function matmulGroup(x: Float32Array, m: number, parts: readonly MatmulGroupPart[]): void {
-  if (parts.length > MAX_MATMUL_GROUP) throw new RangeError(`matmulGroup: ${parts.length} parts, at most ${MAX_MATMUL_GROUP}`);
-  const k = parts[0]?.w.cols ?? 0;
-  parts.forEach((part, i) => {
-    if (part.w.cols !== k) throw new RangeError(`matmulGroup: part ${i} has K = ${part.w.cols}, part 0 has ${k}`);
-    if (part.segments) matmulLora(part.y, x, part.w, m, part.segments, part.cores ?? []); // y: [M, N]
-    else matmul(part.y, x, part.w, m); // y: [M, N]
-  });
+/**
+ * matmulGroup over a set's own matmul and matmulLora: each part as matmulLora (with segments) or matmul (without)
+ * of the one x (see KernelSet.matmulGroup). The reference's, and a native set's when its addon lacks the op.
+ */
+export function matmulGroupOf(kernels: Pick<KernelSet, 'matmul' | 'matmulLora'>): KernelSet['matmulGroup'] {
+  return (x, m, parts) => {
+    if (parts.length > MAX_MATMUL_GROUP) throw new RangeError(`matmulGroup: ${parts.length} parts, at most ${MAX_MATMUL_GROUP}`);
+    const k = parts[0]?.w.cols ?? 0;
+    parts.forEach((part, i) => {
+      if (part.w.cols !== k) throw new RangeError(`matmulGroup: part ${i} has K = ${part.w.cols}, part 0 has ${k}`);
+      if (part.segments) kernels.matmulLora(part.y, x, part.w, m, part.segments, part.cores ?? []); // y: [M, N]
+      else kernels.matmul(part.y, x, part.w, m); // y: [M, N]
+    });
+  };
 }
+
+export const matmulGroup = matmulGroupOf({ matmul, matmulLora });
 
 /**
  * The adapter work of (segments, cores) at new rows: row i is their row rowOf[i]; with `added`, its work joins
