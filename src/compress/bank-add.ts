@@ -8,7 +8,8 @@ import type { LoraAdapter } from '../io/lora-types.js';
 import { adapterConfigJsonOrNull } from './bank-source.js';
 import { basesKeyOf, checkAdapterId, type BankManifest, type ManifestAdapter, type ManifestAdapterSlot, type ManifestSlot } from './bank-manifest.js';
 import { openBank } from './bank-reader.js';
-import { adapterTensors, commitManifest, manifestSlotEntry, refitReasonsOf, sourceWeightsSha256, withBankLock, writeAdapterFile } from './bank-writer.js';
+import { withBankLock } from './bank-lock.js';
+import { adapterTensors, commitManifest, manifestSlotEntry, refitReasonsOf, sourceWeightsSha256, writeAdapterFile } from './bank-writer.js';
 import type { AdapterSlotResult, SlotBases } from './compression-types.js';
 import { projectAdapter, type BankSlotBases } from './project-adapter.js';
 

@@ -11,7 +11,7 @@
  * Data files are content-addressed (the name carries the first 16 hex digits of their sha256), so a
  * writer never overwrites a file the current manifest points at, and a new manifest only ever points
  * at files that were completely written first. The manifest records every data file's sha256 and size.
- * Writers hold `.lock` (pid inside; a dead writer's lock is taken over); after switching the manifest
+ * Writers hold `.lock` (pid and a token inside; a dead writer's lock is taken over: bank-lock.ts); after switching the manifest
  * they delete files neither the new nor the previous manifest references (one generation of grace for
  * readers that opened the previous one). Each adapter records its source directory and the sha256 of
  * its adapter_model.safetensors, so `bank refit` can tell whether the source is still the original.

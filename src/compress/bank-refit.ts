@@ -18,7 +18,8 @@ import type { LoraAdapter } from '../io/lora-types.js';
 import { adapterFromBank } from './bank-source.js';
 import type { BankManifest, ManifestAdapter } from './bank-manifest.js';
 import { openBank } from './bank-reader.js';
-import { sourceWeightsSha256, withBankLock, writeBankLocked, type AdapterExtras } from './bank-writer.js';
+import { withBankLock } from './bank-lock.js';
+import { sourceWeightsSha256, writeBankLocked, type AdapterExtras } from './bank-writer.js';
 import { compressAdapters } from './compress-adapters.js';
 
 export type RefitInput = 'auto' | 'sources' | 'bank';

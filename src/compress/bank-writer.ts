@@ -1,8 +1,8 @@
 /**
  * Writes adapter banks (format in bank-manifest.ts). Every change follows one order, so a crash at
  * any point leaves the previous or the new bank, never a broken one:
- *   1. take the bank's lock file (a writer killed with SIGKILL leaves it; the next writer sees the pid is
- *      dead and takes it over);
+ *   1. take the bank's lock (bank-lock.ts: a writer killed with SIGKILL leaves its lock file; the next
+ *      writer sees the pid is dead and takes it over);
  *   2. write new data files, each atomically (temp + fsync + rename), under content-addressed names no
  *      current file has;
  *   3. write manifest.json atomically (temp + fsync + rename + directory fsync): the switch;
@@ -10,9 +10,10 @@
  *      grace for servers that opened the previous one), and leftover temp files.
  */
 import { createHash } from 'node:crypto';
-import { mkdir, open, readdir, readFile, stat, unlink } from 'node:fs/promises';
+import { mkdir, readdir, readFile, stat, unlink } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
+import { withBankLock } from './bank-lock.js';
 import { safetensorsToBytes, tensorDataFromBytes, writeFileAtomic } from '../io/safetensors.js';
 import type { TensorToWrite } from '../io/safetensors-types.js';
 import type { PassthroughTensor } from '../io/lora-types.js';
@@ -34,45 +35,6 @@ export interface AdapterExtras {
 export interface WrittenFile {
   readonly path: string;
   readonly entry: ManifestFile;
-}
-
-const LOCK_NAME = '.lock';
-
-/** Runs `fn` holding the bank's lock file; a lock left by a dead process is taken over. */
-export async function withBankLock<T>(dir: string, fn: () => Promise<T>): Promise<T> {
-  await mkdir(dir, { recursive: true });
-  const lockPath = join(dir, LOCK_NAME);
-  for (let attempt = 0; ; attempt++) {
-    try {
-      const handle = await open(lockPath, 'wx');
-      await handle.writeFile(`${process.pid}\n`);
-      await handle.close();
-      break;
-    } catch (e) {
-      if ((e as NodeJS.ErrnoException).code !== 'EEXIST' || attempt >= 3) {
-        throw new SoppuError('FILE_IO', `${lockPath}: cannot create the bank lock (${(e as Error).message})`, { file: lockPath }, { cause: e });
-      }
-      const owner = Number.parseInt(await readFile(lockPath, 'utf8').catch(() => ''), 10);
-      if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
-        throw new SoppuError('BANK_CONFLICT', `${dir}: bank is being changed by process ${owner} (lock file ${lockPath}); retry when it finishes`, { file: lockPath });
-      }
-      await unlink(lockPath).catch(() => undefined);
-    }
-  }
-  try {
-    return await fn();
-  } finally {
-    await unlink(lockPath).catch(() => undefined);
-  }
-}
-
-function processAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (e) {
-    return (e as NodeJS.ErrnoException).code === 'EPERM';
-  }
 }
 
 export function sha256Hex(bytes: Uint8Array): string {

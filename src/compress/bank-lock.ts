@@ -1,0 +1,117 @@
+/**
+ * The bank's writer lock. One writer at a time changes a bank:
+ *   - within a process, callers on one directory queue behind each other (a server registering two
+ *     adapters with `compress` at once: both land, one after the other);
+ *   - across processes, `<bank>/.lock` names its holder (pid and a random token). A live holder's lock
+ *     is a BANK_CONFLICT for the other process; a dead holder's (a writer killed with SIGKILL) is taken
+ *     over.
+ * The lock file appears whole: it is written under a temporary name and linked into place, which fails
+ * when a lock exists, so no writer ever reads a lock that is still empty and takes it for a dead one's.
+ * A dead holder's lock is moved aside and then checked to be the very file judged dead: two writers
+ * taking over at once cannot both succeed, as the second moves the first one's new lock, sees another
+ * token, and puts it back.
+ */
+import { randomBytes } from 'node:crypto';
+import { link, mkdir, readFile, rename, unlink, writeFile } from 'node:fs/promises';
+import { join, resolve } from 'node:path';
+import { SoppuError } from '../errors/soppu-error.js';
+
+const LOCK_NAME = '.lock';
+/** Attempts to create the lock file before giving up (each failed one removed a dead holder's lock). */
+const MAX_ATTEMPTS = 8;
+
+/** Per bank directory, the tail of this process's queue of lock holders. */
+const queues = new Map<string, Promise<unknown>>();
+
+/** Runs `fn` holding the bank's lock (see the module comment); the lock is released when it settles. */
+export async function withBankLock<T>(dir: string, fn: () => Promise<T>): Promise<T> {
+  const key = resolve(dir);
+  const previous = queues.get(key) ?? Promise.resolve();
+  const run = previous.catch(() => undefined).then(() => withLockFile(dir, fn));
+  const tail = run.catch(() => undefined);
+  queues.set(key, tail);
+  try {
+    return await run;
+  } finally {
+    if (queues.get(key) === tail) queues.delete(key);
+  }
+}
+
+async function withLockFile<T>(dir: string, fn: () => Promise<T>): Promise<T> {
+  await mkdir(dir, { recursive: true });
+  const lockPath = join(dir, LOCK_NAME);
+  const token = `${process.pid} ${randomBytes(8).toString('hex')}\n`;
+  await takeLock(dir, lockPath, token);
+  try {
+    return await fn();
+  } finally {
+    // only our own lock: never one that a writer which judged us dead has put in its place
+    if ((await readFile(lockPath, 'utf8').catch(() => null)) === token) await unlink(lockPath).catch(() => undefined);
+  }
+}
+
+async function takeLock(dir: string, lockPath: string, token: string): Promise<void> {
+  for (let attempt = 0; attempt < MAX_ATTEMPTS; attempt++) {
+    if (await createWhole(lockPath, token)) return;
+    const seen = await readFile(lockPath, 'utf8').catch(() => null);
+    if (seen === null) continue; // released in the meantime
+    const owner = Number.parseInt(seen, 10);
+    // this process's own pid is a leftover of an earlier holder here: its holders queue (withBankLock)
+    if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
+      throw new SoppuError('BANK_CONFLICT', `${dir}: bank is being changed by process ${owner} (lock file ${lockPath}); retry when it finishes`, { file: lockPath });
+    }
+    const aside = tempName(lockPath);
+    try {
+      await rename(lockPath, aside);
+    } catch {
+      continue; // another writer removed it first
+    }
+    const moved = await readFile(aside, 'utf8').catch(() => null);
+    if (moved !== seen) {
+      // another writer replaced the dead lock with its own between our read and our move: put it back
+      const restored = await link(aside, lockPath).then(() => true, () => false);
+      await unlink(aside).catch(() => undefined);
+      const holder = Number.parseInt(moved ?? '', 10);
+      throw new SoppuError(
+        'BANK_CONFLICT',
+        `${dir}: bank is being changed by process ${holder} (it took over a dead writer's lock as this one did)${restored ? '' : `, and a third writer holds ${lockPath} now`}; retry when it finishes`,
+        { file: lockPath },
+      );
+    }
+    await unlink(aside).catch(() => undefined);
+  }
+  throw new SoppuError('BANK_CONFLICT', `${lockPath}: could not take the bank lock in ${MAX_ATTEMPTS} attempts (writers keep replacing it); retry`, { file: lockPath });
+}
+
+/** A name beside `path` that the bank's garbage collection removes if a crash leaves it (collectGarbage). */
+function tempName(path: string): string {
+  return `${path}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`;
+}
+
+/** Creates `path` holding `content`, whole, unless it exists (false). */
+async function createWhole(path: string, content: string): Promise<boolean> {
+  const temp = tempName(path);
+  let written = false;
+  try {
+    await writeFile(temp, content, { flag: 'wx' });
+    written = true;
+    await link(temp, path);
+    return true;
+  } catch (e) {
+    const code = (e as NodeJS.ErrnoException).code;
+    // ENOENT from link: the holder's garbage collection took our temp file (it removes temp files): held
+    if (code === 'EEXIST' || (written && code === 'ENOENT')) return false;
+    throw new SoppuError('FILE_IO', `${path}: cannot create the bank lock (${(e as Error).message})`, { file: path }, { cause: e });
+  } finally {
+    await unlink(temp).catch(() => undefined);
+  }
+}
+
+function processAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (e) {
+    return (e as NodeJS.ErrnoException).code === 'EPERM';
+  }
+}
