@@ -141,6 +141,8 @@ class SoppuEngine implements Engine {
   private readonly loadLocal: (dir: string) => Promise<LoraAdapter>;
   private readonly openBank: (dir: string) => Promise<BankReader>;
   private bank: BankReader | null;
+  /** The last bank change (registerAdapter with compress); the next one starts after it. */
+  private bankChanges: Promise<unknown> = Promise.resolve();
   private readonly slotShape: SlotShape;
   private readonly loraDtype: WeightDtype;
   private readonly all = new Set<RequestState>();
@@ -554,9 +556,15 @@ class SoppuEngine implements Engine {
       // projected onto the bank's shared bases and written into the bank, then served compressed
       if (!this.bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
       const bankDir = this.bank.dir;
-      await addToBank(bankDir, id, adapter);
-      this.bank = await this.openBank(bankDir);
-      this.cache.setBank(this.bank);
+      // one bank change at a time, each reopening the bank after its own write: a change's reopen landing
+      // after a later change's would serve the older manifest (the bank lock already orders the writes)
+      const change = this.bankChanges.catch(() => undefined).then(async () => {
+        await addToBank(bankDir, id, adapter);
+        this.bank = await this.openBank(bankDir);
+        this.cache.setBank(this.bank);
+      });
+      this.bankChanges = change;
+      await change;
       if (this.cache.peek(id)) this.cache.remove(id);
       if (pinned) this.cache.pin(id, true);
       return this.statusOf(id);

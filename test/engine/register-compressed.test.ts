@@ -21,6 +21,7 @@ beforeAll(async () => {
   const adapters = [0, 1, 2].map((i) => ({ id: `user-${i}`, adapter: randomLora(model.config, 60 + i, 4, 8) }));
   await compressIntoBank(adapters, join(root, 'bank'), { compress: { method: 'jd-full', rank: 6, seed: 1 } });
   await saveLoraAdapter(join(root, 'new-adapter'), randomLora(model.config, 70, 4, 8));
+  for (const i of [0, 1]) await saveLoraAdapter(join(root, `concurrent-${i}`), randomLora(model.config, 80 + i, 4, 8));
 });
 afterAll(async () => {
   await rm(root, { recursive: true, force: true });
@@ -49,6 +50,22 @@ describe('registerAdapter with compress', () => {
     const old = await collect(engine.generate({ prompt, maxNewTokens: 4, ignoreEos: true, adapterId: 'user-1' }));
     expect(old.finishReason).toBe('length');
     await expect(engine.registerAdapter('fresh', join(root, 'new-adapter'), { compress: true })).rejects.toMatchObject({ code: 'BANK_CONFLICT' });
+    await engine.close();
+  });
+
+  it('registers two adapters with compress at once: both land in the bank and both serve', async () => {
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir: join(root, 'bank'), kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7,
+    });
+    await Promise.all([0, 1].map((i) => engine.registerAdapter(`together-${i}`, join(root, `concurrent-${i}`), { compress: true })));
+    const reopened = await openBank(join(root, 'bank'));
+    for (const i of [0, 1]) {
+      expect(reopened.has(`together-${i}`)).toBe(true);
+      expect(engine.hasAdapter(`together-${i}`)).toBe(true);
+      const out = await collect(engine.generate({ prompt: 'hi', maxNewTokens: 3, ignoreEos: true, adapterId: `together-${i}` }));
+      expect(out.finishReason).toBe('length');
+    }
     await engine.close();
   });
 });
