@@ -127,8 +127,8 @@ export class AdapterCache {
   pin(id: string, pinned: boolean): AdapterEntry {
     const entry = this.entryFor(id);
     entry.pinned = pinned;
-    if (pinned) this.pump();
-    else this.evictToFit();
+    if (!pinned) this.evictToFit();
+    this.pump(); // a pin may start a load; an unpin may have freed room for one
     return entry;
   }
 
@@ -251,14 +251,17 @@ export class AdapterCache {
         resident = residentFromBank(parts, loaded, this.options.slotShape, bank.dir, this.options.factorDtype);
       }
       if (entry.stale && entry.users === 0) {
+        // removed or replaced, and released, while it loaded: nobody will use it. Its load slot and
+        // budget share free up all the same, so the loads waiting for them start below.
         for (const key of heldBases) this.releaseBases(key);
-        return;
+        entry.state = 'disk';
+      } else {
+        entry.resident = resident;
+        entry.knownBytes = resident.bytes;
+        entry.state = 'resident';
+        this.adapterBytes += resident.bytes;
+        this.counts.loads++;
       }
-      entry.resident = resident;
-      entry.knownBytes = resident.bytes;
-      entry.state = 'resident';
-      this.adapterBytes += resident.bytes;
-      this.counts.loads++;
     } catch (e) {
       for (const key of heldBases) this.releaseBases(key);
       entry.state = 'failed';
@@ -338,6 +341,7 @@ export class AdapterCache {
     old.stale = true;
     if (old.users === 0) this.drop(old);
     else this.staleHeld.add(old);
+    this.pump(); // dropping it may have freed room for a waiting load
   }
 
   private drop(entry: AdapterEntry): void {

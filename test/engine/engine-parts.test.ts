@@ -211,6 +211,31 @@ describe('AdapterCache', () => {
     c.release(fresh);
     expect(() => c.acquire('unknown')).toThrow(/not in the bank/);
   });
+
+  it('a load abandoned while it runs (released, then removed) still frees its slot: the load waiting for it starts', async () => {
+    let openGate: () => void = () => undefined;
+    const gate = new Promise<void>((resolve) => (openGate = resolve));
+    const loadLocal = async (dir: string): Promise<LoraAdapter> => {
+      if (dir === '/a/0') await gate;
+      return memoryLoader(adapters)(dir);
+    };
+    const c = new AdapterCache({ budgetBytes: 1 << 30, bank: null, loadLocal, slotShape: slotShapeOf(config), maxConcurrentLoads: 1 });
+    c.register('l0', { source: 'local', dir: '/a/0' });
+    c.register('l1', { source: 'local', dir: '/a/1' });
+    const first = c.acquire('l0');
+    const second = c.acquire('l1');
+    await settle();
+    expect([first.state, second.state]).toEqual(['loading', 'disk']); // one load at a time
+    c.release(first); // its request went away
+    c.remove('l0');
+    openGate();
+    await settle();
+    await settle();
+    expect(second.state).toBe('resident'); // before the fix it stayed on disk until some unrelated cache call
+    expect(first.state).toBe('disk');
+    expect(c.bytesResident).toBe(second.resident!.bytes);
+    c.release(second);
+  });
 });
 
 describe('Scheduler deadlock', () => {
