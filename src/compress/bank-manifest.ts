@@ -125,12 +125,18 @@ export function parseBasesKey(key: string): { cluster: number; path: string } | 
 
 const MAX_ID_LENGTH = 256;
 
+/** The prefix of the ids the engine gives adapters that requests name by directory; no bank id has it. */
+export const LOCAL_ADAPTER_PREFIX = '@local:';
+
 /** Checks an adapter id (used in the API's adapter_id field and in file names after sanitising). */
 export function checkAdapterId(id: string, field = 'id'): void {
   if (id.length === 0) throw new SoppuError('CONFIG', `adapter ${field} is empty`, { field });
   if (id.length > MAX_ID_LENGTH) throw new SoppuError('CONFIG', `adapter ${field} ${JSON.stringify(id.slice(0, 40))}… is ${id.length} characters (limit ${MAX_ID_LENGTH})`, { field, limit: MAX_ID_LENGTH });
   // eslint-disable-next-line no-control-regex
   if (/[\u0000-\u001f\u007f]/.test(id)) throw new SoppuError('CONFIG', `adapter ${field} ${JSON.stringify(id)} contains control characters`, { field });
+  if (id.startsWith(LOCAL_ADAPTER_PREFIX)) {
+    throw new SoppuError('CONFIG', `adapter ${field} ${JSON.stringify(id)} starts with ${LOCAL_ADAPTER_PREFIX}, which names adapters served from a directory`, { field });
+  }
 }
 
 /** A file-name-safe rendering of an id (uniqueness comes from the content hash beside it). */

@@ -16,6 +16,7 @@ import { loadLlamaModel, modelWeightDtype, type LlamaModel } from '../model/llam
 import { loadTokenizer } from '../model/tokenizer.js';
 import { loadLoraAdapter } from '../io/load-lora-adapter.js';
 import { addToBank } from '../compress/bank-add.js';
+import { LOCAL_ADAPTER_PREFIX } from '../compress/bank-manifest.js';
 import { openBank } from '../compress/bank-reader.js';
 import { AdapterBatcher, compareAdapters } from './adapter-batch.js';
 import { AdapterCache, type AdapterEntry } from './adapter-cache.js';
@@ -293,8 +294,11 @@ class SoppuEngine implements Engine {
     if (request.adapterSource === 'local') {
       const dir = request.adapterPath;
       if (!dir) throw new SoppuError('VALIDATION', `adapter ${id}: adapter_source "local" needs a directory path`, { field: 'adapter_id' });
-      const known = this.cache.peek(id);
-      if (!known || known.spec.source !== 'local' || known.spec.dir !== dir) this.cache.register(id, { source: 'local', dir });
+      // keyed by its directory, apart from registered and bank ids: a caller naming a local folder after
+      // another adapter's id must not replace that adapter for everyone else
+      const key = localAdapterKey(dir);
+      if (!this.cache.peek(key)) this.cache.register(key, { source: 'local', dir });
+      return this.cache.acquire(key);
     }
     return this.cache.acquire(id);
   }
@@ -630,6 +634,14 @@ class SoppuEngine implements Engine {
     await this.drain(0);
     this.closed = true;
   }
+}
+
+/**
+ * The cache key (and listed id) of an adapter a request names by directory (adapter_source "local"). No
+ * registered id (ADAPTER_ID_PATTERN: a letter or digit first) or bank id (checkAdapterId) has its prefix.
+ */
+export function localAdapterKey(dir: string): string {
+  return `${LOCAL_ADAPTER_PREFIX}${dir}`;
 }
 
 /** The base linear shapes adapters must match. */

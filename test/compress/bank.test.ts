@@ -183,6 +183,8 @@ describe('adapter bank', () => {
     expect(strangerResult.manifest.refitAdvised).toBe(true);
     expect(strangerResult.manifest.refitReasons.join()).toMatch(/stranger/);
     await expectCode(addToBank(dir, 'stranger', stranger), 'BANK_CONFLICT');
+    // the prefix the engine gives adapters requests name by directory is not a bank id
+    await expectCode(addToBank(dir, '@local:/srv/x', stranger), 'CONFIG', /starts with @local:/);
     const bank = await openBank(dir);
     const sources = new Map([...inputs.slice(0, 5).map((i, k) => [k === 4 ? 'family-member' : i.id, i.adapter] as const), ['stranger', stranger] as const]);
     const report = await verifyBank(bank, { sources, maxError: 0.2 });

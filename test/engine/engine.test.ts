@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { createEngine, type EngineOptions } from '../../src/engine/engine.js';
+import { createEngine, localAdapterKey, type EngineOptions } from '../../src/engine/engine.js';
 import type { GenerateRequest } from '../../src/engine/engine-types.js';
 import { residentFromLora } from '../../src/engine/resident-adapter.js';
 import { slotShapeOf } from '../../src/engine/engine.js';
@@ -96,7 +96,7 @@ describe('engine', () => {
     const viaRounded = await collect(rounded.generate({ prompt, maxNewTokens: 12, ignoreEos: true, ...local(3) }));
     expect(viaHalf.tokens).toEqual(viaRounded.tokens);
     for (let i = 0; i < 12; i++) expect(viaHalf.logprobs[i]!).toBeCloseTo(viaRounded.logprobs[i]!, 4);
-    expect(half.listAdapters().find((a) => a.id === 'raw-3')?.bytes).toBe(rawBytes / 2);
+    expect(half.listAdapters().find((a) => a.id === localAdapterKey('/adapters/raw-3'))?.bytes).toBe(rawBytes / 2);
     // compressed adapters: bases in bf16, the same tokens as the exported raw adapter in bf16 on this tiny model
     const compressed = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
     const exported = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'exported', adapterSource: 'local', adapterPath: '/adapters/export-c1-3' }));
@@ -217,6 +217,23 @@ describe('engine', () => {
     for (const result of await Promise.all(good)) expect(result.finishReason).toBe('length');
     expect(engine.listAdapters().find((a) => a.id === 'c0-8')).toMatchObject({ tier: 'failed' });
     expect(engine.stats()).toMatchObject({ running: 0, waiting: 0, kvBlocksUsed: 0 });
+  });
+
+  it("a request naming a directory under another adapter's id does not replace that adapter for others", async () => {
+    const engine = await createEngine(options());
+    const prompt = 'hello world';
+    const before = await collect(engine.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
+    // a caller names a local folder with the bank adapter's id (and with the same id twice, two folders)
+    const viaFolder = await collect(engine.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3', adapterSource: 'local', adapterPath: '/adapters/raw-1' }));
+    const asRaw1 = await collect(engine.generate({ prompt, maxNewTokens: 6, ignoreEos: true, ...local(1) }));
+    expect(viaFolder.tokens).toEqual(asRaw1.tokens);
+    const after = await collect(engine.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
+    expect(after.tokens).toEqual(before.tokens);
+    expect(after.tokens).not.toEqual(viaFolder.tokens);
+    const listed = engine.listAdapters();
+    expect(listed.find((a) => a.id === 'c1-3')).toMatchObject({ source: 'bank' });
+    expect(listed.find((a) => a.id === localAdapterKey('/adapters/raw-1'))).toMatchObject({ source: 'local', tier: 'resident' });
+    await engine.close();
   });
 
   it('rejects bad requests from the first next() with a coded error', async () => {
