@@ -5,7 +5,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { failureLabel, loraxErrorBody, toSoppuError } from './error-response.js';
 import type { StartedGeneration } from './generation-service.js';
-import { abortOnDisconnect, callerOf, eventsOf, openEventStream, recordSuccess, type ServerContext } from './server-context.js';
+import { abortOnDisconnect, callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
 import type { buildSchemas } from './request-schemas.js';
 import { fromLoraxBody, toLoraxResponse, toLoraxStreamEvent, type CollectedToken, type DoneEvent, type GenerationCall, type LoraxGenerateBody } from './wire.js';
 
@@ -29,9 +29,9 @@ export async function startCall(context: ServerContext, request: FastifyRequest,
 }
 
 function identityHeaders(context: ServerContext, call: GenerationCall): Record<string, string> {
-  const headers: Record<string, string> = { 'x-compute-type': 'cpu', 'x-model-id': context.engine.info.modelId };
+  const headers: Record<string, string> = { 'x-compute-type': 'cpu', 'x-model-id': headerValue(context.engine.info.modelId) };
   if (call.adapterId !== '') {
-    headers['x-adapter-id'] = call.adapterId;
+    headers['x-adapter-id'] = headerValue(call.adapterId); // a local folder name may be any text
     headers['x-adapter-source'] = call.adapterSource ?? 'bank';
   }
   return headers;
@@ -75,11 +75,12 @@ async function generateJson(context: ServerContext, request: FastifyRequest, rep
 
 async function generateStream(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall): Promise<void> {
   const prepared = await startCall(context, request, reply, call);
-  const stream = openEventStream(reply, { ...identityHeaders(context, call), 'x-compute-characters': String(call.prompt.length) });
   // LoRAX puts the last token and the final text in one event, so each token waits for the next event
   let held: CollectedToken | null = null;
   let done: DoneEvent | null = null;
+  let stream: EventStream | null = null;
   try {
+    stream = openEventStream(reply, { ...identityHeaders(context, call), 'x-compute-characters': String(call.prompt.length) });
     for await (const event of eventsOf(prepared.started)) {
       if (event.type === 'token') {
         if (held) stream.send(`data:${JSON.stringify(toLoraxStreamEvent(call, held, null))}\n\n`);
@@ -100,11 +101,13 @@ async function generateStream(context: ServerContext, request: FastifyRequest, r
       maxNewTokens: prepared.started.request.maxNewTokens,
     });
   } catch (e) {
+    if (!stream) throw e; // nothing sent yet: the error handler answers with a real HTTP error
     const error = toSoppuError(e);
     context.metrics.requestFailure.inc({ err: failureLabel(error) });
     stream.send(`data:${JSON.stringify(loraxErrorBody(error))}\n\n`);
   } finally {
-    stream.end();
+    stream?.end();
+    await closeGeneration(prepared.started);
   }
 }
 

@@ -7,7 +7,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { failureLabel, openAiErrorBody, toSoppuError } from './error-response.js';
 import { startCall } from './lorax-routes.js';
 import type { buildSchemas } from './request-schemas.js';
-import { callerOf, eventsOf, openEventStream, recordSuccess, type ServerContext } from './server-context.js';
+import { callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
 import {
   chatMessages,
   fromOpenAiChat,
@@ -70,14 +70,15 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
         : { index: 0, text, logprobs: null, finish_reason: toOpenAiFinishReason(done.finishReason) };
     return { id: shape.id, object, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [choice], usage: toUsage(done) };
   }
-  const events = openEventStream(reply, { 'x-model-id': context.engine.info.modelId });
+  let events: EventStream | null = null;
   const send = (choice: Record<string, unknown>, extra: Record<string, unknown> = {}): void => {
     const chunk = { id: shape.id, object: chunkObject, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [choice], ...extra };
-    events.send(`data: ${JSON.stringify(chunk)}\n\n`);
+    events?.send(`data: ${JSON.stringify(chunk)}\n\n`);
   };
   const text = new StopSafeText(call.stop);
   let first = true;
   try {
+    events = openEventStream(reply, { 'x-model-id': headerValue(context.engine.info.modelId) });
     if (call.returnFullText) {
       send(choiceChunk(dialect, call.prompt, null, first));
       first = false;
@@ -99,11 +100,13 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
     events.send('data: [DONE]\n\n');
     record(done);
   } catch (e) {
+    if (!events) throw e; // nothing sent yet: the error handler answers with a real HTTP error
     const error = toSoppuError(e);
     context.metrics.requestFailure.inc({ err: failureLabel(error) });
     events.send(`data: ${JSON.stringify(openAiErrorBody(error))}\n\n`);
   } finally {
-    events.end();
+    events?.end();
+    await closeGeneration(prepared.started);
   }
   return undefined;
 }

@@ -77,11 +77,44 @@ export async function* eventsOf(started: StartedGeneration): AsyncGenerator<Gene
   }
 }
 
-/** Opens a Server-Sent Events response (bypassing fastify's reply pipeline). */
-export function openEventStream(reply: FastifyReply, headers: Record<string, string>): { send(line: string): void; end(): void } {
-  reply.hijack();
+/**
+ * Cancels `started` unless it ran to its end, and frees its admission slot. For the `finally` of a
+ * route: eventsOf does both only once iterated, so a throw before that (a failed response head)
+ * would otherwise hold the slot and leave the generation running unread. Safe after eventsOf.
+ */
+export async function closeGeneration(started: StartedGeneration): Promise<void> {
+  try {
+    await started.iterator.return?.();
+  } finally {
+    started.release();
+  }
+}
+
+/**
+ * `text` made safe for a response header. Printable ASCII passes unchanged; anything else (non-ASCII,
+ * control characters) is percent-encoded whole, as encodeURIComponent does, since Node throws
+ * ERR_INVALID_CHAR on non-Latin-1 text (and writes Latin-1 as bytes clients misread): `adapter-日本`
+ * reads `adapter-%E6%97%A5%E6%9C%AC`, which decodeURIComponent turns back. Use it for every header
+ * that carries caller- or operator-chosen text (adapter ids, local folder names, model ids).
+ */
+export function headerValue(text: string): string {
+  if (/^[\x20-\x7e]*$/.test(text)) return text;
+  return encodeURIComponent(text.replace(/\p{Cs}/gu, '\ufffd')); // a lone surrogate would make encodeURIComponent throw
+}
+
+/** A Server-Sent Events response opened by openEventStream. */
+export interface EventStream {
+  send(line: string): void;
+  end(): void;
+}
+
+/**
+ * Opens a Server-Sent Events response (bypassing fastify's reply pipeline). The head is written
+ * before the hijack, so if it throws nothing was sent and fastify still owns the reply: rethrow and
+ * its error handler answers. Call it inside the try/finally that closes the generation.
+ */
+export function openEventStream(reply: FastifyReply, headers: Record<string, string>): EventStream {
   const raw = reply.raw;
-  raw.on('error', () => undefined);
   raw.writeHead(200, {
     'content-type': 'text/event-stream',
     'cache-control': 'no-cache',
@@ -89,6 +122,8 @@ export function openEventStream(reply: FastifyReply, headers: Record<string, str
     'x-accel-buffering': 'no',
     ...headers,
   });
+  reply.hijack();
+  raw.on('error', () => undefined);
   return {
     send(line: string) {
       if (!raw.destroyed) raw.write(line);

@@ -94,19 +94,38 @@ function parsePaxPath(text: string): string | null {
   return null;
 }
 
+/** Write errors the archive's own names cause (a file where a folder must go, a name too long). */
+const NAME_ERRORS = new Set(['EEXIST', 'ENOTDIR', 'EISDIR', 'ENAMETOOLONG', 'EINVAL', 'EILSEQ']);
+
 /**
  * Writes `files` under `dir` and returns the folder that holds adapter_config.json (the archive may
- * wrap the adapter in one top-level folder).
+ * wrap the adapter in one top-level folder). Throws VALIDATION naming the entry when an entry is
+ * also another entry's folder (`a` and `a/adapter_config.json`) or its name cannot be written, and
+ * FILE_IO naming it for other write failures; nothing is written in the first case.
  */
 export function writeAdapterFiles(files: readonly TarFile[], dir: string, label = 'upload'): string {
+  const bad = (why: string): SoppuError => new SoppuError('VALIDATION', `Input validation error: ${label}: ${why}`, { field: 'body' });
   const configs = files.filter((f) => f.name === 'adapter_config.json' || f.name.endsWith('/adapter_config.json'));
-  if (configs.length !== 1) {
-    throw new SoppuError('VALIDATION', `Input validation error: ${label}: expected exactly one adapter_config.json in the archive, found ${configs.length}`, { field: 'body' });
+  if (configs.length !== 1) throw bad(`expected exactly one adapter_config.json in the archive, found ${configs.length}`);
+  // checked up front so a clash fails before anything is written, whichever entry comes first
+  const names = new Set(files.map((f) => f.name));
+  for (const file of files) {
+    for (let end = file.name.indexOf('/'); end !== -1; end = file.name.indexOf('/', end + 1)) {
+      const folder = file.name.slice(0, end);
+      if (names.has(folder)) throw bad(`entry '${folder}' is a file but also the folder of entry '${file.name}'`);
+    }
   }
   for (const file of files) {
     const target = path.join(dir, file.name);
-    mkdirSync(path.dirname(target), { recursive: true });
-    writeFileSync(target, file.data);
+    try {
+      mkdirSync(path.dirname(target), { recursive: true });
+      writeFileSync(target, file.data);
+    } catch (e) {
+      const err = e as NodeJS.ErrnoException;
+      const why = `cannot write entry '${file.name}': ${err.code ?? err.message}`;
+      if (err.code !== undefined && NAME_ERRORS.has(err.code)) throw bad(why);
+      throw new SoppuError('FILE_IO', `${label}: ${why} (${err.message})`, { file: file.name }, { cause: e });
+    }
   }
   return path.join(dir, path.dirname((configs[0] as TarFile).name));
 }

@@ -1,10 +1,10 @@
-import { mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { SoppuServer } from '../../src/server/create-server.js';
-import { parseTar } from '../../src/server/tar-extract.js';
+import { parseTar, writeAdapterFiles } from '../../src/server/tar-extract.js';
 import { FakeEngine } from './fake-engine.js';
 import { KEYS, testServer } from './helpers.js';
 
@@ -167,6 +167,32 @@ describe('adapter management', () => {
     expect((await server.app.inject({ method: 'DELETE', url: '/adapters/alice-9', headers: admin })).statusCode).toBe(204);
     expect((await ask()).statusCode).toBe(404);
     expect((await server.app.inject({ method: 'DELETE', url: '/adapters/alice-9', headers: admin })).statusCode).toBe(404);
+  });
+
+  it('an upload whose file is also another entry\'s folder is a 422 naming it, and leaves nothing behind', async () => {
+    const engine = new FakeEngine();
+    server = testServer(engine, { auth: true });
+    const admin = { authorization: `Bearer ${KEYS.admin}`, 'content-type': 'application/x-tar' };
+    // both orders: the folder's entry before the file, and after it
+    const clashes: Record<string, string>[] = [{ a: 'x', 'a/adapter_config.json': '{}' }, { 'a/adapter_config.json': '{}', a: 'x' }, { 'w/a': 'x', 'w/a/b/adapter_config.json': '{}' }];
+    for (const files of clashes) {
+      const response = await server.app.inject({ method: 'POST', url: '/adapters?id=clash-1', payload: tarOf(files), headers: admin });
+      const [folder, file] = Object.keys(files).sort();
+      expect(response.statusCode, folder).toBe(422);
+      expect(response.json()).toEqual({
+        error: `Input validation error: upload for 'clash-1': entry '${folder}' is a file but also the folder of entry '${file}'`,
+        error_type: 'validation',
+      });
+    }
+    expect(engine.hasAdapter('clash-1')).toBe(false);
+    expect((await server.app.inject({ method: 'GET', url: '/adapters', headers: admin })).json().adapters).toEqual([]);
+    expect(readdirSync(server.context.options.uploadDir)).toEqual([]);
+  });
+
+  it('a write the filesystem refuses is an error naming the entry, not a bare errno', () => {
+    const dir = mkdtempSync(path.join(tmpdir(), 'soppu-write-'));
+    const long = `${'n'.repeat(300)}/adapter_config.json`;
+    expect(() => writeAdapterFiles([{ name: long, data: new Uint8Array() }], dir)).toThrow(`Input validation error: upload: cannot write entry '${long}': ENAMETOOLONG`);
   });
 
   it('the tar reader refuses links, escaping paths and bad checksums', () => {
