@@ -8,6 +8,7 @@ import type { LoraAdapter } from '../io/lora-types.js';
 import { adapterConfigJsonOrNull } from './bank-source.js';
 import { basesKeyOf, checkAdapterId, type BankManifest, type ManifestAdapter, type ManifestAdapterSlot, type ManifestSlot } from './bank-manifest.js';
 import { openBank } from './bank-reader.js';
+import { manifestWithout } from './bank-remove.js';
 import { withBankLock } from './bank-lock.js';
 import { adapterTensors, commitManifest, manifestSlotEntry, refitReasonsOf, sourceWeightsSha256, writeAdapterFile } from './bank-writer.js';
 import type { AdapterSlotResult, SlotBases } from './compression-types.js';
@@ -25,15 +26,20 @@ export interface AddToBankResult {
 export interface AddToBankOptions {
   /** Error budget for the projection (default: the budget the bank was fitted with). */
   readonly maxError?: number;
+  /** When the bank holds `id` already: replace that adapter in the same manifest switch (default: BANK_CONFLICT). */
+  readonly replace?: boolean;
 }
 
-/** Adds `adapter` as `id` to the bank in `dir`. Throws BANK_CONFLICT when the id exists. */
+/** Adds `adapter` as `id` to the bank in `dir`. Throws BANK_CONFLICT when the id exists, unless `replace`. */
 export async function addToBank(dir: string, id: string, adapter: LoraAdapter, options: AddToBankOptions = {}): Promise<AddToBankResult> {
   checkAdapterId(id);
   return withBankLock(dir, async () => {
     const bank = await openBank(dir);
-    const manifest = bank.manifest;
-    if (bank.has(id)) throw new SoppuError('BANK_CONFLICT', `${dir}: the bank already holds an adapter "${id}"; choose another --id`, { file: dir, field: 'id' });
+    if (bank.has(id) && !options.replace) {
+      throw new SoppuError('BANK_CONFLICT', `${dir}: the bank already holds an adapter "${id}"; choose another --id, or --replace it`, { file: dir, field: 'id' });
+    }
+    // the replaced adapter leaves with this switch (its generation number is taken by the one below)
+    const manifest = { ...manifestWithout(bank.manifest, id), generation: bank.manifest.generation };
     if (manifest.baseModel !== null && adapter.config.baseModelNameOrPath !== null && adapter.config.baseModelNameOrPath !== manifest.baseModel) {
       throw new SoppuError('ADAPTER_INCOMPATIBLE', `${adapter.source}: base model "${adapter.config.baseModelNameOrPath}" differs from the bank's "${manifest.baseModel}"`, { file: adapter.source, field: 'base_model_name_or_path' });
     }
@@ -99,7 +105,7 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
       refitReasons: reasons,
       files: written ? { ...manifest.files, [written.path]: written.entry } : manifest.files,
     };
-    await commitManifest(dir, next, manifest);
+    await commitManifest(dir, next, bank.manifest);
     return { manifest: next, entry, maxError: projection.maxError, rawSlots };
   });
 }

@@ -44,10 +44,13 @@ export class AdapterEntry {
   knownBytes = 0;
   /** Replaced by a re-registration or removed: freed when its last user releases it. */
   stale = false;
+  /** Called once when the entry is dropped (stale and unheld): nothing reads its source again. */
+  onDrop: (() => void) | undefined;
 
-  constructor(id: string, spec: AdapterSpec) {
+  constructor(id: string, spec: AdapterSpec, onDrop?: () => void) {
     this.id = id;
     this.spec = spec;
+    this.onDrop = onDrop;
   }
 }
 
@@ -109,10 +112,13 @@ export class AdapterCache {
     return [...ids].sort();
   }
 
-  /** Registers (or replaces: hot reload) `id`. The old entry's cached copy is invalidated. */
-  register(id: string, spec: AdapterSpec): AdapterEntry {
+  /**
+   * Registers (or replaces: hot reload) `id`. The old entry's cached copy is invalidated. `onDrop` is called
+   * once this registration is removed or replaced and no request holds it.
+   */
+  register(id: string, spec: AdapterSpec, onDrop?: () => void): AdapterEntry {
     this.invalidate(id);
-    const entry = new AdapterEntry(id, spec);
+    const entry = new AdapterEntry(id, spec, onDrop);
     this.entries.set(id, entry);
     return entry;
   }
@@ -347,6 +353,9 @@ export class AdapterCache {
   private drop(entry: AdapterEntry): void {
     this.unload(entry);
     this.staleHeld.delete(entry);
+    const onDrop = entry.onDrop;
+    entry.onDrop = undefined;
+    onDrop?.();
   }
 }
 

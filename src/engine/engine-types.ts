@@ -125,8 +125,14 @@ export interface Engine {
   /** Adapters known to the engine (bank ids and registered local ones). */
   listAdapters(): AdapterStatus[];
   hasAdapter(id: string): boolean;
-  /** Registers a PEFT directory under `id`: projected into the bank (`compress: true`) or served raw. Replaces an existing id (hot reload). */
-  registerAdapter(id: string, dir: string, options?: { compress?: boolean }): Promise<AdapterStatus>;
+  /**
+   * Registers a PEFT directory under `id`: projected into the bank (`compress: true`, replacing the bank's
+   * adapter of that id) or served raw. Replaces an existing id (hot reload). `onRelease`: called once the
+   * engine will not read `dir` again (after a compress registration; else once the registration is replaced
+   * or removed and no request holds it).
+   */
+  registerAdapter(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus>;
+  /** Removes a registration, or else the bank's adapter of that id from the bank. */
   removeAdapter(id: string): Promise<void>;
   pinAdapter(id: string, pinned: boolean): Promise<void>;
   stats(): EngineStats;

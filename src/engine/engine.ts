@@ -16,6 +16,7 @@ import { loadLlamaModel, modelWeightDtype, type LlamaModel } from '../model/llam
 import { loadTokenizer } from '../model/tokenizer.js';
 import { loadLoraAdapter } from '../io/load-lora-adapter.js';
 import { addToBank } from '../compress/bank-add.js';
+import { removeFromBank } from '../compress/bank-remove.js';
 import { LOCAL_ADAPTER_PREFIX } from '../compress/bank-manifest.js';
 import { openBank } from '../compress/bank-reader.js';
 import { AdapterBatcher, compareAdapters } from './adapter-batch.js';
@@ -550,7 +551,15 @@ class SoppuEngine implements Engine {
     };
   }
 
-  async registerAdapter(id: string, dir: string, options?: { compress?: boolean }): Promise<AdapterStatus> {
+  /**
+   * Registers `id` from the PEFT directory `dir`, replacing (hot reload) an adapter of that id: requests
+   * already holding the old one finish with it. With `compress`, the adapter is projected onto the bank's
+   * shared bases and written into the bank (replacing the bank's adapter of that id), then served from it.
+   * `onRelease` is called once the engine will not read `dir` again: right after a compress registration,
+   * else when the registration is removed or replaced and no request holds it (so the caller may then delete
+   * the directory). It is not called when registration throws.
+   */
+  async registerAdapter(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
     if (id.length === 0) throw new SoppuError('VALIDATION', 'adapter id must not be empty', { field: 'adapter_id' });
     // load and check now, so a bad directory is reported to whoever registers it
     const adapter = await this.loadLocal(dir);
@@ -558,29 +567,44 @@ class SoppuEngine implements Engine {
     const pinned = this.cache.peek(id)?.pinned ?? false;
     if (options?.compress) {
       // projected onto the bank's shared bases and written into the bank, then served compressed
-      if (!this.bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
-      const bankDir = this.bank.dir;
-      // one bank change at a time, each reopening the bank after its own write: a change's reopen landing
-      // after a later change's would serve the older manifest (the bank lock already orders the writes)
-      const change = this.bankChanges.catch(() => undefined).then(async () => {
-        await addToBank(bankDir, id, adapter);
-        this.bank = await this.openBank(bankDir);
-        this.cache.setBank(this.bank);
-      });
-      this.bankChanges = change;
-      await change;
+      const bank = this.bank;
+      if (!bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
+      await this.changeBank(bank.dir, () => addToBank(bank.dir, id, adapter, { replace: true }));
+      options.onRelease?.();
       if (this.cache.peek(id)) this.cache.remove(id);
       if (pinned) this.cache.pin(id, true);
       return this.statusOf(id);
     }
-    this.cache.register(id, { source: 'local', dir });
+    this.cache.register(id, { source: 'local', dir }, options?.onRelease);
     if (pinned) this.cache.pin(id, true);
     return this.statusOf(id);
   }
 
+  /**
+   * Removes `id`: a registration (the bank's adapter of that id, if any, then serves again), or else the
+   * bank's adapter itself, from the bank on disk. Requests already holding it finish with it.
+   */
   async removeAdapter(id: string): Promise<void> {
     if (!this.cache.has(id)) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${id} is not registered`, { field: 'adapter_id' });
+    const registered = this.cache.peek(id)?.spec.source === 'local';
+    const bank = this.bank;
+    if (!registered && bank?.has(id)) await this.changeBank(bank.dir, () => removeFromBank(bank.dir, id));
     this.cache.remove(id);
+  }
+
+  /**
+   * Runs `write` (a change of the bank in `bankDir`), then reopens the bank for serving. One change at a time,
+   * each reopening after its own write: a change's reopen landing after a later change's would serve the
+   * older manifest (the bank lock orders the writes themselves).
+   */
+  private async changeBank(bankDir: string, write: () => Promise<unknown>): Promise<void> {
+    const change = this.bankChanges.catch(() => undefined).then(async () => {
+      await write();
+      this.bank = await this.openBank(bankDir);
+      this.cache.setBank(this.bank);
+    });
+    this.bankChanges = change;
+    await change;
   }
 
   async pinAdapter(id: string, pinned: boolean): Promise<void> {

@@ -39,13 +39,6 @@ function checkId(id: unknown, field: string): string {
 
 export function registerAdminRoutes(app: FastifyInstance, context: ServerContext, schemas: Schemas): void {
   const { engine, options } = context;
-  /** Folders this server unpacked, by adapter id, removed when replaced or removed. */
-  const uploads = new Map<string, string>();
-  const forget = (id: string): void => {
-    const dir = uploads.get(id);
-    if (dir) rmSync(dir, { recursive: true, force: true });
-    uploads.delete(id);
-  };
 
   app.get('/adapters', { config: { admin: true } }, async () => ({ adapters: engine.listAdapters().map(toWireStatus) }));
 
@@ -86,15 +79,17 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         compress = body.compress ?? true;
         dir = confinePath(body.path, options.adapterDirs, 'path');
       }
+      // a folder this server unpacked goes once the engine is done with it: after a compress registration,
+      // else once the registration is replaced or removed and no request that holds it still has to load it
+      const unpacked = uploadedRoot;
+      const onRelease = unpacked ? () => rmSync(unpacked, { recursive: true, force: true }) : undefined;
       let status: AdapterStatus;
       try {
-        status = await engine.registerAdapter(id, dir, { compress });
+        status = await engine.registerAdapter(id, dir, { compress, ...(onRelease ? { onRelease } : {}) });
       } catch (e) {
-        if (uploadedRoot) rmSync(uploadedRoot, { recursive: true, force: true });
+        onRelease?.();
         throw e;
       }
-      forget(id);
-      if (uploadedRoot) uploads.set(id, uploadedRoot);
       reply.code(201);
       return toWireStatus(status);
     },
@@ -104,7 +99,6 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
     const id = checkId(request.params['*'], 'id');
     if (!engine.hasAdapter(id)) throw adapterNotFound(id);
     await engine.removeAdapter(id);
-    forget(id);
     reply.code(204);
     return undefined;
   });

@@ -44,11 +44,29 @@ afterEach(() => {
 
 describe('soppu compress / bank / verify / export / report', () => {
   it('has --help for every command', async () => {
-    for (const args of [['compress'], ['bank', 'add'], ['bank', 'refit'], ['bank', 'ls'], ['verify'], ['export'], ['report']]) {
+    for (const args of [['compress'], ['bank', 'add'], ['bank', 'rm'], ['bank', 'refit'], ['bank', 'ls'], ['verify'], ['export'], ['report']]) {
       const r = await runCli([...args, '--help']);
       expect(r.code, args.join(' ')).toBe(0);
       expect(r.stdout).toMatch(/Usage: soppu/);
     }
+  });
+
+  it('bank add --replace swaps an adapter in place; bank rm takes one out', async () => {
+    const bank = join(root, 'bank-rm');
+    expect((await runCli(['compress', ...family.slice(0, 3), '-o', bank, '--max-error', '0.15', '--seed', '5'])).code).toBe(0);
+    const replaced = await runCli(['bank', 'add', bank, family[4]!, '--id', 'user-0001', '--replace']);
+    expect(replaced.stderr).toBe('');
+    expect(replaced.stdout).toMatch(/added user-0001/);
+    const listed = JSON.parse((await runCli(['bank', 'ls', bank, '--json'])).stdout);
+    expect(listed.adapters.map((a: { id: string }) => a.id)).toEqual(['user-0000', 'user-0001', 'user-0002']);
+    expect((await openBank(bank)).manifest.adapters.find((a) => a.id === 'user-0001')!.addedBy).toBe('add');
+    const removed = await runCli(['bank', 'rm', bank, 'user-0000']);
+    expect(removed.stdout).toMatch(/removed user-0000 from .*: 2 adapter\(s\) left/);
+    expect((await openBank(bank)).ids()).toEqual(['user-0001', 'user-0002']);
+    const again = await runCli(['bank', 'rm', bank, 'user-0000']);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/ADAPTER_NOT_FOUND.*no adapter "user-0000"/);
+    process.exitCode = undefined;
   });
 
   it('compresses, lists, adds, verifies (paired by id), exports, reports and refits', async () => {

@@ -10,6 +10,8 @@ import { compressIntoBank } from '../../src/compress/bank-compress.js';
 import { openBank } from '../../src/compress/bank-reader.js';
 import { exportAdapter } from '../../src/compress/export-adapter.js';
 import { createEngine } from '../../src/engine/engine.js';
+import { loadLoraAdapter } from '../../src/io/load-lora-adapter.js';
+import type { LoraAdapter } from '../../src/io/lora-types.js';
 import { saveLoraAdapter } from '../../src/io/save-lora-adapter.js';
 import { charTokenizer, collect, randomLora, tinyModel } from './helpers.js';
 
@@ -49,7 +51,52 @@ describe('registerAdapter with compress', () => {
     // the existing bank adapters still serve
     const old = await collect(engine.generate({ prompt, maxNewTokens: 4, ignoreEos: true, adapterId: 'user-1' }));
     expect(old.finishReason).toBe('length');
-    await expect(engine.registerAdapter('fresh', join(root, 'new-adapter'), { compress: true })).rejects.toMatchObject({ code: 'BANK_CONFLICT' });
+    // hot reload: registering the id again replaces the bank's adapter
+    let released = 0;
+    await engine.registerAdapter('fresh', join(root, 'concurrent-0'), { compress: true, onRelease: () => released++ });
+    expect(released).toBe(1); // the directory is not read again once it is in the bank
+    const replaced = await openBank(join(root, 'bank'));
+    expect(replaced.manifest.adapters.filter((a) => a.id === 'fresh')).toHaveLength(1);
+    await exportAdapter(replaced, 'fresh', join(root, 'fresh-export-2'));
+    const reloaded = await collect(engine.generate({ prompt, maxNewTokens: 8, ignoreEos: true, adapterId: 'fresh' }));
+    const reExported = await collect(engine.generate({ prompt, maxNewTokens: 8, ignoreEos: true, adapterId: 'y', adapterSource: 'local', adapterPath: join(root, 'fresh-export-2') }));
+    expect(reloaded.tokens).toEqual(reExported.tokens);
+    expect(reloaded.tokens).not.toEqual(served.tokens);
+    // removing a bank adapter takes it out of the bank
+    await engine.removeAdapter('fresh');
+    expect(engine.hasAdapter('fresh')).toBe(false);
+    expect((await openBank(join(root, 'bank'))).has('fresh')).toBe(false);
+    await expect(collect(engine.generate({ prompt, maxNewTokens: 2, adapterId: 'fresh' }))).rejects.toMatchObject({ code: 'ADAPTER_NOT_FOUND' });
+    await expect(engine.removeAdapter('fresh')).rejects.toMatchObject({ code: 'ADAPTER_NOT_FOUND' });
+    expect(engine.hasAdapter('user-1')).toBe(true);
+    await engine.close();
+  });
+
+  it('calls onRelease for a raw registration once it is replaced and no request holds it', async () => {
+    // the first registration's load for serving (its second read: the first is registration's check) waits
+    let reads = 0;
+    let openGate: () => void = () => undefined;
+    const gate = new Promise<void>((resolve) => (openGate = resolve));
+    const loadLocalAdapter = async (dir: string): Promise<LoraAdapter> => {
+      if (dir.endsWith('concurrent-0') && ++reads === 2) await gate;
+      return loadLoraAdapter(dir);
+    };
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir: join(root, 'bank'), kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7, loadLocalAdapter,
+    });
+    const released: string[] = [];
+    await engine.registerAdapter('mine', join(root, 'concurrent-0'), { onRelease: () => released.push('first') });
+    // a request holds the first registration (its adapter still loading) while it is replaced
+    const request = collect(engine.generate({ prompt: 'hello', maxNewTokens: 4, ignoreEos: true, adapterId: 'mine' }));
+    await new Promise((resolve) => setTimeout(resolve, 10));
+    await engine.registerAdapter('mine', join(root, 'concurrent-1'), { onRelease: () => released.push('second') });
+    expect(released).toEqual([]); // the request still has to load the first directory
+    openGate();
+    expect((await request).finishReason).toBe('length');
+    expect(released).toEqual(['first']);
+    await engine.removeAdapter('mine'); // nobody holds the second: released at once
+    expect(released).toEqual(['first', 'second']);
     await engine.close();
   });
 

@@ -3,13 +3,14 @@ import { resolve } from 'node:path';
 import { addToBank } from '../../compress/bank-add.js';
 import { openBank } from '../../compress/bank-reader.js';
 import { refitBank, type RefitInput } from '../../compress/bank-refit.js';
+import { removeFromBank } from '../../compress/bank-remove.js';
 import { SoppuError } from '../../errors/soppu-error.js';
 import { parseAdapterArgument } from '../../compress/bank-source.js';
 import { bankStatistics } from '../../compress/report-statistics.js';
 import { loadLoraAdapter } from '../../io/load-lora-adapter.js';
 import { parseError, progressBar, summaryLines } from './compress.js';
 
-/** `soppu bank add | refit | ls`. */
+/** `soppu bank add | rm | refit | ls`. */
 export function register(program: Command): void {
   const bank = program.command('bank').description('change or list an adapter bank');
 
@@ -20,12 +21,13 @@ export function register(program: Command): void {
     .argument('<adapter>', 'PEFT adapter directory')
     .option('--id <name>', 'adapter id (default: the directory name)')
     .option('--max-error <e>', 'error budget for the projection (default: the bank\'s)')
+    .option('--replace', 'replace the bank\'s adapter of the same id (default: refuse)')
     .option('--json', 'print the result as JSON')
-    .action(async (dir: string, adapterDir: string, options: { id?: string; maxError?: string; json?: boolean }) => {
+    .action(async (dir: string, adapterDir: string, options: { id?: string; maxError?: string; replace?: boolean; json?: boolean }) => {
       const id = options.id ?? parseAdapterArgument(adapterDir).id;
       const adapter = await loadLoraAdapter(resolve(adapterDir));
       const maxError = parseError(options.maxError, 'max-error');
-      const result = await addToBank(dir, id, adapter, maxError !== undefined ? { maxError } : {});
+      const result = await addToBank(dir, id, adapter, { ...(maxError !== undefined ? { maxError } : {}), replace: options.replace === true });
       if (options.json) {
         process.stdout.write(`${JSON.stringify({ id, cluster: result.entry.cluster, max_error: result.maxError, raw_slots: result.rawSlots, per_slot: result.entry.perSlot, refit_advised: result.manifest.refitAdvised }, null, 2)}\n`);
         return;
@@ -34,6 +36,16 @@ export function register(program: Command): void {
       process.stdout.write(`added ${id} to ${dir}: cluster ${result.entry.cluster}, ${slots.filter((p) => p.storage === 'compressed').length} compressed / ${result.rawSlots.length} raw / ${slots.filter((p) => p.storage === 'zero').length} zero slot(s), max relative error ${result.maxError.toFixed(4)}\n`);
       for (const raw of result.rawSlots) process.stdout.write(`  kept raw: ${raw.path} (${raw.reason})\n`);
       if (result.manifest.refitAdvised) process.stdout.write(`refit advised (soppu bank refit ${dir}): ${result.manifest.refitReasons.join('; ')}\n`);
+    });
+
+  bank
+    .command('rm')
+    .description('remove one adapter from a bank (the shared bases stay; its file is deleted at the next change after this one, so servers that opened the bank before can still load it until they reopen)')
+    .argument('<bank>', 'bank directory')
+    .argument('<id>', 'adapter id')
+    .action(async (dir: string, id: string) => {
+      const manifest = await removeFromBank(dir, id);
+      process.stdout.write(`removed ${id} from ${dir}: ${manifest.adapters.length} adapter(s) left\n`);
     });
 
   bank
