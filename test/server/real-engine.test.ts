@@ -114,7 +114,7 @@ describe('adapter upload and hot reload over the real engine', () => {
     const { mkdtempSync } = await import('node:fs');
     const { tmpdir } = await import('node:os');
     const path = await import('node:path');
-    const { readFileSync } = await import('node:fs');
+    const { readFileSync, readdirSync } = await import('node:fs');
     const { saveLoraAdapter } = await import('../../src/io/save-lora-adapter.js');
     const { randomLora } = await import('../engine/helpers.js');
     const root = mkdtempSync(path.join(tmpdir(), 'soppu-upload-'));
@@ -148,7 +148,12 @@ describe('adapter upload and hot reload over the real engine', () => {
       const text = await served();
       expect(text).toBe(await soloText(dir));
       texts.push(text);
+      // the replaced upload's folder is gone (no request held it), the current one stays
+      expect(readdirSync(server.context.options.uploadDir)).toHaveLength(1);
     }
     expect(texts[0]).not.toBe(texts[1]);
+    const removed = await fetch(`${base}/adapters/uploaded-1`, { method: 'DELETE' });
+    expect(removed.status).toBe(204);
+    expect(readdirSync(server.context.options.uploadDir)).toEqual([]);
   });
 });
