@@ -47,6 +47,9 @@ export function abortOnDisconnect(reply: FastifyReply): AbortController {
     if (!reply.raw.writableFinished) controller.abort(new SoppuError('CANCELLED', 'client disconnected'));
   });
   reply.raw.on('error', () => controller.abort(new SoppuError('CANCELLED', 'client connection failed')));
+  // gone before the handler ran: 'close' has fired already and will not again
+  const socket = reply.request.raw.socket as { destroyed?: boolean } | null;
+  if (!socket || socket.destroyed) controller.abort(new SoppuError('CANCELLED', 'client disconnected'));
   return controller;
 }
 

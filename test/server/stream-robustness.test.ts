@@ -8,7 +8,9 @@ import path from 'node:path';
 import type { InjectOptions } from 'fastify';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { SoppuServer } from '../../src/server/create-server.js';
-import { headerValue } from '../../src/server/server-context.js';
+import { abortOnDisconnect, headerValue } from '../../src/server/server-context.js';
+import { EventEmitter } from 'node:events';
+import type { FastifyReply } from 'fastify';
 import { FakeEngine } from './fake-engine.js';
 import { sseEvents, testServer } from './helpers.js';
 
@@ -120,4 +122,22 @@ describe('a response head that fails after the engine started', () => {
       expect(engine.generated).toBeLessThan(50);
     });
   }
+});
+
+describe('abortOnDisconnect', () => {
+  const replyWith = (socket: { destroyed: boolean } | null): { reply: FastifyReply; raw: EventEmitter & { writableFinished: boolean } } => {
+    const raw = Object.assign(new EventEmitter(), { writableFinished: false });
+    return { reply: { raw, request: { raw: { socket } } } as unknown as FastifyReply, raw };
+  };
+
+  it('aborts when the client leaves, and at once when it left before the handler ran', () => {
+    const live = replyWith({ destroyed: false });
+    const controller = abortOnDisconnect(live.reply);
+    expect(controller.signal.aborted).toBe(false);
+    live.raw.emit('close');
+    expect(controller.signal.aborted).toBe(true);
+    // 'close' fired before the listener existed: it never comes again
+    expect(abortOnDisconnect(replyWith({ destroyed: true }).reply).signal.aborted).toBe(true);
+    expect(abortOnDisconnect(replyWith(null).reply).signal.aborted).toBe(true);
+  });
 });
