@@ -143,8 +143,8 @@ class SoppuEngine implements Engine {
   private readonly loadLocal: (dir: string) => Promise<LoraAdapter>;
   private readonly openBank: (dir: string) => Promise<BankReader>;
   private bank: BankReader | null;
-  /** The last bank change (registerAdapter with compress); the next one starts after it. */
-  private bankChanges: Promise<unknown> = Promise.resolve();
+  /** The last adapter registration or removal; the next one starts after it (inOrder). */
+  private adapterChanges: Promise<unknown> = Promise.resolve();
   private readonly slotShape: SlotShape;
   private readonly loraDtype: WeightDtype;
   private readonly all = new Set<RequestState>();
@@ -560,6 +560,10 @@ class SoppuEngine implements Engine {
    * the directory). It is not called when registration throws.
    */
   async registerAdapter(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
+    return this.inOrder(() => this.registerNow(id, dir, options));
+  }
+
+  private async registerNow(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
     if (id.length === 0) throw new SoppuError('VALIDATION', 'adapter id must not be empty', { field: 'adapter_id' });
     // load and check now, so a bad directory is reported to whoever registers it
     const adapter = await this.loadLocal(dir);
@@ -585,6 +589,10 @@ class SoppuEngine implements Engine {
    * bank's adapter itself, from the bank on disk. Requests already holding it finish with it.
    */
   async removeAdapter(id: string): Promise<void> {
+    return this.inOrder(() => this.removeNow(id));
+  }
+
+  private async removeNow(id: string): Promise<void> {
     if (!this.cache.has(id)) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${id} is not registered`, { field: 'adapter_id' });
     const registered = this.cache.peek(id)?.spec.source === 'local';
     const bank = this.bank;
@@ -592,19 +600,22 @@ class SoppuEngine implements Engine {
     this.cache.remove(id);
   }
 
-  /**
-   * Runs `write` (a change of the bank in `bankDir`), then reopens the bank for serving. One change at a time,
-   * each reopening after its own write: a change's reopen landing after a later change's would serve the
-   * older manifest (the bank lock orders the writes themselves).
-   */
+  /** Runs `write` (a change of the bank in `bankDir`), then reopens the bank for serving. */
   private async changeBank(bankDir: string, write: () => Promise<unknown>): Promise<void> {
-    const change = this.bankChanges.catch(() => undefined).then(async () => {
-      await write();
-      this.bank = await this.openBank(bankDir);
-      this.cache.setBank(this.bank);
-    });
-    this.bankChanges = change;
-    await change;
+    await write();
+    this.bank = await this.openBank(bankDir);
+    this.cache.setBank(this.bank);
+  }
+
+  /**
+   * Runs adapter registrations and removals one at a time, in call order: each reads a directory or writes
+   * the bank before it takes effect, and without the queue the one that finished last won (a removal sent
+   * during a registration's load was undone by it; a bank change's reopen could land after a later one's).
+   */
+  private inOrder<T>(change: () => Promise<T>): Promise<T> {
+    const run = this.adapterChanges.catch(() => undefined).then(change);
+    this.adapterChanges = run;
+    return run;
   }
 
   async pinAdapter(id: string, pinned: boolean): Promise<void> {

@@ -100,6 +100,43 @@ describe('registerAdapter with compress', () => {
     await engine.close();
   });
 
+  it('registrations and removals of one id take effect in call order, however long each load takes', async () => {
+    // each directory's load waits until its gate opens
+    const gates = new Map<string, { opened: Promise<void>; open: () => void }>();
+    const gateOf = (name: string): { opened: Promise<void>; open: () => void } => {
+      let open: () => void = () => undefined;
+      const opened = new Promise<void>((resolve) => (open = resolve));
+      const gate = { opened, open };
+      gates.set(join(root, name), gate);
+      return gate;
+    };
+    const loadLocalAdapter = async (dir: string): Promise<LoraAdapter> => {
+      await gates.get(dir)?.opened;
+      return loadLoraAdapter(dir);
+    };
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7, loadLocalAdapter,
+    });
+    const slowGate = gateOf('concurrent-0');
+    const slow = engine.registerAdapter('same', join(root, 'concurrent-0'));
+    const fast = engine.registerAdapter('same', join(root, 'concurrent-1'));
+    setTimeout(slowGate.open, 20);
+    await Promise.all([slow, fast]);
+    const served = await collect(engine.generate({ prompt: 'hello', maxNewTokens: 4, ignoreEos: true, adapterId: 'same' }));
+    const later = await collect(engine.generate({ prompt: 'hello', maxNewTokens: 4, ignoreEos: true, adapterId: 'z', adapterSource: 'local', adapterPath: join(root, 'concurrent-1') }));
+    expect(served.tokens).toEqual(later.tokens); // the later registration won, though the earlier one finished loading last
+    // a removal sent while a registration of the id is still loading is not undone by it
+    const loading = gateOf('new-adapter');
+    const registration = engine.registerAdapter('other', join(root, 'new-adapter'));
+    const removal = engine.removeAdapter('other');
+    setTimeout(loading.open, 20);
+    await registration;
+    await removal;
+    expect(engine.hasAdapter('other')).toBe(false);
+    await engine.close();
+  });
+
   it('registers two adapters with compress at once: both land in the bank and both serve', async () => {
     const engine = await createEngine({
       model, tokenizer: charTokenizer(), bankDir: join(root, 'bank'), kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
