@@ -21,6 +21,11 @@ export interface SamplingParams {
 export interface GenerateRequest {
   /** Prompt text (tokenized by the engine, with BOS as the tokenizer config says) or token ids. */
   readonly prompt: string | readonly number[];
+  /**
+   * For a text prompt: whether tokenizing adds the tokenizer's special tokens (BOS; default true). False for
+   * text a chat template rendered, which carries them already.
+   */
+  readonly addSpecialTokens?: boolean;
   /** null/'' → base model. */
   readonly adapterId?: string | null;
   /** Where to load the adapter from: 'bank' (default when the bank has the id) or 'local' (a PEFT directory path). */
@@ -118,7 +123,8 @@ export interface Engine {
    * ADAPTER_LOAD …), so callers can answer with a real HTTP status.
    */
   generate(request: GenerateRequest): AsyncIterable<GenerateEvent>;
-  tokenize(text: string): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] };
+  /** `addSpecialTokens` (default true): BOS and the like, as the tokenizer config says. */
+  tokenize(text: string, addSpecialTokens?: boolean): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] };
   detokenize(ids: readonly number[]): string;
   /** Chat messages → prompt text through the model's chat template. */
   applyChatTemplate(messages: readonly { role: string; content: string }[], addGenerationPrompt?: boolean): string;

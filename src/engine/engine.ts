@@ -227,7 +227,7 @@ class SoppuEngine implements Engine {
     if (!Number.isInteger(maxNew) || maxNew < 1) {
       throw new SoppuError('VALIDATION', `max_new_tokens must be a positive integer, got ${String(maxNew)}`, { field: 'max_new_tokens', limit: '>= 1' });
     }
-    let prompt = this.promptIds(request.prompt);
+    let prompt = this.promptIds(request.prompt, request.addSpecialTokens ?? true);
     if (request.truncate !== undefined) {
       if (!Number.isInteger(request.truncate) || request.truncate < 1) {
         throw new SoppuError('VALIDATION', `truncate must be a positive integer, got ${String(request.truncate)}`, { field: 'truncate', limit: '>= 1' });
@@ -277,8 +277,8 @@ class SoppuEngine implements Engine {
     return state;
   }
 
-  private promptIds(prompt: string | readonly number[]): number[] {
-    if (typeof prompt === 'string') return this.tokenizer.encode(prompt, true);
+  private promptIds(prompt: string | readonly number[], addSpecialTokens: boolean): number[] {
+    if (typeof prompt === 'string') return this.tokenizer.encode(prompt, addSpecialTokens);
     if (!Array.isArray(prompt)) throw new SoppuError('VALIDATION', 'the prompt must be text or a list of token ids', { field: 'inputs' });
     const vocab = this.config.vocabSize;
     return prompt.map((id, i) => {
@@ -513,8 +513,8 @@ class SoppuEngine implements Engine {
 
   // ---------------------------------------------------------------- text
 
-  tokenize(text: string): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] } {
-    const tokens = this.tokenizer.tokenizeWithOffsets(text, true);
+  tokenize(text: string, addSpecialTokens = true): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] } {
+    const tokens = this.tokenizer.tokenizeWithOffsets(text, addSpecialTokens);
     return { ids: tokens.map((t) => t.id), tokens };
   }
 

@@ -62,7 +62,7 @@ export class GenerationService {
     } else if (call.adapterSource === 'local') {
       throw new SoppuError('VALIDATION', 'Input validation error: `adapter_source` local needs an `adapter_id` naming the directory', { field: 'adapter_source' });
     }
-    const promptTokens = this.engine.tokenize(call.prompt).ids.length;
+    const promptTokens = this.engine.tokenize(call.prompt, call.addSpecialTokens).ids.length;
     const inputTokens = call.truncate !== undefined ? Math.min(call.truncate, promptTokens) : promptTokens;
     const maxInput = this.options.maxInputTokens;
     if (inputTokens > maxInput) {
@@ -83,6 +83,7 @@ export class GenerationService {
     }
     return {
       prompt: call.prompt,
+      addSpecialTokens: call.addSpecialTokens,
       adapterId: adapterId === '' ? null : adapterId,
       adapterSource: adapterId === '' ? undefined : call.adapterSource,
       adapterPath,

@@ -126,8 +126,8 @@ export function registerLoraxRoutes(app: FastifyInstance, context: ServerContext
   };
   app.post<{ Body: LoraxGenerateBody }>('/', { schema: { body: schemas.compat }, config: { generation: true } }, compat);
   app.post<{ Body: LoraxGenerateBody }>('/invocations', { schema: { body: schemas.compat }, config: { generation: true } }, compat);
-  app.post<{ Body: { inputs: string } }>('/tokenize', { schema: { body: schemas.tokenize } }, async (request) => {
+  app.post<{ Body: { inputs: string; add_special_tokens?: boolean } }>('/tokenize', { schema: { body: schemas.tokenize } }, async (request) => {
     callerOf(request);
-    return context.engine.tokenize(request.body.inputs).tokens.map((t) => ({ id: t.id, text: t.text, start: t.start, stop: t.stop }));
+    return context.engine.tokenize(request.body.inputs, request.body.add_special_tokens ?? true).tokens.map((t) => ({ id: t.id, text: t.text, start: t.start, stop: t.stop }));
   });
 }

@@ -86,7 +86,8 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
     let done: DoneEvent | null = null;
     for await (const event of eventsOf(prepared.started)) {
       if (event.type === 'token') {
-        const piece = text.push(event.token.text);
+        // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips
+        const piece = text.push(event.token.special ? '' : event.token.text);
         if (piece !== '' || first) {
           send(choiceChunk(dialect, piece, null, first));
           first = false;

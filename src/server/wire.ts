@@ -9,6 +9,8 @@ import { SoppuError } from '../errors/soppu-error.js';
 /** A generation as the server sees it, whichever dialect it came in. */
 export interface GenerationCall {
   readonly prompt: string;
+  /** Whether tokenizing the prompt adds BOS (false for a chat template's output, which has it). */
+  readonly addSpecialTokens: boolean;
   /** '' → base model. */
   readonly adapterId: string;
   readonly adapterSource: 'bank' | 'local' | undefined;
@@ -95,6 +97,7 @@ export function fromLoraxBody(body: LoraxGenerateBody, stream: boolean): Generat
   }
   return {
     prompt: body.inputs,
+    addSpecialTokens: true,
     adapterId: p.adapter_id ?? '',
     adapterSource: parseAdapterSource(p.adapter_source, 'parameters.adapter_source'),
     maxNewTokens: p.max_new_tokens ?? undefined,
@@ -211,7 +214,7 @@ export function adapterFromModel(model: string | undefined, baseModelId: string)
   return model === undefined || model === '' || model === baseModelId ? '' : model;
 }
 
-function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: string, returnFullText: boolean): GenerationCall {
+function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: string, returnFullText: boolean, addSpecialTokens: boolean): GenerationCall {
   if (body.n !== undefined && body.n !== null && body.n !== 1) throw validation(`\`n\` must be 1; got ${body.n}`, 'n');
   if (body.response_format && body.response_format.type !== 'text') {
     throw validation('`response_format` (constrained JSON decoding) is not supported by this server', 'response_format');
@@ -220,6 +223,7 @@ function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: s
   const stop = body.stop === undefined || body.stop === null ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop;
   return {
     prompt,
+    addSpecialTokens,
     adapterId: adapterFromModel(body.model, baseModelId),
     adapterSource: parseAdapterSource(body.adapter_source, 'adapter_source'),
     maxNewTokens: body.max_completion_tokens ?? body.max_tokens ?? undefined,
@@ -250,7 +254,7 @@ export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: st
   else if (body.prompt.length === 1 && typeof body.prompt[0] === 'string') prompt = body.prompt[0];
   else throw validation('`prompt` must be a single string', 'prompt');
   if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw validation(`\`best_of\` must be 1; got ${body.best_of}`, 'best_of');
-  return fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false);
+  return fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true);
 }
 
 /** Chat messages → plain {role, content} for the chat template; image parts and tools are refused. */
@@ -268,8 +272,9 @@ export function chatMessages(body: OpenAiChatBody): { role: string; content: str
   });
 }
 
+/** `prompt`: the chat template's rendering of the messages, which holds the special tokens (BOS) itself. */
 export function fromOpenAiChat(body: OpenAiChatBody, prompt: string, baseModelId: string): GenerationCall {
-  return fromOpenAiCommon(body, prompt, baseModelId, false);
+  return fromOpenAiCommon(body, prompt, baseModelId, false, false);
 }
 
 export interface Usage {
@@ -285,22 +290,29 @@ export function toUsage(done: DoneEvent): Usage {
 /**
  * Streams text so that what was sent is always a prefix of the final text: with stop sequences, the
  * last (longest stop) characters are held back until the next token shows they are not the start
- * of a stop sequence (which the final text excludes).
+ * of a stop sequence (which the final text excludes), and nothing from a complete stop sequence on
+ * is sent (the token that completes one may carry text past it; the engine cuts at the earliest).
  */
 export class StopSafeText {
   private text = '';
   private sent = 0;
   private readonly holdBack: number;
 
-  constructor(stop: readonly string[]) {
+  constructor(private readonly stop: readonly string[]) {
     // the token that completes a stop sequence is still reported before 'done', so hold back a full stop length
     this.holdBack = Math.max(0, ...stop.map((s) => s.length));
   }
 
-  /** Adds a token's text; returns what may be sent now. */
+  /** Adds a token's decoded text (special tokens: ''); returns what may be sent now. */
   push(tokenText: string): string {
     this.text += tokenText;
-    const safe = Math.max(this.sent, this.text.length - this.holdBack);
+    let end = this.text.length - this.holdBack;
+    for (const stop of this.stop) {
+      if (stop === '') continue;
+      const at = this.text.indexOf(stop, this.sent); // held back, so no stop starts before `sent`
+      if (at >= 0) end = Math.min(end, at);
+    }
+    const safe = Math.max(this.sent, end);
     const out = this.text.slice(this.sent, safe);
     this.sent = safe;
     return out;

@@ -1,0 +1,113 @@
+/**
+ * The OpenAI routes over the real engine and a generated model with a byte-level BPE tokenizer and a
+ * chat template (multi-character tokens, BOS, special tokens), with the official client: a stream
+ * adds up to the non-stream text (stop sequences inside a token, special tokens), a chat prompt holds
+ * one BOS, and /tokenize honours add_special_tokens.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import OpenAI from 'openai';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { createEngine } from '../../src/engine/engine.js';
+import type { Engine } from '../../src/engine/engine-types.js';
+import { generateModel } from '../../src/io/fixtures/generate-model.js';
+import type { SoppuServer } from '../../src/server/create-server.js';
+import { testServer } from './helpers.js';
+
+let root = '';
+let engine: Engine;
+let server: SoppuServer;
+let client: OpenAI;
+let base = '';
+
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), 'soppu-openai-real-'));
+  await generateModel({ out: join(root, 'model'), seed: 3 });
+  engine = await createEngine({
+    modelDir: join(root, 'model'), kvBudgetBytes: 8 << 20, adapterBudgetBytes: 1 << 24, maxBatchTokens: 512, maxRunningRequests: 16,
+    maxInputTokens: 1000, maxTotalTokens: 1024, blockSize: 16, seed: 1,
+  });
+  server = testServer(engine);
+  await server.app.listen({ port: 0, host: '127.0.0.1' });
+  const address = server.app.server.address();
+  if (address === null || typeof address === 'string') throw new Error('no port');
+  base = `http://127.0.0.1:${address.port}`;
+  client = new OpenAI({ baseURL: `${base}/v1`, apiKey: 'unused', maxRetries: 0 });
+});
+afterAll(async () => {
+  await server.app.close();
+  await engine.close();
+  await rm(root, { recursive: true, force: true });
+});
+
+const CHAT = [{ role: 'user' as const, content: 'Hello there' }];
+
+async function streamedCompletion(args: OpenAI.CompletionCreateParamsNonStreaming): Promise<{ text: string; finish: string | null }> {
+  let text = '';
+  let finish: string | null = null;
+  for await (const chunk of await client.completions.create({ ...args, stream: true })) {
+    text += chunk.choices[0]?.text ?? '';
+    finish = chunk.choices[0]?.finish_reason ?? finish;
+  }
+  return { text, finish };
+}
+
+async function streamedChat(args: OpenAI.ChatCompletionCreateParamsNonStreaming): Promise<{ text: string; finish: string | null }> {
+  let text = '';
+  let finish: string | null = null;
+  for await (const chunk of await client.chat.completions.create({ ...args, stream: true })) {
+    text += chunk.choices[0]?.delta?.content ?? '';
+    finish = chunk.choices[0]?.finish_reason ?? finish;
+  }
+  return { text, finish };
+}
+
+describe('OpenAI routes over a BPE model', () => {
+  it('a stream adds up to the non-stream text, whatever stop sequence ends it (inside a token too)', async () => {
+    const args = { model: '', prompt: 'The quick brown fox', max_tokens: 24, temperature: 0 };
+    const free = (await client.completions.create(args)).choices[0]!.text;
+    expect(free.length).toBeGreaterThan(6);
+    // every two-character piece of the free text, as a stop: most end inside a multi-character token
+    const stops = [...new Set(Array.from({ length: free.length - 1 }, (_, i) => free.slice(i, i + 2)).filter((s) => s.trim().length === 2))].slice(0, 8);
+    expect(stops.length).toBeGreaterThan(2);
+    for (const stop of stops) {
+      const plain = (await client.completions.create({ ...args, stop: [stop] })).choices[0]!;
+      expect(plain.text).toBe(free.slice(0, free.indexOf(stop)));
+      const streamed = await streamedCompletion({ ...args, stop: [stop] });
+      expect(streamed.text, `stop ${JSON.stringify(stop)}`).toBe(plain.text);
+      expect(streamed.finish).toBe('stop');
+    }
+  });
+
+  it('chat streams carry no special-token text: the stream equals the message, to eos or past it', async () => {
+    // past eos this model emits special tokens (so the case below has some to skip)
+    let specials = 0;
+    for await (const event of engine.generate({ prompt: engine.applyChatTemplate(CHAT, true), addSpecialTokens: false, maxNewTokens: 120, ignoreEos: true })) {
+      if (event.type === 'token' && event.token.special) specials++;
+    }
+    expect(specials).toBeGreaterThan(0);
+    for (const extra of [{}, { ignore_eos_token: true, max_tokens: 120 }, { ignore_eos_token: true, max_tokens: 120, stop: ['zzz'] }]) {
+      const args = { model: '', messages: CHAT, max_tokens: 40, temperature: 0, ...extra } as OpenAI.ChatCompletionCreateParamsNonStreaming;
+      const message = (await client.chat.completions.create(args)).choices[0]!.message.content ?? '';
+      const streamed = await streamedChat(args);
+      expect(streamed.text).toBe(message);
+      expect(streamed.text).not.toMatch(/<\|[a-z_]+\|>/);
+    }
+  });
+
+  it('a chat prompt holds the template\'s BOS once; /tokenize adds BOS only when asked', async () => {
+    const templated = engine.applyChatTemplate(CHAT, true);
+    const ids = engine.tokenize(templated, false).ids;
+    const bos = engine.tokenize('', true).ids;
+    expect(bos).toHaveLength(1);
+    expect(ids[0]).toBe(bos[0]);
+    expect(ids[1]).not.toBe(bos[0]);
+    const completion = await client.chat.completions.create({ model: '', messages: CHAT, max_tokens: 2, temperature: 0 });
+    expect(completion.usage?.prompt_tokens).toBe(ids.length);
+    const tokenize = async (body: Record<string, unknown>): Promise<{ id: number }[]> =>
+      (await fetch(`${base}/tokenize`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) })).json() as Promise<{ id: number }[]>;
+    expect((await tokenize({ inputs: 'hi' }))[0]!.id).toBe(bos[0]);
+    expect((await tokenize({ inputs: 'hi', add_special_tokens: false })).map((t) => t.id)).toEqual(engine.tokenize('hi', false).ids);
+  });
+});
