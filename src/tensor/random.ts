@@ -22,6 +22,14 @@ export class Random {
     this.s1 = next();
     this.s2 = next();
     this.s3 = next() | 1;
+    // the bits above 32 (the APIs take seeds up to 2^53) go into the other half of the state, so seed and
+    // seed + 2^32 differ; a seed below 2^32 starts as it always did
+    const high = Math.floor(Math.abs(seed) / 2 ** 32) >>> 0;
+    if (high !== 0) {
+      x = high;
+      this.s2 = (this.s2 ^ next()) >>> 0;
+      this.s3 = (this.s3 ^ next()) | 1;
+    }
   }
 
   /** Uniform 32-bit unsigned integer. */

@@ -122,6 +122,10 @@ describe('Sampler', () => {
     expect(new Set(draws({ typicalP: 0.2, doSample: true }, 3)).size).toBeLessThan(6);
     expect(draws({ temperature: 2 }, 7)).toEqual(draws({ temperature: 2 }, 7));
     expect(draws({ temperature: 2 }, 7)).not.toEqual(draws({ temperature: 2 }, 8));
+    // every bit of a seed up to 2^53 counts (the APIs take them): seed and seed + 2^32 draw differently
+    expect(draws({ temperature: 2 }, 7 + 2 ** 32)).toEqual(draws({ temperature: 2 }, 7 + 2 ** 32));
+    expect(draws({ temperature: 2 }, 7 + 2 ** 32)).not.toEqual(draws({ temperature: 2 }, 7));
+    expect(draws({ temperature: 2 }, 2 ** 53 - 1)).not.toEqual(draws({ temperature: 2 }, 2 ** 32 - 1));
     expect(new Set(draws({ temperature: 3 }, 1)).size).toBe(6);
     expect(resolveSampling({ temperature: 0, topK: 5 }).sample).toBe(false);
     expect(() => resolveSampling({ topK: 1.5 })).toThrow(/top_k/);
