@@ -11,7 +11,11 @@ export function toSoppuError(e: unknown): SoppuError {
   if (isSoppuError(e)) return e;
   const err = e as { validation?: unknown; validationContext?: string; message?: string; code?: string; statusCode?: number };
   if (err && Array.isArray(err.validation)) {
-    const field = (err.validation[0] as { instancePath?: string } | undefined)?.instancePath ?? '';
+    // a JSON pointer (/parameters/top_k) as a dotted field name (parameters.top_k); a missing one by its name
+    const first = err.validation[0] as { instancePath?: string; params?: { missingProperty?: string } } | undefined;
+    const pointer = (first?.instancePath ?? '').replace(/^\//, '').replace(/\//g, '.');
+    const missing = first?.params?.missingProperty;
+    const field = missing ? (pointer ? `${pointer}.${missing}` : missing) : pointer;
     return new SoppuError('VALIDATION', `Input validation error: ${err.message ?? 'invalid request'}`, { field });
   }
   if (err?.code === 'FST_ERR_CTP_INVALID_MEDIA_TYPE') {
@@ -65,10 +69,14 @@ export function isOpenAiPath(url: string): boolean {
   return url.startsWith('/v1/');
 }
 
-/** Status + body for `e` in the dialect of `url`. */
+/**
+ * Status + body for `e` in the dialect of `url`. OpenAI answers a request it refuses as invalid with 400
+ * (its clients raise BadRequestError) where LoRAX answers 422.
+ */
 export function errorResponse(e: unknown, url: string): { status: number; body: unknown; error: SoppuError } {
   const error = toSoppuError(e);
-  return { status: error.httpStatus, body: isOpenAiPath(url) ? openAiErrorBody(error) : loraxErrorBody(error), error };
+  if (!isOpenAiPath(url)) return { status: error.httpStatus, body: loraxErrorBody(error), error };
+  return { status: error.httpStatus === 422 ? 400 : error.httpStatus, body: openAiErrorBody(error), error };
 }
 
 /** LoRAX's `err` label for lorax_request_failure. */

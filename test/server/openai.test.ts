@@ -77,11 +77,12 @@ describe('OpenAI-compatible routes with the official client', () => {
     expect(chunks.at(-1).usage.completion_tokens).toBe(3);
   });
 
-  it('errors come in the OpenAI shape: 404 for other users\' adapters, 424 for corrupt, 422 for validation, 401', async () => {
+  it('errors come in the OpenAI shape: 404 for other users\' adapters, 424 for corrupt, 400 for invalid requests (BadRequestError, param a field name), 401', async () => {
     await expect(client.completions.create({ model: 'bob-1', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 404, error: { message: "Adapter 'bob-1' not found", code: 'adapter_not_found' } });
     await expect(client.completions.create({ model: 'alice-broken', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 424 });
-    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toMatchObject({ status: 422, error: { type: 'invalid_request_error' } });
-    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 2 })).rejects.toMatchObject({ status: 422 });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toMatchObject({ status: 400, error: { type: 'invalid_request_error', param: 'temperature' } });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toBeInstanceOf(OpenAI.BadRequestError);
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 2 })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
     const anonymous = new OpenAI({ baseURL: client.baseURL, apiKey: 'sk-nobody-000', maxRetries: 0 });
     await expect(anonymous.models.list()).rejects.toMatchObject({ status: 401 });
   });
@@ -95,13 +96,13 @@ describe('OpenAI-compatible routes with the official client', () => {
 });
 
 describe('OpenAI validation and keys file', () => {
-  it('refuses image parts, tools and JSON response_format with 422 in the OpenAI shape', async () => {
+  it('refuses image parts, tools and JSON response_format with 400 in the OpenAI shape', async () => {
     const image = [{ role: 'user' as const, content: [{ type: 'image_url' as const, image_url: { url: 'http://x/y.png' } }] }];
-    await expect(client.chat.completions.create({ model: 'alice-1', messages: image, max_tokens: 1 })).rejects.toMatchObject({ status: 422, error: { param: 'messages[0].content' } });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: image, max_tokens: 1 })).rejects.toMatchObject({ status: 400, error: { param: 'messages[0].content' } });
     const tools = [{ type: 'function' as const, function: { name: 'f', parameters: {} } }];
-    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], tools })).rejects.toMatchObject({ status: 422 });
-    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], response_format: { type: 'json_object' } })).rejects.toMatchObject({ status: 422 });
-    await expect(client.chat.completions.create({ model: 'alice-1', messages: [] })).rejects.toMatchObject({ status: 422 });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], tools })).rejects.toMatchObject({ status: 400 });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], response_format: { type: 'json_object' } })).rejects.toMatchObject({ status: 400 });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [] })).rejects.toMatchObject({ status: 400, error: { param: 'messages' } });
   });
 
   it('a malformed keys file is a CONFIG error naming the file and entry, never the key', async () => {
