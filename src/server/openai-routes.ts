@@ -5,6 +5,7 @@
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { failureLabel, openAiErrorBody, toSoppuError } from './error-response.js';
+import { LogprobCollector } from './logprob-collector.js';
 import { startCall } from './lorax-routes.js';
 import type { buildSchemas } from './request-schemas.js';
 import { callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
@@ -13,6 +14,7 @@ import {
   fromOpenAiChat,
   fromOpenAiCompletion,
   fullText,
+  openAiLogprobs,
   StopSafeText,
   toOpenAiFinishReason,
   toUsage,
@@ -32,13 +34,19 @@ interface ChunkShape {
   readonly fingerprint: string;
 }
 
-function choiceChunk(dialect: Dialect, text: string, finishReason: string | null, first: boolean): Record<string, unknown> {
-  if (dialect === 'completion') return { index: 0, text, logprobs: null, finish_reason: finishReason };
+function choiceChunk(dialect: Dialect, text: string, finishReason: string | null, first: boolean, logprobs: unknown = null): Record<string, unknown> {
+  if (dialect === 'completion') return { index: 0, text, logprobs, finish_reason: finishReason };
   const delta: Record<string, unknown> = first ? { role: 'assistant', content: text } : { content: text };
-  return { index: 0, delta, logprobs: null, finish_reason: finishReason };
+  return { index: 0, delta, logprobs, finish_reason: finishReason };
 }
 
-async function runOpenAi(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall, dialect: Dialect, stream: boolean, model: string): Promise<unknown> {
+/** What a request asks for beyond the text: logprobs (null: none; else alternatives per token), usage in a stream. */
+interface OpenAiExtras {
+  readonly logprobs: number | null;
+  readonly includeUsage: boolean;
+}
+
+async function runOpenAi(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall, dialect: Dialect, stream: boolean, model: string, extras: OpenAiExtras): Promise<unknown> {
   const prepared = await startCall(context, request, reply, call);
   const shape: ChunkShape = {
     id: `${dialect === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID()}`,
@@ -58,23 +66,34 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
       maxNewTokens: prepared.started.request.maxNewTokens,
     });
   };
+  // echoed prompt text comes before the answer's tokens
+  const answerStart = call.returnFullText ? call.prompt.length : 0;
+  const logprobs = extras.logprobs === null ? null : new LogprobCollector(dialect, answerStart);
   if (!stream) {
     let done: DoneEvent | null = null;
-    for await (const event of eventsOf(prepared.started)) if (event.type === 'done') done = event;
+    for await (const event of eventsOf(prepared.started)) {
+      if (event.type === 'done') done = event;
+      else if (logprobs && !event.token.special) logprobs.add(event.token, event.alternatives);
+    }
     if (!done) throw toSoppuError(new Error('generation ended without a final event'));
     record(done);
     const text = fullText(call, done);
+    logprobs?.finish(done.generatedText, answerStart);
+    const tokenLogprobs = logprobs ? logprobs.render(logprobs.all(answerStart + done.generatedText.length)) : null;
     const choice =
       dialect === 'chat'
-        ? { index: 0, message: { role: 'assistant', content: text }, logprobs: null, finish_reason: toOpenAiFinishReason(done.finishReason) }
-        : { index: 0, text, logprobs: null, finish_reason: toOpenAiFinishReason(done.finishReason) };
+        ? { index: 0, message: { role: 'assistant', content: text }, logprobs: tokenLogprobs, finish_reason: toOpenAiFinishReason(done.finishReason) }
+        : { index: 0, text, logprobs: tokenLogprobs, finish_reason: toOpenAiFinishReason(done.finishReason) };
     return { id: shape.id, object, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [choice], usage: toUsage(done) };
   }
   let events: EventStream | null = null;
-  const send = (choice: Record<string, unknown>, extra: Record<string, unknown> = {}): void => {
-    const chunk = { id: shape.id, object: chunkObject, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [choice], ...extra };
+  // with stream_options.include_usage, every chunk has usage: null and a last one (no choices) carries it
+  const usageField = extras.includeUsage ? { usage: null } : {};
+  const sendChunk = (choices: Record<string, unknown>[], extra: Record<string, unknown>): void => {
+    const chunk = { id: shape.id, object: chunkObject, created: shape.created, model, system_fingerprint: shape.fingerprint, choices, ...extra };
     events?.send(`data: ${JSON.stringify(chunk)}\n\n`);
   };
+  const send = (choice: Record<string, unknown>): void => sendChunk([choice], usageField);
   const text = new StopSafeText(call.stop);
   let first = true;
   try {
@@ -88,8 +107,10 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
       if (event.type === 'token') {
         // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips
         const piece = text.push(event.token.special ? '' : event.token.text);
-        if (piece !== '' || first) {
-          send(choiceChunk(dialect, piece, null, first));
+        // a token's logprobs ride on the chunk of its event (its text may come in a later chunk: held back at a stop)
+        const entry = logprobs && !event.token.special ? logprobs.render([logprobs.add(event.token, event.alternatives)]) : null;
+        if (piece !== '' || first || entry) {
+          send(choiceChunk(dialect, piece, null, first, entry));
           first = false;
         }
       } else {
@@ -97,7 +118,8 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
       }
     }
     if (!done) throw toSoppuError(new Error('generation ended without a final event'));
-    send(choiceChunk(dialect, text.finish(done.generatedText), toOpenAiFinishReason(done.finishReason), first), { usage: toUsage(done) });
+    send(choiceChunk(dialect, text.finish(done.generatedText), toOpenAiFinishReason(done.finishReason), first));
+    if (extras.includeUsage) sendChunk([], { usage: toUsage(done) });
     events.send('data: [DONE]\n\n');
     record(done);
   } catch (e) {
@@ -114,12 +136,18 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
 
 export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContext, schemas: Schemas): void {
   const baseModelId = context.engine.info.modelId;
+  const extrasOf = (body: OpenAiCompletionBody | OpenAiChatBody, dialect: Dialect): OpenAiExtras => ({
+    logprobs: openAiLogprobs(body, dialect),
+    includeUsage: body.stream_options?.include_usage === true,
+  });
   app.post<{ Body: OpenAiCompletionBody }>('/v1/completions', { schema: { body: schemas.completions }, config: { generation: true } }, (request, reply) =>
-    runOpenAi(context, request, reply, fromOpenAiCompletion(request.body, baseModelId), 'completion', request.body.stream ?? false, request.body.model ?? baseModelId),
+    runOpenAi(context, request, reply, fromOpenAiCompletion(request.body, baseModelId), 'completion', request.body.stream ?? false, request.body.model ?? baseModelId,
+      extrasOf(request.body, 'completion')),
   );
   app.post<{ Body: OpenAiChatBody }>('/v1/chat/completions', { schema: { body: schemas.chat }, config: { generation: true } }, (request, reply) => {
     const prompt = context.engine.applyChatTemplate(chatMessages(request.body), true);
-    return runOpenAi(context, request, reply, fromOpenAiChat(request.body, prompt, baseModelId), 'chat', request.body.stream ?? false, request.body.model ?? baseModelId);
+    return runOpenAi(context, request, reply, fromOpenAiChat(request.body, prompt, baseModelId), 'chat', request.body.stream ?? false, request.body.model ?? baseModelId,
+      extrasOf(request.body, 'chat'));
   });
   app.get('/v1/models', async (request) => {
     const caller = callerOf(request);

@@ -60,7 +60,7 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
     n: nullableInteger({ minimum: 1 }),
     stop: { anyOf: [{ type: 'string', minLength: 1 }, stopArray, { type: 'null' }] },
     stream: { type: 'boolean' },
-    stream_options: { type: ['object', 'null'] },
+    stream_options: { type: ['object', 'null'], properties: { include_usage: { type: 'boolean' } } },
     seed: nullableInteger({ minimum: 0, maximum: MAX_SEED }),
     presence_penalty: nullableNumber({ minimum: -2, maximum: 2 }),
     frequency_penalty: nullableNumber({ minimum: -2, maximum: 2 }),
@@ -78,7 +78,7 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
       ...openAiCommon,
       prompt: { anyOf: [{ type: 'string', minLength: 1 }, { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1, maxItems: 1 }] },
       echo: { type: 'boolean' },
-      logprobs: nullableInteger({ minimum: 0 }),
+      logprobs: nullableInteger({ minimum: 0, maximum: 5 }), // OpenAI's limit
       best_of: nullableInteger({ minimum: 1 }),
     },
   };
@@ -106,6 +106,8 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
         },
       },
       tools: { type: 'array' },
+      logprobs: { type: ['boolean', 'null'] },
+      top_logprobs: nullableInteger({ minimum: 0, maximum: 20 }), // OpenAI's limit
     },
   };
   const tokenize = {

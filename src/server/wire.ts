@@ -194,6 +194,7 @@ export interface OpenAiCommonBody {
   adapter_source?: string | null;
   api_token?: string | null;
   response_format?: { type?: string } | null;
+  stream_options?: { include_usage?: boolean } | null;
 }
 
 export interface OpenAiCompletionBody extends OpenAiCommonBody {
@@ -207,6 +208,8 @@ export interface OpenAiChatBody extends OpenAiCommonBody {
   messages: { role: string; content: string | { type: string; text?: string }[] | null }[];
   tools?: unknown[];
   tool_choice?: unknown;
+  logprobs?: boolean | null;
+  top_logprobs?: number | null;
 }
 
 /** model '' or the base model id → base; anything else is an adapter id. */
@@ -214,7 +217,19 @@ export function adapterFromModel(model: string | undefined, baseModelId: string)
   return model === undefined || model === '' || model === baseModelId ? '' : model;
 }
 
-function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: string, returnFullText: boolean, addSpecialTokens: boolean): GenerationCall {
+/**
+ * The OpenAI logprobs a request asks for: null (none), else how many alternatives per token (completions'
+ * `logprobs: k`; chat's `logprobs: true` with `top_logprobs: k`).
+ */
+export function openAiLogprobs(body: OpenAiCompletionBody | OpenAiChatBody, dialect: 'completion' | 'chat'): number | null {
+  if (dialect === 'completion') return (body as OpenAiCompletionBody).logprobs ?? null;
+  const chat = body as OpenAiChatBody;
+  if (chat.logprobs === true) return chat.top_logprobs ?? 0;
+  if (chat.top_logprobs !== undefined && chat.top_logprobs !== null) throw validation('`top_logprobs` needs `logprobs` set to true', 'top_logprobs');
+  return null;
+}
+
+function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: string, returnFullText: boolean, addSpecialTokens: boolean, logprobs: number | null): GenerationCall {
   if (body.n !== undefined && body.n !== null && body.n !== 1) throw validation(`\`n\` must be 1; got ${body.n}`, 'n');
   if (body.response_format && body.response_format.type !== 'text') {
     throw validation('`response_format` (constrained JSON decoding) is not supported by this server', 'response_format');
@@ -241,7 +256,7 @@ function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: s
     stop,
     ignoreEos: body.ignore_eos_token ?? false,
     truncate: undefined,
-    topAlternatives: 0,
+    topAlternatives: logprobs ?? 0,
     prefillDetails: false,
     returnFullText,
     details: false,
@@ -254,7 +269,7 @@ export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: st
   else if (body.prompt.length === 1 && typeof body.prompt[0] === 'string') prompt = body.prompt[0];
   else throw validation('`prompt` must be a single string', 'prompt');
   if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw validation(`\`best_of\` must be 1; got ${body.best_of}`, 'best_of');
-  return fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true);
+  return fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true, openAiLogprobs(body, 'completion'));
 }
 
 /** Chat messages → plain {role, content} for the chat template; image parts and tools are refused. */
@@ -274,7 +289,7 @@ export function chatMessages(body: OpenAiChatBody): { role: string; content: str
 
 /** `prompt`: the chat template's rendering of the messages, which holds the special tokens (BOS) itself. */
 export function fromOpenAiChat(body: OpenAiChatBody, prompt: string, baseModelId: string): GenerationCall {
-  return fromOpenAiCommon(body, prompt, baseModelId, false, false);
+  return fromOpenAiCommon(body, prompt, baseModelId, false, false, openAiLogprobs(body, 'chat'));
 }
 
 export interface Usage {

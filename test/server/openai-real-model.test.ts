@@ -110,4 +110,58 @@ describe('OpenAI routes over a BPE model', () => {
     expect((await tokenize({ inputs: 'hi' }))[0]!.id).toBe(bos[0]);
     expect((await tokenize({ inputs: 'hi', add_special_tokens: false })).map((t) => t.id)).toEqual(engine.tokenize('hi', false).ids);
   });
+
+  it('logprobs: completions {tokens, token_logprobs, top_logprobs, text_offset}; chat content entries with bytes; streamed per chunk', async () => {
+    const args = { model: '', prompt: 'The quick brown fox', max_tokens: 12, temperature: 0, ignore_eos_token: true } as OpenAI.CompletionCreateParamsNonStreaming;
+    const completion = (await client.completions.create({ ...args, logprobs: 2 })).choices[0]!;
+    const lp = completion.logprobs!;
+    expect(lp.tokens!.join('')).toBe(completion.text);
+    expect(lp.tokens).toHaveLength(12);
+    expect(lp.token_logprobs!.every((v) => v <= 0 && Number.isFinite(v))).toBe(true);
+    expect(lp.text_offset![0]).toBe(0);
+    for (let i = 1; i < 12; i++) expect(lp.text_offset![i]).toBe(lp.text_offset![i - 1]! + lp.tokens![i - 1]!.length);
+    for (const [i, top] of lp.top_logprobs!.entries()) {
+      const entries = Object.entries(top as Record<string, number>);
+      expect(entries.length).toBeGreaterThan(0); // two alternatives, unless both decode to the same text
+      expect(entries.length).toBeLessThanOrEqual(2);
+      expect(Math.max(...entries.map(([, v]) => v))).toBeCloseTo(lp.token_logprobs![i]!, 5); // greedy: the best is the chosen
+    }
+    const echoed = (await client.completions.create({ ...args, logprobs: 0, echo: true })).choices[0]!;
+    expect(echoed.logprobs!.text_offset![0]).toBe('The quick brown fox'.length);
+    expect(await client.completions.create({ ...args })).toMatchObject({ choices: [{ logprobs: null }] });
+
+    const chatArgs = { model: '', messages: CHAT, max_tokens: 10, temperature: 0, ignore_eos_token: true } as OpenAI.ChatCompletionCreateParamsNonStreaming;
+    const chat = (await client.chat.completions.create({ ...chatArgs, logprobs: true, top_logprobs: 3 })).choices[0]!;
+    const content = chat.logprobs!.content!;
+    expect(content.map((c) => c.token).join('')).toBe(chat.message.content);
+    for (const entry of content) {
+      expect(entry.bytes).toEqual([...Buffer.from(entry.token, 'utf8')]);
+      expect(entry.top_logprobs).toHaveLength(3);
+      expect(entry.top_logprobs[0]!.logprob).toBeCloseTo(entry.logprob, 5);
+    }
+    let streamedText = '';
+    const streamedTokens: string[] = [];
+    for await (const chunk of await client.chat.completions.create({ ...chatArgs, logprobs: true, stream: true })) {
+      streamedText += chunk.choices[0]?.delta?.content ?? '';
+      for (const entry of chunk.choices[0]?.logprobs?.content ?? []) streamedTokens.push(entry.token);
+    }
+    expect(streamedText).toBe(chat.message.content);
+    // a stream's tokens come with their events: text the decoder only lets go at the end has no token of its own
+    expect(streamedText.startsWith(streamedTokens.join(''))).toBe(true);
+    expect(streamedTokens).toHaveLength(10);
+    await expect(client.chat.completions.create({ ...chatArgs, top_logprobs: 2 })).rejects.toMatchObject({ status: 400, error: { param: 'top_logprobs' } });
+  });
+
+  it('stream_options.include_usage: a last chunk without choices carries usage; without it no chunk does', async () => {
+    const args = { model: '', messages: CHAT, max_tokens: 5, temperature: 0, ignore_eos_token: true } as OpenAI.ChatCompletionCreateParamsNonStreaming;
+    const chunks: OpenAI.ChatCompletionChunk[] = [];
+    for await (const chunk of await client.chat.completions.create({ ...args, stream: true, stream_options: { include_usage: true } })) chunks.push(chunk);
+    const last = chunks.at(-1)!;
+    expect(last.choices).toEqual([]);
+    expect(last.usage).toMatchObject({ completion_tokens: 5 });
+    expect(chunks.slice(0, -1).every((c) => c.usage === null && c.choices.length === 1)).toBe(true);
+    const plain: OpenAI.ChatCompletionChunk[] = [];
+    for await (const chunk of await client.chat.completions.create({ ...args, stream: true })) plain.push(chunk);
+    expect(plain.every((c) => c.usage === undefined && c.choices.length === 1)).toBe(true);
+  });
 });

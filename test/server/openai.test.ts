@@ -40,7 +40,7 @@ describe('OpenAI-compatible routes with the official client', () => {
     expect(stopped.choices[0]!.text).toBe(text.slice(0, text.indexOf(stop)));
   });
 
-  it('chat completions, plain and streamed; the stream ends with [DONE] and carries usage', async () => {
+  it('chat completions, plain and streamed; the stream ends with [DONE] and carries usage when asked', async () => {
     const messages = [{ role: 'user' as const, content: 'hey' }];
     const prompt = engine.applyChatTemplate(messages);
     const chat = await client.chat.completions.create({ model: 'alice-1', messages, max_tokens: 6, temperature: 0 });
@@ -48,7 +48,7 @@ describe('OpenAI-compatible routes with the official client', () => {
     expect(chat.choices[0]!.finish_reason).toBe('length');
     const text = engine.expectedText(prompt, 'alice-1', 8);
     const stop = text.slice(3, 6);
-    const stream = await client.chat.completions.create({ model: 'alice-1', messages, max_tokens: 8, temperature: 0, stop: [stop], stream: true });
+    const stream = await client.chat.completions.create({ model: 'alice-1', messages, max_tokens: 8, temperature: 0, stop: [stop], stream: true, stream_options: { include_usage: true } });
     let content = '';
     let finish: string | null = null;
     let usage: unknown = null;
@@ -68,12 +68,13 @@ describe('OpenAI-compatible routes with the official client', () => {
     const response = await fetch(`http://127.0.0.1:${address.port}/v1/completions`, {
       method: 'POST',
       headers: { 'content-type': 'application/json', authorization: `Bearer ${KEYS.alice}` },
-      body: JSON.stringify({ model: 'alice-1', prompt: 'abc', max_tokens: 3, stream: true, temperature: 0 }),
+      body: JSON.stringify({ model: 'alice-1', prompt: 'abc', max_tokens: 3, stream: true, temperature: 0, stream_options: { include_usage: true } }),
     });
     const body = await response.text();
     expect(body.trim().endsWith('data: [DONE]')).toBe(true);
     const chunks = body.split('\n\n').filter((b) => b.startsWith('data: {')).map((b) => JSON.parse(b.slice(6)));
-    expect(chunks.map((c) => c.choices[0].text).join('')).toBe(engine.expectedText('abc', 'alice-1', 3));
+    expect(chunks.slice(0, -1).map((c) => c.choices[0].text).join('')).toBe(engine.expectedText('abc', 'alice-1', 3));
+    expect(chunks.at(-1).choices).toEqual([]);
     expect(chunks.at(-1).usage.completion_tokens).toBe(3);
   });
 
