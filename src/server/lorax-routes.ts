@@ -120,7 +120,7 @@ export function registerLoraxRoutes(app: FastifyInstance, context: ServerContext
   );
   const compat = async (request: FastifyRequest<{ Body: LoraxGenerateBody }>, reply: FastifyReply): Promise<unknown> => {
     const stream = request.body.stream ?? false;
-    const call = fromLoraxBody(request.body, stream);
+    const call = fromLoraxBody(request.body, stream, true); // the text-generation pipeline returns the full text
     if (stream) return generateStream(context, request, reply, call);
     return [await generateJson(context, request, reply, call)];
   };

@@ -80,7 +80,11 @@ export interface LoraxGenerateBody {
 }
 
 /** LoRAX GenerateRequest → GenerationCall. */
-export function fromLoraxBody(body: LoraxGenerateBody, stream: boolean): GenerationCall {
+/**
+ * `fullTextByDefault`: return_full_text when the request leaves it unset — false on /generate; on the compat
+ * routes LoRAX takes it from the pipeline tag, true for text-generation (what /info reports).
+ */
+export function fromLoraxBody(body: LoraxGenerateBody, stream: boolean, fullTextByDefault = false): GenerationCall {
   const p = body.parameters ?? {};
   if (p.merged_adapters !== undefined && p.merged_adapters !== null) {
     throw validation('`parameters.merged_adapters` is not supported by this server', 'parameters.merged_adapters');
@@ -117,7 +121,7 @@ export function fromLoraxBody(body: LoraxGenerateBody, stream: boolean): Generat
     truncate: p.truncate ?? undefined,
     topAlternatives: p.return_k_alternatives ?? 0,
     prefillDetails: p.decoder_input_details ?? false,
-    returnFullText: p.return_full_text ?? false,
+    returnFullText: p.return_full_text ?? fullTextByDefault,
     details: (p.details ?? false) || (p.decoder_input_details ?? false),
   };
 }

@@ -155,13 +155,18 @@ describe('POST /generate_stream and compat POST /', () => {
     expect(invalid.json().error).toContain('decoder_input_details');
   });
 
-  it('compat route: array for non-stream, SSE for stream; /invocations alias', async () => {
+  it('compat route: array for non-stream, SSE for stream; /invocations alias; the full text unless return_full_text is false', async () => {
     const { engine, app } = setup();
+    // LoRAX takes the compat routes' return_full_text from the pipeline tag: text-generation returns the prompt too
     const plain = await app.inject({ method: 'POST', url: '/', payload: { inputs: 'abc', parameters: { max_new_tokens: 2 } } });
-    expect(plain.json()).toEqual([{ generated_text: engine.expectedText('abc', null, 2) }]);
+    expect(plain.json()).toEqual([{ generated_text: 'abc' + engine.expectedText('abc', null, 2) }]);
+    const answerOnly = await app.inject({ method: 'POST', url: '/', payload: { inputs: 'abc', parameters: { max_new_tokens: 2, return_full_text: false } } });
+    expect(answerOnly.json()).toEqual([{ generated_text: engine.expectedText('abc', null, 2) }]);
     const streamed = await app.inject({ method: 'POST', url: '/invocations', payload: { inputs: 'abc', stream: true, parameters: { max_new_tokens: 2 } } });
     const events = sseEvents(streamed.body) as Record<string, any>[];
-    expect(events.at(-1)?.generated_text).toBe(engine.expectedText('abc', null, 2));
+    expect(events.at(-1)?.generated_text).toBe('abc' + engine.expectedText('abc', null, 2));
+    const generate = await app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'abc', parameters: { max_new_tokens: 2 } } });
+    expect(generate.json().generated_text).toBe(engine.expectedText('abc', null, 2)); // /generate: false by default
   });
 });
 
