@@ -88,9 +88,11 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
     max_stop_sequences: limits.maxStopSequences,
     max_input_length: limits.maxInputTokens,
     max_total_tokens: limits.maxTotalTokens,
-    waiting_served_ratio: null,
+    // the scheduler admits waiting requests at every step (their prefill chunks join the decode rows), so no
+    // ratio of waiting to running and no count of decode tokens holds them back (typed clients need numbers)
+    waiting_served_ratio: 0,
     max_batch_total_tokens: engine.info.maxBatchTokens,
-    max_waiting_tokens: null,
+    max_waiting_tokens: 0,
     validation_workers: 1,
     eager_prefill: true,
     version: limits.version,

@@ -176,6 +176,8 @@ describe('auxiliary routes', () => {
     expect((await app.inject({ method: 'GET', url: '/health' })).statusCode).toBe(200);
     const info = (await app.inject({ method: 'GET', url: '/info' })).json();
     expect(info).toMatchObject({ model_id: 'fake/tiny', max_input_length: 64, max_total_tokens: 96, max_stop_sequences: 4, max_best_of: 1, model_device_type: 'cpu' });
+    // LoRAX's Info fields that typed clients read as numbers
+    for (const field of ['waiting_served_ratio', 'max_waiting_tokens', 'max_batch_total_tokens', 'max_concurrent_requests']) expect(typeof info[field], field).toBe('number');
     const tokens = (await app.inject({ method: 'POST', url: '/tokenize', payload: { inputs: 'ab' } })).json();
     expect(tokens).toEqual([{ id: 97, text: 'a', start: 0, stop: 1 }, { id: 98, text: 'b', start: 1, stop: 2 }]);
     const missing = await app.inject({ method: 'GET', url: '/nope' });
