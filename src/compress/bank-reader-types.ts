@@ -34,6 +34,11 @@ export interface BankAdapterParts {
   readonly slots: ReadonlyMap<string, BankSlotPart>;
   /** Bytes these parts occupy in memory (cores and raw factors; bases not included). */
   readonly bytes: number;
+  /**
+   * Original names of the adapter's passthrough (non-LoRA) tensors — modules_to_save heads, biases —
+   * kept for export; the engine refuses to serve an adapter that has any. Absent: none.
+   */
+  readonly passthrough?: readonly string[];
 }
 
 export interface SharedBases {

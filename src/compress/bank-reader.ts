@@ -93,9 +93,10 @@ export class Bank implements BankReader {
     const slots = new Map<string, BankSlotPart>();
     let bytes = 0;
     const stored = Object.entries(entry.perSlot).filter(([, p]) => p.storage !== 'zero');
-    if (stored.length === 0) return { id, cluster: entry.cluster, slots, bytes };
+    if (!entry.file) return { id, cluster: entry.cluster, slots, bytes, passthrough: [] };
     // adapter files are small: read whole and checksummed on every load, nothing is kept here
-    const file = await this.readVerified(entry.file!);
+    const file = await this.readVerified(entry.file);
+    const passthrough = [...file.tensors.keys()].filter((name) => name.startsWith(PASSTHROUGH_PREFIX)).map((name) => name.slice(PASSTHROUGH_PREFIX.length)).sort();
     for (const [path, part] of stored) {
       const slot = this.slot(path);
       const rank = part.rank!;
@@ -111,7 +112,7 @@ export class Bank implements BankReader {
         bytes += a.byteLength + b.byteLength;
       }
     }
-    return { id, cluster: entry.cluster, slots, bytes };
+    return { id, cluster: entry.cluster, slots, bytes, passthrough };
   }
 
   async loadBases(key: string): Promise<SharedBases> {

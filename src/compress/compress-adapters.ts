@@ -4,6 +4,7 @@
  * within the error budget → storage rule (zero / raw / compressed) → CompressionResult.
  */
 import { SoppuError } from '../errors/soppu-error.js';
+import { F32_MAX } from '../io/load-lora-adapter.js';
 import type { LoraAdapter, LoraModule } from '../io/lora-types.js';
 import { toF32, transpose } from '../linalg/index.js';
 import { clusterAdapters, type ClusterSlot } from './cluster-adapters.js';
@@ -186,6 +187,30 @@ function checkModule(module: LoraModule, id: string): void {
       `(A has ${module.a.length} values, B has ${module.b.length})`, { tensor: module.path });
   }
   if (!Number.isFinite(module.scale)) throw new SoppuError('ADAPTER_TENSORS', `adapter ${JSON.stringify(id)}: ${module.path} has scale ${module.scale}`, { tensor: module.path });
+  // a raw slot stores scale·B in f32 (the loader refuses such adapters too; in-memory ones land here)
+  let largest = 0;
+  for (let j = 0; j < module.b.length; j++) largest = Math.max(largest, Math.abs(module.b[j]!));
+  if (!Number.isFinite(Math.fround(largest * module.scale))) {
+    throw new SoppuError('ADAPTER_TENSORS',
+      `adapter ${JSON.stringify(id)}: ${module.path}: scale ${module.scale} times the largest |B| ${largest} is beyond the f32 range (±${F32_MAX})`,
+      { tensor: module.path, limit: F32_MAX });
+  }
+}
+
+/**
+ * Refuses a fitted part (core, bases) or its relative error when not finite in f32, before anything
+ * is written: a bank holding one cannot be read back. `what` names the adapter or cluster.
+ */
+export function checkFinitePart(what: string, path: string, part: Float32Array, error = 0): void {
+  for (let i = 0; i < part.length; i++) {
+    if (!Number.isFinite(part[i]!)) {
+      throw new SoppuError('ADAPTER_TENSORS', `${what}: ${path}: the fit gives a non-finite value (${part[i]}) at element ${i}; ΔW is beyond the f32 range (±${F32_MAX})`,
+        { tensor: path, limit: F32_MAX });
+    }
+  }
+  if (!Number.isFinite(error)) {
+    throw new SoppuError('ADAPTER_TENSORS', `${what}: ${path}: the relative error of the fit is ${error}; ΔW is beyond the range its error can be measured in`, { tensor: path });
+  }
 }
 
 function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assignments: Int32Array,
@@ -227,6 +252,8 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
     const rank = fit.rank;
     const u = toF32(fit.u);
     const vt = toF32(transpose(fit.v, inFeatures, rank));
+    checkFinitePart(`cluster ${cluster} shared bases`, path, u);
+    checkFinitePart(`cluster ${cluster} shared bases`, path, vt);
     // Per member: the stored (f32) part's error decides the budget.
     const compressed: { entry: SlotEntry; core: Float32Array; error: number }[] = [];
     for (let i = 0; i < members.length; i++) {
@@ -235,6 +262,7 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
       const core = toF32(fit.cores[i]!);
       const error = relativeErrorOfPart(module, { u, vt, rank, core, diagonal: method === 'jd-diag' });
       const id = inputs[entry.adapterIndex]!.id;
+      checkFinitePart(`adapter ${JSON.stringify(id)}`, path, core, error);
       if (options.maxError !== undefined && !(error <= options.maxError)) results.set(id, rawResult(module, 'over-budget'));
       else compressed.push({ entry, core, error });
     }

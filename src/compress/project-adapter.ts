@@ -6,7 +6,7 @@
 import { SoppuError } from '../errors/soppu-error.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { toF32, toF64, transpose } from '../linalg/index.js';
-import { rawResult } from './compress-adapters.js';
+import { checkFinitePart, rawResult } from './compress-adapters.js';
 import type { AdapterSlotResult, JdMethod, SlotBases } from './compression-types.js';
 import { bestCoreOnBases, relativeErrorOfPart } from './slot-errors.js';
 import { factoredNormSquared } from './slot-problem.js';
@@ -84,6 +84,7 @@ export function projectAdapter(adapter: LoraAdapter, slots: ReadonlyMap<string, 
     const diagonal = slot.method === 'jd-diag';
     const core = toF32(bestCoreOnBases(module, bases.u, bases.v, bases.rank, diagonal, normSquared).core);
     const error = relativeErrorOfPart(module, { u: stored.u, vt: stored.vt, rank: stored.rank, core, diagonal });
+    checkFinitePart(name, module.path, core, error);
     if (options.maxError !== undefined && !(error <= options.maxError)) {
       results.set(module.path, rawResult(module, 'projection-over-budget'));
       continue;

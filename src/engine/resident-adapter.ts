@@ -9,6 +9,7 @@
 import { SoppuError } from '../errors/soppu-error.js';
 import type { LoraCore } from '../kernels/kernel-set.js';
 import type { BankAdapterParts, SharedBases } from '../compress/bank-reader-types.js';
+import { F32_MAX } from '../io/load-lora-adapter.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
 import { f32ArrayToBf16, f32ArrayToF16, type WeightDtype } from '../tensor/dtype.js';
@@ -97,6 +98,21 @@ function transposed(m: Float32Array, rows: number, cols: number, scale = 1): Flo
 const F16_MAX = 65504;
 
 /**
+ * Refuses an adapter that carries non-LoRA tensors (modules_to_save heads, base-layer biases):
+ * serving only its LoRA deltas would compute something other than PEFT or LoRAX do with it.
+ */
+function refusePassthrough(id: string, file: string, names: readonly string[]): void {
+  const first = names[0];
+  if (first === undefined) return;
+  throw new SoppuError(
+    'ADAPTER_UNSUPPORTED',
+    `adapter ${id}: tensor "${first}"${names.length > 1 ? ` (and ${names.length - 1} more)` : ''} is not a LoRA factor (a modules_to_save module or a bias): ` +
+      'SOPPU serves LoRA deltas only, and without it the output would differ from PEFT\'s (the adapter can still be compressed and exported)',
+    { file, tensor: first },
+  );
+}
+
+/**
  * An f32 factor [rows, cols] as a kernel operand of `dtype` (rounded to nearest even when 16-bit).
  * f16 cannot hold a magnitude above 65504: such a factor is refused (it would serve infinities).
  */
@@ -113,23 +129,41 @@ function factor(dtype: WeightDtype, rows: number, cols: number, data: Float32Arr
       }
     }
   }
-  return weightMatrix(dtype, rows, cols, dtype === 'bf16' ? f32ArrayToBf16(data) : f32ArrayToF16(data));
+  const half = dtype === 'bf16' ? f32ArrayToBf16(data) : f32ArrayToF16(data);
+  if (dtype === 'bf16') {
+    // values within half an ulp of the f32 maximum round past bf16's largest finite value
+    const i = half.findIndex((h) => (h & 0x7f80) === 0x7f80);
+    if (i >= 0) throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the bf16 range; serve adapters as f32 (lora dtype)`, { file, tensor });
+  }
+  return weightMatrix(dtype, rows, cols, half);
 }
 
 function bytesOf(matrix: WeightMatrix): number {
   return matrix.data.byteLength;
 }
 
-/** A PEFT adapter served raw: A as is, B scaled (ΔW = (s·B)·A); factors stored as `dtype`. */
+/**
+ * A PEFT adapter served raw: A as is, B scaled (ΔW = (s·B)·A); factors stored as `dtype`. Refuses an
+ * adapter with passthrough tensors (ADAPTER_UNSUPPORTED) and one whose s·B overflows f32 (ADAPTER_TENSORS).
+ */
 export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotShape, dtype: WeightDtype = 'f32'): ResidentAdapter {
+  refusePassthrough(id, adapter.source, adapter.passthrough.map((p) => p.name));
   const slots = new Map<string, ResidentSlot>();
   let bytes = 0;
   for (const module of adapter.modules.values()) {
     const key = checkedSlot(id, adapter.source, module.path, shape, module.inFeatures, module.outFeatures);
     checkFinite(id, adapter.source, module.path, module.a);
     checkFinite(id, adapter.source, module.path, module.b);
+    const scaled = transposed(module.b, module.outFeatures, module.rank, module.scale);
+    for (let i = 0; i < scaled.length; i++) {
+      if (!Number.isFinite(scaled[i]!)) {
+        throw new SoppuError('ADAPTER_TENSORS', `adapter ${id}: module ${module.path}: scale ${module.scale} · lora_B is beyond the f32 range (±${F32_MAX}) at element ${i}`, {
+          file: adapter.source, tensor: module.path, limit: F32_MAX,
+        });
+      }
+    }
     const a = factor(dtype, module.rank, module.inFeatures, dtype === 'f32' ? new Float32Array(module.a) : module.a, `${module.path}.lora_A`, adapter.source);
-    const bt = factor(dtype, module.rank, module.outFeatures, transposed(module.b, module.outFeatures, module.rank, module.scale), `${module.path}.lora_B`, adapter.source);
+    const bt = factor(dtype, module.rank, module.outFeatures, scaled, `${module.path}.lora_B`, adapter.source);
     slots.set(key, { kind: 'raw', rank: module.rank, a, bt });
     bytes += bytesOf(a) + bytesOf(bt);
   }
@@ -143,7 +177,10 @@ export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', fi
   return { key: bases.key, rank: bases.rank, a, bt, bytes: bytesOf(a) + bytesOf(bt) };
 }
 
-/** A bank adapter: compressed slots reference the already loaded shared bases in `bases`; raw factors and cores stored as `dtype`. */
+/**
+ * A bank adapter: compressed slots reference the already loaded shared bases in `bases`; raw factors
+ * and cores stored as `dtype`. Refuses (ADAPTER_UNSUPPORTED) an adapter with passthrough tensors.
+ */
 export function residentFromBank(
   parts: BankAdapterParts,
   bases: ReadonlyMap<string, ResidentBases>,
@@ -151,6 +188,7 @@ export function residentFromBank(
   file: string,
   dtype: WeightDtype = 'f32',
 ): ResidentAdapter {
+  refusePassthrough(parts.id, file, parts.passthrough ?? []);
   const slots = new Map<string, ResidentSlot>();
   const basesKeys = new Set<string>();
   let bytes = 0;

@@ -6,7 +6,7 @@ import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import type { StDtype } from '../tensor/dtype.js';
-import { CONV1D_MODULE_NAMES, isTargetModule, loraScale, moduleRankAndAlpha, parseLoraConfig } from './lora-config.js';
+import { CONV1D_MODULE_NAMES, loraScale, moduleRankAndAlpha, moduleTargeting, parseLoraConfig } from './lora-config.js';
 import type { AdapterFlag, LoraAdapter, LoraConfig, LoraModule, PassthroughTensor } from './lora-types.js';
 import { compareModulePaths, layerOfPath, moduleNameOfPath } from './module-path.js';
 import { openSafetensors, type SafetensorsLimits } from './safetensors.js';
@@ -17,6 +17,8 @@ export const ADAPTER_WEIGHTS_FILE = 'adapter_model.safetensors';
 const PICKLE_WEIGHTS_FILE = 'adapter_model.bin';
 const PREFIX = 'base_model.model.';
 const FLOAT_DTYPES: ReadonlySet<StDtype> = new Set(['F32', 'F16', 'BF16', 'F64']);
+/** Largest finite f32: scale·B is stored (banks) and served in f32 or narrower. */
+export const F32_MAX = 3.4028234663852886e38;
 
 export interface LoadLoraAdapterOptions {
   /** Limits for the safetensors header. */
@@ -95,6 +97,12 @@ function firstNonFinite(data: Float32Array): number {
   return -1;
 }
 
+function maxAbs(data: Float32Array): number {
+  let max = 0;
+  for (let i = 0; i < data.length; i++) max = Math.max(max, Math.abs(data[i]!));
+  return max;
+}
+
 function isAllZero(data: Float32Array): boolean {
   for (let i = 0; i < data.length; i++) if (data[i] !== 0) return false;
   return true;
@@ -115,8 +123,9 @@ interface FactorPair {
  * (c_attn, c_proj, c_fc) or transposed factors; when it disagrees the adapter is flagged
  * 'fan-in-fan-out-mismatch'. Modules whose B or A is all zero are flagged ('zero-modules', or
  * 'all-zero' when every module is). Other tensors are kept untouched as passthrough. Every module
- * must be matched by target_modules (list: equal or dotted suffix; string: full regex match) and
- * layers_to_transform when those are set, as PEFT would only build those layers.
+ * must be matched as PEFT matches it (see moduleTargeting: exclude_modules, target_modules,
+ * layers_to_transform), as PEFT would only build those layers. Zero-sized factors are refused, and
+ * so is a module whose scale·B would overflow f32 (a huge lora_alpha).
  */
 export async function loadLoraAdapter(dir: string, options: LoadLoraAdapterOptions = {}): Promise<LoraAdapter> {
   let isDirectory = false;
@@ -176,16 +185,23 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
     for (const info of [aInfo, bInfo]) {
       if (!FLOAT_DTYPES.has(info.dtype)) throw tensorsError(path, info.name, `tensor "${info.name}" has dtype ${info.dtype}; LoRA factors must be F32, F16, BF16 or F64`);
       if (info.shape.length !== 2) throw tensorsError(path, info.name, `tensor "${info.name}" has shape [${info.shape.join(', ')}]; LoRA factors must be 2-D`);
+      // A zero-sized factor is no layer at all (a bank cannot hold a slot with 0 features).
+      if (info.shape.includes(0)) throw tensorsError(path, info.name, `tensor "${info.name}" has shape [${info.shape.join(', ')}]; rank, in and out features must be at least 1`, { limit: 1 });
     }
     // PEFT only builds LoRA layers for targeted modules; weights elsewhere would be ignored there.
-    const targets = config.targetModules;
-    if ((typeof targets === 'string' || targets.length > 0) && !isTargetModule(config, modulePath)) {
-      throw new SoppuError('ADAPTER_CONFIG', `${path}: module ${modulePath} has LoRA factors but is not matched by target_modules ${JSON.stringify(targets)}`, { file: path, tensor: aInfo.name, field: 'target_modules' });
+    const targeting = moduleTargeting(config, modulePath);
+    if (!targeting.targeted) {
+      const context = { file: path, tensor: aInfo.name, field: targeting.field };
+      if (targeting.field === 'exclude_modules') {
+        throw new SoppuError('ADAPTER_CONFIG', `${path}: module ${modulePath} has LoRA factors but is excluded by exclude_modules ${JSON.stringify(config.excludeModules)}`, context);
+      }
+      if (targeting.field === 'target_modules') {
+        throw new SoppuError('ADAPTER_CONFIG', `${path}: module ${modulePath} has LoRA factors but is not matched by target_modules ${JSON.stringify(config.targetModules)}`, context);
+      }
+      const which = targeting.layer === null ? 'has no layer index (no ".<name>.<digits>." in its path) to look up' : `layer ${targeting.layer} is not`;
+      throw new SoppuError('ADAPTER_CONFIG', `${path}: module ${modulePath} has LoRA factors but ${which} in layers_to_transform [${config.layersToTransform!.join(', ')}]`, context);
     }
     const layer = layerOfPath(modulePath);
-    if (config.layersToTransform && !config.layersToTransform.includes(layer)) {
-      throw new SoppuError('ADAPTER_CONFIG', `${path}: module ${modulePath} has LoRA factors but layer ${layer} is not in layers_to_transform [${config.layersToTransform.join(', ')}]`, { file: path, tensor: aInfo.name, field: 'layers_to_transform' });
-    }
     sourceDtype ??= aInfo.dtype;
     const { rank, alpha } = moduleRankAndAlpha(config, modulePath);
     const [a0, a1] = aInfo.shape as [number, number];
@@ -211,6 +227,12 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
       const bad = firstNonFinite(data);
       if (bad >= 0) throw tensorsError(path, info.name, `tensor "${info.name}" holds a non-finite value (${data[bad]}) at element ${bad}`);
     }
+    // scale·B is what banks store and the engine serves, in f32: it must stay finite there.
+    const scale = loraScale(alpha, rank, config.useRslora);
+    const folded = scale * maxAbs(b);
+    if (!Number.isFinite(Math.fround(folded))) {
+      throw tensorsError(path, bInfo.name, `module ${modulePath}: scale ${scale} (lora_alpha ${alpha}) times the largest |lora_B| ${maxAbs(b)} is ${folded}, beyond the f32 range (±${F32_MAX})`, { limit: F32_MAX });
+    }
     if (transposed) {
       a = transpose(a, inFeatures, rank); // stored [in, r] → [r, in]
       b = transpose(b, rank, outFeatures); // stored [r, out] → [out, r]
@@ -223,7 +245,7 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
       rank,
       inFeatures,
       outFeatures,
-      scale: loraScale(alpha, rank, config.useRslora),
+      scale,
       alpha,
       a,
       b,

@@ -12,20 +12,26 @@ const DEFAULT_ALPHA = 8;
 /** GPT-2 style Conv1D module names: their base weight is stored [in, out] (fan_in_fan_out). */
 export const CONV1D_MODULE_NAMES: ReadonlySet<string> = new Set(['c_attn', 'c_proj', 'c_fc']);
 
-function configError(file: string, field: string, message: string): SoppuError {
-  return new SoppuError('ADAPTER_CONFIG', `${file}: ${field}: ${message}`, { file, field });
+function configError(file: string, field: string, message: string, limit?: number): SoppuError {
+  return new SoppuError('ADAPTER_CONFIG', `${file}: ${field}: ${message}`, { file, field, ...(limit !== undefined ? { limit } : {}) });
+}
+
+/** A config value for an error message, cut short (bounded in depth by checkConfigBounds before any is shown). */
+function shown(v: unknown): string {
+  const text = JSON.stringify(v) ?? String(v);
+  return text.length > 80 ? `${text.slice(0, 80)}…` : text;
 }
 
 function optionalBoolean(raw: Record<string, unknown>, field: string, fallback: boolean, file: string): boolean {
   const v = raw[field];
   if (v === undefined || v === null) return fallback;
-  if (typeof v !== 'boolean') throw configError(file, field, `must be true or false, got ${JSON.stringify(v)}`);
+  if (typeof v !== 'boolean') throw configError(file, field, `must be true or false, got ${shown(v)}`);
   return v;
 }
 
 function positiveNumber(v: unknown, field: string, file: string, integer: boolean): number {
   if (typeof v !== 'number' || !Number.isFinite(v) || v <= 0 || (integer && !Number.isSafeInteger(v))) {
-    throw configError(file, field, `must be a positive ${integer ? 'integer' : 'number'}, got ${JSON.stringify(v)}`);
+    throw configError(file, field, `must be a positive ${integer ? 'integer' : 'number'}, got ${shown(v)}`);
   }
   return v;
 }
@@ -36,19 +42,132 @@ function patternMap(raw: Record<string, unknown>, field: string, integer: boolea
   if (typeof v !== 'object' || Array.isArray(v)) throw configError(file, field, 'must be an object of pattern → number');
   const out: Record<string, number> = {};
   for (const [key, value] of Object.entries(v as Record<string, unknown>)) {
-    compilePattern(key, `${field}["${key}"]`, file);
-    Object.defineProperty(out, key, { value: positiveNumber(value, `${field}["${key}"]`, file, integer), enumerable: true });
+    compilePattern(key, `${field}[${shown(key)}]`, file);
+    Object.defineProperty(out, key, { value: positiveNumber(value, `${field}[${shown(key)}]`, file, integer), enumerable: true });
   }
   return out;
 }
 
+/** Longest regular expression accepted from a config (PEFT's are a few dozen characters). */
+export const MAX_PATTERN_LENGTH = 1024;
+
+/**
+ * True when a repeated group's body itself holds a quantifier — (a+)+, (.*)*, (x*){2,} — the
+ * shape that makes a backtracking engine take exponential time on a near-miss. Escapes and
+ * character classes are skipped; a group's `(?:`, `(?=`, `(?<name>` prefix is not a quantifier.
+ */
+export function hasNestedQuantifier(pattern: string): boolean {
+  const open: boolean[] = []; // per open group: does its body hold a quantifier so far?
+  let closedQuantified = false; // the atom just before is a group whose body holds a quantifier
+  for (let i = 0; i < pattern.length; i++) {
+    const c = pattern[i]!;
+    let repeats: boolean | null = null; // null: not a quantifier; else whether it allows more than one
+    if (c === '*' || c === '+') repeats = true;
+    else if (c === '?') repeats = false;
+    else if (c === '{') {
+      const bound = /^\{(\d+)(,(\d*))?\}/.exec(pattern.slice(i, i + 32));
+      if (bound) {
+        repeats = bound[2] === undefined ? Number(bound[1]) > 1 : bound[3] === '' || Number(bound[3]) > 1;
+        i += bound[0].length - 1;
+      }
+    }
+    if (repeats !== null) {
+      if (closedQuantified && repeats) return true;
+      if (open.length > 0) open[open.length - 1] = true;
+      if (pattern[i + 1] === '?') i++; // lazy
+      closedQuantified = false;
+      continue;
+    }
+    closedQuantified = false;
+    if (c === '\\') i++;
+    else if (c === '[') {
+      for (i++; i < pattern.length && pattern[i] !== ']'; i++) if (pattern[i] === '\\') i++;
+    } else if (c === '(') {
+      open.push(false);
+      if (pattern[i + 1] === '?') i++;
+    } else if (c === ')') {
+      const quantified = open.pop() ?? false;
+      if (quantified && open.length > 0) open[open.length - 1] = true;
+      closedQuantified = quantified;
+    }
+  }
+  return false;
+}
+
+/** Refuses a config regex that is too long or can backtrack catastrophically, naming the field. */
+function checkPattern(pattern: string, field: string, file: string): void {
+  if (pattern.length > MAX_PATTERN_LENGTH) {
+    throw configError(file, field, `regular expression is ${pattern.length} characters (limit ${MAX_PATTERN_LENGTH})`, MAX_PATTERN_LENGTH);
+  }
+  if (hasNestedQuantifier(pattern)) {
+    throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+ or (.*)*), which can take exponential time to match; write it without nested quantifiers`);
+  }
+}
+
 function compilePattern(key: string, field: string, file: string): RegExp {
+  checkPattern(key, field, file);
   try {
     // PEFT: re.match(rf"(.*\.)?({key})$", module_path) — the key matches a dotted suffix of the path.
     return new RegExp(`^(?:.*\\.)?(?:${key})$`);
   } catch {
-    throw configError(file, field, `is not a valid regular expression: ${JSON.stringify(key)}`);
+    throw configError(file, field, `is not a valid regular expression: ${shown(key)}`);
   }
+}
+
+/** A whole-path regex (PEFT's re.fullmatch), checked like every config regex. */
+function compileFullMatch(pattern: string, field: string, file: string): RegExp {
+  checkPattern(pattern, field, file);
+  try {
+    return new RegExp(`^(?:${pattern})$`);
+  } catch {
+    throw configError(file, field, `is not a valid regular expression: ${shown(pattern)}`);
+  }
+}
+
+/** PEFT's layer index regex (`.*\.{layers_pattern}\.(\d+)\.`), checked; without a pattern any component. */
+function compileLayerPattern(pattern: string | null, field: string, file: string): RegExp {
+  if (pattern === null) return /^.*\.[^.]*\.(\d+)\./;
+  checkPattern(pattern, field, file);
+  try {
+    return new RegExp(`^.*\\.(?:${pattern})\\.(\\d+)\\.`);
+  } catch {
+    throw configError(file, field, `is not a valid regular expression: ${shown(pattern)}`);
+  }
+}
+
+/** Deepest nesting accepted in adapter_config.json (PEFT writes 3 levels). */
+export const MAX_CONFIG_DEPTH = 64;
+/** Most JSON values (objects, arrays, scalars) accepted in adapter_config.json. */
+export const MAX_CONFIG_VALUES = 100_000;
+
+/**
+ * Bounds the config's nesting and size without recursion: the raw config is kept (bank manifest,
+ * export), and serialising a structure thousands of levels deep overflows the stack.
+ */
+function checkConfigBounds(json: Record<string, unknown>, file: string): void {
+  const stack: { value: unknown; depth: number; field: string }[] = Object.entries(json).map(([field, value]) => ({ value, depth: 2, field }));
+  let values = 1 + stack.length;
+  while (stack.length > 0) {
+    const { value, depth, field } = stack.pop()!;
+    if (typeof value !== 'object' || value === null) continue;
+    if (depth > MAX_CONFIG_DEPTH) throw configError(file, field, `nests deeper than ${MAX_CONFIG_DEPTH} levels (limit ${MAX_CONFIG_DEPTH})`, MAX_CONFIG_DEPTH);
+    const children = Array.isArray(value) ? value : Object.values(value);
+    values += children.length;
+    if (values > MAX_CONFIG_VALUES) throw configError(file, field, `the config holds more than ${MAX_CONFIG_VALUES} JSON values (limit ${MAX_CONFIG_VALUES})`, MAX_CONFIG_VALUES);
+    for (const child of children) stack.push({ value: child, depth: depth + 1, field });
+  }
+}
+
+/** A list of names or one regular expression (target_modules, exclude_modules). */
+function modulesSelector(raw: Record<string, unknown>, field: string, file: string): readonly string[] | string | null {
+  const v = raw[field];
+  if (v === undefined || v === null) return null;
+  if (typeof v === 'string') {
+    if (v !== 'all-linear' || field !== 'target_modules') compileFullMatch(v, field, file);
+    return v;
+  }
+  if (Array.isArray(v) && v.every((t) => typeof t === 'string')) return [...(v as string[])];
+  throw configError(file, field, 'must be a list of module names or a regular expression string');
 }
 
 const UNSUPPORTED_PEFT_TYPES_HINT = 'only LORA is supported (not ADALORA, IA3, LOHA, LOKR, prompt or prefix tuning, …)';
@@ -57,10 +176,11 @@ const UNSUPPORTED_PEFT_TYPES_HINT = 'only LORA is supported (not ADALORA, IA3, L
 export function parseLoraConfig(json: unknown, file: string): LoraConfig {
   if (typeof json !== 'object' || json === null || Array.isArray(json)) throw configError(file, '(root)', 'must be a JSON object');
   const raw = json as Record<string, unknown>;
+  checkConfigBounds(raw, file);
   const peftType = raw['peft_type'];
   if (peftType === undefined) throw configError(file, 'peft_type', 'is missing (expected "LORA")');
   if (peftType !== 'LORA') {
-    throw new SoppuError('ADAPTER_UNSUPPORTED', `${file}: peft_type ${JSON.stringify(peftType)} is not supported: ${UNSUPPORTED_PEFT_TYPES_HINT}`, { file, field: 'peft_type' });
+    throw new SoppuError('ADAPTER_UNSUPPORTED', `${file}: peft_type ${shown(peftType)} is not supported: ${UNSUPPORTED_PEFT_TYPES_HINT}`, { file, field: 'peft_type' });
   }
   if (raw['use_dora'] === true) {
     throw new SoppuError('ADAPTER_UNSUPPORTED', `${file}: use_dora is true: DoRA adapters are not supported (only plain LoRA)`, { file, field: 'use_dora' });
@@ -71,14 +191,8 @@ export function parseLoraConfig(json: unknown, file: string): LoraConfig {
   const r = raw['r'] === undefined ? DEFAULT_R : positiveNumber(raw['r'], 'r', file, true);
   const loraAlpha = raw['lora_alpha'] === undefined ? DEFAULT_ALPHA : positiveNumber(raw['lora_alpha'], 'lora_alpha', file, false);
 
-  let targetModules: readonly string[] | string;
-  const targets = raw['target_modules'];
-  if (targets === undefined || targets === null) targetModules = [];
-  else if (typeof targets === 'string') {
-    if (targets !== 'all-linear') compilePattern(targets, 'target_modules', file);
-    targetModules = targets;
-  } else if (Array.isArray(targets) && targets.every((t) => typeof t === 'string')) targetModules = [...(targets as string[])];
-  else throw configError(file, 'target_modules', 'must be a list of module names or a regular expression string');
+  const targetModules = modulesSelector(raw, 'target_modules', file) ?? [];
+  const excludeModules = modulesSelector(raw, 'exclude_modules', file);
 
   let layersToTransform: number[] | null = null;
   const layers = raw['layers_to_transform'];
@@ -86,13 +200,19 @@ export function parseLoraConfig(json: unknown, file: string): LoraConfig {
   else if (Array.isArray(layers)) layersToTransform = layers as number[];
   else if (layers !== undefined && layers !== null) throw configError(file, 'layers_to_transform', 'must be an integer or a list of integers');
   if (layersToTransform?.some((l) => !Number.isSafeInteger(l) || l < 0)) throw configError(file, 'layers_to_transform', 'must hold non-negative integers');
+  const pattern = raw['layers_pattern'];
+  let layersPattern: readonly string[] | null = null;
+  if (typeof pattern === 'string') layersPattern = pattern === '' ? null : [pattern];
+  else if (Array.isArray(pattern) && pattern.every((p) => typeof p === 'string')) layersPattern = pattern.length === 0 ? null : [...(pattern as string[])];
+  else if (pattern !== undefined && pattern !== null) throw configError(file, 'layers_pattern', 'must be a string or a list of strings');
+  layersPattern?.forEach((p, i) => compileLayerPattern(p, `layers_pattern[${i}]`, file));
 
   const save = raw['modules_to_save'];
   if (save !== undefined && save !== null && !(Array.isArray(save) && save.every((s) => typeof s === 'string'))) {
     throw configError(file, 'modules_to_save', 'must be a list of module names');
   }
   const bias = raw['bias'] ?? 'none';
-  if (bias !== 'none' && bias !== 'all' && bias !== 'lora_only') throw configError(file, 'bias', `must be "none", "all" or "lora_only", got ${JSON.stringify(bias)}`);
+  if (bias !== 'none' && bias !== 'all' && bias !== 'lora_only') throw configError(file, 'bias', `must be "none", "all" or "lora_only", got ${shown(bias)}`);
   const base = raw['base_model_name_or_path'];
   if (base !== undefined && base !== null && typeof base !== 'string') throw configError(file, 'base_model_name_or_path', 'must be a string');
 
@@ -102,10 +222,12 @@ export function parseLoraConfig(json: unknown, file: string): LoraConfig {
     loraAlpha,
     useRslora: optionalBoolean(raw, 'use_rslora', false, file),
     targetModules,
+    excludeModules,
     rankPattern: patternMap(raw, 'rank_pattern', true, file),
     alphaPattern: patternMap(raw, 'alpha_pattern', false, file),
     fanInFanOut: optionalBoolean(raw, 'fan_in_fan_out', false, file),
     layersToTransform,
+    layersPattern,
     modulesToSave: save === undefined || save === null ? null : [...(save as string[])],
     bias,
     baseModelNameOrPath: typeof base === 'string' ? base : null,
@@ -136,9 +258,47 @@ export function loraScale(alpha: number, rank: number, useRslora: boolean): numb
   return useRslora ? alpha / Math.sqrt(rank) : alpha / rank;
 }
 
-/** PEFT's target check: a regex string must match the whole path; a list entry must equal the path or a dotted suffix. */
-export function isTargetModule(config: LoraConfig, modulePath: string): boolean {
+/** Why PEFT would not build a LoRA layer for a module: the config field that leaves it out. */
+export type ModuleTargeting =
+  | { readonly targeted: true }
+  | { readonly targeted: false; readonly field: 'exclude_modules' }
+  | { readonly targeted: false; readonly field: 'target_modules' }
+  | { readonly targeted: false; readonly field: 'layers_to_transform'; readonly layer: number | null };
+
+function listMatches(list: readonly string[], modulePath: string): boolean {
+  return list.some((t) => modulePath === t || modulePath.endsWith(`.${t}`));
+}
+
+/**
+ * PEFT's _check_target_module_exists: exclude_modules first (string: regex full match; list: equal
+ * or dotted suffix); then target_modules — a regex string must match the whole path, a list entry
+ * must equal the path or be a dotted suffix of it. layers_to_transform (with layers_pattern) narrows
+ * only a suffix match: not a regex string, nor a list entry naming the whole path. 'all-linear'
+ * stands for a list of the model's linear layers. An empty list cannot be checked here (PEFT would
+ * use the model type's defaults) and matches every module.
+ */
+export function moduleTargeting(config: LoraConfig, modulePath: string): ModuleTargeting {
+  const exclude = config.excludeModules ?? null;
+  if (typeof exclude === 'string' ? compileFullMatch(exclude, 'exclude_modules', '').test(modulePath) : exclude !== null && listMatches(exclude, modulePath)) {
+    return { targeted: false, field: 'exclude_modules' };
+  }
   const targets = config.targetModules;
-  if (typeof targets === 'string') return targets === 'all-linear' || new RegExp(`^(?:${targets})$`).test(modulePath);
-  return targets.some((t) => modulePath === t || modulePath.endsWith(`.${t}`));
+  if (typeof targets === 'string' && targets !== 'all-linear') {
+    return compileFullMatch(targets, 'target_modules', '').test(modulePath) ? { targeted: true } : { targeted: false, field: 'target_modules' };
+  }
+  if (typeof targets !== 'string' && targets.includes(modulePath)) return { targeted: true };
+  if (typeof targets !== 'string' && targets.length > 0 && !listMatches(targets, modulePath)) return { targeted: false, field: 'target_modules' };
+  const layers = config.layersToTransform;
+  if (layers && layers.length > 0) {
+    let layer: number | null = null;
+    for (const pattern of config.layersPattern ?? [null]) {
+      const match = compileLayerPattern(pattern, 'layers_pattern', '').exec(modulePath);
+      if (match) {
+        layer = Number(match[match.length - 1]);
+        break;
+      }
+    }
+    if (layer === null || !layers.includes(layer)) return { targeted: false, field: 'layers_to_transform', layer };
+  }
+  return { targeted: true };
 }

@@ -39,10 +39,14 @@ export interface LoraConfig {
   readonly loraAlpha: number;
   readonly useRslora: boolean;
   readonly targetModules: readonly string[] | string;
+  /** exclude_modules: names (equal or dotted suffix) or a regex; absent or null: none. */
+  readonly excludeModules?: readonly string[] | string | null;
   readonly rankPattern: Readonly<Record<string, number>>;
   readonly alphaPattern: Readonly<Record<string, number>>;
   readonly fanInFanOut: boolean;
   readonly layersToTransform: readonly number[] | null;
+  /** layers_pattern: regexes naming the layer list ("layers", "h"); absent or null: any component. */
+  readonly layersPattern?: readonly string[] | null;
   readonly modulesToSave: readonly string[] | null;
   readonly bias: string;
   readonly baseModelNameOrPath: string | null;

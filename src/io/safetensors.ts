@@ -70,6 +70,18 @@ function printableName(name: string): string {
   return name.length > 80 ? `${name.slice(0, 80)}…` : name;
 }
 
+/**
+ * A short rendering of an untrusted JSON value for an error message: numbers and strings (truncated)
+ * as is, anything else by its type. Never stringifies a structure: it may be thousands of levels deep.
+ */
+function describeValue(v: unknown): string {
+  if (typeof v === 'number' || typeof v === 'boolean' || typeof v === 'bigint') return String(v);
+  if (typeof v === 'string') return JSON.stringify(printableName(v));
+  if (v === null) return 'null';
+  if (Array.isArray(v)) return `an array of ${v.length}`;
+  return typeof v === 'object' ? 'an object' : typeof v;
+}
+
 function checkName(file: string, name: string, what: string, limits: SafetensorsLimits): void {
   const shown = JSON.stringify(printableName(name));
   if (name.length === 0) throw headerError(file, `${what} name is empty`, { field: what });
@@ -199,9 +211,12 @@ function parseEntry(file: string, name: string, value: unknown, dataLength: numb
   const shape = entry['shape'];
   if (!Array.isArray(shape)) throw tensorError(file, name, 'shape must be an array of non-negative integers', { field: 'shape' });
   if (shape.length > limits.maxRank) throw tensorError(file, name, `shape has ${shape.length} dimensions (limit ${limits.maxRank})`, { field: 'shape', limit: limits.maxRank });
-  let elements = 1;
+  // Every entry is checked before any is rendered: the shape is joined into messages below.
   for (const dim of shape) {
-    if (!isSafeNonNegativeInteger(dim)) throw tensorError(file, name, `shape entry ${JSON.stringify(dim)} is not a non-negative safe integer`, { field: 'shape' });
+    if (!isSafeNonNegativeInteger(dim)) throw tensorError(file, name, `shape entry ${describeValue(dim)} is not a non-negative safe integer`, { field: 'shape' });
+  }
+  let elements = 1;
+  for (const dim of shape as number[]) {
     elements *= dim;
     if (elements > limits.maxElements) {
       throw tensorError(file, name, `shape [${shape.join(', ')}] exceeds ${limits.maxElements} elements`, { field: 'shape', limit: limits.maxElements });
@@ -413,7 +428,7 @@ export function serializeSafetensors(file: string, tensors: readonly TensorToWri
     }
     let elements = 1;
     for (const dim of t.shape) {
-      if (!isSafeNonNegativeInteger(dim)) throw tensorError(file, t.name, `shape entry ${dim} is not a non-negative integer`, { field: 'shape' });
+      if (!isSafeNonNegativeInteger(dim)) throw tensorError(file, t.name, `shape entry ${describeValue(dim)} is not a non-negative integer`, { field: 'shape' });
       elements *= dim;
     }
     const expectedType = TYPED_ARRAY_OF_DTYPE[t.dtype];

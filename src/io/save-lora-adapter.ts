@@ -7,8 +7,8 @@ import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import { f32ArrayToBf16, f32ArrayToF16, type StDtype, type WeightDtype } from '../tensor/dtype.js';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from './load-lora-adapter.js';
-import { loraScale } from './lora-config.js';
-import type { LoraAdapter, LoraModule } from './lora-types.js';
+import { loraScale, moduleTargeting } from './lora-config.js';
+import type { LoraAdapter, LoraConfig, LoraModule } from './lora-types.js';
 import type { TensorData, TensorToWrite } from './safetensors-types.js';
 import { tensorDataFromBytes, writeFileAtomic, writeSafetensors } from './safetensors.js';
 
@@ -57,9 +57,27 @@ function transpose(src: Float32Array, rows: number, cols: number): Float32Array 
   return out;
 }
 
-function convert(data: Float32Array, dtype: WeightDtype): TensorData {
+/** Largest finite f16; the engine refuses to serve f16 factors beyond it too (resident-adapter). */
+const F16_MAX = 65504;
+
+/** `data` in `dtype`; refuses values f16 cannot hold (they would be written as ±Infinity). */
+function convert(data: Float32Array, dtype: WeightDtype, tensor: string, file: string): TensorData {
   if (dtype === 'f32') return data;
-  return dtype === 'bf16' ? f32ArrayToBf16(data) : f32ArrayToF16(data);
+  if (dtype === 'bf16') {
+    const out = f32ArrayToBf16(data);
+    // only values within half an ulp of the f32 maximum round past bf16's largest finite value
+    const i = out.findIndex((h) => (h & 0x7f80) === 0x7f80);
+    if (i >= 0) throw new SoppuError('ADAPTER_TENSORS', `${file}: tensor "${tensor}": value ${data[i]} at element ${i} is beyond the bf16 range; save as f32`, { file, tensor, field: 'dtype' });
+    return out;
+  }
+  for (let i = 0; i < data.length; i++) {
+    if (Math.abs(data[i]!) > F16_MAX) {
+      throw new SoppuError('ADAPTER_TENSORS', `${file}: tensor "${tensor}": value ${data[i]} at element ${i} is beyond the f16 range (±${F16_MAX}); save as f32 or bf16`, {
+        file, tensor, field: 'dtype', limit: F16_MAX,
+      });
+    }
+  }
+  return f32ArrayToF16(data);
 }
 
 /** The adapter_config.json object for `adapter` (keys sorted, as PEFT writes them). */
@@ -77,6 +95,11 @@ export function adapterConfigJson(adapter: LoraAdapter): Record<string, unknown>
     if (alphas[i] !== loraAlpha) alphaPattern[patternKeyOfPath(m.path)] = alphas[i]!;
   });
   const config = adapter.config;
+  const targetModules = [...new Set(modules.map((m) => m.module))].sort();
+  // layers_to_transform narrows a list of targets only (PEFT): one that came with a regex
+  // target_modules would drop modules from the list written here, so it is kept only if none drops.
+  const listConfig: LoraConfig = { ...config, targetModules, excludeModules: null };
+  const keepLayers = modules.every((m) => moduleTargeting(listConfig, m.path).targeted);
   const json: Record<string, unknown> = {
     task_type: 'CAUSAL_LM',
     inference_mode: true,
@@ -86,11 +109,12 @@ export function adapterConfigJson(adapter: LoraAdapter): Record<string, unknown>
     lora_alpha: loraAlpha,
     use_rslora: useRslora,
     use_dora: false,
-    target_modules: [...new Set(modules.map((m) => m.module))].sort(),
+    target_modules: targetModules,
     rank_pattern: rankPattern,
     alpha_pattern: alphaPattern,
     fan_in_fan_out: config.fanInFanOut,
-    layers_to_transform: config.layersToTransform,
+    layers_to_transform: keepLayers ? config.layersToTransform : null,
+    ...(keepLayers ? {} : { layers_pattern: null }),
     modules_to_save: config.modulesToSave,
     bias: config.bias,
     base_model_name_or_path: config.baseModelNameOrPath,
@@ -117,8 +141,10 @@ export async function saveLoraAdapter(dir: string, adapter: LoraAdapter, options
     }
     const a = options.transposeFactors ? transpose(m.a, m.rank, m.inFeatures) : m.a;
     const b = options.transposeFactors ? transpose(m.b, m.outFeatures, m.rank) : m.b;
-    tensors.push({ name: `${prefix}${m.path}.lora_A${name}.weight`, dtype: stDtype, shape: options.transposeFactors ? [m.inFeatures, m.rank] : [m.rank, m.inFeatures], data: convert(a, dtype) });
-    tensors.push({ name: `${prefix}${m.path}.lora_B${name}.weight`, dtype: stDtype, shape: options.transposeFactors ? [m.rank, m.outFeatures] : [m.outFeatures, m.rank], data: convert(b, dtype) });
+    const aName = `${prefix}${m.path}.lora_A${name}.weight`;
+    const bName = `${prefix}${m.path}.lora_B${name}.weight`;
+    tensors.push({ name: aName, dtype: stDtype, shape: options.transposeFactors ? [m.inFeatures, m.rank] : [m.rank, m.inFeatures], data: convert(a, dtype, aName, dir) });
+    tensors.push({ name: bName, dtype: stDtype, shape: options.transposeFactors ? [m.rank, m.outFeatures] : [m.outFeatures, m.rank], data: convert(b, dtype, bName, dir) });
   }
   for (const p of adapter.passthrough) tensors.push({ name: p.name, dtype: p.dtype, shape: p.shape, data: tensorDataFromBytes(p.dtype, p.bytes) });
   try {

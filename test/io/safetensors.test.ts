@@ -193,6 +193,22 @@ describe('safetensors hostile headers', () => {
     await expectError(rawFile({ w: entry({ data_offsets: [0, 16], shape: [4] }) }, f32x2), 'SAFETENSORS_TENSOR', /run past the data section of 8 bytes/);
   });
 
+  it('describes a bad shape entry by its type, never by stringifying it (deep nesting overflowed the stack)', async () => {
+    const deep = (depth: number) => `${'['.repeat(depth)}${']'.repeat(depth)}`;
+    const text = (shape: string) => `{"w":{"dtype":"F32","shape":${shape},"data_offsets":[0,8]}}`;
+    for (const depth of [1000, 5000, 50_000]) {
+      await expectError(rawFile(null, f32x2, text(`[1,${deep(depth)}]`)), 'SAFETENSORS_TENSOR', /^[^[]*"w": shape entry an array of 1 is not a non-negative safe integer$/);
+    }
+    // the element limit is hit before the nested entry, whose shape the message would have joined
+    await expectError(rawFile(null, f32x2, text(`[1073741824,1073741824,${deep(5000)}]`)), 'SAFETENSORS_TENSOR', /shape entry an array of 1 is not/);
+    await expectError(rawFile({ w: entry({ shape: [{ a: 1 }] }) }, f32x2), 'SAFETENSORS_TENSOR', /shape entry an object is not/);
+    await expectError(rawFile({ w: entry({ shape: ['x'.repeat(5000)] }) }, f32x2), 'SAFETENSORS_TENSOR', /shape entry "x{80}…" is not/);
+    let nested: unknown = [];
+    for (let i = 0; i < 50_000; i++) nested = [nested];
+    await expect(writeSafetensors(join(dir, 'x.safetensors'), [{ name: 'a', dtype: 'F32', shape: [1, nested as number], data: new Float32Array(1) }]))
+      .rejects.toMatchObject({ code: 'SAFETENSORS_TENSOR', message: expect.stringMatching(/shape entry an array of 1 is not/) });
+  });
+
   it('refuses overlap, gaps and trailing bytes', async () => {
     const twoFloats = new Uint8Array(16);
     await expectError(rawFile({ a: entry(), b: entry({ data_offsets: [4, 12] }) }, twoFloats), 'SAFETENSORS_TENSOR', /"b": data_offsets \[4, 12\) overlap/);
