@@ -6,7 +6,7 @@
 import type { Engine, GenerateEvent, GenerateRequest } from '../engine/engine-types.js';
 import { SoppuError } from '../errors/soppu-error.js';
 import type { Caller } from './access-control.js';
-import { confinePath } from './path-confinement.js';
+import { confineAdapterPath } from './path-confinement.js';
 import type { ServerOptions } from './server-options.js';
 import type { GenerationCall } from './wire.js';
 
@@ -55,7 +55,10 @@ export class GenerationService {
     if (adapterId !== '') {
       if (!caller.mayUse(adapterId)) throw adapterNotFound(adapterId);
       if (call.adapterSource === 'local') {
-        adapterPath = confinePath(adapterId, this.options.adapterDirs, 'adapter_id');
+        // the folder it names must be this caller's by its own name too (`alice-x/../bob-1` is bob-1)
+        const confined = confineAdapterPath(adapterId, this.options.adapterDirs, 'adapter_id');
+        if (!caller.mayUse(confined.id)) throw adapterNotFound(adapterId);
+        adapterPath = confined.path;
       } else if (!this.engine.hasAdapter(adapterId)) {
         throw adapterNotFound(adapterId);
       }

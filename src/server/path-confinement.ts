@@ -11,6 +11,15 @@ import { SoppuError } from '../errors/soppu-error.js';
  * `roots`. Throws ADAPTER_NOT_FOUND with a message that does not reveal the filesystem layout.
  */
 export function confinePath(requested: string, roots: readonly string[], field: string): string {
+  return confineAdapterPath(requested, roots, field).path;
+}
+
+/**
+ * confinePath, and the adapter id the real path stands for: its path below the root that holds it, with
+ * '/' separators. Access is decided on that id, since the requested text may reach the same folder by
+ * another name (`alice-x/../bob-1`, a symlink in alice's folder to bob's).
+ */
+export function confineAdapterPath(requested: string, roots: readonly string[], field: string): { path: string; id: string } {
   const notFound = (): SoppuError =>
     new SoppuError('ADAPTER_NOT_FOUND', `Adapter '${requested}' not found`, { field });
   if (roots.length === 0 || requested.length === 0 || requested.includes('\0')) throw notFound();
@@ -29,7 +38,8 @@ export function confinePath(requested: string, roots: readonly string[], field: 
     } catch {
       continue;
     }
-    if (realRoots.some((root) => real === root || real.startsWith(root + path.sep))) return real;
+    const root = realRoots.find((r) => real === r || real.startsWith(r + path.sep));
+    if (root) return { path: real, id: path.relative(root, real).split(path.sep).join('/') };
   }
   throw notFound();
 }

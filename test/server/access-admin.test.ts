@@ -126,6 +126,35 @@ describe('access control', () => {
   });
 });
 
+describe('local adapters and keys', () => {
+  it("a user key reaches no other user's local folder by another name (.., a symlink): the same 404 as a missing one", async () => {
+    const engine = new FakeEngine();
+    server = testServer(engine, { auth: true });
+    const root = server.context.options.adapterDirs[0]!;
+    for (const name of ['alice-1', 'bob-1']) mkdirSync(path.join(root, name));
+    symlinkSync(path.join(root, 'bob-1'), path.join(root, 'alice-link'));
+    const ask = (adapterId: string, key: string) =>
+      server!.app.inject({
+        method: 'POST', url: '/generate', headers: { authorization: `Bearer ${key}` },
+        payload: { inputs: 'hi', parameters: { adapter_id: adapterId, adapter_source: 'local', max_new_tokens: 1 } },
+      });
+    expect((await ask('alice-1', KEYS.alice)).statusCode).toBe(200);
+    expect((await ask('bob-1', KEYS.bob)).statusCode).toBe(200);
+    const missing = await ask('alice-x/../bob-nope', KEYS.alice);
+    expect(missing.statusCode).toBe(404);
+    for (const other of ['alice-x/../bob-1', 'alice-1/../bob-1', 'alice-link']) {
+      const response = await ask(other, KEYS.alice);
+      expect(response.statusCode, other).toBe(404);
+      expect(response.json().error, other).toBe(missing.json().error.replace('alice-x/../bob-nope', other)); // no oracle
+    }
+    const openAi = await server.app.inject({
+      method: 'POST', url: '/v1/chat/completions', headers: { authorization: `Bearer ${KEYS.alice}` },
+      payload: { model: 'alice-x/../bob-1', adapter_source: 'local', messages: [{ role: 'user', content: 'hi' }], max_tokens: 1 },
+    });
+    expect(openAi.statusCode).toBe(404);
+  });
+});
+
 describe('adapter management', () => {
   it('uploads a tar.gz, hot-reloads under the same id, pins, lists and removes', async () => {
     const engine = new FakeEngine({ adapters: ['alice-1'] });
