@@ -7,11 +7,11 @@
  *     over.
  * The lock file appears whole: it is written under a temporary name and linked into place, which fails
  * when a lock exists, so no writer ever reads a lock that is still empty and takes it for a dead one's.
- * A dead holder's lock is moved aside and then checked to be the very file judged dead: two writers
- * taking over at once cannot both succeed, as the second moves the first one's new lock, sees another
- * token, and puts it back.
+ * A dead holder's lock is replaced in place (one rename over it) by the one writer that creates its
+ * takeover marker, so writers racing to take it over cannot both succeed, and none can create a fresh
+ * lock while it is being replaced.
  */
-import { randomBytes } from 'node:crypto';
+import { createHash, randomBytes } from 'node:crypto';
 import { link, mkdir, readFile, rename, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
@@ -60,25 +60,24 @@ async function takeLock(dir: string, lockPath: string, token: string): Promise<v
     if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
       throw new SoppuError('BANK_CONFLICT', `${dir}: bank is being changed by process ${owner} (lock file ${lockPath}); retry when it finishes`, { file: lockPath });
     }
-    const aside = tempName(lockPath);
+    // A dead writer's lock: the one writer that creates its takeover marker (named by the lock's content, so
+    // one per dead lock) replaces it. The dead lock is never removed, so no other writer can create a lock
+    // meanwhile, and the replacement is one rename over it.
+    const marker = `${lockPath}.tmp-0-${createHash('sha256').update(seen).digest('hex').slice(0, 16)}`;
+    if (!(await createWhole(marker, token))) continue; // another writer is taking it over
     try {
-      await rename(lockPath, aside);
-    } catch {
-      continue; // another writer removed it first
+      // still the lock judged dead? (a marker that garbage collection removed could be created again later)
+      if ((await readFile(lockPath, 'utf8').catch(() => null)) !== seen) continue;
+      const temp = tempName(lockPath);
+      await writeFile(temp, token, { flag: 'wx' });
+      await rename(temp, lockPath).catch(async (e: unknown) => {
+        await unlink(temp).catch(() => undefined);
+        throw new SoppuError('FILE_IO', `${lockPath}: cannot replace a dead writer's bank lock (${(e as Error).message})`, { file: lockPath }, { cause: e });
+      });
+      return;
+    } finally {
+      await unlink(marker).catch(() => undefined);
     }
-    const moved = await readFile(aside, 'utf8').catch(() => null);
-    if (moved !== seen) {
-      // another writer replaced the dead lock with its own between our read and our move: put it back
-      const restored = await link(aside, lockPath).then(() => true, () => false);
-      await unlink(aside).catch(() => undefined);
-      const holder = Number.parseInt(moved ?? '', 10);
-      throw new SoppuError(
-        'BANK_CONFLICT',
-        `${dir}: bank is being changed by process ${holder} (it took over a dead writer's lock as this one did)${restored ? '' : `, and a third writer holds ${lockPath} now`}; retry when it finishes`,
-        { file: lockPath },
-      );
-    }
-    await unlink(aside).catch(() => undefined);
   }
   throw new SoppuError('BANK_CONFLICT', `${lockPath}: could not take the bank lock in ${MAX_ATTEMPTS} attempts (writers keep replacing it); retry`, { file: lockPath });
 }

@@ -127,12 +127,12 @@ for (let round = 0; round < Number(roundsText); ) {
     await writeFile(log, '');
     await writeFile(join(dir, '.lock'), `${await deadPid()}\n`);
     const startAt = Date.now() + 500; // every child spins until then, so they reach the dead lock together
-    const children = ['a', 'b', 'c'].map((name) =>
+    const children = ['a', 'b', 'c', 'd'].map((name) =>
       promisify(execFile)(process.execPath, [child, dir, log, name, '6', String(startAt)]),
     );
     await Promise.all(children);
     const lines = (await readFile(log, 'utf8')).trim().split('\n');
-    expect(lines).toHaveLength(3 * 6 * 2);
+    expect(lines).toHaveLength(4 * 6 * 2);
     expectSerial(lines);
     expect(await readdir(dir)).toEqual([]);
   }, 60_000);
