@@ -12,6 +12,11 @@ export interface EngineTokenizer {
   /** Text of `ids`; special tokens dropped when `skipSpecialTokens`. */
   decode(ids: readonly number[], skipSpecialTokens: boolean): string;
   isSpecial(id: number): boolean;
+  /**
+   * End-of-sequence ids beyond config.json's: generation_config.json and tokenizer_config.json list an
+   * instruct model's end-of-turn id there (Llama-3's <|eot_id|>, Qwen2's <|im_end|>).
+   */
+  readonly eosTokenIds?: readonly number[];
   /** Chat messages → prompt text through the chat template. */
   applyChatTemplate(messages: readonly { role: string; content: string }[], addGenerationPrompt: boolean): string;
 }
@@ -24,6 +29,7 @@ export function engineTokenizerOf(tokenizer: ModelTokenizer): EngineTokenizer {
       tokenizer.tokenizeWithOffsets(text, { addSpecialTokens }).map((t) => ({ id: t.id, text: t.text, start: t.start, stop: t.stop })),
     decode: (ids, skipSpecialTokens) => tokenizer.decode(ids, { skipSpecialTokens }),
     isSpecial: (id) => tokenizer.isSpecial(id),
+    eosTokenIds: tokenizer.eosTokenIds,
     applyChatTemplate: (messages, addGenerationPrompt) => tokenizer.applyChatTemplate(messages, { addGenerationPrompt }),
   };
 }

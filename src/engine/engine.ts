@@ -134,6 +134,8 @@ class SoppuEngine implements Engine {
   /** The sampler's one-row kernels (log Σ exp, argmax), through the kernel set. */
   private readonly rowKernels: RowKernels;
   private readonly tokenizer: EngineTokenizer;
+  /** Ids that end a sequence: config.json's and the tokenizer's (generation_config.json, tokenizer_config.json). */
+  private readonly eosIds: ReadonlySet<number>;
   private readonly options: EngineOptions;
   private readonly pool: KvBlockPool;
   private readonly scheduler: Scheduler<RequestState>;
@@ -166,6 +168,7 @@ class SoppuEngine implements Engine {
     this.kernels = options.kernels ?? getKernels();
     this.rowKernels = rowKernelsOf(this.kernels);
     this.tokenizer = tokenizer;
+    this.eosIds = new Set([...this.config.eosTokenIds, ...(tokenizer.eosTokenIds ?? [])]);
     this.loadLocal = loadLocal;
     checkLimits(options, this.config);
     this.pool = new KvBlockPool(
@@ -200,7 +203,7 @@ class SoppuEngine implements Engine {
       maxInputTokens: options.maxInputTokens,
       maxTotalTokens: options.maxTotalTokens,
       maxBatchTokens: options.maxBatchTokens,
-      eosTokenIds: this.config.eosTokenIds,
+      eosTokenIds: [...this.eosIds].sort((a, b) => a - b),
       kernel: this.kernels.name,
     };
   }
@@ -492,7 +495,7 @@ class SoppuEngine implements Engine {
       token,
       ...(request.topAlternatives ? { alternatives: sampled.alternatives.map((a) => this.tokenInfo(a.id, a.logprob)) } : {}),
     });
-    if (!request.ignoreEos && this.config.eosTokenIds.includes(sampled.id)) {
+    if (!request.ignoreEos && this.eosIds.has(sampled.id)) {
       this.finish(state, 'eos_token');
       return;
     }
