@@ -92,6 +92,7 @@ export interface AdapterStatus {
 export interface EngineStats {
   readonly running: number;
   readonly waiting: number;
+  /** Requests in the last step's batch; 0 once the engine is idle. */
   readonly batchSize: number;
   readonly kvBlocksUsed: number;
   readonly kvBlocksTotal: number;

@@ -367,7 +367,10 @@ class SoppuEngine implements Engine {
         for (const state of [...this.all]) {
           if (state.entry?.state === 'failed' && !state.started) this.finish(state, null, state.entry.error);
         }
-        if (this.scheduler.idle) break;
+        if (this.scheduler.idle) {
+          this.lastBatchSize = 0; // no batch runs now
+          break;
+        }
         const entries = this.scheduler.schedule();
         if (entries.length === 0) break; // waiting for adapter loads; onSettled wakes the loop
         this.step(entries);
@@ -395,7 +398,7 @@ class SoppuEngine implements Engine {
       for (const entry of ordered) this.finish(entry.seq, null, error);
       return;
     }
-    this.lastBatchSize = batch.forward.tokens.length;
+    this.lastBatchSize = ordered.length; // requests in the batch, as LoRAX's batch size
     this.scheduler.commit(ordered);
     const vocab = this.config.vocabSize;
     for (let i = 0; i < ordered.length; i++) {

@@ -144,8 +144,10 @@ export function recordSuccess(
 ): { totalMs: number; inferenceMs: number; perTokenMs: number } {
   const now = performance.now();
   const totalMs = now - timing.startedAt;
-  const inferenceMs = now - timing.validatedAt;
-  const perTokenMs = timing.generatedTokens > 0 ? inferenceMs / timing.generatedTokens : 0;
+  // validation, then queue (to the first token, prefill included), then inference (first to last token): the
+  // three add up to the request's duration (inference from validation counted the queue twice)
+  const inferenceMs = Math.max(0, now - timing.validatedAt - timing.firstEventMs);
+  const perTokenMs = timing.generatedTokens > 1 ? inferenceMs / (timing.generatedTokens - 1) : 0;
   const m = context.metrics;
   m.requestSuccess.inc();
   m.requestDuration.observe(totalMs / 1000);

@@ -57,7 +57,7 @@ export class ServerMetrics {
     });
     new Gauge({
       name: 'lorax_batch_current_size',
-      help: 'rows in the running batch',
+      help: 'requests in the running batch (0 when idle)',
       registers,
       collect() {
         this.set(engine.stats().batchSize);

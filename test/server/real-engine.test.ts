@@ -156,4 +156,18 @@ describe('adapter upload and hot reload over the real engine', () => {
     expect(removed.status).toBe(204);
     expect(readdirSync(server.context.options.uploadDir)).toEqual([]);
   });
+
+  it('metrics: validation, queue and inference add up to the request duration; the batch size reads 0 when idle', async () => {
+    const response = await fetch(`${base}/generate`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ inputs: 'hello world', parameters: { adapter_id: ADAPTERS[0], max_new_tokens: 6, ignore_eos_token: true } }),
+    });
+    expect(response.status).toBe(200);
+    await new Promise((resolve) => setTimeout(resolve, 20)); // the engine loop notices it is idle
+    const metrics = (await (await fetch(`${base}/metrics?format=json`)).json()) as { name: string; values: { value: number; metricName?: string }[] }[];
+    const sumOf = (name: string): number => metrics.find((m) => m.name === name)!.values.find((v) => v.metricName === `${name}_sum`)!.value;
+    const parts = sumOf('lorax_request_validation_duration') + sumOf('lorax_request_queue_duration') + sumOf('lorax_request_inference_duration');
+    expect(parts).toBeCloseTo(sumOf('lorax_request_duration'), 2);
+    expect(metrics.find((m) => m.name === 'lorax_batch_current_size')!.values[0]!.value).toBe(0);
+  });
 });
