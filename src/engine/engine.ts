@@ -107,6 +107,8 @@ class RequestState implements ScheduledSequence {
   finished = false;
   prefill: TokenInfo[] | null;
   distributions: Float32Array[] | null;
+  /** Prompt rows whose logits are recorded in prefill (a recompute after preemption skips them). */
+  prefillRows = 0;
 
   constructor(id: number, prompt: number[], request: GenerateRequest, entry: AdapterEntry | null, sampler: Sampler, tokenizer: EngineTokenizer) {
     this.id = id;
@@ -405,14 +407,14 @@ class SoppuEngine implements Engine {
       const entry = ordered[i]!;
       const state = entry.seq;
       const rows = batch.logitRowsOf[i]!;
-      if (state.prefill && state.generated === 0 && rows.length > 1) this.recordPrefill(state, entry, logits, rows);
+      if (batch.allRowsOf[i]) this.recordPrefill(state, entry, logits, rows);
       if (!entry.wantsNext || state.finished) continue;
       const row = rows[rows.length - 1]!;
       this.emitToken(state, logits.subarray(row * vocab, (row + 1) * vocab));
     }
   }
 
-  private buildBatch(ordered: readonly StepEntry<RequestState>[]): { forward: ForwardBatch; logitRowsOf: number[][] } {
+  private buildBatch(ordered: readonly StepEntry<RequestState>[]): { forward: ForwardBatch; logitRowsOf: number[][]; allRowsOf: boolean[] } {
     const m = ordered.reduce((n, e) => n + e.count, 0);
     const tokens = new Int32Array(m);
     const positions = new Int32Array(m);
@@ -424,6 +426,7 @@ class SoppuEngine implements Engine {
     const table: number[] = [];
     const logitRows: number[] = [];
     const logitRowsOf: number[][] = [];
+    const allRowsOf: boolean[] = [];
     let row = 0;
     ordered.forEach((entry, s) => {
       const state = entry.seq;
@@ -432,8 +435,10 @@ class SoppuEngine implements Engine {
       ctxLen[s] = entry.start + entry.count;
       blockTableStart[s] = table.length;
       table.push(...this.pool.table(state.id));
-      // prompt logprobs need every prompt row's logits, on the first pass only
-      const allRows = state.prefill !== null && state.generated === 0 && state.preemptions === 0;
+      // prompt logprobs need every prompt row's logits, until each prompt row is recorded (a one-row chunk and
+      // the rows a preemption's recompute reaches for the first time included)
+      const allRows = state.prefill !== null && state.generated === 0 && entry.start + entry.count > state.prefillRows;
+      allRowsOf.push(allRows);
       const mine: number[] = [];
       for (let i = 0; i < entry.count; i++) {
         tokens[row] = state.tokens[entry.start + i]!;
@@ -449,6 +454,7 @@ class SoppuEngine implements Engine {
     return {
       forward: { tokens, positions, seqs, qStart, qLen, ctxLen, blockTable: Int32Array.from(table), blockTableStart, logitRows: Int32Array.from(logitRows) },
       logitRowsOf,
+      allRowsOf,
     };
   }
 
@@ -459,8 +465,11 @@ class SoppuEngine implements Engine {
   private recordPrefill(state: RequestState, entry: StepEntry<RequestState>, logits: Float32Array, rows: readonly number[]): void {
     const prefill = state.prefill!;
     const vocab = this.config.vocabSize;
-    if (entry.start === 0) prefill.push(this.tokenInfo(state.tokens[0]!, Number.NaN));
+    const recorded = state.prefillRows;
+    state.prefillRows = Math.max(recorded, Math.min(state.promptLength, entry.start + entry.count));
+    if (entry.start === 0 && recorded === 0) prefill.push(this.tokenInfo(state.tokens[0]!, Number.NaN));
     for (let i = 0; i < entry.count; i++) {
+      if (entry.start + i < recorded) continue; // recorded before a preemption
       if (entry.start + i >= state.promptLength) break;
       const position = entry.start + i + 1;
       const wantsLogprob = position < state.promptLength;
