@@ -21,24 +21,57 @@ export interface Caller {
 /** Every caller when no keys file is configured. */
 export const OPEN_ACCESS_CALLER: Caller = { role: 'admin', keyIndex: -1, mayUse: () => true };
 
+/** The fields an entry of keys.json may have; anything else (a typo such as "adapter") is an error. */
+const ENTRY_FIELDS = ['role', 'adapters'] as const;
+
+/** Whitespace or control characters: the Authorization parser (`Bearer <\S+>`) could never match such a key. */
+const UNUSABLE_KEY_CHARACTER = /[\s\p{Cc}]/u;
+
 export class AccessControl {
   private readonly byDigest: Map<string, Caller>;
+  /**
+   * Setups that load but are probably mistakes (no keys at all, no admin key), one line each,
+   * naming the file; `soppu serve` prints them at startup.
+   */
+  readonly warnings: readonly string[];
 
-  private constructor(byDigest: Map<string, Caller>) {
+  private constructor(byDigest: Map<string, Caller>, warnings: readonly string[]) {
     this.byDigest = byDigest;
+    this.warnings = warnings;
   }
 
-  /** Parses keys.json contents (already JSON-decoded); `file` names the source in errors. */
+  /** Number of keys in the file. */
+  get size(): number {
+    return this.byDigest.size;
+  }
+
+  /**
+   * Parses keys.json contents (already JSON-decoded); `file` names the source in errors. Errors name
+   * the entry by its position (#1, #2, …), never by the key.
+   */
   static fromJson(value: unknown, file: string): AccessControl {
     if (value === null || typeof value !== 'object' || Array.isArray(value)) {
       throw new SoppuError('CONFIG', `${file}: expected an object mapping API keys to {role, adapters}`, { file });
     }
     const byDigest = new Map<string, Caller>();
     let index = 0;
+    let admins = 0;
     for (const [key, entry] of Object.entries(value as Record<string, unknown>)) {
       const where = `${file}: entry #${index + 1}`;
       if (key.length < 8) throw new SoppuError('CONFIG', `${where}: API key must be at least 8 characters`, { file, field: 'key', limit: 8 });
-      if (entry === null || typeof entry !== 'object') throw new SoppuError('CONFIG', `${where}: expected {role, adapters}`, { file });
+      if (UNUSABLE_KEY_CHARACTER.test(key)) {
+        throw new SoppuError('CONFIG', `${where}: API key contains whitespace or a control character, so no Authorization header can carry it`, { file, field: 'key' });
+      }
+      if (entry === null || typeof entry !== 'object' || Array.isArray(entry)) throw new SoppuError('CONFIG', `${where}: expected {role, adapters}`, { file });
+      const unknown = Object.keys(entry).filter((field) => !(ENTRY_FIELDS as readonly string[]).includes(field));
+      if (unknown.length > 0) {
+        const hint = unknown.length === 1 && unknown[0] === 'adapter' ? ' (did you mean "adapters"?)' : '';
+        throw new SoppuError(
+          'CONFIG',
+          `${where}: unknown field${unknown.length > 1 ? 's' : ''} ${unknown.map((f) => JSON.stringify(f)).join(', ')}${hint}; an entry has only ${ENTRY_FIELDS.map((f) => `"${f}"`).join(' and ')}`,
+          { file, field: unknown[0] },
+        );
+      }
       const { role, adapters } = entry as { role?: unknown; adapters?: unknown };
       if (role !== 'admin' && role !== 'user') {
         throw new SoppuError('CONFIG', `${where}: role must be "admin" or "user", got ${JSON.stringify(role)}`, { file, field: 'role' });
@@ -54,9 +87,13 @@ export class AccessControl {
           ? { role, keyIndex, mayUse: () => true }
           : { role, keyIndex, mayUse: (id) => id === '' || matchers.some((m) => m.test(id)) };
       byDigest.set(digest(key), caller);
+      if (role === 'admin') admins += 1;
       index += 1;
     }
-    return new AccessControl(byDigest);
+    const warnings: string[] = [];
+    if (byDigest.size === 0) warnings.push(`${file} holds no keys: every request to an authenticated route will get 401`);
+    else if (admins === 0) warnings.push(`${file} has no admin key: no caller can reach the adapter-management (admin) routes`);
+    return new AccessControl(byDigest, warnings);
   }
 
   static fromFile(file: string): AccessControl {

@@ -1,10 +1,11 @@
 /**
  * `soppu serve`: the HTTP server (LoRAX + OpenAI APIs) over the engine. With no --model it builds a
- * demo once into the cache folder ($SOPPU_CACHE or ~/.cache/soppu/demo): a tiny model, 100
- * generated user adapters compressed into a bank. SIGTERM/SIGINT drain: stop accepting, finish
- * running requests within the deadline, exit 0.
+ * demo once into its own subfolder `soppu-demo-v1` of the cache folder (--cache, $SOPPU_CACHE or
+ * ~/.cache/soppu/demo): a tiny model, 100 generated user adapters compressed into a bank. Only that
+ * subfolder is ever deleted (to redo an unfinished build); nothing else in the cache folder is
+ * touched. SIGTERM/SIGINT drain: stop accepting, finish running requests within the deadline, exit 0.
  */
-import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { lstatSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
@@ -47,24 +48,110 @@ function integer(value: string, name: string, min: number): number {
   return n;
 }
 
-/** Builds (once) the demo model and a bank of 100 compressed user adapters under `cacheDir`. */
+/** Port numbers `--port` accepts (0 lets the OS pick a free one). */
+const MAX_PORT = 65535;
+
+function portNumber(value: string): number {
+  const n = Number(value);
+  if (!/^\d+$/.test(value) || n > MAX_PORT) {
+    throw new SoppuError('CONFIG', `--port must be an integer from 0 to ${MAX_PORT} (0 picks a free port), got '${value}'`, { field: 'port', limit: MAX_PORT });
+  }
+  return n;
+}
+
+/**
+ * The one-line CONFIG error for a failed `listen` (port taken, no permission, unknown or foreign
+ * host), or null when `e` is not such a failure.
+ */
+export function listenFailure(e: unknown, host: string, port: number): SoppuError | null {
+  const error = e as (NodeJS.ErrnoException & { hostname?: string }) | null;
+  const code = typeof error?.code === 'string' ? error.code : undefined;
+  if (code === undefined) return null;
+  const make = (message: string, field: 'port' | 'host'): SoppuError => new SoppuError('CONFIG', message, { field, code }, { cause: e });
+  switch (code) {
+    case 'EADDRINUSE':
+      return make(`port ${port} on ${host} is already in use (--port)`, 'port');
+    case 'EACCES':
+    case 'EPERM':
+      return make(`no permission to listen on port ${port} on ${host}; ports below 1024 usually need privileges (--port)`, 'port');
+    case 'ERR_SOCKET_BAD_PORT':
+      return make(`port ${port} is not a valid port: use 0 to ${MAX_PORT} (--port)`, 'port');
+    case 'EADDRNOTAVAIL':
+      return make(`address ${host} does not belong to this machine, so the server cannot listen on it (--host)`, 'host');
+    case 'ENOTFOUND':
+    case 'EAI_AGAIN':
+    case 'EAI_FAIL':
+    case 'EAI_NONAME':
+    case 'EAI_NODATA':
+      return make(`host ${host} cannot be resolved to an address (--host)`, 'host');
+    case 'EAFNOSUPPORT':
+    case 'EINVAL':
+      return make(`cannot listen on ${host} port ${port}: ${code} (--host, --port)`, 'host');
+    default:
+      return error?.syscall === 'listen' || error?.syscall === 'bind' || error?.syscall === 'getaddrinfo'
+        ? make(`cannot listen on ${host} port ${port}: ${code} (--host, --port)`, 'host')
+        : null;
+  }
+}
+
+/** The demo's folder inside the cache folder: the only path `soppu serve` creates there or deletes. */
+export const DEMO_DIR_NAME = 'soppu-demo-v1';
+/** Written first into a demo folder soppu creates; a folder without it is never deleted. */
+const DEMO_OWNER_MARKER = '.soppu-demo';
+/** Written last, when the demo is complete. */
+const DEMO_READY_MARKER = 'READY';
+
+/**
+ * Readies `<cacheDir>/soppu-demo-v1` for the demo. A finished demo there (both markers) →
+ * `ready: true`. Otherwise a folder left by an unfinished build (it holds the owner marker) is
+ * removed, the folder is (re)created with the owner marker, and `ready: false`. Nothing else in
+ * `cacheDir` is read, changed or deleted; a non-empty `soppu-demo-v1` that soppu did not create
+ * (no owner marker), or one that is a link or a file, is a CONFIG error and stays as it is.
+ */
+export function prepareDemoDir(cacheDir: string): { demoDir: string; ready: boolean } {
+  const demoDir = path.join(path.resolve(cacheDir), DEMO_DIR_NAME);
+  const owner = path.join(demoDir, DEMO_OWNER_MARKER);
+  let stat: ReturnType<typeof lstatSync> | undefined;
+  try {
+    stat = lstatSync(demoDir);
+  } catch (e) {
+    if ((e as NodeJS.ErrnoException).code !== 'ENOENT') throw new SoppuError('FILE_IO', `demo folder ${demoDir} cannot be read: ${(e as Error).message}`, { file: demoDir }, { cause: e });
+  }
+  const notOurs = (why: string): SoppuError =>
+    new SoppuError('CONFIG', `${demoDir} ${why}, so soppu will not build the demo there or delete it; remove it yourself or choose another --cache / $SOPPU_CACHE`, { file: demoDir, field: 'cache' });
+  if (stat !== undefined) {
+    if (!stat.isDirectory()) throw notOurs(stat.isSymbolicLink() ? 'is a symbolic link' : 'is not a folder');
+    const entries = readdirSync(demoDir);
+    if (entries.length > 0 && !entries.includes(DEMO_OWNER_MARKER)) throw notOurs('exists but was not created by soppu serve');
+    if (entries.includes(DEMO_READY_MARKER) && entries.includes(DEMO_OWNER_MARKER)) return { demoDir, ready: true };
+    if (entries.length > 0) rmSync(demoDir, { recursive: true, force: true });
+  }
+  try {
+    mkdirSync(demoDir, { recursive: true });
+    writeFileSync(owner, 'created by `soppu serve` for its demo; soppu may delete and rebuild this folder\n');
+  } catch (e) {
+    throw new SoppuError('FILE_IO', `cannot create the demo folder ${demoDir}: ${(e as Error).message}`, { file: demoDir, field: 'cache' }, { cause: e });
+  }
+  return { demoDir, ready: false };
+}
+
+/** Builds (once) the demo model and a bank of 100 compressed user adapters under `<cacheDir>/soppu-demo-v1`. */
 export async function ensureDemo(cacheDir: string, log: (line: string) => void): Promise<{ modelDir: string; bankDir: string }> {
-  const modelDir = path.join(cacheDir, 'model');
-  const bankDir = path.join(cacheDir, 'bank');
-  const marker = path.join(cacheDir, 'READY');
-  if (existsSync(marker)) return { modelDir, bankDir };
-  log(`building the demo (tiny model + 100 compressed user adapters) in ${cacheDir} …`);
-  rmSync(cacheDir, { recursive: true, force: true });
-  mkdirSync(cacheDir, { recursive: true });
+  const { demoDir, ready } = prepareDemoDir(cacheDir);
+  const modelDir = path.join(demoDir, 'model');
+  const bankDir = path.join(demoDir, 'bank');
+  if (ready) return { modelDir, bankDir };
+  log(`building the demo (tiny model + 100 compressed user adapters) in ${demoDir} …`);
   await generateModel({ out: modelDir, shape: 'tiny', seed: 1 });
-  const adapterDirs = await writeGeneratedAdapters(path.join(cacheDir, 'adapters'), 100, { base: BASE_SHAPES.tiny, rank: 8, sharedRank: 4, seed: 2 });
+  const adaptersDir = path.join(demoDir, 'adapters');
+  const adapterDirs = await writeGeneratedAdapters(adaptersDir, 100, { base: BASE_SHAPES.tiny, rank: 8, sharedRank: 4, seed: 2 });
   await compressDirectoriesToBank(
     adapterDirs.map((dir) => `${path.basename(dir)}=${dir}`),
     bankDir,
     { compress: { method: 'jd-diag', maxError: 0.2, seed: 0 } },
   );
-  rmSync(path.join(cacheDir, 'adapters'), { recursive: true, force: true });
-  writeFileSync(marker, new Date().toISOString());
+  rmSync(adaptersDir, { recursive: true, force: true });
+  writeFileSync(path.join(demoDir, DEMO_READY_MARKER), new Date().toISOString());
   return { modelDir, bankDir };
 }
 
@@ -78,7 +165,7 @@ export function register(program: Command): void {
     .option('--auth <keys.json>', 'API keys file: {"<key>": {"role": "admin"|"user", "adapters": [ids or globs]}}')
     .option('--port <n>', 'port', '8080')
     .option('--host <addr>', 'address to bind (default 127.0.0.1; without --auth only loopback is safe)')
-    .option('--cache <dir>', 'demo cache folder (default $SOPPU_CACHE or ~/.cache/soppu/demo)')
+    .option('--cache <dir>', `cache folder; the demo is built in its subfolder ${DEMO_DIR_NAME} (default $SOPPU_CACHE or ~/.cache/soppu/demo)`)
     .option('--max-concurrent-requests <n>', 'requests in flight before 429', String(DEFAULT_SERVER_OPTIONS.maxConcurrentRequests))
     .option('--max-running-requests <n>', 'requests decoded together in one batch', '64')
     .option('--max-batch-tokens <n>', 'tokens per forward step', '2048')
@@ -97,6 +184,11 @@ export function register(program: Command): void {
       let bankDir = options.bank;
       const cacheDir = options.cache ?? process.env.SOPPU_CACHE ?? path.join(homedir(), '.cache', 'soppu', 'demo');
       const demo = modelDir === undefined;
+      // Options that need no model are checked before the (possibly slow) demo build and model load.
+      const host = options.host ?? '127.0.0.1';
+      const port = portNumber(options.port);
+      const accessControl = options.auth ? AccessControl.fromFile(options.auth) : null;
+      for (const warning of accessControl?.warnings ?? []) log(`WARNING: ${warning}`);
       if (demo) {
         if (bankDir !== undefined) throw new SoppuError('CONFIG', '--bank needs --model (the demo builds its own bank)', { field: 'bank' });
         ({ modelDir, bankDir } = await ensureDemo(cacheDir, log));
@@ -108,9 +200,12 @@ export function register(program: Command): void {
       if (maxInputTokens >= maxTotalTokens) {
         throw new SoppuError('CONFIG', `--max-input-tokens (${maxInputTokens}) must be below --max-total-tokens (${maxTotalTokens})`, { field: 'max-input-tokens', limit: maxTotalTokens });
       }
-      const accessControl = options.auth ? AccessControl.fromFile(options.auth) : null;
-      const host = options.host ?? '127.0.0.1';
-      const port = integer(options.port, 'port', 0);
+      const serverLimits = {
+        maxConcurrentRequests: integer(options.maxConcurrentRequests, 'max-concurrent-requests', 1),
+        maxStopSequences: integer(options.maxStopSequences, 'max-stop-sequences', 0),
+        maxUploadBytes: integer(options.maxUploadMb, 'max-upload-mb', 1) * 1024 * 1024,
+        drainDeadlineMs: integer(options.drainDeadlineS, 'drain-deadline-s', 0) * 1000,
+      };
       const engine = await createEngine({
         modelDir: modelDir as string,
         model,
@@ -128,17 +223,21 @@ export function register(program: Command): void {
       const adapterDirs = (options.adapters ?? []).map((dir) => path.resolve(dir));
       const server = createServer(engine, {
         ...DEFAULT_SERVER_OPTIONS,
-        maxConcurrentRequests: integer(options.maxConcurrentRequests, 'max-concurrent-requests', 1),
-        maxStopSequences: integer(options.maxStopSequences, 'max-stop-sequences', 0),
+        ...serverLimits,
         maxInputTokens,
         maxTotalTokens,
-        maxUploadBytes: integer(options.maxUploadMb, 'max-upload-mb', 1) * 1024 * 1024,
-        drainDeadlineMs: integer(options.drainDeadlineS, 'drain-deadline-s', 0) * 1000,
         adapterDirs,
         uploadDir: path.join(cacheDir, '..', 'uploads'),
         accessControl,
       });
-      await server.app.listen({ port, host });
+      try {
+        await server.app.listen({ port, host });
+      } catch (e) {
+        const failure = listenFailure(e, host, port);
+        await server.app.close().catch(() => undefined);
+        await engine.close().catch(() => undefined);
+        throw failure ?? e;
+      }
       const address = server.app.server.address();
       const boundPort = address !== null && typeof address === 'object' ? address.port : port;
       if (!accessControl) log(`no --auth keys file: every caller is an admin; bound to ${host} only${host === '127.0.0.1' || host === 'localhost' ? '' : ' (WARNING: not loopback)'}`);
