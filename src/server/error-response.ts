@@ -58,7 +58,8 @@ const OPENAI_TYPES: Record<number, string> = {
 };
 
 export function openAiErrorBody(err: SoppuError): { error: { message: string; type: string; code: string; param: string | null } } {
-  const param = typeof err.context.field === 'string' && err.context.field !== '' ? err.context.field : null;
+  const field = typeof err.context.field === 'string' && err.context.field !== '' ? err.context.field : null;
+  const param = field === 'adapter_id' ? 'model' : field; // the OpenAI routes name the adapter in `model`
   return {
     error: { message: loraxMessage(err), type: OPENAI_TYPES[err.httpStatus] ?? 'server_error', code: err.code.toLowerCase(), param },
   };

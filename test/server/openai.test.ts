@@ -79,7 +79,7 @@ describe('OpenAI-compatible routes with the official client', () => {
   });
 
   it('errors come in the OpenAI shape: 404 for other users\' adapters, 424 for corrupt, 400 for invalid requests (BadRequestError, param a field name), 401', async () => {
-    await expect(client.completions.create({ model: 'bob-1', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 404, error: { message: "Adapter 'bob-1' not found", code: 'adapter_not_found' } });
+    await expect(client.completions.create({ model: 'bob-1', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 404, error: { message: "Adapter 'bob-1' not found", code: 'adapter_not_found', param: 'model' } });
     await expect(client.completions.create({ model: 'alice-broken', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 424 });
     await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toMatchObject({ status: 400, error: { type: 'invalid_request_error', param: 'temperature' } });
     await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toBeInstanceOf(OpenAI.BadRequestError);
