@@ -118,7 +118,9 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
   const drain = (deadlineMs = limits.drainDeadlineMs): Promise<void> => {
     draining ??= (async () => {
       service.startDraining();
-      await Promise.all([engine.drain(deadlineMs), app.close()]);
+      // the listener stays open while running requests finish, so new ones get a 503 (not a refused connection)
+      await engine.drain(deadlineMs);
+      await app.close();
     })();
     return draining;
   };

@@ -14,7 +14,7 @@ const CLI = path.resolve('dist/src/cli/main.js');
 const built = existsSync(path.resolve('dist/src/cli/commands/serve.js'));
 
 describe.skipIf(!built)('soppu serve (child process)', () => {
-  it('SIGTERM drains: the running stream completes, new connections are refused, exit code 0', async () => {
+  it('SIGTERM drains: the running stream completes, new requests get 503 meanwhile, then the listener closes and the exit code is 0', async () => {
     const root = mkdtempSync(path.join(tmpdir(), 'soppu-serve-'));
     const model = await generateModel({ out: path.join(root, 'model'), shape: 'tiny', seed: 5 });
     const child = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--drain-deadline-s', '20', '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -33,20 +33,25 @@ describe.skipIf(!built)('soppu serve (child process)', () => {
     const response = await fetch(`${base}/generate_stream`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
-      body: JSON.stringify({ inputs: 'Hello there', parameters: { max_new_tokens: 60, ignore_eos_token: true, details: true } }),
+      body: JSON.stringify({ inputs: 'Hello there', parameters: { max_new_tokens: 400, ignore_eos_token: true, details: true } }),
     });
     expect(response.status).toBe(200);
     const reader = response.body!.getReader();
     const decoder = new TextDecoder();
     let body = decoder.decode((await reader.read()).value);
     child.kill('SIGTERM');
+    while (!stderr.includes('SIGTERM: draining')) await new Promise((resolve) => setTimeout(resolve, 5));
+    // the stream still runs: the server answers, with 503
+    expect((await fetch(`${base}/health`)).status).toBe(503);
+    const refused = await fetch(`${base}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'hi' }) });
+    expect(refused.status).toBe(503);
     for (;;) {
       const chunk = await reader.read();
       if (chunk.done) break;
       body += decoder.decode(chunk.value);
     }
     const events = sseEvents(body) as { generated_text: string | null; details: { generated_tokens: number } | null }[];
-    expect(events.at(-1)?.details?.generated_tokens).toBe(60);
+    expect(events.at(-1)?.details?.generated_tokens).toBe(400);
     expect(events.at(-1)?.generated_text).not.toBeNull();
     expect(await exited).toBe(0);
     expect(stderr).toContain('SIGTERM: draining');
