@@ -115,32 +115,33 @@ export class Sampler {
     if (!s.sample) {
       chosen = this.rowKernels.argmax(logits);
     } else {
-      if (s.temperature !== 1) {
-        const inverse = 1 / s.temperature;
-        for (let i = 0; i < vocab; i++) logits[i] = logits[i]! * inverse;
-      }
+      if (s.temperature !== 1) applyTemperature(logits, s.temperature);
       if (s.topK > 0 && s.topK < vocab) keepTopK(logits, s.topK);
       if (s.topP < 1) keepTopP(logits, s.topP);
       if (s.typicalP < 1) keepTypical(logits, s.typicalP);
       chosen = this.draw(logits);
     }
     const logNormalizer = this.rowKernels.logSumExp(logits);
-    const logprob = logits[chosen]! - logNormalizer;
+    const logprob = logprobOf(logits[chosen]!, logNormalizer);
     const top: { id: number; logprob: number }[] = [];
     if (alternatives > 0) {
       for (const id of topIndices(logits, alternatives)) {
         if (logits[id] === -Infinity) break;
-        top.push({ id, logprob: logits[id]! - logNormalizer });
+        top.push({ id, logprob: logprobOf(logits[id]!, logNormalizer) });
       }
     }
     return { id: chosen, logprob, alternatives: top };
   }
 
-  /** Draws from softmax(logits) with this request's RNG, walking tokens in id order. */
+  /**
+   * Draws from softmax(logits) with this request's RNG, walking tokens in id order. A row whose total is
+   * not a positive finite number (a NaN or +∞ logit, or nothing above −∞) falls back to the argmax.
+   */
   private draw(logits: Float32Array): number {
     const max = maxOf(logits);
     let total = 0;
     for (let i = 0; i < logits.length; i++) if (logits[i] !== -Infinity) total += Math.exp(logits[i]! - max);
+    if (!(total > 0 && total < Infinity)) return argmax(logits);
     const target = this.random.next() * total;
     let cumulative = 0;
     let last = 0;
@@ -183,6 +184,15 @@ export function argmax(x: Float32Array): number {
   return REF_ROW_KERNELS.argmax(x);
 }
 
+/**
+ * logit − log Σ exp, never NaN: a row with nothing above −∞ (or a NaN from upstream) reports −∞, which the
+ * servers render as they render any impossible token (OpenAI: −9999).
+ */
+function logprobOf(logit: number, logNormalizer: number): number {
+  const logprob = logit - logNormalizer;
+  return Number.isNaN(logprob) ? -Infinity : logprob;
+}
+
 function maxOf(x: Float32Array): number {
   let max = -Infinity;
   for (let i = 0; i < x.length; i++) if (x[i]! > max) max = x[i]!;
@@ -190,11 +200,29 @@ function maxOf(x: Float32Array): number {
 }
 
 
-/** Indices of the `k` largest entries, largest first (ties → lower id first). */
+/**
+ * Divides the row by `temperature` after shifting it so its maximum is 0: (x − max) / T. Softmax (and so
+ * every warper and the draw) is unchanged by the shift, and a tiny T (validation takes any T > 0, down to
+ * 5e-324) can no longer overflow float32 into ±∞ or NaN: the maximum stays 0 and the rest go to at worst
+ * −∞, so the draw becomes greedy and the chosen token's logprob stays finite. Dividing (not multiplying by
+ * 1 / T, which is +∞ for the smallest T) keeps 0 / T = 0.
+ */
+function applyTemperature(logits: Float32Array, temperature: number): void {
+  const max = maxOf(logits);
+  // all −∞ (nothing to scale) or a +∞ logit (x − max would be NaN): leave the row to draw()'s fallback
+  if (!Number.isFinite(max)) return;
+  for (let i = 0; i < logits.length; i++) logits[i] = (logits[i]! - max) / temperature;
+}
+
+/**
+ * Indices of the `k` largest entries, largest first (ties → lower id first; NaN never chosen). An
+ * insertion into a sorted list of at most `k`: meant for small `k` (the alternatives, at most 100).
+ */
 function topIndices(x: Float32Array, k: number): number[] {
   const chosen: number[] = [];
   for (let i = 0; i < x.length; i++) {
     const value = x[i]!;
+    if (Number.isNaN(value)) continue;
     if (chosen.length === k && value <= x[chosen[k - 1]!]!) continue;
     let at = chosen.length;
     while (at > 0 && x[chosen[at - 1]!]! < value) at--;
@@ -212,11 +240,79 @@ function sortedCandidates(logits: Float32Array): number[] {
   return ids;
 }
 
+/** Up to this k, keepTopK's threshold comes from topIndices: one comparison per entry in practice. */
+const SMALL_TOP_K = 64;
+
+/**
+ * Top-k: masks every entry below the k-th largest value (counted with multiplicity); ties with the k-th
+ * value are kept, as HF does. A small k reads the threshold off topIndices; any larger k (top_k is bounded
+ * only by the vocabulary, and this runs in the step loop) gets it from a selection, O(vocab).
+ */
 function keepTopK(logits: Float32Array, k: number): void {
-  const top = topIndices(logits, k);
-  const threshold = logits[top[top.length - 1]!]!;
-  // keep ties with the k-th value, as HF does
+  let threshold: number;
+  if (k <= SMALL_TOP_K) {
+    const top = topIndices(logits, k);
+    threshold = top.length === k ? logits[top[k - 1]!]! : -Infinity;
+  } else {
+    threshold = kthLargest(logits, k);
+  }
   for (let i = 0; i < logits.length; i++) if (logits[i]! < threshold) logits[i] = -Infinity;
+}
+
+/** Scratch for kthLargest (grown as needed; the sampler runs synchronously, one row at a time). */
+let selectScratch = new Float32Array(0);
+
+/**
+ * The k-th largest non-NaN value of `x` counted with multiplicity (k ≥ 1): what the k-th entry of
+ * topIndices(x, k) holds; −∞ when `x` has fewer than k non-NaN values. Quickselect with a median-of-three
+ * pivot and a three-way partition (rows full of equal values, such as −∞ after a tiny temperature, cost
+ * one pass), over a scratch copy; should partitioning ever do more than a few passes' worth of work, the
+ * rest is sorted instead, so the worst case stays O(n log n).
+ */
+function kthLargest(x: Float32Array, k: number): number {
+  if (selectScratch.length < x.length) selectScratch = new Float32Array(x.length);
+  const values = selectScratch;
+  let count = 0;
+  for (let i = 0; i < x.length; i++) {
+    const value = x[i]!;
+    if (!Number.isNaN(value)) values[count++] = value;
+  }
+  if (k > count || k < 1) return -Infinity;
+  const target = count - k; // its index in ascending order
+  let lo = 0;
+  let hi = count - 1;
+  let work = 0;
+  while (lo < hi) {
+    work += hi - lo + 1;
+    if (work > 8 * count) {
+      values.subarray(lo, hi + 1).sort();
+      break;
+    }
+    const a = values[lo]!;
+    const b = values[lo + ((hi - lo) >> 1)]!;
+    const c = values[hi]!;
+    const pivot = a < b ? (b < c ? b : a < c ? c : a) : a < c ? a : b < c ? c : b;
+    // [lo, lt) < pivot, [lt, i) == pivot, (gt, hi] > pivot
+    let lt = lo;
+    let i = lo;
+    let gt = hi;
+    while (i <= gt) {
+      const value = values[i]!;
+      if (value < pivot) {
+        values[i++] = values[lt]!;
+        values[lt++] = value;
+      } else if (value > pivot) {
+        values[i] = values[gt]!;
+        values[gt--] = value;
+      } else {
+        i++;
+      }
+    }
+    if (target < lt) hi = lt - 1;
+    else if (target > gt) lo = gt + 1;
+    else return pivot;
+  }
+  return values[target]!;
 }
 
 function probabilities(logits: Float32Array, ids: readonly number[]): Float64Array {
