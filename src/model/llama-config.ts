@@ -141,11 +141,20 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
   if (headDim % 2 !== 0) fail('head_dim', `must be even for rotary embeddings (got ${headDim})`);
   const vocabSize = positiveInt('vocab_size');
   const rmsNormEps = positiveNumber('rms_norm_eps', 1e-6);
-  const ropeTheta = positiveNumber('rope_theta', 10000);
+  // transformers v5 writes rope_theta and the scaling keys inside rope_parameters instead
+  const ropeParameters = raw.rope_parameters;
+  if (ropeParameters !== undefined && ropeParameters !== null && (typeof ropeParameters !== 'object' || Array.isArray(ropeParameters))) {
+    fail('rope_parameters', 'must be an object or null');
+  }
+  const parameters = (ropeParameters ?? null) as Json | null;
+  const ropeTheta =
+    raw.rope_theta === undefined || raw.rope_theta === null
+      ? positiveNumber('rope_theta', 10000, parameters ?? {}, 'rope_parameters.')
+      : positiveNumber('rope_theta', 10000);
   let maxPositionEmbeddings = positiveInt('max_position_embeddings', 2048);
 
   let ropeScaling: RopeScaling | null = null;
-  const scaling = raw.rope_scaling;
+  const scaling = raw.rope_scaling ?? parameters;
   if (scaling !== undefined && scaling !== null) {
     if (typeof scaling !== 'object' || Array.isArray(scaling)) fail('rope_scaling', 'must be an object or null');
     const s = scaling as Json;
@@ -163,7 +172,8 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
   }
 
   // Mistral/Qwen2 sliding windows: within the window attention is full, so cap the context there.
-  const slidingWindow = raw.sliding_window;
+  // (MistralConfig's default window is 4096: only an explicit null turns it off)
+  const slidingWindow = architecture === 'mistral' && !('sliding_window' in raw) ? 4096 : raw.sliding_window;
   const useSlidingWindow = architecture === 'qwen2' ? raw.use_sliding_window === true : architecture === 'mistral';
   if (useSlidingWindow && slidingWindow !== undefined && slidingWindow !== null) {
     if (typeof slidingWindow !== 'number' || !Number.isSafeInteger(slidingWindow) || slidingWindow <= 0) fail('sliding_window', 'must be a positive integer or null');

@@ -83,9 +83,13 @@ export class ModelTokenizer {
     this.specialIds = new Set([...tokenizer.get_added_tokens_decoder().entries()].filter(([, token]) => token.special).map(([id]) => id));
     let source = tokenizerConfig.chat_template;
     if (Array.isArray(source)) {
-      // [{name, template}]: the one named "default", else the first
+      // [{name, template}]: the one named "default" (as transformers, which refuses a list without one)
       const named = source as { name?: unknown; template?: unknown }[];
-      source = (named.find((t) => t.name === 'default') ?? named[0])?.template;
+      const chosen = named.find((t) => t.name === 'default');
+      if (!chosen) {
+        throw new SoppuError('MODEL_CONFIG', `tokenizer config ${file}: field "chat_template" lists ${named.length} named templates and none is named "default"`, { file, field: 'chat_template' });
+      }
+      source = chosen.template;
     }
     if (source !== undefined && source !== null && typeof source !== 'string') {
       throw new SoppuError('MODEL_CONFIG', `tokenizer config ${file}: field "chat_template" must be a string or a list of {name, template}`, { file, field: 'chat_template' });
@@ -105,7 +109,16 @@ export class ModelTokenizer {
     const tokenizerFile = join(modelDir, 'tokenizer.json');
     const configFile = join(modelDir, 'tokenizer_config.json');
     const tokenizerJson = (await readJson(tokenizerFile, true))!;
-    const tokenizerConfig = (await readJson(configFile, false)) ?? {};
+    // special_tokens_map.json fills what tokenizer_config.json leaves out (bos/eos tokens), as transformers merges it
+    const specialTokensMap = (await readJson(join(modelDir, 'special_tokens_map.json'), false)) ?? {};
+    const tokenizerConfig: Json = { ...specialTokensMap, ...(await readJson(configFile, false)) };
+    // recent transformers save the chat template as chat_template.jinja, which wins over the config's key
+    const templateFile = join(modelDir, 'chat_template.jinja');
+    const templateText = await readFile(templateFile, 'utf8').catch((e: NodeJS.ErrnoException) => {
+      if (e.code === 'ENOENT') return null;
+      throw new SoppuError('FILE_IO', `chat template ${templateFile} could not be read: ${e.message}`, { file: templateFile }, { cause: e });
+    });
+    if (templateText !== null) tokenizerConfig.chat_template = templateText;
     const generationConfig = await readJson(join(modelDir, 'generation_config.json'), false);
     let tokenizer: Tokenizer;
     try {

@@ -36,6 +36,17 @@ describe('parseLlamaConfig', () => {
     expect(parseLlamaConfig({ ...LLAMA, rope_scaling: { type: 'default' } }).ropeScaling).toBeNull();
   });
 
+  it('reads rope_theta and the scaling from rope_parameters (transformers v5 configs)', () => {
+    const { rope_theta: _, ...noTheta } = LLAMA as Record<string, unknown>;
+    expect(parseLlamaConfig({ ...noTheta, rope_parameters: { rope_type: 'default', rope_theta: 1e6 } })).toMatchObject({ ropeTheta: 1e6, ropeScaling: null });
+    const llama3 = { rope_type: 'llama3', rope_theta: 500000, factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };
+    expect(parseLlamaConfig({ ...noTheta, rope_theta: null, rope_parameters: llama3 })).toMatchObject({
+      ropeTheta: 500000,
+      ropeScaling: { ropeType: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 },
+    });
+    expect(() => parseLlamaConfig({ ...noTheta, rope_parameters: { rope_type: 'yarn', factor: 4 } })).toThrow(/"yarn"/);
+  });
+
   it('refuses other rope scaling types by name', () => {
     expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { type: 'yarn', factor: 4 } })).toThrow(expect.objectContaining({ code: 'MODEL_CONFIG', message: expect.stringMatching(/rope_scaling.rope_type.*"yarn"/) }));
     expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { rope_type: 'llama3' } })).toThrow(/rope_scaling.factor/);
@@ -49,6 +60,8 @@ describe('parseLlamaConfig', () => {
   it('caps a Mistral context at its sliding window', () => {
     expect(parseLlamaConfig({ ...LLAMA, architectures: ['MistralForCausalLM'], model_type: 'mistral', sliding_window: 1024 }).maxPositionEmbeddings).toBe(1024);
     expect(parseLlamaConfig({ ...LLAMA, architectures: ['MistralForCausalLM'], model_type: 'mistral', sliding_window: null }).maxPositionEmbeddings).toBe(4096);
+    // no key at all: MistralConfig's default window, 4096
+    expect(parseLlamaConfig({ ...LLAMA, architectures: ['MistralForCausalLM'], model_type: 'mistral', max_position_embeddings: 32768 }).maxPositionEmbeddings).toBe(4096);
   });
 
   it('falls back to model_type and refuses unsupported architectures naming the field', () => {

@@ -1,4 +1,4 @@
-import { writeFile } from 'node:fs/promises';
+import { rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { generateTokenizer, SPECIAL_TOKENS } from '../../src/io/fixtures/generate-tokenizer.js';
@@ -89,6 +89,27 @@ describe('generated tokenizer through @huggingface/tokenizers', () => {
     expect(tokenizer.hasChatTemplate).toBe(false);
     expect(() => tokenizer.applyChatTemplate([{ role: 'user', content: 'x' }])).toThrow(/no chat template/);
     await expect(loadTokenizer(join(dir, 'missing'))).rejects.toMatchObject({ code: 'FILE_NOT_FOUND' });
+  });
+
+  it('reads chat_template.jinja and special_tokens_map.json as transformers does; refuses a template list with no default', async () => {
+    const dir = await tempDir('soppu-tok-');
+    const { tokenizerJson } = generateTokenizer(300);
+    await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    // bos/eos only in special_tokens_map.json; the template only in chat_template.jinja
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ clean_up_tokenization_spaces: false }));
+    await writeFile(join(dir, 'special_tokens_map.json'), JSON.stringify({ bos_token: '<|begin_of_text|>', eos_token: { content: '<|end|>' } }));
+    await writeFile(join(dir, 'chat_template.jinja'), '{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}{{ eos_token }}{% endfor %}');
+    const tokenizer = await loadTokenizer(dir);
+    expect(tokenizer.bosTokenId).toBe(300 - SPECIAL_TOKENS.length);
+    expect(tokenizer.eosTokenIds).toEqual([299]);
+    expect(tokenizer.applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('<|begin_of_text|>[user] hi<|end|>');
+    // the file wins over the config's key, as in transformers
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ chat_template: 'config {{ messages[0].content }}' }));
+    expect((await loadTokenizer(dir)).applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('<|begin_of_text|>[user] hi<|end|>');
+    await rm(join(dir, 'chat_template.jinja'));
+    expect((await loadTokenizer(dir)).applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('config hi');
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ chat_template: [{ name: 'tool_use', template: 'tools' }, { name: 'rag', template: 'rag' }] }));
+    await expect(loadTokenizer(dir)).rejects.toMatchObject({ code: 'MODEL_CONFIG', message: expect.stringMatching(/none is named "default"/) });
   });
 
   it('is deterministic and exactly the asked vocabulary size (SmolLM-135M: 49152)', () => {
