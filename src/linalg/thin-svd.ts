@@ -22,7 +22,12 @@ export function thinSvd(a: Float64Array, m: number, n: number): SvdResult {
   const w = Float64Array.from(r);
   const v = new Float64Array(n * n);
   for (let i = 0; i < n; i++) v[i * n + i] = 1;
-  let converged = n <= 1;
+  // a column below 1e-15 of the matrix's norm is numerically zero: rotating it against another changes
+  // nothing (and with its squared norm underflowed to 0, the relative test below could never pass)
+  let frobeniusSq = 0;
+  for (const value of w) frobeniusSq += value * value;
+  const negligible = 1e-30 * frobeniusSq;
+  let converged = n <= 1 || frobeniusSq === 0;
   for (let sweep = 0; sweep < MAX_SWEEPS && !converged; sweep++) {
     converged = true;
     for (let p = 0; p < n - 1; p++) {
@@ -32,7 +37,7 @@ export function thinSvd(a: Float64Array, m: number, n: number): SvdResult {
           const wp = w[i * n + p]!, wk = w[i * n + k]!;
           alpha += wp * wp; beta += wk * wk; gamma += wp * wk;
         }
-        if (gamma === 0 || Math.abs(gamma) <= 1e-15 * Math.sqrt(alpha * beta)) continue;
+        if (gamma === 0 || alpha <= negligible || beta <= negligible || Math.abs(gamma) <= 1e-15 * Math.sqrt(alpha * beta)) continue;
         converged = false;
         const zeta = (beta - alpha) / (2 * gamma);
         const t = Math.sign(zeta || 1) / (Math.abs(zeta) + Math.sqrt(1 + zeta * zeta));
@@ -61,7 +66,8 @@ export function thinSvd(a: Float64Array, m: number, n: number): SvdResult {
   const smallU = new Float64Array(n * n);
   const sortedV = new Float64Array(n * n);
   order.forEach((source, target) => {
-    const sigma = norms[source]!;
+    // a negligible column was not orthogonalised against the others: a zero singular value, completed below
+    const sigma = norms[source]! ** 2 <= negligible ? 0 : norms[source]!;
     s[target] = sigma;
     for (let i = 0; i < n; i++) {
       smallU[i * n + target] = sigma > 0 ? w[i * n + source]! / sigma : 0;

@@ -89,7 +89,7 @@ describe('values beyond f32', () => {
   const scaled = (module: LoraModule, scale: number, b = module.b): LoraModule => ({ ...module, scale, alpha: scale * module.rank, b });
 
   it('compress refuses a module whose scale·B overflows f32, writing no bank', async () => {
-    const [input] = syntheticAdapterSet({ slots: [SLOT], count: 1, rank: 4, sharedRank: 0, seed: 2 });
+    const [input] = syntheticAdapterSet({ slots: [SLOT], count: 1, rank: 4, sharedRank: 0, seed: 21 });
     const module = input!.adapter.modules.get(SLOT.path)!;
     const huge = syntheticAdapter(new Map([[SLOT.path, scaled(module, 1e60)]]), null, 4);
     for (const compress of [{ method: 'jd-full' as const }, { method: 'jd-full' as const, rank: 1 }]) {
@@ -102,7 +102,7 @@ describe('values beyond f32', () => {
   });
 
   it('compress refuses a fit whose core is not finite in f32 (ΔW beyond f32) before writing', async () => {
-    const [input] = syntheticAdapterSet({ slots: [SLOT], count: 1, rank: 4, sharedRank: 0, seed: 3 });
+    const [input] = syntheticAdapterSet({ slots: [SLOT], count: 1, rank: 4, sharedRank: 0, seed: 21 });
     const module = input!.adapter.modules.get(SLOT.path)!;
     // scale·B and A are finite in f32, their product is not
     const big = syntheticAdapter(new Map([[SLOT.path, { ...scaled(module, 1, module.b.map((v) => v * 1e36)), a: module.a.map((v) => v * 1e36) }]]), null, 4);
@@ -125,7 +125,7 @@ describe('values beyond f32', () => {
   });
 
   it('export --dtype f16 refuses values beyond ±65504 (it wrote ±Infinity), naming the tensor', async () => {
-    const [input] = syntheticAdapterSet({ slots: [SLOT], count: 1, rank: 4, sharedRank: 0, seed: 5 });
+    const [input] = syntheticAdapterSet({ slots: [SLOT], count: 1, rank: 4, sharedRank: 0, seed: 21 });
     const module = input!.adapter.modules.get(SLOT.path)!;
     const dir = join(root, 'bank-f16');
     await compressIntoBank([{ id: 'x', adapter: syntheticAdapter(new Map([[SLOT.path, scaled(module, 1e7)]]), null, 4) }], dir, { compress: { method: 'jd-full' } });
@@ -137,5 +137,29 @@ describe('values beyond f32', () => {
     await expect(readdir(out)).rejects.toMatchObject({ code: 'ENOENT' });
     await exportAdapter(bank, 'x', join(root, 'export-bf16'), { dtype: 'bf16' });
     expect((await loadLoraAdapter(join(root, 'export-bf16'))).modules.size).toBe(1);
+  });
+});
+
+describe('rank-deficient adapters', () => {
+  it('jd-diag fits an adapter whose ΔW has rank 1 though its r is 8 (the SVD of its noise-only mean core did not converge)', async () => {
+    const slots = [0, 1].flatMap((layer) => [
+      { path: `model.layers.${layer}.self_attn.q_proj`, inFeatures: 64, outFeatures: 64 },
+      { path: `model.layers.${layer}.self_attn.v_proj`, inFeatures: 64, outFeatures: 32 },
+    ]);
+    const [input] = syntheticAdapterSet({ slots, count: 1, rank: 8, sharedRank: 0, seed: 21 });
+    // a partly trained adapter: one column of B moved away from zero
+    for (const module of input!.adapter.modules.values()) {
+      for (let o = 0; o < module.outFeatures; o++) for (let r = 1; r < module.rank; r++) module.b[o * module.rank + r] = 0;
+    }
+    for (const method of ['jd-diag', 'jd-full'] as const) {
+      const result = await compressAdapters([input!], { method, seed: 1 });
+      for (const slot of result.slots) {
+        for (const adapter of slot.adapters.values()) {
+          // compressed within rounding, or kept exact (raw) where compression would not pay
+          if (adapter.storage === 'compressed') expect(adapter.relativeError, `${method} ${slot.path}`).toBeLessThan(1e-6);
+        }
+      }
+      expect(result.slots.some((slot) => [...slot.adapters.values()].some((a) => a.storage === 'compressed'))).toBe(true);
+    }
   });
 });

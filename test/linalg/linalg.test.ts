@@ -99,6 +99,20 @@ describe('thinSvd', () => {
     expect(s[2]!).toBeLessThan(1e-12);
     expectOrthonormalColumns(u, 10, 5);
   });
+  it('converges when all but a few columns are rounding noise (squared norms underflowing to 0)', () => {
+    // a rank-1 7×7 matrix plus noise far below its norm, as a low-rank mean core is: the relative
+    // orthogonality test alone never passed (beta underflows to 0 while gamma does not)
+    const random = new Random(4);
+    const a = new Float64Array(49);
+    for (let i = 0; i < 7; i++) a[i * 7] = 1 + i;
+    for (let i = 0; i < 7; i++) for (let j = 1; j < 7; j++) a[i * 7 + j] = (random.nextUint32() / 2 ** 32 - 0.5) * 1e-170;
+    const { s, u, v } = thinSvd(a, 7, 7);
+    const norm = Math.sqrt([1, 2, 3, 4, 5, 6, 7].reduce((sum, x) => sum + x * x, 0));
+    expect(s[0]).toBeCloseTo(norm, 12);
+    for (let k = 1; k < 7; k++) expect(s[k]).toBeLessThan(1e-160);
+    // the rank-1 part is reconstructed
+    for (let i = 0; i < 7; i++) expect(u[i * 7]! * s[0]! * v[0]!).toBeCloseTo(a[i * 7]!, 10);
+  });
 });
 
 describe('solveSymmetric', () => {
