@@ -74,7 +74,8 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
         errorBasis.set(entry.id, 'bound');
         fromBank.push(entry.id);
       }
-      inputs.push({ id: entry.id, adapter });
+      const spentError = previousErrors.get(entry.id);
+      inputs.push({ id: entry.id, adapter, ...(spentError ? { spentError } : {}) });
       const sourceRanks = problem === null
         ? new Map([...adapter.modules.values()].map((m) => [m.path, m.rank]))
         : new Map(Object.entries(entry.perSlot).flatMap(([path, p]) => (p.sourceRank !== undefined ? [[path, p.sourceRank] as const] : [])));

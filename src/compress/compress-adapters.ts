@@ -26,6 +26,12 @@ export const DEFAULT_SEED = 0;
 export interface CompressInput {
   readonly id: string;
   readonly adapter: LoraAdapter;
+  /**
+   * Per slot path, the relative error this adapter already carries against its original (a refit from a
+   * bank's reconstruction): the error budget holds for it plus the new fit's, so the stored slot stays
+   * within budget of the original (else it is kept raw: the reconstruction exactly).
+   */
+  readonly spentError?: Readonly<Record<string, number>>;
 }
 
 interface SlotSource {
@@ -263,7 +269,8 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
       const error = relativeErrorOfPart(module, { u, vt, rank, core, diagonal: method === 'jd-diag' });
       const id = inputs[entry.adapterIndex]!.id;
       checkFinitePart(`adapter ${JSON.stringify(id)}`, path, core, error);
-      if (options.maxError !== undefined && !(error <= options.maxError)) results.set(id, rawResult(module, 'over-budget'));
+      const spent = inputs[entry.adapterIndex]!.spentError?.[path] ?? 0;
+      if (options.maxError !== undefined && !(error + spent <= options.maxError)) results.set(id, rawResult(module, 'over-budget'));
       else compressed.push({ entry, core, error });
     }
     const coreSize = method === 'jd-full' ? rank * rank : rank;

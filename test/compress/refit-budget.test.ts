@@ -1,0 +1,49 @@
+/**
+ * A refit from the bank's reconstruction keeps every stored slot within the bank's error budget of the
+ * original adapter: the error the reconstruction already carries counts against the budget.
+ */
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { compressIntoBank } from '../../src/compress/bank-compress.js';
+import { openBank } from '../../src/compress/bank-reader.js';
+import { refitBank } from '../../src/compress/bank-refit.js';
+import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
+import { verifyBank } from '../../src/compress/verify-bank.js';
+
+const SLOTS = [
+  { path: 'model.layers.0.self_attn.q_proj', inFeatures: 32, outFeatures: 32 },
+  { path: 'model.layers.0.self_attn.v_proj', inFeatures: 32, outFeatures: 16 },
+];
+
+let root = '';
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), 'soppu-refit-budget-'));
+});
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+describe('bank refit from the bank', () => {
+  it('keeps every compressed slot within the budget of the original adapter', async () => {
+    const maxError = 0.15;
+    // two families and noise: most slots compress near the budget
+    const inputs = [
+      ...syntheticAdapterSet({ slots: SLOTS, count: 4, rank: 6, sharedRank: 3, noise: 0.2, seed: 3, familySeed: 1 }),
+      ...syntheticAdapterSet({ slots: SLOTS, count: 4, rank: 6, sharedRank: 3, noise: 0.2, seed: 4, familySeed: 2 }).map((a, i) => ({ ...a, id: `b-${i}` })),
+    ];
+    const dir = join(root, 'bank');
+    await compressIntoBank(inputs, dir, { compress: { method: 'jd-full', maxError, clusters: 3, seed: 5 } });
+    const sources = new Map(inputs.map((i) => [i.id, i.adapter] as const));
+    expect((await verifyBank(await openBank(dir), { sources, maxError })).overBudget).toEqual([]);
+    const { manifest, fromBank } = await refitBank(dir, { from: 'bank' });
+    expect(fromBank).toHaveLength(8);
+    for (const adapter of manifest.adapters) {
+      for (const [path, slot] of Object.entries(adapter.perSlot)) {
+        if (slot.storage === 'compressed') expect(slot.relativeError, `${adapter.id} ${path} (recorded bound)`).toBeLessThanOrEqual(maxError);
+      }
+    }
+    expect((await verifyBank(await openBank(dir), { sources, maxError })).overBudget).toEqual([]);
+  });
+});
