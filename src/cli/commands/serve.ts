@@ -165,7 +165,7 @@ export function register(program: Command): void {
     .option('--auth <keys.json>', 'API keys file: {"<key>": {"role": "admin"|"user", "adapters": [ids or globs]}}')
     .option('--port <n>', 'port', '8080')
     .option('--host <addr>', 'address to bind (default 127.0.0.1; without --auth only loopback is safe)')
-    .option('--cache <dir>', `cache folder; the demo is built in its subfolder ${DEMO_DIR_NAME} (default $SOPPU_CACHE or ~/.cache/soppu/demo)`)
+    .option('--cache <dir>', `cache folder; the demo is built in its subfolder ${DEMO_DIR_NAME} and uploaded adapters are unpacked in uploads/ (default $SOPPU_CACHE or ~/.cache/soppu/demo)`)
     .option('--max-concurrent-requests <n>', 'requests in flight before 429', String(DEFAULT_SERVER_OPTIONS.maxConcurrentRequests))
     .option('--max-running-requests <n>', 'requests decoded together in one batch', '64')
     .option('--max-batch-tokens <n>', 'tokens per forward step', '2048')
@@ -227,7 +227,7 @@ export function register(program: Command): void {
         maxInputTokens,
         maxTotalTokens,
         adapterDirs,
-        uploadDir: path.join(cacheDir, '..', 'uploads'),
+        uploadDir: path.join(cacheDir, 'uploads'), // inside the folder the user named (its parent is not ours)
         accessControl,
       });
       try {
