@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -242,6 +242,52 @@ describe('exportGgufModel', () => {
     const error = await exportGgufModel({ modelDir, out: join(dir, 'qwen.gguf') }).catch((e: unknown) => e);
     expect(isSoppuError(error, 'MODEL_CONFIG')).toBe(true);
     expect((error as Error).message).toMatch(/config\.json: field "architectures"/);
+  });
+});
+
+describe('GGUF tokenizer metadata', () => {
+  /** A copy of the tiny model whose tokenizer files `edit` changes. */
+  async function edited(name: string, edit: (tokenizer: Record<string, any>, config: Record<string, any>) => void): Promise<string> {
+    const modelDir = join(dir, name);
+    await generateModel({ out: modelDir, shape: 'tiny', seed: 4 });
+    const tokenizer = JSON.parse(await readFile(join(modelDir, 'tokenizer.json'), 'utf8'));
+    const config = JSON.parse(await readFile(join(modelDir, 'tokenizer_config.json'), 'utf8'));
+    edit(tokenizer, config);
+    await writeFile(join(modelDir, 'tokenizer.json'), JSON.stringify(tokenizer));
+    await writeFile(join(modelDir, 'tokenizer_config.json'), JSON.stringify(config));
+    return modelDir;
+  }
+  const exported = async (modelDir: string) => {
+    const out = join(modelDir, 'model.gguf');
+    await exportGgufModel({ modelDir, out });
+    return parseGguf(new Uint8Array(await readFile(out)));
+  };
+
+  it('names the pre-tokenizer as llama.cpp does, and refuses a tokenizer llama.cpp would split differently', async () => {
+    expect(meta(await exported(await edited('tok-gpt2', () => undefined)), 'tokenizer.ggml.pre')).toBe('gpt-2');
+    const smollm = await edited('tok-smollm', (t) => {
+      t.pre_tokenizer = { type: 'Sequence', pretokenizers: [{ type: 'Digits', individual_digits: true }, t.pre_tokenizer] };
+    });
+    expect(meta(await exported(smollm), 'tokenizer.ggml.pre')).toBe('smollm');
+    const sentencePiece = await edited('tok-spm', (t) => {
+      t.model.byte_fallback = true;
+    });
+    await expect(exportGgufModel({ modelDir: sentencePiece, out: join(sentencePiece, 'x.gguf') })).rejects.toThrow(/byte_fallback.*byte-level BPE tokenizers only/);
+    const otherSplit = await edited('tok-split', (t) => {
+      t.pre_tokenizer = { type: 'Sequence', pretokenizers: [{ type: 'Split', pattern: { Regex: '\\s+' }, behavior: 'Isolated' }, { ...t.pre_tokenizer, use_regex: false }] };
+    });
+    await expect(exportGgufModel({ modelDir: otherSplit, out: join(otherSplit, 'x.gguf') })).rejects.toThrow(/pre-tokenizer \(Split \+ ByteLevel\)/);
+  });
+
+  it('adds BOS as the tokenizer does when the config does not say, and exports chat_template.jinja', async () => {
+    // no add_bos_token in the config (as Llama 3 ships): the post-processor's template decides
+    const noFlag = await edited('tok-bos', (_t, c) => {
+      delete c.add_bos_token;
+    });
+    await writeFile(join(noFlag, 'chat_template.jinja'), '{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}');
+    const file = await exported(noFlag);
+    expect(meta(file, 'tokenizer.ggml.add_bos_token')).toBe(true);
+    expect(meta(file, 'tokenizer.chat_template')).toBe('{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}');
   });
 });
 

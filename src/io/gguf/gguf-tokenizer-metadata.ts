@@ -37,6 +37,44 @@ function tokenContent(value: unknown): string | null {
   return null;
 }
 
+/** The Llama-3 split regex (convert_hf_to_gguf's "llama-bpe" pre-tokenizer). */
+const LLAMA3_SPLIT = "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+";
+
+/**
+ * llama.cpp's name for the pre-tokenizer of a byte-level tokenizer.json (tokenizer.ggml.pre), as
+ * convert_hf_to_gguf identifies it: GPT-2's ByteLevel split, SmolLM's digits then ByteLevel, Llama 3's
+ * regex split. Anything else, or a tokenizer that is not byte-level (SentencePiece-style byte fallback,
+ * a Metaspace pre-tokenizer), is refused: llama.cpp would split text differently from the model's tokenizer.
+ */
+function preTokenizerName(tokenizer: Json, model: Json, file: string): string {
+  const refuse = (why: string): never => {
+    throw new SoppuError('MODEL_CONFIG', `${file}: ${why}; soppu writes GGUF for byte-level BPE tokenizers only (llama.cpp's convert_hf_to_gguf.py handles the others)`, { file, field: 'pre_tokenizer' });
+  };
+  if (model['byte_fallback'] === true) refuse('the BPE model uses byte_fallback (a SentencePiece-style vocabulary)');
+  const decoder = tokenizer['decoder'] as Json | null | undefined;
+  if (!decoder || decoder['type'] !== 'ByteLevel') refuse(`its decoder is ${JSON.stringify(decoder?.['type'] ?? null)}, not ByteLevel`);
+  const pre = tokenizer['pre_tokenizer'] as Json | null | undefined;
+  const steps = pre?.['type'] === 'Sequence' && Array.isArray(pre['pretokenizers']) ? (pre['pretokenizers'] as Json[]) : pre ? [pre] : [];
+  const [first, second] = steps;
+  if (steps.length === 1 && first?.['type'] === 'ByteLevel' && first['use_regex'] !== false) return 'gpt-2';
+  if (steps.length === 2 && first?.['type'] === 'Digits' && first['individual_digits'] === true && second?.['type'] === 'ByteLevel' && second['use_regex'] !== false) return 'smollm';
+  const pattern = (first?.['pattern'] as Json | undefined)?.['Regex'];
+  if (steps.length === 2 && first?.['type'] === 'Split' && pattern === LLAMA3_SPLIT && second?.['type'] === 'ByteLevel' && second['use_regex'] === false) return 'llama-bpe';
+  return refuse(`its pre-tokenizer (${steps.map((s) => String(s['type'])).join(' + ') || 'none'}) is not one soppu can name for llama.cpp (GPT-2's ByteLevel, SmolLM's Digits + ByteLevel, Llama 3's split)`);
+}
+
+/** Whether the tokenizer adds BOS: the config's add_bos_token, else its post-processor's template; null when unknown. */
+function addsBos(tokenizer: Json, tokenizerConfig: Json | null): boolean | null {
+  const configured = tokenizerConfig?.['add_bos_token'];
+  if (typeof configured === 'boolean') return configured;
+  const post = tokenizer['post_processor'] as Json | null | undefined;
+  const processors = post?.['type'] === 'Sequence' && Array.isArray(post['processors']) ? (post['processors'] as Json[]) : post ? [post] : [];
+  const template = processors.find((p) => p['type'] === 'TemplateProcessing');
+  if (template && Array.isArray(template['single'])) return (template['single'] as Json[])[0]?.['SpecialToken'] !== undefined;
+  if (processors.every((p) => p['type'] === 'ByteLevel')) return false;
+  return null;
+}
+
 export interface TokenizerIds {
   readonly bosTokenId: number | null;
   readonly eosTokenIds: readonly number[];
@@ -49,9 +87,13 @@ export interface TokenizerIds {
 export async function ggufTokenizerMetadata(modelDir: string, vocabSize: number, ids: TokenizerIds): Promise<Map<string, GgufValue>> {
   const file = join(modelDir, 'tokenizer.json');
   const tokenizer = (await readJson(file, true))!;
-  const tokenizerConfig = await readJson(join(modelDir, 'tokenizer_config.json'), false);
+  // special_tokens_map.json fills what tokenizer_config.json leaves out, as transformers merges them
+  const specialTokensMap = await readJson(join(modelDir, 'special_tokens_map.json'), false);
+  const configOnly = await readJson(join(modelDir, 'tokenizer_config.json'), false);
+  const tokenizerConfig: Json | null = configOnly || specialTokensMap ? { ...specialTokensMap, ...configOnly } : null;
   const model = tokenizer['model'] as Json | undefined;
   if (!model || model['type'] !== 'BPE') throw new SoppuError('MODEL_CONFIG', `${file}: field "model.type" must be "BPE" (a byte-level BPE); got ${JSON.stringify(model?.['type'])}`, { file, field: 'model.type' });
+  const pre = preTokenizerName(tokenizer, model, file);
   const vocab = model['vocab'];
   if (vocab === null || typeof vocab !== 'object' || Array.isArray(vocab)) throw new SoppuError('MODEL_CONFIG', `${file}: field "model.vocab" must be an object`, { file, field: 'model.vocab' });
 
@@ -90,8 +132,7 @@ export async function ggufTokenizerMetadata(modelDir: string, vocabSize: number,
 
   const metadata = new Map<string, GgufValue>();
   metadata.set('tokenizer.ggml.model', { type: 'string', value: 'gpt2' });
-  // GPT-2's split regex, the one the ByteLevel pre-tokenizer uses
-  metadata.set('tokenizer.ggml.pre', { type: 'string', value: 'gpt-2' });
+  metadata.set('tokenizer.ggml.pre', { type: 'string', value: pre });
   metadata.set('tokenizer.ggml.tokens', { type: 'array', elementType: 'string', value: tokens as string[] });
   metadata.set('tokenizer.ggml.token_type', { type: 'array', elementType: 'int32', value: types });
   metadata.set('tokenizer.ggml.merges', { type: 'array', elementType: 'string', value: merges });
@@ -111,9 +152,14 @@ export async function ggufTokenizerMetadata(modelDir: string, vocabSize: number,
   if (eot !== undefined) metadata.set('tokenizer.ggml.eot_token_id', { type: 'uint32', value: eot });
   const pad = idOf('pad_token');
   if (pad !== null) metadata.set('tokenizer.ggml.padding_token_id', { type: 'uint32', value: pad });
-  metadata.set('tokenizer.ggml.add_bos_token', { type: 'bool', value: tokenizerConfig?.['add_bos_token'] === true });
+  // written only when known (llama.cpp then uses its default for the vocabulary type)
+  const bosAdded = addsBos(tokenizer, tokenizerConfig);
+  if (bosAdded !== null) metadata.set('tokenizer.ggml.add_bos_token', { type: 'bool', value: bosAdded });
   metadata.set('tokenizer.ggml.add_eos_token', { type: 'bool', value: tokenizerConfig?.['add_eos_token'] === true });
-  const template = tokenizerConfig?.['chat_template'];
+  // chat_template.jinja (recent save_pretrained) wins over the config's key; a list names its "default"
+  const jinja = await readFile(join(modelDir, 'chat_template.jinja'), 'utf8').catch(() => null);
+  let template = jinja ?? tokenizerConfig?.['chat_template'];
+  if (Array.isArray(template)) template = (template as Json[]).find((t) => t['name'] === 'default')?.['template'];
   if (typeof template === 'string') metadata.set('tokenizer.chat_template', { type: 'string', value: template });
   return metadata;
 }
