@@ -22,14 +22,14 @@ interface GenerateOptions {
 
 function integer(value: string | undefined, field: string, min: number): number | undefined {
   if (value === undefined) return undefined;
-  const n = Number(value);
+  const n = value.trim() === '' ? Number.NaN : Number(value); // Number('') is 0
   if (!Number.isInteger(n) || n < min) throw new SoppuError('CONFIG', `--${field} must be an integer >= ${min}, got "${value}"`, { field, limit: `>= ${min}` });
   return n;
 }
 
 function number(value: string | undefined, field: string): number | undefined {
   if (value === undefined) return undefined;
-  const n = Number(value);
+  const n = value.trim() === '' ? Number.NaN : Number(value); // Number('') is 0
   if (!Number.isFinite(n)) throw new SoppuError('CONFIG', `--${field} must be a number, got "${value}"`, { field });
   return n;
 }
@@ -56,6 +56,9 @@ export function register(program: Command): void {
     .option('--stop <text...>', 'stop sequences')
     .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
     .action(async (options: GenerateOptions) => {
+      for (const [flag, value] of [['adapter', options.adapter], ['bank', options.bank], ['adapter-id', options.adapterId]] as const) {
+        if (value !== undefined && value.trim() === '') throw new SoppuError('CONFIG', `--${flag} is empty`, { field: flag });
+      }
       if (options.adapter && (options.bank || options.adapterId)) {
         throw new SoppuError('CONFIG', 'use either --adapter DIR or --bank DIR --adapter-id ID, not both', { field: 'adapter' });
       }
