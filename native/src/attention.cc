@@ -76,9 +76,11 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
       !NeedLength(env, op, "qStart", qStart.length, seqs) || !NeedLength(env, op, "qLen", qLen.length, seqs) ||
       !NeedLength(env, op, "ctxLen", ctxLen.length, seqs))
     return env.Undefined();
-  const int64_t blockElements = blockSize * kvHeads * headDim;
+  int64_t blockElements = 0, rowElements = 0;
+  if (!CheckedProduct(env, op, "blockSize · kvHeads · headDim", {blockSize, kvHeads, headDim}, &blockElements) ||
+      !CheckedProduct(env, op, "heads · headDim", {heads, headDim}, &rowElements))
+    return env.Undefined();
   const int64_t numBlocks = std::min(kCache.length, vCache.length) / blockElements;
-  const int64_t rowElements = heads * headDim;
   // Every index the kernel will use is checked here, before any work starts.
   std::vector<int64_t> rowSeq, rowIndex;
   for (int64_t s = 0; s < seqs; s++) {
@@ -90,8 +92,9 @@ Napi::Value Attention(const Napi::CallbackInfo& info) {
                     " (need qStart, blockTableStart >= 0 and 0 <= qLen <= ctxLen)");
       return env.Undefined();
     }
-    if (!NeedLength(env, op, "q", q.length, (start + count) * rowElements) ||
-        !NeedLength(env, op, "out", out.length, (start + count) * rowElements))
+    int64_t rowsEnd = 0;
+    if (!CheckedProduct(env, op, "(qStart + qLen) · heads · headDim", {start + count, rowElements}, &rowsEnd) ||
+        !NeedLength(env, op, "q", q.length, rowsEnd) || !NeedLength(env, op, "out", out.length, rowsEnd))
       return env.Undefined();
     const int64_t blocksUsed = (context + blockSize - 1) / blockSize;
     if (!NeedLength(env, op, "blockTable", blockTable.length, table + blocksUsed)) return env.Undefined();

@@ -171,8 +171,9 @@ bool Fail(const Napi::Env& env, const std::string& message) {
 bool GetInt(const Napi::Value& v, const char* name, int64_t& out) {
   if (!v.IsNumber()) return Fail(v.Env(), std::string(name) + " must be a number");
   const double d = v.As<Napi::Number>().DoubleValue();
-  if (!(d >= 0) || d > 9.0e15 || d != static_cast<double>(static_cast<int64_t>(d)))
-    return Fail(v.Env(), std::string(name) + " must be a non-negative integer");
+  // below 2^31, as every size the kernels take: Extent's products then fit int64
+  if (!(d >= 0) || d >= 2147483648.0 || d != static_cast<double>(static_cast<int64_t>(d)))
+    return Fail(v.Env(), std::string(name) + " must be a non-negative integer below 2^31");
   out = static_cast<int64_t>(d);
   return true;
 }

@@ -396,6 +396,10 @@ Napi::Value LoraApplyPlan(const Napi::CallbackInfo& info) {
       !ReadSegments(info, {4, 5, 9, 10, 11}, op, "bt", rows, kMaxApplyRank, n, &plan->expand))
     return env.Undefined();
   const std::vector<Segment>& shrink = plan->shrink;
+  if (shrink.size() != plan->expand.size()) {
+    Fail(env, "soppu native loraApply: " + std::to_string(shrink.size()) + " a factors but " + std::to_string(plan->expand.size()) + " bt factors");
+    return env.Undefined();
+  }
   for (size_t s = 0; s < shrink.size(); s++)
     if (shrink[s].rank != plan->expand[s].rank) {
       Fail(env, std::string("soppu native loraApply: segment ") + std::to_string(s) + ": a has rank " +
@@ -464,6 +468,17 @@ Napi::Value LoraPlanRows(const Napi::CallbackInfo& info) {
   }
   const size_t carried = plan->shrink.size();
   if (added) {
+    // the added work is on rows the carried plan leaves alone: a row of both would get the added core in the
+    // carried segment's tiles, whose rank the core was never checked against
+    std::vector<bool> covered(static_cast<size_t>(std::max(plan->rows, added->rows)), false);
+    for (size_t s = 0; s < carried; s++)
+      for (int64_t i = plan->shrink[s].start; i < plan->shrink[s].end; i++) covered[static_cast<size_t>(i)] = true;
+    for (const Segment& segment : added->shrink)
+      for (int64_t i = segment.start; i < segment.end; i++)
+        if (covered[static_cast<size_t>(i)]) {
+          Fail(env, "soppu native loraRows: the added work covers row " + std::to_string(i) + ", which the carried plan covers too");
+          return env.Undefined();
+        }
     plan->shrink.insert(plan->shrink.end(), added->shrink.begin(), added->shrink.end());
     plan->expand.insert(plan->expand.end(), added->expand.begin(), added->expand.end());
     plan->cores.insert(plan->cores.end(), added->cores.begin(), added->cores.end());

@@ -2,6 +2,7 @@
 // Every check throws a JS TypeError/RangeError naming the op, the argument and the limit, so native
 // code never reads or writes outside the arrays it was given (TS validates first; this is the backstop).
 #pragma once
+#include <initializer_list>
 #include "common.h"
 // GCC 12's AVX-512 headers trip -Wmaybe-uninitialized and -Wuninitialized on their own
 // _mm512_undefined_* pass-through (a known false positive, e.g. inside _mm512_reduce_add_ps); silence
@@ -99,6 +100,16 @@ inline bool GetNumber(const Napi::CallbackInfo& info, size_t index, const char* 
   const Napi::Value value = info[index];
   if (!value.IsNumber()) return Fail(info.Env(), std::string("soppu native ") + op + ": " + name + " must be a number");
   *out = value.As<Napi::Number>().DoubleValue();
+  return true;
+}
+
+/** The product of `factors` in *out, or fails naming op and `what` when it overflows int64 (sizes < 2^31 each). */
+inline bool CheckedProduct(const Napi::Env& env, const char* op, const char* what, std::initializer_list<int64_t> factors, int64_t* out) {
+  int64_t product = 1;
+  for (const int64_t factor : factors)
+    if (__builtin_mul_overflow(product, factor, &product))
+      return Fail(env, std::string("soppu native ") + op + ": " + what + " overflows 64-bit sizes");
+  *out = product;
   return true;
 }
 

@@ -134,7 +134,9 @@ Napi::Value Rope(const Napi::CallbackInfo& info) {
     Fail(env, "soppu native rope: headDim " + std::to_string(headDim) + " must be even");
     return env.Undefined();
   }
-  if (!NeedLength(env, op, "x", x.length, tokens * heads * headDim) ||
+  int64_t elements = 0;
+  if (!CheckedProduct(env, op, "tokens · heads · headDim", {tokens, heads, headDim}, &elements) ||
+      !NeedLength(env, op, "x", x.length, elements) ||
       !NeedLength(env, op, "positions", positions.length, tokens) ||
       !NeedLength(env, op, "invFreq", invFreq.length, headDim / 2))
     return env.Undefined();

@@ -47,6 +47,16 @@ function checkGemm(op: string, transA: boolean, transB: boolean, m: number, n: n
   checkLength(op, 'c', c.length, extent(m, n, ldc));
 }
 
+/** Runs a native call, turning the addon's own argument errors into SoppuError('KERNEL') naming the op. */
+function guarded(op: string, run: () => void): void {
+  try {
+    run();
+  } catch (e) {
+    if (e instanceof Error && !(e instanceof SoppuError)) throw new SoppuError('KERNEL', `${op}: ${e.message}`, { field: op, cause: e.message });
+    throw e;
+  }
+}
+
 /** matmul/gemmF32/gemmF64 of the addon bound to one variant; ops the addon lacks are left out. */
 export function nativeCoreOps(addon: NativeAddon, variantIndex: number): Partial<KernelSet> {
   const ops: Partial<KernelSet> = {};
@@ -55,6 +65,8 @@ export function nativeCoreOps(addon: NativeAddon, variantIndex: number): Partial
     ops.matmul = (y: Float32Array, x: Float32Array, w: WeightMatrix, m: number, accumulate = false): void => {
       checkCount('matmul', 'm', m);
       const n = w.rows, k = w.cols;
+      checkCount('matmul', 'w.rows', n);
+      checkCount('matmul', 'w.cols', k);
       // y: [M, N]; x: [M, K]; W: [N, K]
       checkLength('matmul', 'y', y.length, m * n);
       checkLength('matmul', 'x', x.length, m * k);
@@ -62,21 +74,21 @@ export function nativeCoreOps(addon: NativeAddon, variantIndex: number): Partial
       if (!holdsDtype(w.dtype, w.data)) {
         throw kernelError('matmul', `weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`, 'w.dtype', w.dtype);
       }
-      matmul(variantIndex, y, x, w.data, WEIGHT_DTYPE_CODE[w.dtype], m, n, k, accumulate);
+      guarded('matmul', () => matmul(variantIndex, y, x, w.data, WEIGHT_DTYPE_CODE[w.dtype], m, n, k, accumulate));
     };
   }
   const gemmF32 = addon.gemmF32 as NativeGemm<Float32Array> | undefined;
   if (typeof gemmF32 === 'function') {
     ops.gemmF32 = (transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc): void => {
       checkGemm('gemmF32', transA, transB, m, n, k, a, lda, b, ldb, c, ldc);
-      gemmF32(variantIndex, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      guarded('gemmF32', () => gemmF32(variantIndex, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc));
     };
   }
   const gemmF64 = addon.gemmF64 as NativeGemm<Float64Array> | undefined;
   if (typeof gemmF64 === 'function') {
     ops.gemmF64 = (transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc): void => {
       checkGemm('gemmF64', transA, transB, m, n, k, a, lda, b, ldb, c, ldc);
-      gemmF64(variantIndex, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      guarded('gemmF64', () => gemmF64(variantIndex, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc));
     };
   }
   return ops;

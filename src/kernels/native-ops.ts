@@ -38,6 +38,16 @@ function checkLength(op: string, name: string | (() => string), array: { length:
   }
 }
 
+/**
+ * Throws unless `array` lives in a private buffer. The addon checks an index array, then reads it again as it
+ * works: another thread writing a SharedArrayBuffer in between would make it index out of bounds.
+ */
+function checkNotShared(op: string, name: string, array: ArrayBufferView): void {
+  if (typeof SharedArrayBuffer !== 'undefined' && array.buffer instanceof SharedArrayBuffer) {
+    throw kernelError(op, `${name} is backed by a SharedArrayBuffer; index arrays must be private to the call`);
+  }
+}
+
 /** Binds the native ops of one ISA variant; missing exports (an older addon) leave the reference op. */
 export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<NativeOps> {
   const fn = (name: string): NativeFunction | undefined => {
@@ -70,6 +80,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
   const rope = fn('rope');
   if (rope) {
     ops.rope = (x, positions, tokens, heads, headDim, invFreq) => {
+      checkNotShared('rope', 'positions', positions);
       checkInteger('rope', 'tokens', tokens, 0);
       checkInteger('rope', 'heads', heads, 1);
       checkInteger('rope', 'headDim', headDim, 2);
@@ -143,6 +154,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
   if (embedding) {
     ops.embedding = (out: Float32Array, table: WeightMatrix, ids: Int32Array, tokens: number) => {
       checkInteger('embedding', 'tokens', tokens, 0);
+      checkNotShared('embedding', 'ids', ids);
       checkLength('embedding', 'ids', ids, tokens);
       checkLength('embedding', 'out', out, tokens * table.cols);
       checkLength('embedding', 'table', table.data, table.rows * table.cols);
@@ -238,6 +250,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
       // the new arrays as the reference builds them; a checked plan of the old ones carries over to them natively
       ops.loraRows = (segments, cores, rowOf, added) => {
         if (!(rowOf instanceof Int32Array)) throw kernelError('loraRows', 'rowOf must be an Int32Array');
+        checkNotShared('loraRows', 'rowOf', rowOf);
         const derived = refLoraRows(segments, cores, rowOf, added);
         const flat = applyCache.get(segments);
         if (flat && flat.coresSource === cores && derived.segments.length > 0) {
@@ -503,7 +516,11 @@ function validateAttention(args: AttentionArgs): void {
   checkInteger(op, 'blockSize', blockSize, 1);
   if (heads % kvHeads !== 0) throw kernelError(op, `heads ${heads} is not a multiple of kvHeads ${kvHeads}`);
   for (const name of ['blockTableStart', 'qStart', 'qLen', 'ctxLen'] as const) checkLength(op, name, args[name], seqs);
+  for (const name of ['blockTable', 'blockTableStart', 'qStart', 'qLen', 'ctxLen'] as const) checkNotShared(op, name, args[name]);
   const blockElements = blockSize * kvHeads * headDim;
+  if (!Number.isSafeInteger(blockElements) || !Number.isSafeInteger(heads * headDim)) {
+    throw kernelError(op, `blockSize · kvHeads · headDim = ${blockElements} is beyond exact integers`);
+  }
   const numBlocks = Math.floor(Math.min(args.kCache.length, args.vCache.length) / blockElements);
   const rowElements = heads * headDim;
   for (let s = 0; s < seqs; s++) {
