@@ -17,6 +17,8 @@ export interface EngineTokenizer {
    * instruct model's end-of-turn id there (Llama-3's <|eot_id|>, Qwen2's <|im_end|>).
    */
   readonly eosTokenIds?: readonly number[];
+  /** The most characters one token's text holds (bounds a text's token count before tokenizing it). */
+  readonly maxTokenChars?: number;
   /** Chat messages → prompt text through the chat template. */
   applyChatTemplate(messages: readonly { role: string; content: string }[], addGenerationPrompt: boolean): string;
 }
@@ -30,6 +32,7 @@ export function engineTokenizerOf(tokenizer: ModelTokenizer): EngineTokenizer {
     decode: (ids, skipSpecialTokens) => tokenizer.decode(ids, { skipSpecialTokens }),
     isSpecial: (id) => tokenizer.isSpecial(id),
     eosTokenIds: tokenizer.eosTokenIds,
+    maxTokenChars: tokenizer.maxTokenChars,
     applyChatTemplate: (messages, addGenerationPrompt) => tokenizer.applyChatTemplate(messages, { addGenerationPrompt }),
   };
 }

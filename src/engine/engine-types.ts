@@ -114,6 +114,8 @@ export interface EngineInfo {
   readonly maxBatchTokens: number;
   readonly eosTokenIds: readonly number[];
   readonly kernel: string;
+  /** The most characters one token's text holds, when the tokenizer tells (a longer text has more tokens). */
+  readonly maxTokenChars?: number;
 }
 
 export interface Engine {

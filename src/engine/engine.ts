@@ -207,6 +207,7 @@ class SoppuEngine implements Engine {
       maxBatchTokens: options.maxBatchTokens,
       eosTokenIds: [...this.eosIds].sort((a, b) => a - b),
       kernel: this.kernels.name,
+      ...(tokenizer.maxTokenChars !== undefined ? { maxTokenChars: tokenizer.maxTokenChars } : {}),
     };
   }
 

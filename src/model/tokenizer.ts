@@ -63,6 +63,8 @@ export class ModelTokenizer {
   readonly eosTokenIds: readonly number[];
   /** Ids of special (added) tokens. */
   readonly specialIds: ReadonlySet<number>;
+  /** The most characters one token's text holds: a text longer than n of these has more than n tokens. */
+  readonly maxTokenChars: number;
   private readonly template: Template | null;
 
   private constructor(
@@ -72,7 +74,12 @@ export class ModelTokenizer {
     bosIdFromConfig: number | null,
     file: string,
   ) {
-    this.vocabSize = tokenizer.get_vocab(true).size;
+    const vocabulary = tokenizer.get_vocab(true);
+    this.vocabSize = vocabulary.size;
+    // a token's text (byte-level or ▁ form) is at least as long as what it decodes to
+    let longest = 1;
+    for (const token of vocabulary.keys()) longest = Math.max(longest, token.length);
+    this.maxTokenChars = longest;
     this.bosToken = tokenContent(tokenizerConfig.bos_token);
     this.eosToken = tokenContent(tokenizerConfig.eos_token);
     this.bosTokenId = (this.bosToken !== null ? tokenizer.token_to_id(this.bosToken) : undefined) ?? bosIdFromConfig;

@@ -25,6 +25,9 @@ export interface SoppuServer {
 
 const PUBLIC_PATHS = new Set(['/health', '/ping', '/info']);
 
+/** How long a client may take to send a request (headers and body; a 512 MB upload at ~5 MB/s fits). */
+const REQUEST_TIMEOUT_MS = 120_000;
+
 export function createServer(engine: Engine, options: ServerOptions, logger = false): SoppuServer {
   const limits: ServerOptions = {
     ...options,
@@ -35,6 +38,9 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
     logger,
     bodyLimit: limits.maxBodyBytes,
     forceCloseConnections: 'idle',
+    // a client must send its whole request within this (a body trickled a byte at a time held its socket and
+    // buffer forever); answers, streams included, are not bound by it
+    requestTimeout: REQUEST_TIMEOUT_MS,
     ajv: { customOptions: { coerceTypes: false, removeAdditional: false, useDefaults: false, allErrors: false } },
   });
   const service = new GenerationService(engine, limits);

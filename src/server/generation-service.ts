@@ -65,9 +65,19 @@ export class GenerationService {
     } else if (call.adapterSource === 'local') {
       throw new SoppuError('VALIDATION', 'Input validation error: `adapter_source` local needs an `adapter_id` naming the directory', { field: 'adapter_source' });
     }
+    const maxInput = this.options.maxInputTokens;
+    // a text longer than maxInput tokens of the longest token's length is over the limit whatever its tokens:
+    // refused before tokenizing it (a 4 MB prompt held the event loop ~9 s); with truncate it is cut anyway
+    const maxTokenChars = this.engine.info.maxTokenChars;
+    if (call.truncate === undefined && maxTokenChars !== undefined && call.prompt.length > (maxInput + 2) * maxTokenChars) {
+      throw new SoppuError(
+        'VALIDATION',
+        `Input validation error: \`inputs\` must have less than ${maxInput} tokens. Given: ${call.prompt.length} characters, more than ${maxInput} tokens`,
+        { field: 'inputs', limit: maxInput },
+      );
+    }
     const promptTokens = this.engine.tokenize(call.prompt, call.addSpecialTokens).ids.length;
     const inputTokens = call.truncate !== undefined ? Math.min(call.truncate, promptTokens) : promptTokens;
-    const maxInput = this.options.maxInputTokens;
     if (inputTokens > maxInput) {
       throw new SoppuError(
         'VALIDATION',

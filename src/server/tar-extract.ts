@@ -75,6 +75,8 @@ export function parseTar(archive: Uint8Array, limits: TarLimits, label = 'upload
     if (type === '5') continue;
     if (type !== '0' && type !== '\0' && type !== '7') throw bad(`entry '${name}' is not a regular file (type '${type}'); links and devices are refused`);
     name = name.replace(/^\.\//, '');
+    // eslint-disable-next-line no-control-regex
+    if (/[\u0000-\u001f\u007f]/.test(name)) throw bad(`entry ${JSON.stringify(name)} has a control character in its name`);
     const parts = name.split('/').filter((p) => p !== '' && p !== '.');
     if (name.startsWith('/') || parts.some((p) => p === '..') || parts.length === 0) throw bad(`entry '${name}' has an absolute or escaping path`);
     totalBytes += size;

@@ -1,4 +1,4 @@
-import { mkdirSync, mkdtempSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -216,6 +216,25 @@ describe('adapter management', () => {
     expect(engine.hasAdapter('clash-1')).toBe(false);
     expect((await server.app.inject({ method: 'GET', url: '/adapters', headers: admin })).json().adapters).toEqual([]);
     expect(readdirSync(server.context.options.uploadDir)).toEqual([]);
+  });
+
+  it('an upload entry with a control character in its name is a 422, not a 424 naming a server path', async () => {
+    const engine = new FakeEngine();
+    server = testServer(engine, { auth: true });
+    const admin = { authorization: `Bearer ${KEYS.admin}`, 'content-type': 'application/x-tar' };
+    const response = await server.app.inject({ method: 'POST', url: '/adapters?id=ctl-1', payload: tarOf({ 'evil\u0001name/adapter_config.json': '{}' }), headers: admin });
+    expect(response.statusCode).toBe(422);
+    expect(response.json().error).toMatch(/control character in its name/);
+    expect(response.json().error).not.toContain(server.context.options.uploadDir);
+    const uploads = server.context.options.uploadDir;
+    expect(existsSync(uploads) ? readdirSync(uploads) : []).toEqual([]);
+  });
+
+  it('bounds how long a client may take to send its request', () => {
+    server = testServer(new FakeEngine());
+    // the listener's own limit (Node's http server): a body trickled in forever is cut off
+    expect(server.app.server.requestTimeout).toBeGreaterThan(0);
+    expect(server.app.server.requestTimeout).toBeLessThanOrEqual(120_000);
   });
 
   it('a write the filesystem refuses is an error naming the entry, not a bare errno', () => {

@@ -164,4 +164,23 @@ describe('OpenAI routes over a BPE model', () => {
     for await (const chunk of await client.chat.completions.create({ ...args, stream: true })) plain.push(chunk);
     expect(plain.every((c) => c.usage === undefined && c.choices.length === 1)).toBe(true);
   });
+
+  it('refuses a prompt too long to fit before tokenizing it, on /generate and /tokenize alike', async () => {
+    const maxTokenChars = engine.info.maxTokenChars!;
+    expect(maxTokenChars).toBeGreaterThan(1);
+    const post = (path: string, body: unknown) => fetch(`${base}${path}`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify(body) });
+    const long = 'a'.repeat(1002 * maxTokenChars + 1); // max_input_tokens is 1000 here
+    const generate = await post('/generate', { inputs: long, parameters: { max_new_tokens: 1 } });
+    expect(generate.status).toBe(422);
+    expect(((await generate.json()) as { error: string }).error).toMatch(/must have less than 1000 tokens\. Given: \d+ characters/);
+    const tokenize = await post('/tokenize', { inputs: 'a'.repeat(1026 * maxTokenChars + 1) });
+    expect(tokenize.status).toBe(422);
+    // a prompt within the bound still gets its exact count
+    const near = await post('/generate', { inputs: 'a'.repeat(1500), parameters: { max_new_tokens: 1 } });
+    expect([200, 422]).toContain(near.status);
+    if (near.status === 422) expect(((await near.json()) as { error: string }).error).toMatch(/Given: \d+$/);
+    // with truncate, a long prompt is cut, not refused
+    const truncated = await post('/generate', { inputs: long, parameters: { max_new_tokens: 1, truncate: 10 } });
+    expect(truncated.status).toBe(200);
+  });
 });
