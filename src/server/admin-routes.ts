@@ -7,7 +7,7 @@ import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import path from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import type { AdapterStatus } from '../engine/engine-types.js';
-import { SoppuError } from '../errors/soppu-error.js';
+import { isSoppuError, SoppuError } from '../errors/soppu-error.js';
 import { adapterNotFound } from './generation-service.js';
 import { confinePath } from './path-confinement.js';
 import { ADAPTER_ID_PATTERN, type buildSchemas } from './request-schemas.js';
@@ -15,6 +15,9 @@ import type { ServerContext } from './server-context.js';
 import { parseTar, writeAdapterFiles } from './tar-extract.js';
 
 type Schemas = ReturnType<typeof buildSchemas>;
+
+/** Errors that describe the adapter files themselves (in an upload: a bad request, not a server failure). */
+const UPLOAD_CONTENT_ERRORS = new Set(['ADAPTER_CONFIG', 'ADAPTER_TENSORS', 'ADAPTER_UNSUPPORTED', 'ADAPTER_INCOMPATIBLE', 'FILE_NOT_FOUND', 'SAFETENSORS_HEADER', 'SAFETENSORS_TENSOR', 'SAFETENSORS_DTYPE']);
 
 export const ARCHIVE_CONTENT_TYPES = ['application/x-tar', 'application/gzip', 'application/x-gzip', 'application/octet-stream'];
 
@@ -88,6 +91,11 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         status = await engine.registerAdapter(id, dir, { compress, ...(onRelease ? { onRelease } : {}) });
       } catch (e) {
         onRelease?.();
+        // what is wrong with an uploaded adapter is the caller's to fix (422), named by its place in the
+        // archive, not by the folder the server unpacked it in
+        if (unpacked && isSoppuError(e) && UPLOAD_CONTENT_ERRORS.has(e.code)) {
+          throw new SoppuError('VALIDATION', `Input validation error: upload for '${id}': ${e.message.split(unpacked + path.sep).join('').split(unpacked).join('.')}`, { field: 'body' });
+        }
         throw e;
       }
       reply.code(201);

@@ -57,9 +57,11 @@ const OPENAI_TYPES: Record<number, string> = {
   503: 'server_error',
 };
 
-export function openAiErrorBody(err: SoppuError): { error: { message: string; type: string; code: string; param: string | null } } {
+export function openAiErrorBody(err: SoppuError, url = ''): { error: { message: string; type: string; code: string; param: string | null } } {
   const field = typeof err.context.field === 'string' && err.context.field !== '' ? err.context.field : null;
-  const param = field === 'adapter_id' ? 'model' : field; // the OpenAI routes name the adapter in `model`
+  // the fields as the OpenAI request names them: the adapter is `model`, the input `messages` or `prompt`
+  const input = url.startsWith('/v1/chat/') ? 'messages' : 'prompt';
+  const param = field === 'adapter_id' ? 'model' : field === 'inputs' ? input : field;
   return {
     error: { message: loraxMessage(err), type: OPENAI_TYPES[err.httpStatus] ?? 'server_error', code: err.code.toLowerCase(), param },
   };
@@ -77,7 +79,7 @@ export function isOpenAiPath(url: string): boolean {
 export function errorResponse(e: unknown, url: string): { status: number; body: unknown; error: SoppuError } {
   const error = toSoppuError(e);
   if (!isOpenAiPath(url)) return { status: error.httpStatus, body: loraxErrorBody(error), error };
-  return { status: error.httpStatus === 422 ? 400 : error.httpStatus, body: openAiErrorBody(error), error };
+  return { status: error.httpStatus === 422 ? 400 : error.httpStatus, body: openAiErrorBody(error, url), error };
 }
 
 /** LoRAX's `err` label for lorax_request_failure. */

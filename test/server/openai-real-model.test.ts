@@ -179,6 +179,12 @@ describe('OpenAI routes over a BPE model', () => {
     const near = await post('/generate', { inputs: 'a'.repeat(1500), parameters: { max_new_tokens: 1 } });
     expect([200, 422]).toContain(near.status);
     if (near.status === 422) expect(((await near.json()) as { error: string }).error).toMatch(/Given: \d+$/);
+    // the OpenAI routes name the field as their requests do
+    const chatTooLong = await post('/v1/chat/completions', { model: '', messages: [{ role: 'user', content: long }], max_tokens: 1 });
+    expect(chatTooLong.status).toBe(400);
+    expect(((await chatTooLong.json()) as { error: { param: string } }).error.param).toBe('messages');
+    const completionTooLong = await post('/v1/completions', { model: '', prompt: long, max_tokens: 1 });
+    expect(((await completionTooLong.json()) as { error: { param: string } }).error.param).toBe('prompt');
     // with truncate, a long prompt is cut, not refused
     const truncated = await post('/generate', { inputs: long, parameters: { max_new_tokens: 1, truncate: 10 } });
     expect(truncated.status).toBe(200);

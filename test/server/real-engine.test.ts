@@ -155,6 +155,18 @@ describe('adapter upload and hot reload over the real engine', () => {
     const removed = await fetch(`${base}/adapters/uploaded-1`, { method: 'DELETE' });
     expect(removed.status).toBe(204);
     expect(readdirSync(server.context.options.uploadDir)).toEqual([]);
+    // an upload whose adapter files are wrong is the caller's to fix: 422, naming the file in the archive only
+    const broken = path.join(root, 'broken');
+    await saveLoraAdapter(broken, randomLora(model.config, 43, 4, 8, 0.5));
+    const { writeFileSync } = await import('node:fs');
+    writeFileSync(path.join(broken, 'adapter_config.json'), '{"peft_type": "LORA", "r": "eight"}');
+    execFileSync('tar', ['czf', path.join(root, 'broken.tar.gz'), '-C', root, 'broken']);
+    const refused = await fetch(`${base}/adapters?id=broken-1&compress=false`, { method: 'POST', headers: { 'content-type': 'application/gzip' }, body: readFileSync(path.join(root, 'broken.tar.gz')) });
+    expect(refused.status).toBe(422);
+    const error = ((await refused.json()) as { error: string }).error;
+    expect(error).toMatch(/^Input validation error: upload for 'broken-1': /);
+    expect(error).not.toContain(server.context.options.uploadDir);
+    expect(readdirSync(server.context.options.uploadDir)).toEqual([]);
   });
 
   it('metrics: validation, queue and inference add up to the request duration; the batch size reads 0 when idle', async () => {
