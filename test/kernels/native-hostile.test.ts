@@ -79,6 +79,10 @@ describe('the addon called directly', () => {
     const ints = (...values: number[]) => Int32Array.from(values);
     // loraApplyPlan(isa, n, k, rows, starts, ends, aWeights, aRanks, aDtypes, btWeights, btRanks, btDtypes, coreOfRow, cores, coreRanks, coreDiagonal, coreDtypes)
     expect(call('loraApplyPlan', 8, 8, 2, ints(0, 1), ints(1, 2), [f32(8), f32(8)], ints(1, 1), ints(0, 0), [f32(8)], ints(1, 1), ints(0, 0), ints(-1, -1), [], ints(), ints(), ints()))
-      .toThrow(/2 a factors but 1 bt factors|bt/);
+      .toThrow(/2 a factors but 1 bt factors/);
+    // the addon's own attention check, past the TypeScript one: sizes whose product wraps int64
+    const small = new Int32Array(1);
+    expect(call('attention', f32(1), f32(1), f32(1), f32(1), small, small, small, small, small, 0, 2 ** 30, 2 ** 30, 2 ** 30, 2 ** 30, 1))
+      .toThrow(/overflows 64-bit sizes/);
   });
 });

@@ -182,7 +182,7 @@ describe('auxiliary routes', () => {
     expect(tokens).toEqual([{ id: 97, text: 'a', start: 0, stop: 1 }, { id: 98, text: 'b', start: 1, stop: 2 }]);
     const missing = await app.inject({ method: 'GET', url: '/nope' });
     expect(missing.statusCode).toBe(404);
-    expect(missing.json().error_type).toBeDefined();
+    expect(missing.json()).toEqual({ error: 'Input validation error: No route GET /nope', error_type: 'validation' });
   });
 
   it('GET /metrics exposes LoRAX counters and per-adapter residency', async () => {
