@@ -48,9 +48,9 @@ function checkGemm(op: string, transA: boolean, transB: boolean, m: number, n: n
 }
 
 /** Runs a native call, turning the addon's own argument errors into SoppuError('KERNEL') naming the op. */
-function guarded(op: string, run: () => void): void {
+export function guarded<T>(op: string, run: () => T): T {
   try {
-    run();
+    return run();
   } catch (e) {
     if (e instanceof Error && !(e instanceof SoppuError)) throw new SoppuError('KERNEL', `${op}: ${e.message}`, { field: op, cause: e.message });
     throw e;

@@ -7,6 +7,7 @@
  */
 import { MAX_MATMUL_GROUP, type AttentionArgs, type KernelSet, type LoraCore, type LoraSegment, type MatmulGroupPart } from './kernel-set.js';
 import type { NativeAddon } from './native-addon.js';
+import { guarded } from './native-core-ops.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import { SoppuError } from '../errors/soppu-error.js';
 import { holdsDtype } from '../tensor/dtype.js';
@@ -55,14 +56,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     return typeof f === 'function' ? (f as NativeFunction) : undefined;
   };
   // Calls the addon, turning its argument errors into SoppuError('KERNEL').
-  const call = (op: string, f: NativeFunction, ...args: unknown[]): unknown => {
-    try {
-      return f(variantIndex, ...args);
-    } catch (e) {
-      if (e instanceof Error && !(e instanceof SoppuError)) throw kernelError(op, e.message, { cause: e.message });
-      throw e;
-    }
-  };
+  const call = (op: string, f: NativeFunction, ...args: unknown[]): unknown => guarded(op, () => f(variantIndex, ...args));
   const ops: Partial<NativeOps> = {};
 
   const rmsnorm = fn('rmsnorm');
