@@ -12,7 +12,7 @@ import type { BankAdapterParts, SharedBases } from '../compress/bank-reader-type
 import { F32_MAX } from '../io/load-lora-adapter.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
-import { f32ArrayToBf16, f32ArrayToF16, type WeightDtype } from '../tensor/dtype.js';
+import { F16_MAX, narrowFinite, type WeightDtype } from '../tensor/dtype.js';
 import { weightMatrix, type WeightMatrix } from '../tensor/weight-matrix.js';
 
 /** A cluster's shared bases for one slot, as kernel operands. */
@@ -95,8 +95,6 @@ function transposed(m: Float32Array, rows: number, cols: number, scale = 1): Flo
   return out;
 }
 
-const F16_MAX = 65504;
-
 /**
  * Refuses an adapter that carries non-LoRA tensors (modules_to_save heads, base-layer biases):
  * serving only its LoRA deltas would compute something other than PEFT or LoRAX do with it.
@@ -118,24 +116,15 @@ function refusePassthrough(id: string, file: string, names: readonly string[]): 
  */
 function factor(dtype: WeightDtype, rows: number, cols: number, data: Float32Array, tensor: string, file: string): WeightMatrix {
   if (dtype === 'f32') return weightMatrix('f32', rows, cols, data);
-  if (dtype === 'f16') {
-    for (let i = 0; i < data.length; i++) {
-      if (Math.abs(data[i]!) > F16_MAX) {
-        throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the f16 range (±${F16_MAX}); serve adapters as f32 or bf16 (lora dtype)`, {
-          file,
-          tensor,
-          limit: F16_MAX,
-        });
-      }
-    }
-  }
-  const half = dtype === 'bf16' ? f32ArrayToBf16(data) : f32ArrayToF16(data);
-  if (dtype === 'bf16') {
-    // values within half an ulp of the f32 maximum round past bf16's largest finite value
-    const i = half.findIndex((h) => (h & 0x7f80) === 0x7f80);
-    if (i >= 0) throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the bf16 range; serve adapters as f32 (lora dtype)`, { file, tensor });
-  }
-  return weightMatrix(dtype, rows, cols, half);
+  const narrowed = narrowFinite(data, dtype);
+  if ('bits' in narrowed) return weightMatrix(dtype, rows, cols, narrowed.bits);
+  const i = narrowed.overflowAt;
+  if (dtype === 'bf16') throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the bf16 range; serve adapters as f32 (lora dtype)`, { file, tensor });
+  throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the f16 range (±${F16_MAX}); serve adapters as f32 or bf16 (lora dtype)`, {
+    file,
+    tensor,
+    limit: F16_MAX,
+  });
 }
 
 function bytesOf(matrix: WeightMatrix): number {

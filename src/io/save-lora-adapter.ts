@@ -5,7 +5,7 @@
 import { mkdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
-import { f32ArrayToBf16, f32ArrayToF16, type StDtype, type WeightDtype } from '../tensor/dtype.js';
+import { F16_MAX, narrowFinite, type StDtype, type WeightDtype } from '../tensor/dtype.js';
 import { ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE } from './load-lora-adapter.js';
 import { loraScale, moduleTargeting } from './lora-config.js';
 import type { LoraAdapter, LoraConfig, LoraModule } from './lora-types.js';
@@ -57,27 +57,16 @@ function transpose(src: Float32Array, rows: number, cols: number): Float32Array 
   return out;
 }
 
-/** Largest finite f16; the engine refuses to serve f16 factors beyond it too (resident-adapter). */
-const F16_MAX = 65504;
-
-/** `data` in `dtype`; refuses values f16 cannot hold (they would be written as ±Infinity). */
+/** `data` in `dtype`; refuses values the dtype cannot hold (they would be written as ±Infinity). */
 function convert(data: Float32Array, dtype: WeightDtype, tensor: string, file: string): TensorData {
   if (dtype === 'f32') return data;
-  if (dtype === 'bf16') {
-    const out = f32ArrayToBf16(data);
-    // only values within half an ulp of the f32 maximum round past bf16's largest finite value
-    const i = out.findIndex((h) => (h & 0x7f80) === 0x7f80);
-    if (i >= 0) throw new SoppuError('ADAPTER_TENSORS', `${file}: tensor "${tensor}": value ${data[i]} at element ${i} is beyond the bf16 range; save as f32`, { file, tensor, field: 'dtype' });
-    return out;
-  }
-  for (let i = 0; i < data.length; i++) {
-    if (Math.abs(data[i]!) > F16_MAX) {
-      throw new SoppuError('ADAPTER_TENSORS', `${file}: tensor "${tensor}": value ${data[i]} at element ${i} is beyond the f16 range (±${F16_MAX}); save as f32 or bf16`, {
-        file, tensor, field: 'dtype', limit: F16_MAX,
-      });
-    }
-  }
-  return f32ArrayToF16(data);
+  const narrowed = narrowFinite(data, dtype);
+  if ('bits' in narrowed) return narrowed.bits;
+  const i = narrowed.overflowAt;
+  if (dtype === 'bf16') throw new SoppuError('ADAPTER_TENSORS', `${file}: tensor "${tensor}": value ${data[i]} at element ${i} is beyond the bf16 range; save as f32`, { file, tensor, field: 'dtype' });
+  throw new SoppuError('ADAPTER_TENSORS', `${file}: tensor "${tensor}": value ${data[i]} at element ${i} is beyond the f16 range (±${F16_MAX}); save as f32 or bf16`, {
+    file, tensor, field: 'dtype', limit: F16_MAX,
+  });
 }
 
 /** The adapter_config.json object for `adapter` (keys sorted, as PEFT writes them). */

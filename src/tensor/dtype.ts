@@ -99,6 +99,23 @@ export function f32ArrayToBf16(src: Float32Array, dst: Uint16Array = new Uint16A
   return dst;
 }
 
+/** Largest finite f16 magnitude. */
+export const F16_MAX = 65504;
+
+/**
+ * `data` narrowed to `dtype` bits, or the index of the first value that would not stay finite there: f16
+ * refuses magnitudes beyond 65504; bf16 only values within half an ulp of the f32 maximum, which round to ±∞.
+ */
+export function narrowFinite(data: Float32Array, dtype: 'bf16' | 'f16'): { bits: Uint16Array } | { overflowAt: number } {
+  if (dtype === 'f16') {
+    for (let i = 0; i < data.length; i++) if (Math.abs(data[i]!) > F16_MAX) return { overflowAt: i };
+    return { bits: f32ArrayToF16(data) };
+  }
+  const bits = f32ArrayToBf16(data);
+  const overflowAt = bits.findIndex((h) => (h & 0x7f80) === 0x7f80);
+  return overflowAt >= 0 ? { overflowAt } : { bits };
+}
+
 /** Narrow an f32 array to f16 bits. */
 export function f32ArrayToF16(src: Float32Array, dst: Uint16Array = new Uint16Array(src.length)): Uint16Array {
   for (let i = 0; i < src.length; i++) dst[i] = f32ToF16(src[i]!);
