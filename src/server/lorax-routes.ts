@@ -4,8 +4,7 @@
  */
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import { failureLabel, loraxErrorBody, toSoppuError } from './error-response.js';
-import { SoppuError } from '../errors/soppu-error.js';
-import type { StartedGeneration } from './generation-service.js';
+import { refuseUntokenizable, type StartedGeneration } from './generation-service.js';
 import { abortOnDisconnect, callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
 import type { buildSchemas } from './request-schemas.js';
 import { fromLoraxBody, toLoraxResponse, toLoraxStreamEvent, type CollectedToken, type DoneEvent, type GenerationCall, type LoraxGenerateBody } from './wire.js';
@@ -129,13 +128,8 @@ export function registerLoraxRoutes(app: FastifyInstance, context: ServerContext
   app.post<{ Body: LoraxGenerateBody }>('/invocations', { schema: { body: schemas.compat }, config: { generation: true } }, compat);
   app.post<{ Body: { inputs: string; add_special_tokens?: boolean } }>('/tokenize', { schema: { body: schemas.tokenize } }, async (request) => {
     callerOf(request);
-    // bounded as prompts are: a text longer than max_total_tokens of the longest token cannot be one (a 4 MB text
-    // held the event loop 14 s and answered 205 MB)
-    const limit = context.options.maxTotalTokens;
-    const maxTokenChars = context.engine.info.maxTokenChars;
-    if (maxTokenChars !== undefined && request.body.inputs.length > (limit + 2) * maxTokenChars) {
-      throw new SoppuError('VALIDATION', `Input validation error: \`inputs\` must have less than ${limit} tokens. Given: ${request.body.inputs.length} characters, more than ${limit} tokens`, { field: 'inputs', limit });
-    }
+    // bounded as prompts are, by max_total_tokens (a 4 MB text answered 205 MB)
+    refuseUntokenizable(request.body.inputs, context.options.maxTotalTokens, context.engine.info.maxTokenChars);
     return context.engine.tokenize(request.body.inputs, request.body.add_special_tokens ?? true).tokens.map((t) => ({ id: t.id, text: t.text, start: t.start, stop: t.stop }));
   });
 }
