@@ -28,6 +28,18 @@ export interface TokenWithOffsets {
 
 type Json = Record<string, unknown>;
 
+/**
+ * DIR/chat_template.jinja, or null when there is none: recent transformers save the chat template there,
+ * and it wins over tokenizer_config.json's key.
+ */
+export async function readChatTemplateFile(modelDir: string): Promise<string | null> {
+  const file = join(modelDir, 'chat_template.jinja');
+  return readFile(file, 'utf8').catch((e: NodeJS.ErrnoException) => {
+    if (e.code === 'ENOENT') return null;
+    throw new SoppuError('FILE_IO', `chat template ${file} could not be read: ${e.message}`, { file }, { cause: e });
+  });
+}
+
 async function readJson(file: string, required: boolean): Promise<Json | null> {
   let text: string;
   try {
@@ -119,12 +131,7 @@ export class ModelTokenizer {
     // special_tokens_map.json fills what tokenizer_config.json leaves out (bos/eos tokens), as transformers merges it
     const specialTokensMap = (await readJson(join(modelDir, 'special_tokens_map.json'), false)) ?? {};
     const tokenizerConfig: Json = { ...specialTokensMap, ...(await readJson(configFile, false)) };
-    // recent transformers save the chat template as chat_template.jinja, which wins over the config's key
-    const templateFile = join(modelDir, 'chat_template.jinja');
-    const templateText = await readFile(templateFile, 'utf8').catch((e: NodeJS.ErrnoException) => {
-      if (e.code === 'ENOENT') return null;
-      throw new SoppuError('FILE_IO', `chat template ${templateFile} could not be read: ${e.message}`, { file: templateFile }, { cause: e });
-    });
+    const templateText = await readChatTemplateFile(modelDir);
     if (templateText !== null) tokenizerConfig.chat_template = templateText;
     const generationConfig = await readJson(join(modelDir, 'generation_config.json'), false);
     let tokenizer: Tokenizer;

@@ -5,6 +5,7 @@
 import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../../errors/soppu-error.js';
+import { readChatTemplateFile } from '../../model/tokenizer.js';
 import type { GgufValue } from './gguf-writer.js';
 
 /** llama_token_type values. */
@@ -157,8 +158,7 @@ export async function ggufTokenizerMetadata(modelDir: string, vocabSize: number,
   if (bosAdded !== null) metadata.set('tokenizer.ggml.add_bos_token', { type: 'bool', value: bosAdded });
   metadata.set('tokenizer.ggml.add_eos_token', { type: 'bool', value: tokenizerConfig?.['add_eos_token'] === true });
   // chat_template.jinja (recent save_pretrained) wins over the config's key; a list names its "default"
-  const jinja = await readFile(join(modelDir, 'chat_template.jinja'), 'utf8').catch(() => null);
-  let template = jinja ?? tokenizerConfig?.['chat_template'];
+  let template = (await readChatTemplateFile(modelDir)) ?? tokenizerConfig?.['chat_template'];
   if (Array.isArray(template)) template = (template as Json[]).find((t) => t['name'] === 'default')?.['template'];
   if (typeof template === 'string') metadata.set('tokenizer.chat_template', { type: 'string', value: template });
   return metadata;
