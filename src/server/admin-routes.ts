@@ -1,7 +1,7 @@
 /**
  * Adapter management (admin keys only): list with tier, size and errors; register from a tar /
  * tar.gz upload or from a path inside the configured adapter directories (hot reload when the id
- * exists); remove; pin and unpin.
+ * exists); remove; pin and unpin; reload the keys file.
  */
 import { mkdirSync, mkdtempSync, rmSync } from 'node:fs';
 import path from 'node:path';
@@ -109,6 +109,13 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
     await engine.removeAdapter(id);
     reply.code(204);
     return undefined;
+  });
+
+  // keys.json read again (as SIGHUP does in `soppu serve`): a user added or removed without a restart
+  app.post('/keys/reload', { config: { admin: true } }, async () => {
+    if (!options.accessControl) throw new SoppuError('CONFIG', 'the server runs without --auth: there is no keys file to reload', { field: 'auth' });
+    const { keys, warnings } = options.accessControl.reload();
+    return { keys, warnings };
   });
 
   for (const [route, pinned] of [['/adapters/pin', true], ['/adapters/unpin', false]] as const) {

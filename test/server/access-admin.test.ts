@@ -6,7 +6,8 @@ import { afterEach, describe, expect, it } from 'vitest';
 import type { SoppuServer } from '../../src/server/create-server.js';
 import { parseTar, writeAdapterFiles } from '../../src/server/tar-extract.js';
 import { FakeEngine } from './fake-engine.js';
-import { KEYS, testServer } from './helpers.js';
+import { AccessControl } from '../../src/server/access-control.js';
+import { KEYS, keysJson, testServer } from './helpers.js';
 
 let server: SoppuServer | null = null;
 afterEach(async () => {
@@ -123,6 +124,45 @@ describe('access control', () => {
       const response = await ask(bad);
       expect(response.statusCode, bad).toBe(404);
     }
+  });
+});
+
+describe('keys file reload (POST /keys/reload)', () => {
+  it('an admin reloads keys.json: an added user reaches their adapters at once, a removed one gets 401; user keys get 403', async () => {
+    const engine = new FakeEngine();
+    engine.adapters.set('carol-1', { id: 'carol-1', source: 'bank', storage: 'compressed', tier: 'disk', pinned: false, bytes: 1, version: 0 });
+    const file = path.join(mkdtempSync(path.join(tmpdir(), 'soppu-keys-')), 'keys.json');
+    writeFileSync(file, JSON.stringify(keysJson()));
+    server = testServer(engine, { accessControl: AccessControl.fromFile(file) });
+    const generate = (key: string, adapterId: string) =>
+      server!.app.inject({ method: 'POST', url: '/generate', headers: { authorization: `Bearer ${key}` }, payload: { inputs: 'hi', parameters: { adapter_id: adapterId, max_new_tokens: 1 } } });
+    const reload = (key: string) => server!.app.inject({ method: 'POST', url: '/keys/reload', headers: { authorization: `Bearer ${key}` } });
+    const carol = 'sk-carol-000000';
+    expect((await generate(carol, 'carol-1')).statusCode).toBe(401);
+    const { [KEYS.bob]: _removed, ...rest } = keysJson();
+    writeFileSync(file, JSON.stringify({ ...rest, [carol]: { role: 'user', adapters: ['carol-*'] } }));
+    expect((await generate(carol, 'carol-1')).statusCode).toBe(401); // not before the reload
+    expect((await reload(KEYS.alice)).statusCode).toBe(403);
+    const reloaded = await reload(KEYS.admin);
+    expect(reloaded.statusCode).toBe(200);
+    expect(reloaded.json()).toEqual({ keys: 3, warnings: [] });
+    expect((await generate(carol, 'carol-1')).statusCode).toBe(200);
+    expect((await generate(carol, 'alice-1')).statusCode).toBe(404);
+    expect((await generate(KEYS.bob, 'bob-1')).statusCode).toBe(401);
+    // a broken edit is a 422 naming the file; the keys loaded before stay
+    writeFileSync(file, '{"sk-admin-000000": ');
+    const failed = await reload(KEYS.admin);
+    expect(failed.statusCode).toBe(422);
+    expect(failed.json().error).toContain(`keys file ${file} is not valid JSON`);
+    expect((await generate(carol, 'carol-1')).statusCode).toBe(200);
+    expect((await reload(KEYS.admin)).statusCode).toBe(422);
+  });
+
+  it('without --auth there is no keys file: 422 naming the option', async () => {
+    server = testServer(new FakeEngine());
+    const response = await server.app.inject({ method: 'POST', url: '/keys/reload' });
+    expect(response.statusCode).toBe(422);
+    expect(response.json().error).toBe('Input validation error: the server runs without --auth: there is no keys file to reload');
   });
 });
 

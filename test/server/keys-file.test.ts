@@ -100,3 +100,45 @@ describe('keys.json that loads but locks callers out', () => {
     expect(AccessControl.fromFile(empty).warnings).toEqual([`${empty} holds no keys: every request to an authenticated route will get 401`]);
   });
 });
+
+describe('keys file reload', () => {
+  it('reload swaps the keys in at once: an added key resolves, a removed one no longer does, changed adapters apply', () => {
+    const file = path.join(root, 'reload.json');
+    writeFileSync(file, JSON.stringify({ 'sk-admin-0123456789': { role: 'admin' }, 'sk-alice-0123456789': { role: 'user', adapters: ['alice-*'] } }));
+    const access = AccessControl.fromFile(file);
+    expect(access.file).toBe(file);
+    expect(access.resolve('Bearer sk-carol-0123456789')).toBeNull();
+    writeFileSync(file, JSON.stringify({ 'sk-admin-0123456789': { role: 'admin' }, 'sk-carol-0123456789': { role: 'user', adapters: ['carol-1'] } }));
+    expect(access.reload()).toEqual({ keys: 2, warnings: [] });
+    expect(access.size).toBe(2);
+    expect(access.resolve('Bearer sk-alice-0123456789')).toBeNull();
+    const carol = access.resolve('Bearer sk-carol-0123456789');
+    expect(carol?.mayUse('carol-1')).toBe(true);
+    expect(carol?.mayUse('carol-2')).toBe(false);
+    // warnings follow the file read last
+    writeFileSync(file, JSON.stringify({ 'sk-carol-0123456789': { role: 'user', adapters: ['carol-*'] } }));
+    expect(access.reload()).toEqual({ keys: 1, warnings: [`${file} has no admin key: no caller can reach the adapter-management (admin) routes`] });
+    expect(access.warnings).toEqual([`${file} has no admin key: no caller can reach the adapter-management (admin) routes`]);
+  });
+
+  it('a file that does not load changes nothing: the error names the file, the keys loaded before stay', () => {
+    const file = path.join(root, 'reload-bad.json');
+    writeFileSync(file, JSON.stringify({ 'sk-admin-0123456789': { role: 'admin' }, 'sk-alice-0123456789': { role: 'user', adapters: ['alice-*'] } }));
+    const access = AccessControl.fromFile(file);
+    writeFileSync(file, '{"sk-admin-0123456789": {"role": "adm'); // a half-saved edit
+    expect(() => access.reload()).toThrow(`keys file ${file} is not valid JSON`);
+    writeFileSync(file, JSON.stringify({ 'sk-alice-0123456789': { role: 'user', adapter: ['alice-*'] } }));
+    expect(() => access.reload()).toThrow(`${file}: entry #1: unknown field "adapter"`);
+    rmSync(file);
+    expect(() => access.reload()).toThrow(`keys file ${file} cannot be read`);
+    expect(access.size).toBe(2);
+    expect(access.resolve('Bearer sk-admin-0123456789')).toMatchObject({ role: 'admin' });
+    expect(access.resolve('Bearer sk-alice-0123456789')?.mayUse('alice-1')).toBe(true);
+  });
+
+  it('keys built from JSON have no file to reload', () => {
+    const access = AccessControl.fromJson({ 'sk-admin-0123456789': { role: 'admin' } }, 'keys.json');
+    expect(access.file).toBeNull();
+    expect(() => access.reload()).toThrow('these keys were not read from a file, so there is nothing to reload');
+  });
+});

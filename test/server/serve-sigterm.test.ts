@@ -1,9 +1,10 @@
 /**
  * `soppu serve` as a child process (the compiled CLI in dist/, built by `npm install` /
- * `npm run build:ts`): SIGTERM stops accepting, lets the running stream finish, and exits 0.
+ * `npm run build:ts`): SIGTERM stops accepting, lets the running stream finish, and exits 0; SIGHUP
+ * reads the keys file again.
  */
 import { spawn } from 'node:child_process';
-import { existsSync, mkdtempSync } from 'node:fs';
+import { existsSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
@@ -56,5 +57,47 @@ describe.skipIf(!built)('soppu serve (child process)', () => {
     expect(await exited).toBe(0);
     expect(stderr).toContain('SIGTERM: draining');
     await expect(fetch(`${base}/health`)).rejects.toThrow();
+  });
+
+  it('SIGHUP reads the keys file again: an added key works at once, a broken edit keeps the keys loaded before, and the server keeps serving', async () => {
+    const root = mkdtempSync(path.join(tmpdir(), 'soppu-serve-'));
+    const model = await generateModel({ out: path.join(root, 'model'), shape: 'tiny', seed: 5 });
+    const keys = path.join(root, 'keys.json');
+    const admin = 'sk-admin-0123456789';
+    const carol = 'sk-carol-0123456789';
+    writeFileSync(keys, JSON.stringify({ [admin]: { role: 'admin' } }));
+    const child = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--auth', keys, '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += String(d)));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    try {
+      const base = await new Promise<string>((resolve, reject) => {
+        child.stdout.on('data', (d) => {
+          stdout += String(d);
+          const match = /listening on (http:\/\/\S+)/.exec(stdout);
+          if (match?.[1]) resolve(match[1]);
+        });
+        void exited.then(() => reject(new Error(`serve exited early: ${stderr}`)));
+      });
+      const models = (key: string) => fetch(`${base}/v1/models`, { headers: { authorization: `Bearer ${key}` } });
+      const logged = async (text: string) => {
+        while (!stderr.includes(text)) await new Promise((resolve) => setTimeout(resolve, 5));
+      };
+      expect((await models(carol)).status).toBe(401);
+      writeFileSync(keys, JSON.stringify({ [admin]: { role: 'admin' }, [carol]: { role: 'user', adapters: ['carol-*'] } }));
+      child.kill('SIGHUP');
+      await logged(`soppu serve: SIGHUP: keys reloaded from ${keys}: 2 keys`);
+      expect((await models(carol)).status).toBe(200);
+      writeFileSync(keys, '{"sk-admin-0123456789": {"role": ');
+      child.kill('SIGHUP');
+      await logged(`soppu serve: SIGHUP: keys reload failed, the 2 keys loaded before stay: keys file ${keys} is not valid JSON`);
+      expect((await models(carol)).status).toBe(200);
+      expect((await models(admin)).status).toBe(200);
+      child.kill('SIGTERM');
+      expect(await exited).toBe(0);
+    } finally {
+      child.kill('SIGKILL');
+    }
   });
 });

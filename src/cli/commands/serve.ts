@@ -265,6 +265,19 @@ export function register(program: Command): void {
         };
         process.once('SIGTERM', () => stop('SIGTERM'));
         process.once('SIGINT', () => stop('SIGINT'));
+        // SIGHUP reads the keys file again, as POST /keys/reload does (and no longer ends the process)
+        process.on('SIGHUP', () => reloadKeys(accessControl).forEach(log));
       });
     });
+}
+
+/** What SIGHUP did, as log lines: the keys file read again (and its warnings), or why the keys loaded before stay. */
+function reloadKeys(accessControl: AccessControl | null): string[] {
+  if (!accessControl?.file) return ['SIGHUP: no --auth keys file to reload'];
+  try {
+    const { keys, warnings } = accessControl.reload();
+    return [`SIGHUP: keys reloaded from ${accessControl.file}: ${keys} key${keys === 1 ? '' : 's'}`, ...warnings.map((w) => `WARNING: ${w}`)];
+  } catch (e) {
+    return [`SIGHUP: keys reload failed, the ${accessControl.size} keys loaded before stay: ${e instanceof Error ? e.message : String(e)}`];
+  }
 }
