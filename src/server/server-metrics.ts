@@ -5,6 +5,7 @@
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
 import type { Engine } from '../engine/engine-types.js';
+import { TrailingRate } from './trailing-rate.js';
 
 const TIME_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
 const TOKEN_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096];
@@ -23,8 +24,8 @@ export class ServerMetrics {
   readonly generatedTokens: Histogram;
   readonly maxNewTokens: Histogram;
   readonly inFlight: Gauge;
-  private lastTokens = 0;
-  private lastScrape = Date.now();
+  /** Generated tokens per second over the last 10 s (sampled each second, the same for every scraper). */
+  readonly tokenRate: TrailingRate;
 
   constructor(engine: Engine, inFlight: () => number) {
     const registers = [this.registry];
@@ -103,18 +104,13 @@ export class ServerMetrics {
         this.set(engine.stats().adapterBytesResident);
       },
     });
-    const metrics = this;
+    const tokenRate = (this.tokenRate = new TrailingRate(() => engine.stats().generatedTokens));
     new Gauge({
       name: 'soppu_tokens_per_second',
-      help: 'generated tokens per second since the previous scrape',
+      help: 'generated tokens per second over the last 10 s',
       registers,
       collect() {
-        const now = Date.now();
-        const tokens = engine.stats().generatedTokens;
-        const seconds = (now - metrics.lastScrape) / 1000;
-        this.set(seconds > 0 ? (tokens - metrics.lastTokens) / seconds : 0);
-        metrics.lastTokens = tokens;
-        metrics.lastScrape = now;
+        this.set(tokenRate.perSecond());
       },
     });
     new Gauge({

@@ -201,5 +201,9 @@ describe('auxiliary routes', () => {
     expect(text).toMatch(/soppu_adapter_resident\{adapter_id="alice-1",tier="disk",storage="compressed",pinned="false"\} 0/);
     expect(text).toContain('soppu_generated_tokens 2');
     expect(text).toContain('lorax_queue_length 0');
+    // tokens/s is over a trailing window: a second scrape right after the first does not read 0
+    const tokensPerSecond = (body: string) => Number(/^soppu_tokens_per_second (\S+)$/m.exec(body)?.[1]);
+    expect(tokensPerSecond(text)).toBeGreaterThan(0);
+    expect(tokensPerSecond((await app.inject({ method: 'GET', url: '/metrics' })).body)).toBeGreaterThan(0);
   });
 });
