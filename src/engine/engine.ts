@@ -36,6 +36,7 @@ import { EventQueue } from './event-queue.js';
 import { KvBlockPool } from './kv-block-pool.js';
 import { residentFromLora, slotKey, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
 import { Sampler, resolveSampling, rowKernelsOf, type RowKernels } from './sampler.js';
+import { promptTail } from './prompt-tail.js';
 import { Scheduler, type ScheduledSequence, type StepEntry } from './scheduler.js';
 import type { WeightDtype } from '../tensor/dtype.js';
 
@@ -233,7 +234,9 @@ class SoppuEngine implements Engine {
     if (!Number.isInteger(maxNew) || maxNew < 1) {
       throw new SoppuError('VALIDATION', `max_new_tokens must be a positive integer, got ${String(maxNew)}`, { field: 'max_new_tokens', limit: '>= 1' });
     }
-    let prompt = this.promptIds(request.prompt, request.addSpecialTokens ?? true);
+    // with truncate, a text is tokenized from the tail its last tokens lie in
+    const text = typeof request.prompt === 'string' && request.truncate !== undefined ? promptTail(request.prompt, request.truncate, this.tokenizer.maxTokenChars) : request.prompt;
+    let prompt = this.promptIds(text, request.addSpecialTokens ?? true);
     if (request.truncate !== undefined) {
       if (!Number.isInteger(request.truncate) || request.truncate < 1) {
         throw new SoppuError('VALIDATION', `truncate must be a positive integer, got ${String(request.truncate)}`, { field: 'truncate', limit: '>= 1' });

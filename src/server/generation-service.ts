@@ -4,6 +4,7 @@
  * limit, and starts the engine so that errors before the first token surface as real HTTP errors.
  */
 import type { Engine, GenerateEvent, GenerateRequest } from '../engine/engine-types.js';
+import { promptTail } from '../engine/prompt-tail.js';
 import { SoppuError } from '../errors/soppu-error.js';
 import type { Caller } from './access-control.js';
 import { confineAdapterPath } from './path-confinement.js';
@@ -80,9 +81,10 @@ export class GenerationService {
       throw new SoppuError('VALIDATION', 'Input validation error: `adapter_source` local needs an `adapter_id` naming the directory', { field: 'adapter_source' });
     }
     const maxInput = this.options.maxInputTokens;
-    // with truncate a long prompt is cut, not refused
+    // with truncate a long prompt is cut, not refused: only the tail its kept tokens lie in is tokenized
     if (call.truncate === undefined) refuseUntokenizable(call.prompt, maxInput, this.engine.info.maxTokenChars);
-    const promptTokens = this.engine.tokenize(call.prompt, call.addSpecialTokens).ids.length;
+    const counted = call.truncate === undefined ? call.prompt : promptTail(call.prompt, call.truncate, this.engine.info.maxTokenChars);
+    const promptTokens = this.engine.tokenize(counted, call.addSpecialTokens).ids.length;
     const inputTokens = call.truncate !== undefined ? Math.min(call.truncate, promptTokens) : promptTokens;
     if (inputTokens > maxInput) {
       throw new SoppuError(
