@@ -112,6 +112,8 @@ export interface EngineInfo {
   readonly maxInputTokens: number;
   readonly maxTotalTokens: number;
   readonly maxBatchTokens: number;
+  /** Tokens the KV cache holds in all (prompt + generated of every running request together). */
+  readonly kvCapacityTokens: number;
   readonly eosTokenIds: readonly number[];
   readonly kernel: string;
   /** The most characters one token's text holds, when the tokenizer tells (a longer text has more tokens). */

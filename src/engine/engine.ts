@@ -206,6 +206,7 @@ class SoppuEngine implements Engine {
       maxInputTokens: options.maxInputTokens,
       maxTotalTokens: options.maxTotalTokens,
       maxBatchTokens: options.maxBatchTokens,
+      kvCapacityTokens: this.pool.totalBlocks * this.pool.blockSize,
       eosTokenIds: [...this.eosIds].sort((a, b) => a - b),
       kernel: this.kernels.name,
       ...(tokenizer.maxTokenChars !== undefined ? { maxTokenChars: tokenizer.maxTokenChars } : {}),
@@ -259,7 +260,7 @@ class SoppuEngine implements Engine {
     if (prompt.length + maxNew > capacity) {
       throw new SoppuError('VALIDATION', `prompt tokens + max_new_tokens (${prompt.length + maxNew}) exceed the KV cache capacity of ${capacity} tokens`, {
         field: 'max_new_tokens',
-        limit: capacity,
+        limit: Math.max(0, capacity - prompt.length),
       });
     }
     const topAlternatives = request.topAlternatives ?? 0;

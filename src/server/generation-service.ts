@@ -94,7 +94,8 @@ export class GenerationService {
       );
     }
     const maxTotal = this.options.maxTotalTokens;
-    const maxNewTokens = call.maxNewTokens ?? Math.max(1, maxTotal - inputTokens);
+    // left out: as many as the request may have, and the KV cache can hold beside its prompt
+    const maxNewTokens = call.maxNewTokens ?? Math.max(1, Math.min(maxTotal, this.engine.info.kvCapacityTokens) - inputTokens);
     if (inputTokens + maxNewTokens > maxTotal) {
       throw new SoppuError(
         'VALIDATION',

@@ -16,6 +16,16 @@ function setup(options: ConstructorParameters<typeof FakeEngine>[0] = {}) {
 }
 
 describe('POST /generate', () => {
+  it('without max_new_tokens, the default is what the request may have and the KV cache holds beside its prompt', async () => {
+    const { engine, app } = setup();
+    const tokens = engine.tokenize('hello').ids.length;
+    await app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hello' } });
+    expect(engine.lastRequest?.maxNewTokens).toBe(engine.info.maxTotalTokens - tokens); // the server takes max_total_tokens from the engine
+    (engine as { info: FakeEngine['info'] }).info = { ...engine.info, kvCapacityTokens: 40 };
+    await app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hello' } });
+    expect(engine.lastRequest?.maxNewTokens).toBe(40 - tokens);
+  });
+
   it('generates with the adapter and returns details and LoRAX headers', async () => {
     const { engine, app } = setup();
     const response = await app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hello', parameters: { adapter_id: 'alice-1', max_new_tokens: 5, details: true, seed: 7, return_k_alternatives: 1 } } });

@@ -100,4 +100,39 @@ describe.skipIf(!built)('soppu serve (child process)', () => {
       child.kill('SIGKILL');
     }
   });
+
+  it('one request must fit in the KV cache: the default max total tokens is what --kv-memory-mb holds, and more is refused at start', async () => {
+    const root = mkdtempSync(path.join(tmpdir(), 'soppu-serve-'));
+    // 16 layers of the tiny shape: 4 KiB of KV per token, so 1 MiB holds 256 tokens (the model allows 2048)
+    const model = await generateModel({ out: path.join(root, 'model'), shape: 'tiny', seed: 5, numLayers: 16 });
+    const refused = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--kv-memory-mb', '1', '--max-total-tokens', '1000', '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let refusal = '';
+    refused.stderr.on('data', (d) => (refusal += String(d)));
+    expect(await new Promise((resolve) => refused.on('exit', resolve))).not.toBe(0);
+    expect(refusal).toContain('--max-total-tokens (1000) is more than the KV cache holds: --kv-memory-mb 1 holds 256 tokens of this model (4096 bytes each); raise --kv-memory-mb or lower --max-total-tokens');
+    const child = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--kv-memory-mb', '1', '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
+    let stdout = '';
+    let stderr = '';
+    child.stderr.on('data', (d) => (stderr += String(d)));
+    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    try {
+      const base = await new Promise<string>((resolve, reject) => {
+        child.stdout.on('data', (d) => {
+          stdout += String(d);
+          const match = /listening on (http:\/\/\S+)/.exec(stdout);
+          if (match?.[1]) resolve(match[1]);
+        });
+        void exited.then(() => reject(new Error(`serve exited early: ${stderr}`)));
+      });
+      expect(stderr).toContain('max total tokens per request: 256, what --kv-memory-mb 1 holds');
+      expect(((await (await fetch(`${base}/info`)).json()) as { max_total_tokens: number }).max_total_tokens).toBe(256);
+      // no max_new_tokens: the default fits beside the prompt
+      const response = await fetch(`${base}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'Hello there', parameters: { stop: ['zzzz'] } }) });
+      expect(response.status).toBe(200);
+      child.kill('SIGTERM');
+      expect(await exited).toBe(0);
+    } finally {
+      child.kill('SIGKILL');
+    }
+  });
 });

@@ -11,6 +11,7 @@ import path from 'node:path';
 import type { Command } from 'commander';
 import { compressDirectoriesToBank } from '../../compress/bank-compress.js';
 import { createEngine, parseLoraDtype } from '../../engine/engine.js';
+import { kvBlocksForBudget, kvBytesPerBlock } from '../../engine/kv-block-pool.js';
 import { SoppuError } from '../../errors/soppu-error.js';
 import { BASE_SHAPES } from '../../io/fixtures/base-shapes.js';
 import { writeGeneratedAdapters } from '../../io/fixtures/generate-adapters.js';
@@ -195,7 +196,23 @@ export function register(program: Command): void {
       }
       const model = await loadLlamaModel(modelDir as string);
       const modelLimit = model.config.maxPositionEmbeddings;
-      const maxTotalTokens = options.maxTotalTokens ? integer(options.maxTotalTokens, 'max-total-tokens', 2) : Math.min(4096, modelLimit);
+      const kvMemoryMb = integer(options.kvMemoryMb, 'kv-memory-mb', 1);
+      const blockSize = integer(options.blockSize, 'block-size', 1);
+      const kvShape = { layers: model.config.numLayers, kvHeads: model.config.numKvHeads, headDim: model.config.headDim, blockSize };
+      const kvTokens = kvBlocksForBudget(kvShape, kvMemoryMb * 1024 * 1024) * blockSize;
+      if (kvTokens < 2) {
+        throw new SoppuError('CONFIG', `--kv-memory-mb ${kvMemoryMb} holds ${kvTokens} tokens of this model (${kvBytesPerBlock(kvShape)} bytes per block of ${blockSize}); it needs room for at least 2`, { field: 'kv-memory-mb' });
+      }
+      // one request must fit in the KV cache: the default is what it holds when that is below 4096
+      const maxTotalTokens = options.maxTotalTokens ? integer(options.maxTotalTokens, 'max-total-tokens', 2) : Math.min(4096, modelLimit, kvTokens);
+      if (maxTotalTokens > kvTokens) {
+        throw new SoppuError(
+          'CONFIG',
+          `--max-total-tokens (${maxTotalTokens}) is more than the KV cache holds: --kv-memory-mb ${kvMemoryMb} holds ${kvTokens} tokens of this model (${kvBytesPerBlock(kvShape) / blockSize} bytes each); raise --kv-memory-mb or lower --max-total-tokens`,
+          { field: 'max-total-tokens', limit: kvTokens },
+        );
+      }
+      if (!options.maxTotalTokens && kvTokens < Math.min(4096, modelLimit)) log(`max total tokens per request: ${maxTotalTokens}, what --kv-memory-mb ${kvMemoryMb} holds`);
       const maxInputTokens = options.maxInputTokens ? integer(options.maxInputTokens, 'max-input-tokens', 1) : Math.min(4095, maxTotalTokens - 1);
       if (maxInputTokens >= maxTotalTokens) {
         throw new SoppuError('CONFIG', `--max-input-tokens (${maxInputTokens}) must be below --max-total-tokens (${maxTotalTokens})`, { field: 'max-input-tokens', limit: maxTotalTokens });
@@ -211,13 +228,13 @@ export function register(program: Command): void {
         model,
         modelId: demo ? 'soppu/demo-tiny' : path.basename(path.resolve(modelDir as string)),
         ...(bankDir ? { bankDir } : {}),
-        kvBudgetBytes: integer(options.kvMemoryMb, 'kv-memory-mb', 1) * 1024 * 1024,
+        kvBudgetBytes: kvMemoryMb * 1024 * 1024,
         adapterBudgetBytes: integer(options.adapterMemoryMb, 'adapter-memory-mb', 0) * 1024 * 1024,
         maxBatchTokens: integer(options.maxBatchTokens, 'max-batch-tokens', 1),
         maxRunningRequests: integer(options.maxRunningRequests, 'max-running-requests', 1),
         maxInputTokens,
         maxTotalTokens,
-        blockSize: integer(options.blockSize, 'block-size', 1),
+        blockSize,
         loraDtype: parseLoraDtype(options.loraDtype),
       });
       const adapterDirs = (options.adapters ?? []).map((dir) => path.resolve(dir));
