@@ -195,6 +195,29 @@ const REASONS: readonly RawReason[] = ['cheaper-raw', 'over-budget', 'projection
 const MAX_DIM = 1 << 20;
 
 /**
+ * The options the bank was compressed with (bank add and refit compress by them): each one given
+ * checked as the compressor checks it, so a bad value is an error naming options.<field>, not a
+ * budget silently compared against text or a CONFIG error that names no file.
+ */
+function checkOptions(c: Checker, value: unknown): Omit<CompressOptions, 'onProgress'> {
+  const o = c.object(value, 'options');
+  const given = <T>(key: string, check: (v: unknown, field: string) => T): T | undefined => (o[key] === undefined ? undefined : check(o[key], `options.${key}`));
+  given('method', (v, f) => c.oneOf(v, f, METHODS));
+  given('rank', (v, f) => c.integer(v, f, 1, MAX_DIM));
+  given('maxError', (v, f) => {
+    const x = c.finite(v, f, 0);
+    if (!(x > 0 && x <= 1)) throw corrupt(c.file, f, `must be in (0, 1], got ${x}`);
+    return x;
+  });
+  given('clusters', (v, f) => c.integer(v, f, 1, 1 << 16));
+  given('weighting', (v, f) => c.oneOf(v, f, ['unit-norm', 'none'] as const));
+  given('tolerance', (v, f) => c.finite(v, f, 0));
+  given('maxSweeps', (v, f) => c.integer(v, f, 1));
+  given('seed', (v, f) => c.integer(v, f, Number.MIN_SAFE_INTEGER));
+  return o as Omit<CompressOptions, 'onProgress'>;
+}
+
+/**
  * Parses and validates manifest JSON text: schema, version, cross-references (every adapter's slots
  * exist, compressed slots have bases in the adapter's cluster, every referenced file is listed).
  * Throws SoppuError(BANK_CORRUPT) naming the file and the field.
@@ -216,7 +239,7 @@ export function parseManifest(text: string, file: string): BankManifest {
   const generation = c.integer(root.generation, 'generation', 1);
   const method = c.oneOf(root.method, 'method', METHODS);
   const clusters = c.integer(root.clusters, 'clusters', 1, 1 << 16);
-  const options = c.object(root.options, 'options') as Omit<CompressOptions, 'onProgress'>;
+  const options = checkOptions(c, root.options);
 
   const files: Record<string, ManifestFile> = {};
   const filesObject = c.object(root.files, 'files');
@@ -293,7 +316,8 @@ export function parseManifest(text: string, file: string): BankManifest {
       const storage = c.oneOf(e.storage, `${sf}.storage`, STORAGES);
       const relativeError = c.finite(e.relativeError, `${sf}.relativeError`, 0);
       let rank: number | undefined;
-      if (storage !== 'zero') rank = c.integer(e.rank, `${sf}.rank`, 1, Math.max(slot.inFeatures, slot.outFeatures));
+      // a raw slot keeps its adapter's rank, which PEFT lets exceed the layer's dimensions
+      if (storage !== 'zero') rank = c.integer(e.rank, `${sf}.rank`, 1, storage === 'raw' ? MAX_DIM : Math.max(slot.inFeatures, slot.outFeatures));
       if (storage === 'compressed' && slot.ranks[cluster] !== rank) {
         throw corrupt(file, `${sf}.rank`, `is ${rank} but cluster ${cluster} of slot "${path}" has shared rank ${slot.ranks[cluster]}`);
       }

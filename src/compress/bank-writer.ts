@@ -270,7 +270,10 @@ function previousGenerationOf(text: string): number {
  * from it until it reopens. Call with the bank lock held.
  */
 export async function commitManifest(dir: string, manifest: BankManifest, previous: BankManifest | null): Promise<void> {
-  await writeFileAtomic(join(dir, MANIFEST_NAME), [new TextEncoder().encode(serializeManifest(manifest))]);
+  const text = serializeManifest(manifest);
+  // what the reader would refuse is never switched to: the bank keeps its last readable manifest
+  parseManifest(text, join(dir, MANIFEST_NAME));
+  await writeFileAtomic(join(dir, MANIFEST_NAME), [new TextEncoder().encode(text)]);
   await collectGarbage(dir, [manifest, ...(previous ? [previous] : [])]);
 }
 

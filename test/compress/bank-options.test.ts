@@ -1,0 +1,70 @@
+/**
+ * What the bank writes it can read back: a raw slot keeps an adapter's rank even above the layer's
+ * dimensions (PEFT allows it), and the manifest's compress options are checked on read like the
+ * compressor checks them, so a bad value names options.<field> instead of skewing budgets.
+ */
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { addToBank } from '../../src/compress/bank-add.js';
+import { compressIntoBank } from '../../src/compress/bank-compress.js';
+import { MANIFEST_NAME, parseManifest } from '../../src/compress/bank-manifest.js';
+import { openBank } from '../../src/compress/bank-reader.js';
+import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
+
+const SLOTS = [{ path: 'model.layers.0.self_attn.q_proj', inFeatures: 16, outFeatures: 16 }];
+
+let root = '';
+beforeAll(async () => {
+  root = await mkdtemp(join(tmpdir(), 'soppu-bank-options-'));
+});
+afterAll(async () => {
+  await rm(root, { recursive: true, force: true });
+});
+
+describe('raw slots of a rank above the layer dimensions', () => {
+  it('compress and bank add store them, and the bank stays readable for every adapter', async () => {
+    const small = syntheticAdapterSet({ slots: SLOTS, count: 3, rank: 4, sharedRank: 2, seed: 1 });
+    const dir = join(root, 'bank');
+    await compressIntoBank(small, dir, { compress: { method: 'jd-full', maxError: 0.05, seed: 2 } });
+    const [huge] = syntheticAdapterSet({ slots: SLOTS, count: 1, rank: 40, sharedRank: 40, seed: 3, idPrefix: 'huge-' });
+    await addToBank(dir, 'huge', huge!.adapter);
+    const bank = await openBank(dir);
+    expect(bank.ids()).toEqual(expect.arrayContaining(['huge', small[0]!.id]));
+    const slot = bank.manifest.adapters.find((a) => a.id === 'huge')!.perSlot[SLOTS[0]!.path]!;
+    expect(slot).toMatchObject({ storage: 'raw', rank: 40 });
+    await expect(bank.loadAdapter(small[0]!.id)).resolves.toBeTruthy();
+    await expect(bank.loadAdapter('huge')).resolves.toBeTruthy();
+
+    const big = join(root, 'big');
+    await compressIntoBank(syntheticAdapterSet({ slots: SLOTS, count: 2, rank: 40, sharedRank: 40, seed: 4 }), big, { compress: { method: 'jd-full', rank: 1, maxError: 0.05, seed: 2 } });
+    expect((await openBank(big)).ids()).toHaveLength(2);
+  });
+});
+
+describe("the manifest's options", () => {
+  it('a value the compressor would refuse is BANK_CORRUPT naming options.<field>', async () => {
+    const dir = join(root, 'opts');
+    await compressIntoBank(syntheticAdapterSet({ slots: SLOTS, count: 2, rank: 4, sharedRank: 2, seed: 5 }), dir, { compress: { method: 'jd-full', maxError: 0.1, seed: 2 } });
+    const file = join(dir, MANIFEST_NAME);
+    const text = await readFile(file, 'utf8');
+    expect(() => parseManifest(text, file)).not.toThrow();
+    const withOptions = (options: Record<string, unknown>): string => JSON.stringify({ ...JSON.parse(text), options: { ...JSON.parse(text).options, ...options } });
+    const cases: [Record<string, unknown>, string][] = [
+      [{ maxError: 'abc' }, 'options.maxError: must be a finite number ≥ 0, got "abc"'],
+      [{ maxError: 7 }, 'options.maxError: must be in (0, 1], got 7'],
+      [{ rank: -3 }, 'options.rank: must be an integer in [1, 1048576], got -3'],
+      [{ clusters: 0 }, 'options.clusters: must be an integer in [1, 65536], got 0'],
+      [{ weighting: 'log' }, 'options.weighting: must be one of unit-norm, none, got "log"'],
+      [{ tolerance: -1 }, 'options.tolerance: must be a finite number ≥ 0, got -1'],
+      [{ maxSweeps: 1.5 }, 'options.maxSweeps: must be an integer'],
+      [{ method: 'svd' }, 'options.method: must be one of jd-full, jd-diag, got "svd"'],
+    ];
+    for (const [options, message] of cases) {
+      expect(() => parseManifest(withOptions(options), file), JSON.stringify(options)).toThrow(message);
+    }
+    await writeFile(file, withOptions({ maxError: 7 }));
+    await expect(openBank(dir)).rejects.toMatchObject({ code: 'BANK_CORRUPT', message: expect.stringContaining('options.maxError') });
+  });
+});
