@@ -247,7 +247,9 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
     let fit: SlotFit;
     let points: readonly RankPoint[] = [];
     if (options.maxError !== undefined) {
-      const selection = selectRank(problem, method, options.maxError, cap, { ...fitOptions, label });
+      // a member that already carries error (refit from the bank) has only the rest of the budget
+      const budgets = members.map((entry) => options.maxError! - (inputs[entry.adapterIndex]!.spentError?.[path] ?? 0));
+      const selection = selectRank(problem, method, budgets, cap, { ...fitOptions, label });
       fit = selection.fit;
       points = selection.errorByRank;
     } else {

@@ -1,5 +1,5 @@
 /**
- * Smallest shared rank R with every member's relative error ≤ maxError: the cap is checked first
+ * Smallest shared rank R with every member's relative error within its budget: the cap is checked first
  * (start-only fit, then the full fit if needed; if it misses the budget, it is the answer and nothing
  * else is fitted); else doubling from R = 1
  * until one passes, then bisection between the last failing and the first passing
@@ -26,7 +26,11 @@ export interface RankSelection {
   readonly errorByRank: readonly RankPoint[];
 }
 
-export function selectRank(problem: SlotProblem, method: JdMethod, maxError: number, maxRank: number,
+/**
+ * `maxError` is the budget of every member, or per member (in the problem's order): what is left of
+ * the budget after the error an input already carries (a refit from the bank's reconstruction).
+ */
+export function selectRank(problem: SlotProblem, method: JdMethod, maxError: number | readonly number[], maxRank: number,
   options: JdFitOptions & { readonly label: string }): RankSelection {
   const fits = new Map<number, SlotFit>();
   const fitAt = (rank: number): SlotFit => {
@@ -37,7 +41,8 @@ export function selectRank(problem: SlotProblem, method: JdMethod, maxError: num
     }
     return fit;
   };
-  const passes = (fit: SlotFit): boolean => fit.errors.every((e) => e <= maxError);
+  const budgetOf = (member: number): number => (typeof maxError === 'number' ? maxError : (maxError[member] ?? 0));
+  const passes = (fit: SlotFit): boolean => fit.errors.every((e, member) => e <= budgetOf(member));
   let failing = 0;
   let passing = -1;
   // The cap first: when even it misses the budget (unrelated adapters), no smaller rank can be chosen

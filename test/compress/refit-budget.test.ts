@@ -48,4 +48,19 @@ describe('bank refit from the bank', () => {
     }
     expect((await verifyBank(await openBank(dir), { sources, maxError })).overBudget).toEqual([]);
   });
+
+  it('an unchanged bank refitted from itself keeps what it compressed: the rank is chosen with the error already spent', async () => {
+    const maxError = 0.15;
+    const inputs = syntheticAdapterSet({ slots: SLOTS, count: 6, rank: 6, sharedRank: 3, noise: 0.2, seed: 1, familySeed: 1 });
+    const dir = join(root, 'bank-unchanged');
+    const before = await compressIntoBank(inputs, dir, { compress: { method: 'jd-full', maxError, seed: 5 } });
+    const compressedOf = (manifest: typeof before): string[] =>
+      manifest.adapters.flatMap((a) => Object.entries(a.perSlot).filter(([, slot]) => slot.storage === 'compressed').map(([path]) => `${a.id} ${path}`)).sort();
+    // members that spent most of the budget: a rank that refits them with a small new error is not enough
+    const spent = before.adapters.flatMap((a) => Object.values(a.perSlot).map((slot) => slot.relativeError));
+    expect(Math.max(...spent)).toBeGreaterThan(maxError / 2);
+    expect(compressedOf(before).length).toBeGreaterThan(0);
+    const { manifest } = await refitBank(dir, { from: 'bank' });
+    expect(compressedOf(manifest)).toEqual(compressedOf(before));
+  });
 });
