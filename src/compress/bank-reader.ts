@@ -4,7 +4,7 @@
  * checked when it is first loaded, and every tensor's name, dtype and shape are checked against the
  * manifest. Anything wrong is a SoppuError(BANK_CORRUPT) naming the file, tensor or field.
  */
-import { open, readFile, stat } from 'node:fs/promises';
+import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import { parseSafetensorsHeader, tensorDataFromBytes } from '../io/safetensors.js';
@@ -225,7 +225,9 @@ export class Bank implements BankReader {
       // a plain Uint8Array view: Buffer#slice shares memory, and tensorDataFromBytes relies on slice copying
       bytes = new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     } catch (e) {
-      throw corrupt(path, `cannot read the bank data file (${(e as Error).message})`, { cause: (e as NodeJS.ErrnoException).code });
+      const code = (e as NodeJS.ErrnoException).code;
+      if (code === 'ENOENT') throw corrupt(path, 'data file named by the manifest is missing', { field: 'files' });
+      throw corrupt(path, `cannot read the bank data file (${(e as Error).message})`, { cause: code });
     }
     if (bytes.length !== expected.bytes) throw corrupt(path, `is ${bytes.length} bytes, the manifest records ${expected.bytes}`, { field: 'bytes', limit: expected.bytes });
     const sha256 = sha256Hex(bytes);
@@ -255,18 +257,12 @@ function asBankError(e: unknown, file: string): SoppuError {
 }
 
 /**
- * Opens the bank in `dir`: validates the manifest and checks that every referenced data file exists
- * with its recorded size. Checksums are verified as files are loaded (or all at once: verifyFiles()).
+ * Opens the bank in `dir` and validates its manifest. Data files are checked (present, recorded size,
+ * sha256) as they are loaded, so a missing or damaged file fails only the adapters (or, for a bases
+ * file, the cluster) that read it; the rest serve, export and can be removed. verifyFiles() checks all.
  */
 export async function openBank(dir: string): Promise<Bank> {
-  const manifest = await readManifest(dir);
-  for (const [relative, entry] of Object.entries(manifest.files)) {
-    const path = join(dir, relative);
-    const info = await stat(path).catch(() => null);
-    if (!info || !info.isFile()) throw corrupt(path, 'data file named by the manifest is missing', { field: 'files' });
-    if (info.size !== entry.bytes) throw corrupt(path, `is ${info.size} bytes, the manifest records ${entry.bytes}`, { field: 'bytes', limit: entry.bytes });
-  }
-  return new Bank(dir, manifest);
+  return new Bank(dir, await readManifest(dir));
 }
 
 /** One slot of an adapter as dense-free factors: ΔW = B · A (scale folded into B). */

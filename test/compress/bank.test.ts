@@ -7,6 +7,7 @@ import { addToBank } from '../../src/compress/bank-add.js';
 import { parseManifest, type BankManifest } from '../../src/compress/bank-manifest.js';
 import { openBank, reconstructAdapter } from '../../src/compress/bank-reader.js';
 import { refitBank } from '../../src/compress/bank-refit.js';
+import { removeFromBank } from '../../src/compress/bank-remove.js';
 import { writeBank, type AdapterExtras } from '../../src/compress/bank-writer.js';
 import { compressAdapters } from '../../src/compress/compress-adapters.js';
 import type { CompressionResult } from '../../src/compress/compression-types.js';
@@ -126,8 +127,19 @@ describe('adapter bank', () => {
     await expectCode(bank.loadAdapter('adapter-2'), 'BANK_CORRUPT', /sha256/);
     await bank.loadAdapter('adapter-1'); // the others still load
     expect((await bank.verifyFiles()).map((e) => e.context.file)).toEqual([join(dir, file)]);
+    // a truncated or missing file fails only the adapter that reads it: the bank opens, the others load
     await writeFile(join(dir, file), bytes.subarray(0, 10));
-    await expectCode(openBank(dir), 'BANK_CORRUPT', /is 10 bytes, the manifest records/);
+    const reopened = await openBank(dir);
+    await expectCode(reopened.loadAdapter('adapter-2'), 'BANK_CORRUPT', /is 10 bytes, the manifest records/);
+    await reopened.loadAdapter('adapter-1');
+    await rm(join(dir, file));
+    const withoutFile = await openBank(dir);
+    await expectCode(withoutFile.loadAdapter('adapter-2'), 'BANK_CORRUPT', /adapter-2.*: data file named by the manifest is missing/);
+    await withoutFile.loadAdapter('adapter-1');
+    expect((await withoutFile.verifyFiles()).map((e) => e.message)).toEqual([expect.stringMatching(/data file named by the manifest is missing/)]);
+    // and it can be removed, which leaves a bank with no problem
+    await removeFromBank(dir, 'adapter-2');
+    expect(await (await openBank(dir)).verifyFiles()).toEqual([]);
     await expectCode(bank.loadAdapter('missing-id'), 'ADAPTER_NOT_FOUND');
 
     const text = await readFile(join(dir, 'manifest.json'), 'utf8');
