@@ -588,17 +588,19 @@ class SoppuEngine implements Engine {
     // load and check now, so a bad directory is reported to whoever registers it
     const adapter = await this.loadLocal(dir);
     residentFromLora(id, adapter, this.slotShape, this.loraDtype);
-    const pinned = this.cache.peek(id)?.pinned ?? false;
     if (options?.compress) {
       // projected onto the bank's shared bases and written into the bank, then served compressed
       const bank = this.bank;
       if (!bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
       await this.changeBank(bank.dir, () => addToBank(bank.dir, id, adapter, { replace: true }));
       options.onRelease?.();
+      // the pin as it is now: a pin or unpin made while the bank was written holds
+      const pinned = this.cache.peek(id)?.pinned ?? false;
       if (this.cache.peek(id)) this.cache.remove(id);
       if (pinned) this.cache.pin(id, true);
       return this.statusOf(id);
     }
+    const pinned = this.cache.peek(id)?.pinned ?? false;
     this.cache.register(id, { source: 'local', dir }, options?.onRelease);
     if (pinned) this.cache.pin(id, true);
     return this.statusOf(id);
@@ -726,6 +728,7 @@ function checkLimits(options: EngineOptions, config: LlamaConfig): void {
     return value;
   };
   for (const field of ['maxBatchTokens', 'maxRunningRequests', 'maxInputTokens', 'maxTotalTokens', 'blockSize'] as const) positive(field);
+  if (options.maxConcurrentLoads !== undefined) positive('maxConcurrentLoads'); // 0 loads at once: every adapter request waits forever
   if (options.maxInputTokens >= options.maxTotalTokens) {
     throw new SoppuError('CONFIG', `max_input_tokens (${options.maxInputTokens}) must be < max_total_tokens (${options.maxTotalTokens})`, {
       field: 'maxInputTokens',

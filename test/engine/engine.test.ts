@@ -236,6 +236,13 @@ describe('engine', () => {
     await engine.close();
   });
 
+  it('refuses engine options that could never serve (0 adapter loads at once would leave every adapter request waiting)', async () => {
+    for (const maxConcurrentLoads of [0, -1, 1.5]) {
+      await expect(createEngine(options({ maxConcurrentLoads }))).rejects.toMatchObject({ code: 'CONFIG', context: { field: 'maxConcurrentLoads' } });
+    }
+    await (await createEngine(options({ maxConcurrentLoads: 1 }))).close();
+  });
+
   it('rejects bad requests from the first next() with a coded error', async () => {
     const engine = await createEngine(options());
     const first = (request: GenerateRequest): Promise<unknown> => engine.generate(request)[Symbol.asyncIterator]().next();

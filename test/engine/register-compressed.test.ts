@@ -55,6 +55,11 @@ describe('registerAdapter with compress', () => {
     let released = 0;
     await engine.registerAdapter('fresh', join(root, 'concurrent-0'), { compress: true, onRelease: () => released++ });
     expect(released).toBe(1); // the directory is not read again once it is in the bank
+    // a pin or unpin made while the bank is written holds (it was read before the write and re-applied after)
+    await engine.registerAdapter('fresh', join(root, 'concurrent-1'), { compress: true, onRelease: () => void engine.pinAdapter('fresh', true) });
+    expect(engine.listAdapters().find((a) => a.id === 'fresh')?.pinned).toBe(true);
+    await engine.registerAdapter('fresh', join(root, 'concurrent-0'), { compress: true, onRelease: () => void engine.pinAdapter('fresh', false) });
+    expect(engine.listAdapters().find((a) => a.id === 'fresh')?.pinned).toBe(false);
     const replaced = await openBank(join(root, 'bank'));
     expect(replaced.manifest.adapters.filter((a) => a.id === 'fresh')).toHaveLength(1);
     await exportAdapter(replaced, 'fresh', join(root, 'fresh-export-2'));
