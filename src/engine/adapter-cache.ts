@@ -181,6 +181,9 @@ export class AdapterCache {
       // when nothing is loading and no request holds a resident adapter, nothing would ever free
       // room: the load starts anyway (a budget smaller than one adapter, or filled by pins)
       if (this.loading > 0 || this.residentInUse()) {
+        // no adapter's size known yet (a cold start): one load at a time until one is, or a burst of
+        // loads each counted as 0 bytes overshot the budget up to maxConcurrentLoads times
+        if (this.loading > 0 && this.estimate(entry) === 0) return;
         if (this.heldBytes() + this.loadingEstimate() + this.estimate(entry) > this.options.budgetBytes) return;
       }
       void this.load(entry);

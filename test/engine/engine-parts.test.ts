@@ -240,6 +240,24 @@ describe('AdapterCache', () => {
     expect(c.bytesResident).toBe(second.resident!.bytes);
     c.release(second);
   });
+
+  it('on a cold start (no size known yet) loads one adapter at a time, so a burst stays within the budget', async () => {
+    const { c } = cache(bytes + bytes / 2); // room for one adapter
+    const held = [0, 1, 2, 3].map((i) => c.acquire(`l${i}`));
+    expect(held.filter((e) => e.state === 'loading')).toHaveLength(1); // before: all four, each estimated at 0 bytes
+    let peak = 0;
+    for (let round = 0; round < 8 && held.some((e) => e.state !== 'resident'); round++) {
+      await settle();
+      peak = Math.max(peak, c.bytesResident);
+      const done = held.find((e) => e.state === 'resident');
+      if (done) {
+        c.release(done);
+        held.splice(held.indexOf(done), 1);
+      }
+    }
+    expect(held).toHaveLength(0);
+    expect(peak).toBeLessThanOrEqual(bytes + bytes / 2);
+  });
 });
 
 describe('Scheduler deadlock', () => {
