@@ -46,11 +46,17 @@ export class AdapterEntry {
   stale = false;
   /** Called once when the entry is dropped (stale and unheld): nothing reads its source again. */
   onDrop: (() => void) | undefined;
+  /**
+   * A bank entry's bank as it was when the entry was made: a request that holds it loads this
+   * version even after the bank changed (the id removed, or replaced), as it would had it loaded first.
+   */
+  bank: BankReader | null;
 
-  constructor(id: string, spec: AdapterSpec, onDrop?: () => void) {
+  constructor(id: string, spec: AdapterSpec, onDrop?: () => void, bank: BankReader | null = null) {
     this.id = id;
     this.spec = spec;
     this.onDrop = onDrop;
+    this.bank = spec.source === 'bank' ? bank : null;
   }
 }
 
@@ -90,9 +96,16 @@ export class AdapterCache {
     return this.adapterBytes + this.basesBytes;
   }
 
-  /** Swaps in a reopened bank (after an adapter was added to it); cached parts stay valid. */
+  /**
+   * Swaps in a reopened bank (after an adapter was added to it); cached parts stay valid. A bank entry
+   * that no request holds reads the new bank from now on; one that requests hold keeps the bank they
+   * were admitted with until it loads.
+   */
   setBank(bank: BankReader | null): void {
     this.options = { ...this.options, bank };
+    for (const entry of this.entries.values()) {
+      if (entry.spec.source === 'bank' && entry.users === 0 && entry.state !== 'loading') entry.bank = bank;
+    }
   }
 
   /** True when `id` is registered locally or held by the bank. */
@@ -118,7 +131,7 @@ export class AdapterCache {
    */
   register(id: string, spec: AdapterSpec, onDrop?: () => void): AdapterEntry {
     this.invalidate(id);
-    const entry = new AdapterEntry(id, spec, onDrop);
+    const entry = new AdapterEntry(id, spec, onDrop, this.options.bank);
     this.entries.set(id, entry);
     return entry;
   }
@@ -247,14 +260,14 @@ export class AdapterCache {
         const adapter = await this.options.loadLocal(entry.spec.dir);
         resident = residentFromLora(entry.id, adapter, this.options.slotShape, this.options.factorDtype);
       } else {
-        const bank = this.options.bank;
+        const bank = entry.bank;
         if (!bank) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${entry.id}: no bank is open`, { field: 'adapter_id' });
         const parts = await bank.loadAdapter(entry.id);
         const keys = new Set<string>();
         for (const part of parts.slots.values()) if (part.kind === 'compressed') keys.add(part.basesKey);
         const loaded = new Map<string, ResidentBases>();
         for (const key of keys) {
-          loaded.set(key, await this.holdBases(key));
+          loaded.set(key, await this.holdBases(key, bank));
           heldBases.push(key);
         }
         resident = residentFromBank(parts, loaded, this.options.slotShape, bank.dir, this.options.factorDtype);
@@ -283,7 +296,7 @@ export class AdapterCache {
     this.options.onSettled?.();
   }
 
-  private async holdBases(key: string): Promise<ResidentBases> {
+  private async holdBases(key: string, bank: BankReader): Promise<ResidentBases> {
     const held = this.bases.get(key);
     if (held) {
       held.refs++;
@@ -291,7 +304,6 @@ export class AdapterCache {
     }
     let pending = this.basesLoading.get(key);
     if (!pending) {
-      const bank = this.options.bank!;
       pending = bank.loadBases(key).then((bases) => residentBases(bases, this.options.factorDtype, bank.dir));
       this.basesLoading.set(key, pending);
       pending.then(

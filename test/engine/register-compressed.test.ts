@@ -77,6 +77,41 @@ describe('registerAdapter with compress', () => {
     await engine.close();
   });
 
+  it('a request that holds a bank adapter still waiting to load finishes with it after the adapter is removed from the bank', async () => {
+    const bankDir = join(root, 'bank-remove-held');
+    const adapters = [0, 1].map((i) => ({ id: `held-${i}`, adapter: randomLora(model.config, 90 + i, 4, 8) }));
+    await compressIntoBank(adapters, bankDir, { compress: { method: 'jd-full', rank: 6, seed: 1 } });
+    const exported = join(root, 'held-1-export');
+    await exportAdapter(await openBank(bankDir), 'held-1', exported);
+    // one load at a time, and a local adapter's load for serving (its second read) waits for the gate
+    let reads = 0;
+    let openGate: () => void = () => undefined;
+    const gate = new Promise<void>((resolve) => (openGate = resolve));
+    const loadLocalAdapter = async (dir: string): Promise<LoraAdapter> => {
+      if (dir.endsWith('concurrent-0') && ++reads === 2) await gate;
+      return loadLoraAdapter(dir);
+    };
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26, maxConcurrentLoads: 1,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7, loadLocalAdapter,
+    });
+    const prompt = 'hello world';
+    await engine.registerAdapter('slow', join(root, 'concurrent-0'));
+    const slow = collect(engine.generate({ prompt, maxNewTokens: 4, ignoreEos: true, adapterId: 'slow' }));
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    const queued = collect(engine.generate({ prompt, maxNewTokens: 5, ignoreEos: true, adapterId: 'held-1' }));
+    await new Promise((resolve) => setTimeout(resolve, 5));
+    await engine.removeAdapter('held-1'); // while its request waits for the load slot
+    expect(engine.hasAdapter('held-1')).toBe(false);
+    openGate();
+    expect((await slow).finishReason).toBe('length');
+    const served = await queued; // before: ADAPTER_LOAD, the reopened bank holds no held-1
+    // it generated with the adapter as the bank held it (exported before the removal)
+    const asExported = await collect(engine.generate({ prompt, maxNewTokens: 5, ignoreEos: true, adapterId: 'x', adapterSource: 'local', adapterPath: exported }));
+    expect(served.tokens).toEqual(asExported.tokens);
+    await engine.close();
+  });
+
   it('calls onRelease for a raw registration once it is replaced and no request holds it', async () => {
     // the first registration's load for serving (its second read: the first is registration's check) waits
     let reads = 0;
