@@ -4,6 +4,7 @@
  * checked when it is first loaded, and every tensor's name, dtype and shape are checked against the
  * manifest. Anything wrong is a SoppuError(BANK_CORRUPT) naming the file, tensor or field.
  */
+import { createHash } from 'node:crypto';
 import { open, readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
@@ -169,7 +170,7 @@ export class Bank implements BankReader {
   private verifiedBasesHeader(relative: string): Promise<VerifiedHeader> {
     let pending = this.verifiedBases.get(relative);
     if (!pending) {
-      pending = this.readVerified(relative).then(({ path, tensors, dataStart }) => ({ path, tensors, dataStart }));
+      pending = this.readVerifiedHeader(relative);
       pending.catch(() => this.verifiedBases.delete(relative));
       this.verifiedBases.set(relative, pending);
     }
@@ -215,6 +216,61 @@ export class Bank implements BankReader {
     return data;
   }
 
+  /**
+   * A bases file verified without holding it: its size, its sha256 (streamed in 1 MiB reads) and its
+   * header; tensors are then read by byte range. A bases file can pass 2 GiB, more than one read can hold.
+   */
+  private async readVerifiedHeader(relative: string): Promise<VerifiedHeader> {
+    const path = join(this.dir, relative);
+    const expected = this.manifest.files[relative];
+    if (!expected) throw corrupt(join(this.dir, MANIFEST_NAME), `file "${relative}" is not listed in files`, { field: 'files' });
+    let handle;
+    try {
+      handle = await open(path, 'r');
+    } catch (e) {
+      throw readFailure(path, e);
+    }
+    try {
+      const size = (await handle.stat()).size;
+      if (size !== expected.bytes) throw corrupt(path, `is ${size} bytes, the manifest records ${expected.bytes}`, { field: 'bytes', limit: expected.bytes });
+      const readAt = async (into: Uint8Array, at: number): Promise<void> => {
+        for (let done = 0; done < into.length; ) {
+          const { bytesRead } = await handle.read(into, done, into.length - done, at + done);
+          if (bytesRead === 0) throw corrupt(path, `ends at byte ${at + done}, the manifest records ${expected.bytes}`, { field: 'bytes' });
+          done += bytesRead;
+        }
+      };
+      const hash = createHash('sha256');
+      const chunk = new Uint8Array(Math.min(1 << 20, Math.max(size, 1)));
+      for (let at = 0; at < size; at += chunk.length) {
+        const part = chunk.subarray(0, Math.min(chunk.length, size - at));
+        await readAt(part, at);
+        hash.update(part);
+      }
+      const sha256 = hash.digest('hex');
+      if (sha256 !== expected.sha256) throw corrupt(path, `sha256 ${sha256} does not match the manifest's ${expected.sha256}`, { field: 'sha256' });
+      if (size < 8) throw corrupt(path, 'too short for a safetensors file');
+      const lengthBytes = new Uint8Array(8);
+      await readAt(lengthBytes, 0);
+      const headerLength = Number(new DataView(lengthBytes.buffer).getBigUint64(0, true));
+      if (headerLength > size - 8) throw corrupt(path, `header length ${headerLength} runs past the end of the file`);
+      const headerBytes = new Uint8Array(headerLength);
+      await readAt(headerBytes, 8);
+      let header;
+      try {
+        header = parseSafetensorsHeader(headerBytes, size - 8 - headerLength, path);
+      } catch (e) {
+        throw corrupt(path, e instanceof Error ? e.message : String(e));
+      }
+      return { path, tensors: new Map(header.tensors.map((t) => [t.name, t])), dataStart: 8 + headerLength };
+    } catch (e) {
+      if (e instanceof SoppuError) throw e;
+      throw readFailure(path, e);
+    } finally {
+      await handle.close();
+    }
+  }
+
   private async readVerified(relative: string): Promise<VerifiedFile> {
     const path = join(this.dir, relative);
     const expected = this.manifest.files[relative];
@@ -225,9 +281,7 @@ export class Bank implements BankReader {
       // a plain Uint8Array view: Buffer#slice shares memory, and tensorDataFromBytes relies on slice copying
       bytes = new Uint8Array(buffer.buffer, buffer.byteOffset, buffer.byteLength);
     } catch (e) {
-      const code = (e as NodeJS.ErrnoException).code;
-      if (code === 'ENOENT') throw corrupt(path, 'data file named by the manifest is missing', { field: 'files' });
-      throw corrupt(path, `cannot read the bank data file (${(e as Error).message})`, { cause: code });
+      throw readFailure(path, e);
     }
     if (bytes.length !== expected.bytes) throw corrupt(path, `is ${bytes.length} bytes, the manifest records ${expected.bytes}`, { field: 'bytes', limit: expected.bytes });
     const sha256 = sha256Hex(bytes);
@@ -249,6 +303,13 @@ export class Bank implements BankReader {
     const [begin, end] = info.dataOffsets;
     return this.checkFinite(file.path, name, tensorDataFromBytes('F32', file.bytes.subarray(file.dataStart + begin, file.dataStart + end)) as Float32Array);
   }
+}
+
+/** A bank data file that cannot be read: missing, or the system's reason. */
+function readFailure(path: string, e: unknown): SoppuError {
+  const code = (e as NodeJS.ErrnoException).code;
+  if (code === 'ENOENT') return corrupt(path, 'data file named by the manifest is missing', { field: 'files' });
+  return corrupt(path, `cannot read the bank data file (${(e as Error).message})`, { cause: code });
 }
 
 function asBankError(e: unknown, file: string): SoppuError {

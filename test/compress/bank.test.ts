@@ -4,7 +4,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { isSoppuError } from '../../src/errors/soppu-error.js';
 import { addToBank } from '../../src/compress/bank-add.js';
-import { parseManifest, type BankManifest } from '../../src/compress/bank-manifest.js';
+import { basesKeyOf, parseManifest, type BankManifest } from '../../src/compress/bank-manifest.js';
 import { openBank, reconstructAdapter } from '../../src/compress/bank-reader.js';
 import { refitBank } from '../../src/compress/bank-refit.js';
 import { removeFromBank } from '../../src/compress/bank-remove.js';
@@ -114,6 +114,27 @@ describe('adapter bank', () => {
     for (const id of bank.ids()) for (const part of (await bank.loadAdapter(id)).slots.values()) if (part.kind === 'compressed') compressed.push(part);
     expect(compressed.length).toBeGreaterThan(0);
     for (const part of compressed) expect(part.diagonal && part.core.length === part.rank).toBe(true);
+  });
+
+  it('a damaged bases file fails the loads of its cluster, naming the file and what is wrong (checked streaming, not read whole)', async () => {
+    const dir = join(root, 'bases-damage');
+    const manifest = await writeBank(dir, result, extras);
+    const slot = manifest.slots.find((s) => s.ranks.some((r) => r !== null))!;
+    const cluster = slot.ranks.findIndex((r) => r !== null);
+    const basesFile = join(dir, manifest.basesFiles[cluster]!);
+    const good = await readFile(basesFile);
+    const load = async () => (await openBank(dir)).loadBases(basesKeyOf(cluster, slot.path));
+    await expect(load()).resolves.toMatchObject({ path: slot.path });
+    const flipped = new Uint8Array(good);
+    flipped[flipped.length - 1] = flipped[flipped.length - 1]! ^ 0xff;
+    await writeFile(basesFile, flipped);
+    await expectCode(load(), 'BANK_CORRUPT', /sha256 [0-9a-f]{64} does not match the manifest's/);
+    await writeFile(basesFile, good.subarray(0, 100));
+    await expectCode(load(), 'BANK_CORRUPT', /is 100 bytes, the manifest records/);
+    await rm(basesFile);
+    await expectCode(load(), 'BANK_CORRUPT', /data file named by the manifest is missing/);
+    await writeFile(basesFile, good);
+    await expect(load()).resolves.toMatchObject({ path: slot.path });
   });
 
   it('names what is wrong: checksum, size, missing tensor, bad manifest fields', async () => {
