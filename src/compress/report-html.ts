@@ -2,6 +2,8 @@
  * `soppu report`: one self-contained HTML file (inline SVG charts, inline CSS, no external URLs)
  * plus report.json with the same numbers.
  */
+import { readFile } from 'node:fs/promises';
+import { SoppuError } from '../errors/soppu-error.js';
 import { writeFileAtomic } from '../io/safetensors.js';
 import type { BankManifest } from './bank-manifest.js';
 import { reportCharts } from './report-charts.js';
@@ -33,7 +35,7 @@ export async function buildReport(manifest: BankManifest, title: string, worstCo
   const worst = stats.adapterStats.slice(0, worstCount);
   const rows = worst.map((a) => `<tr><td class="l">${escapeHtml(a.id)}</td><td>${a.cluster}</td><td>${a.maxError.toFixed(4)}</td><td>${(a.maxError ** 2).toFixed(4)}</td><td>${a.meanError.toFixed(4)}</td><td class="l">${escapeHtml(a.worstSlot ?? '')}</td><td>${a.compressed}/${a.raw}/${a.zero}</td><td class="l">${escapeHtml(a.flags.join(', '))}</td></tr>`).join('\n');
   const html = `<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>${escapeHtml(title)}</title><style>${STYLE}</style></head>
+<html lang="en"><head><meta charset="utf-8"><meta name="generator" content="${REPORT_GENERATOR}"><title>${escapeHtml(title)}</title><style>${STYLE}</style></head>
 <body>
 <h1>${escapeHtml(title)}</h1>
 <p>${stats.adapters} adapters, ${manifest.slots.length} slots, ${stats.clusters} cluster(s), method ${escapeHtml(stats.method)}, bank generation ${manifest.generation}${manifest.baseModel ? `, base model ${escapeHtml(manifest.baseModel)}` : ''}.</p>
@@ -58,8 +60,12 @@ ${rows}</table>
   return { html, json };
 }
 
+/** Marks the files a report writes, so writing one again replaces only files it wrote before. */
+const REPORT_GENERATOR = 'soppu-bank-report';
+
 function reportJson(manifest: BankManifest, stats: BankStatistics): Record<string, unknown> {
   return {
+    report: REPORT_GENERATOR,
     generation: manifest.generation,
     method: stats.method,
     clusters: stats.clusters,
@@ -75,10 +81,25 @@ function reportJson(manifest: BankManifest, stats: BankStatistics): Record<strin
   };
 }
 
-/** Writes report.html at `htmlPath` and report.json beside it (same name, .json). */
-export async function writeReport(manifest: BankManifest, htmlPath: string, title: string): Promise<{ html: string; json: string }> {
-  const report = await buildReport(manifest, title);
+/**
+ * Writes the report's HTML at `htmlPath` (an .html or .htm name) and its data beside it (same name,
+ * .json). A file already at either path is replaced only when an earlier report wrote it, or with
+ * `force`: a bank's manifest.json is beside a report named manifest.html.
+ */
+export async function writeReport(manifest: BankManifest, htmlPath: string, title: string, options: { force?: boolean } = {}): Promise<{ html: string; json: string }> {
+  if (!/\.html?$/i.test(htmlPath)) {
+    throw new SoppuError('CONFIG', `report output ${htmlPath}: name an .html file (its data is written beside it as .json)`, { field: 'output', file: htmlPath });
+  }
   const jsonPath = htmlPath.replace(/\.html?$/i, '') + '.json';
+  if (!options.force) {
+    for (const path of [htmlPath, jsonPath]) {
+      const existing = await readFile(path, 'utf8').catch((e: NodeJS.ErrnoException) => (e.code === 'ENOENT' ? null : ''));
+      if (existing !== null && !existing.includes(REPORT_GENERATOR)) {
+        throw new SoppuError('CONFIG', `${path} exists and is not a SOPPU report: choose another output name or pass --force to replace it`, { field: 'output', file: path });
+      }
+    }
+  }
+  const report = await buildReport(manifest, title);
   await writeFileAtomic(htmlPath, [new TextEncoder().encode(report.html)]);
   await writeFileAtomic(jsonPath, [new TextEncoder().encode(`${JSON.stringify(report.json, null, 2)}\n`)]);
   return { html: htmlPath, json: jsonPath };

@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm } from 'node:fs/promises';
+import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -88,6 +88,15 @@ describe('bank report', () => {
     expect(written.json).toBe(join(root, 'out.json'));
     expect(json.errorByRank).toEqual([{ path: PATH_0, points: [{ cluster: 0, rank: 1, maxError: 0.6, meanError: 0.4 }, { cluster: 0, rank: 2, maxError: 0.1, meanError: 0.05 }] }]);
     expect(json.worstAdapters[0].id).toBe('b');
+    // written again over its own files: fine; over files it did not write (a bank's manifest.json beside
+    // manifest.html): refused unless forced; an output that is not .html: refused
+    await writeReport(bank.manifest, join(root, 'out.html'), 'x');
+    await writeFile(join(root, 'manifest.json'), '{"format": "soppu-bank"}');
+    await expect(writeReport(bank.manifest, join(root, 'manifest.html'), 'x')).rejects.toThrow(`${join(root, 'manifest.json')} exists and is not a SOPPU report: choose another output name or pass --force to replace it`);
+    expect(await readFile(join(root, 'manifest.json'), 'utf8')).toBe('{"format": "soppu-bank"}');
+    await writeReport(bank.manifest, join(root, 'manifest.html'), 'x', { force: true });
+    expect(JSON.parse(await readFile(join(root, 'manifest.json'), 'utf8')).report).toBe('soppu-bank-report');
+    await expect(writeReport(bank.manifest, join(root, 'r.json'), 'x')).rejects.toThrow('report output');
   });
 
   it('renders vega-lite to SVG headless under Node', async () => {
