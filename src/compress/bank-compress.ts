@@ -4,7 +4,7 @@
 import type { LoraAdapter } from '../io/lora-types.js';
 import { adapterConfigJsonOrNull, loadAdapterArguments } from './bank-source.js';
 import type { BankManifest } from './bank-manifest.js';
-import { writeBank, type AdapterExtras } from './bank-writer.js';
+import { checkNewBankOutput, writeBank, type AdapterExtras } from './bank-writer.js';
 import { compressAdapters } from './compress-adapters.js';
 import type { CompressOptions } from './compression-types.js';
 import { SoppuError } from '../errors/soppu-error.js';
@@ -27,11 +27,13 @@ export function extrasOf(inputs: readonly { id: string; adapter: LoraAdapter }[]
 /** Compresses already-loaded adapters into a new bank at `out`. */
 export async function compressIntoBank(inputs: readonly { id: string; adapter: LoraAdapter }[], out: string, options: CompressToBankOptions): Promise<BankManifest> {
   if (inputs.length === 0) throw new SoppuError('CONFIG', 'no adapters to compress', { field: 'adapters' });
+  await checkNewBankOutput(out, options.replace ?? false); // before the compression, which can take minutes
   const result = await compressAdapters(inputs, options.compress);
   return writeBank(out, result, extrasOf(inputs), { replace: options.replace ?? false, addedBy: 'compress' });
 }
 
 /** Loads adapter arguments ("dir" or "id=dir") and compresses them into a bank at `out`. */
 export async function compressDirectoriesToBank(adapterArguments: readonly string[], out: string, options: CompressToBankOptions): Promise<BankManifest> {
+  await checkNewBankOutput(out, options.replace ?? false); // before loading every adapter
   return compressIntoBank(await loadAdapterArguments(adapterArguments), out, options);
 }

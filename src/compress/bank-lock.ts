@@ -12,7 +12,7 @@
  * lock while it is being replaced.
  */
 import { createHash, randomBytes } from 'node:crypto';
-import { link, mkdir, readFile, rename, unlink, writeFile } from 'node:fs/promises';
+import { link, mkdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 
@@ -23,11 +23,15 @@ const MAX_ATTEMPTS = 8;
 /** Per bank directory, the tail of this process's queue of lock holders. */
 const queues = new Map<string, Promise<unknown>>();
 
-/** Runs `fn` holding the bank's lock (see the module comment); the lock is released when it settles. */
-export async function withBankLock<T>(dir: string, fn: () => Promise<T>): Promise<T> {
+/**
+ * Runs `fn` holding the bank's lock (see the module comment); the lock is released when it settles.
+ * `create` makes the folder (a new bank); else a folder that does not exist is FILE_NOT_FOUND, and a
+ * mistyped bank path is not left behind as an empty folder.
+ */
+export async function withBankLock<T>(dir: string, fn: () => Promise<T>, options: { create?: boolean } = {}): Promise<T> {
   const key = resolve(dir);
   const previous = queues.get(key) ?? Promise.resolve();
-  const run = previous.catch(() => undefined).then(() => withLockFile(dir, fn));
+  const run = previous.catch(() => undefined).then(() => withLockFile(dir, fn, options.create === true));
   const tail = run.catch(() => undefined);
   queues.set(key, tail);
   try {
@@ -37,11 +41,25 @@ export async function withBankLock<T>(dir: string, fn: () => Promise<T>): Promis
   }
 }
 
-async function withLockFile<T>(dir: string, fn: () => Promise<T>): Promise<T> {
-  await mkdir(dir, { recursive: true });
+async function withLockFile<T>(dir: string, fn: () => Promise<T>, create: boolean): Promise<T> {
+  if (create) {
+    try {
+      await mkdir(dir, { recursive: true });
+    } catch (e) {
+      throw new SoppuError('FILE_IO', `${dir}: cannot create the bank folder (${(e as Error).message})`, { file: dir }, { cause: e });
+    }
+  }
+  const info = await stat(dir).catch(() => null);
+  if (!info) throw new SoppuError('FILE_NOT_FOUND', `${join(dir, 'manifest.json')}: no bank here (the folder ${dir} does not exist)`, { file: dir });
+  if (!info.isDirectory()) throw new SoppuError('FILE_IO', `${dir}: is a file, not a bank folder`, { file: dir });
   const lockPath = join(dir, LOCK_NAME);
   const token = `${process.pid} ${randomBytes(8).toString('hex')}\n`;
-  await takeLock(dir, lockPath, token);
+  try {
+    await takeLock(dir, lockPath, token);
+  } catch (e) {
+    if (e instanceof SoppuError) throw e;
+    throw new SoppuError('FILE_IO', `${dir}: cannot take the bank lock (${(e as Error).message})`, { file: dir }, { cause: e });
+  }
   try {
     return await fn();
   } finally {

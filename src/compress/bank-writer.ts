@@ -11,7 +11,7 @@
  */
 import { createHash } from 'node:crypto';
 import { mkdir, readdir, readFile, stat, unlink } from 'node:fs/promises';
-import { join } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import { withBankLock } from './bank-lock.js';
 import { safetensorsToBytes, tensorDataFromBytes, writeFileAtomic } from '../io/safetensors.js';
@@ -155,7 +155,32 @@ export interface WriteBankOptions {
  * manifest. Refuses a directory that already holds a bank unless `replace`.
  */
 export async function writeBank(dir: string, result: CompressionResult, extras: ReadonlyMap<string, AdapterExtras>, options: WriteBankOptions = {}): Promise<BankManifest> {
-  return withBankLock(dir, () => writeBankLocked(dir, result, extras, options));
+  return withBankLock(dir, () => writeBankLocked(dir, result, extras, options), { create: true });
+}
+
+/**
+ * Checks, before any work, that a new bank can be written at `dir`: it is a folder (or can be made
+ * one) and holds no bank unless `replace`. writeBank checks again under the lock.
+ */
+export async function checkNewBankOutput(dir: string, replace: boolean): Promise<void> {
+  const info = await stat(dir).catch(() => null);
+  if (info && !info.isDirectory()) throw new SoppuError('FILE_IO', `${dir}: is a file, not a bank folder`, { file: dir });
+  if (info && !replace && (await readManifestText(dir)) !== null) {
+    throw new SoppuError('BANK_CONFLICT', `${join(dir, MANIFEST_NAME)}: a bank already exists here; use \`soppu bank add\` to add adapters or --force to replace it`, { file: join(dir, MANIFEST_NAME) });
+  }
+  if (!info) {
+    // the nearest existing parent must be a folder: `-o model/config.json/bank` fails now, not after compressing
+    let parent = dirname(resolve(dir));
+    for (;;) {
+      const found = await stat(parent).catch(() => null);
+      if (found) {
+        if (!found.isDirectory()) throw new SoppuError('FILE_IO', `${dir}: cannot create the bank folder (${parent} is a file)`, { file: dir });
+        break;
+      }
+      if (dirname(parent) === parent) break;
+      parent = dirname(parent);
+    }
+  }
 }
 
 /** writeBank for a caller that already holds the bank lock (refit). */

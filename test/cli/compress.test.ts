@@ -128,6 +128,15 @@ describe('soppu compress / bank / verify / export / report', () => {
     expect((await runCli(['export', bank, 'user-0002', '-o', join(root, 'bf16'), '--dtype', 'bf16'])).code).toBe(0);
     expect((await loadLoraAdapter(join(root, 'bf16'))).sourceDtype).toBe('BF16');
     expect((await runCli(['export', bank, 'nobody', '-o', join(root, 'x')])).stderr).toMatch(/ADAPTER_NOT_FOUND.*"nobody"/);
+    // a folder that already holds files (here the export above) is not written over without --force
+    const before = await readFile(join(out, 'adapter_model.safetensors'));
+    const refused = await runCli(['export', bank, 'user-0001', '-o', out]);
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toContain(`-o ${out} already holds files (adapter_config.json, adapter_model.safetensors); choose a new or empty folder, or pass --force to write into it`);
+    expect(await readFile(join(out, 'adapter_model.safetensors'))).toEqual(before);
+    expect((await runCli(['export', bank, 'user-0001', '-o', out, '--force'])).code).toBe(0);
+    expect(await readFile(join(out, 'adapter_model.safetensors'))).not.toEqual(before);
+    process.exitCode = undefined;
 
     const html = join(root, 'report.html');
     const reported = await runCli(['report', bank, '-o', html]);

@@ -44,8 +44,20 @@ afterAll(async () => {
 });
 
 describe('bank lock', () => {
+  it('makes the folder only for a new bank: a mistyped bank path is FILE_NOT_FOUND and is not left behind; a file is FILE_IO', async () => {
+    const typo = join(root, 'bnak');
+    await expect(withBankLock(typo, async () => 'ran')).rejects.toMatchObject({ code: 'FILE_NOT_FOUND', message: `${join(typo, 'manifest.json')}: no bank here (the folder ${typo} does not exist)` });
+    await expect(readdir(typo)).rejects.toMatchObject({ code: 'ENOENT' });
+    const file = join(root, 'a-file');
+    await writeFile(file, 'x');
+    await expect(withBankLock(file, async () => 'ran')).rejects.toMatchObject({ code: 'FILE_IO', message: `${file}: is a file, not a bank folder` });
+    await expect(withBankLock(join(file, 'bank'), async () => 'ran', { create: true })).rejects.toMatchObject({ code: 'FILE_IO', message: expect.stringContaining(`${join(file, 'bank')}: cannot create the bank folder`) });
+    expect(await withBankLock(join(root, 'new-bank'), async () => 'ran', { create: true })).toBe('ran');
+  });
+
   it('queues the callers of one process on one bank, in order, and holds a whole lock file while each runs', async () => {
     const dir = join(root, 'queue');
+    await mkdir(dir);
     const log: string[] = [];
     const held: string[] = [];
     const calls = Array.from({ length: 5 }, (_, i) =>
@@ -67,6 +79,7 @@ describe('bank lock', () => {
 
   it('releases the lock when the holder throws, and the next caller runs', async () => {
     const dir = join(root, 'throws');
+    await mkdir(dir);
     const failing = withBankLock(dir, async () => {
       throw new Error('holder failed');
     });

@@ -68,3 +68,20 @@ describe("the manifest's options", () => {
     await expect(openBank(dir)).rejects.toMatchObject({ code: 'BANK_CORRUPT', message: expect.stringContaining('options.maxError') });
   });
 });
+
+describe('compress checks its output before it compresses', () => {
+  it('an existing bank (without replace) or a path under a file is refused first, not after the compression', async () => {
+    const inputs = syntheticAdapterSet({ slots: SLOTS, count: 2, rank: 4, sharedRank: 2, seed: 6 });
+    const dir = join(root, 'taken');
+    await compressIntoBank(inputs, dir, { compress: { method: 'jd-full', maxError: 0.1, seed: 2 } });
+    // options the compressor refuses: the output's error shows that it was checked first
+    const bogus = { method: 'bogus' as never };
+    await expect(compressIntoBank(inputs, dir, { compress: bogus })).rejects.toMatchObject({ code: 'BANK_CONFLICT', message: expect.stringContaining('a bank already exists here') });
+    await expect(compressIntoBank(inputs, join(root, 'fresh-out'), { compress: bogus })).rejects.toMatchObject({ code: 'CONFIG' });
+    const file = join(root, 'plain-file');
+    await writeFile(file, 'x');
+    await expect(compressIntoBank(inputs, file, { compress: bogus })).rejects.toMatchObject({ code: 'FILE_IO', message: `${file}: is a file, not a bank folder` });
+    await expect(compressIntoBank(inputs, join(file, 'sub', 'bank'), { compress: bogus })).rejects.toMatchObject({ code: 'FILE_IO', message: expect.stringContaining(`(${file} is a file)`) });
+  });
+});
+

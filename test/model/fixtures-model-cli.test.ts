@@ -32,6 +32,17 @@ describe('soppu fixtures model', () => {
     expect(model.config.architecture).toBe('mistral');
     expect(model.weights.embedding.dtype).toBe('f16');
     expect(model.weights.lmHead).toBe(model.weights.embedding);
+    // again into the same folder (a real model's shards could be there): refused unless --force
+    const again = await run(['fixtures', 'model', '--out', out]);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toMatch(/^soppu: error \[CONFIG\]: --out .* already holds files \(.*\); choose a new or empty folder, or pass --force to write into it/);
+    expect((await readdir(out)).filter((f) => f.endsWith('.safetensors'))).toHaveLength(2);
+    expect((await run(['fixtures', 'model', '--out', out, '--force'])).code).toBe(0);
+    expect((await readdir(out)).filter((f) => f.endsWith('.safetensors'))).toEqual(['model.safetensors']);
+    const onFile = await run(['fixtures', 'model', '--out', join(out, 'config.json')]);
+    expect(onFile.stderr).toMatch(/^soppu: error \[FILE_IO\]: --out .*config\.json: is a file, not a folder/);
+    const underFile = await run(['fixtures', 'model', '--out', join(out, 'config.json', 'sub')]);
+    expect(underFile.stderr).toMatch(/^soppu: error \[FILE_IO\]: .*sub: cannot create the model folder/);
   });
 
   it('writes SmolLM-135M widths (layer count overridable) with a 49152-token vocabulary', async () => {

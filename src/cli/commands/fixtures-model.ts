@@ -2,6 +2,7 @@ import type { Command } from 'commander';
 import { SoppuError } from '../../errors/soppu-error.js';
 import type { ModelArchName, ModelDtypeName, ModelShapeName } from '../../io/fixtures/generate-model.js';
 import { generateModel, MODEL_SHAPES } from '../../io/fixtures/generate-model.js';
+import { refuseNonEmptyOutput } from '../output-folder.js';
 
 interface ModelOptions {
   out: string;
@@ -13,6 +14,7 @@ interface ModelOptions {
   shards?: string;
   layers?: string;
   json?: boolean;
+  force?: boolean;
 }
 
 function choice<T extends string>(value: string, allowed: readonly T[], option: string): T {
@@ -46,7 +48,9 @@ export function addFixturesModelCommand(fixtures: Command): void {
     .option('--shards <n>', 'number of safetensors shards (default: 1, or ≤ 2 GiB each)')
     .option('--layers <n>', 'override the number of layers')
     .option('--json', 'print a JSON summary')
+    .option('--force', 'write into an output folder that already holds files (its weights are replaced)')
     .action(async (options: ModelOptions) => {
+      await refuseNonEmptyOutput(options.out, options.force === true, '--out');
       const generated = await generateModel({
         out: options.out,
         shape: choice(options.shape, Object.keys(MODEL_SHAPES) as ModelShapeName[], 'shape'),
