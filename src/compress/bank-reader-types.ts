@@ -64,4 +64,6 @@ export interface BankReader {
   loadAdapter(id: string): Promise<BankAdapterParts>;
   /** Reads one cluster × slot pair of shared bases. */
   loadBases(key: string): Promise<SharedBases>;
+  /** The linear layers the bank's adapters adapt, with their shapes (to check a bank against a model up front). */
+  readonly slotShapes?: readonly { readonly path: string; readonly inFeatures: number; readonly outFeatures: number }[];
 }

@@ -68,6 +68,10 @@ export class Bank implements BankReader {
     return this.manifest.baseModel;
   }
 
+  get slotShapes(): readonly { path: string; inFeatures: number; outFeatures: number }[] {
+    return this.manifest.slots.map((s) => ({ path: s.path, inFeatures: s.inFeatures, outFeatures: s.outFeatures }));
+  }
+
   ids(): readonly string[] {
     return this.sortedIds;
   }

@@ -34,7 +34,7 @@ import type {
 import { IncrementalDecoder, engineTokenizerOf, type EngineTokenizer } from './engine-tokenizer.js';
 import { EventQueue } from './event-queue.js';
 import { KvBlockPool } from './kv-block-pool.js';
-import { residentFromLora, slotKey, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
+import { parseSlotPath, residentFromLora, slotKey, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
 import { Sampler, resolveSampling, rowKernelsOf, type RowKernels } from './sampler.js';
 import { promptTail } from './prompt-tail.js';
 import { Scheduler, type ScheduledSequence, type StepEntry } from './scheduler.js';
@@ -719,6 +719,27 @@ export function slotShapeOf(config: LlamaConfig): SlotShape {
   return (layer, module) => (layer >= 0 && layer < config.numLayers ? shapes[module] : null);
 }
 
+/**
+ * A bank made for another model is refused when the engine starts, naming a slot that does not fit;
+ * otherwise the server would list its adapters and fail every request that names one.
+ */
+function checkBankFitsModel(bank: BankReader, shape: SlotShape): void {
+  for (const slot of bank.slotShapes ?? []) {
+    const parsed = parseSlotPath(slot.path);
+    const expected = parsed ? shape(parsed.layer, parsed.module) : null;
+    if (!expected) {
+      throw new SoppuError('ADAPTER_INCOMPATIBLE', `bank ${bank.dir} does not fit this model: its slot ${slot.path} is not a linear layer of the model`, { file: bank.dir, tensor: slot.path });
+    }
+    if (expected.inFeatures !== slot.inFeatures || expected.outFeatures !== slot.outFeatures) {
+      throw new SoppuError(
+        'ADAPTER_INCOMPATIBLE',
+        `bank ${bank.dir} does not fit this model: its slot ${slot.path} is [${slot.outFeatures}, ${slot.inFeatures}] (out, in), the model's is [${expected.outFeatures}, ${expected.inFeatures}]`,
+        { file: bank.dir, tensor: slot.path },
+      );
+    }
+  }
+}
+
 function checkLimits(options: EngineOptions, config: LlamaConfig): void {
   const positive = (field: keyof EngineOptions): number => {
     const value = options[field];
@@ -766,6 +787,7 @@ export async function createEngine(options: EngineOptions, defaults: EngineDefau
   const open = defaults.openBank ?? openBank;
   let bank = options.bank ?? null;
   if (!bank && options.bankDir) bank = await open(options.bankDir);
+  if (bank) checkBankFitsModel(bank, slotShapeOf(model.config));
   const loadLocal = options.loadLocalAdapter ?? defaults.loadLocalAdapter ?? ((dir: string) => loadLoraAdapter(dir));
   return new SoppuEngine({ ...options, bank }, model, tokenizer, loadLocal, open);
 }

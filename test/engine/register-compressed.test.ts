@@ -13,6 +13,7 @@ import { createEngine } from '../../src/engine/engine.js';
 import { loadLoraAdapter } from '../../src/io/load-lora-adapter.js';
 import type { LoraAdapter } from '../../src/io/lora-types.js';
 import { saveLoraAdapter } from '../../src/io/save-lora-adapter.js';
+import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
 import { charTokenizer, collect, randomLora, tinyModel } from './helpers.js';
 
 const model = tinyModel(11);
@@ -110,6 +111,17 @@ describe('registerAdapter with compress', () => {
     const asExported = await collect(engine.generate({ prompt, maxNewTokens: 5, ignoreEos: true, adapterId: 'x', adapterSource: 'local', adapterPath: exported }));
     expect(served.tokens).toEqual(asExported.tokens);
     await engine.close();
+  });
+
+  it('a bank made for another model is refused when the engine starts, naming a slot that does not fit', async () => {
+    const bankDir = join(root, 'bank-other-model');
+    const slots = [{ path: 'model.layers.0.self_attn.q_proj', inFeatures: 16, outFeatures: 16 }];
+    await compressIntoBank(syntheticAdapterSet({ slots, count: 2, rank: 2, sharedRank: 1, seed: 1 }), bankDir, { compress: { method: 'jd-full', rank: 1, seed: 1 } });
+    const d = model.config.hiddenSize;
+    await expect(createEngine({
+      model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 20,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8,
+    })).rejects.toMatchObject({ code: 'ADAPTER_INCOMPATIBLE', message: `bank ${bankDir} does not fit this model: its slot model.layers.0.self_attn.q_proj is [16, 16] (out, in), the model's is [${d}, ${d}]` });
   });
 
   it('calls onRelease for a raw registration once it is replaced and no request holds it', async () => {
