@@ -49,9 +49,14 @@ export class KvBlockPool {
     const perLayer = numBlocks * shape.blockSize * shape.kvHeads * shape.headDim;
     const k: Float32Array[] = [];
     const v: Float32Array[] = [];
-    for (let l = 0; l < shape.layers; l++) {
-      k.push(new Float32Array(perLayer));
-      v.push(new Float32Array(perLayer));
+    try {
+      for (let l = 0; l < shape.layers; l++) {
+        k.push(new Float32Array(perLayer));
+        v.push(new Float32Array(perLayer));
+      }
+    } catch (e) {
+      // past the typed-array length limit, or more than the machine gives
+      throw new SoppuError('CONFIG', `KV cache budget of ${budgetBytes} bytes cannot be allocated (${(e as Error).message}); lower it`, { field: 'kvBudgetBytes' }, { cause: e });
     }
     this.storage = { numBlocks, blockSize: shape.blockSize, k, v };
     this.free = [];

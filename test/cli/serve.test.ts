@@ -54,6 +54,19 @@ describe('soppu serve: --port, --host and listen failures', () => {
     }
   });
 
+  it('a memory budget past its limit is a CONFIG error naming the flag, not a RangeError from the allocation', async () => {
+    for (const [flag, value] of [['--kv-memory-mb', '1e9'], ['--kv-memory-mb', '1000000000'], ['--adapter-memory-mb', '99999999999']] as const) {
+      const r = await serve('--port', '0', flag, value);
+      expect(r.code, `${flag} ${value}`).toBe(1);
+      expect(configErrorLine(r.stderr)).toContain(`${flag} must be an integer from ${flag === '--kv-memory-mb' ? 1 : 0} to 4194304, got '${value}'`);
+    }
+  });
+
+  it('a KV budget the machine cannot allocate is a CONFIG error', async () => {
+    const { KvBlockPool } = await import('../../src/engine/kv-block-pool.js');
+    expect(() => new KvBlockPool({ layers: 1, kvHeads: 1, headDim: 1, blockSize: 1 }, 2 ** 45)).toThrow(/KV cache budget of 35184372088832 bytes cannot be allocated \(.*\); lower it/);
+  });
+
   it('a port in use is one CONFIG line, exit 1', async () => {
     const r = await serve('--port', String(busyPort));
     expect(r.code).toBe(1);

@@ -43,11 +43,16 @@ interface ServeOptions {
   maxUploadMb: string;
 }
 
-function integer(value: string, name: string, min: number): number {
+function integer(value: string, name: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
   const n = Number(value);
-  if (!Number.isSafeInteger(n) || n < min) throw new SoppuError('CONFIG', `--${name} must be an integer >= ${min}, got '${value}'`, { field: name, limit: min });
+  if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
+    throw new SoppuError('CONFIG', `--${name} must be an integer from ${min} to ${max}, got '${value}'`, { field: name, limit: n > max ? max : min });
+  }
   return n;
 }
+
+/** The most MiB a memory budget flag takes (4 TiB): beyond it is a typo, not a machine. */
+const MAX_MEMORY_MB = 4 * 1024 * 1024;
 
 /** Port numbers `--port` accepts (0 lets the OS pick a free one). */
 const MAX_PORT = 65535;
@@ -196,7 +201,7 @@ export function register(program: Command): void {
       }
       const model = await loadLlamaModel(modelDir as string);
       const modelLimit = model.config.maxPositionEmbeddings;
-      const kvMemoryMb = integer(options.kvMemoryMb, 'kv-memory-mb', 1);
+      const kvMemoryMb = integer(options.kvMemoryMb, 'kv-memory-mb', 1, MAX_MEMORY_MB);
       const blockSize = integer(options.blockSize, 'block-size', 1);
       const kvShape = { layers: model.config.numLayers, kvHeads: model.config.numKvHeads, headDim: model.config.headDim, blockSize };
       const kvTokens = kvBlocksForBudget(kvShape, kvMemoryMb * 1024 * 1024) * blockSize;
@@ -229,7 +234,7 @@ export function register(program: Command): void {
         modelId: demo ? 'soppu/demo-tiny' : path.basename(path.resolve(modelDir as string)),
         ...(bankDir ? { bankDir } : {}),
         kvBudgetBytes: kvMemoryMb * 1024 * 1024,
-        adapterBudgetBytes: integer(options.adapterMemoryMb, 'adapter-memory-mb', 0) * 1024 * 1024,
+        adapterBudgetBytes: integer(options.adapterMemoryMb, 'adapter-memory-mb', 0, MAX_MEMORY_MB) * 1024 * 1024,
         maxBatchTokens: integer(options.maxBatchTokens, 'max-batch-tokens', 1),
         maxRunningRequests: integer(options.maxRunningRequests, 'max-running-requests', 1),
         maxInputTokens,
