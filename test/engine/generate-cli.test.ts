@@ -90,10 +90,16 @@ describe('soppu generate (generated tiny model and adapters on disk)', () => {
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/\[ADAPTER_LOAD\].*nope/);
     // empty values are refused, not read as 0 or as "no adapter"
-    for (const [flag, message] of [['--temperature', /--temperature must be a number, got ""/], ['--seed', /--seed must be an integer >= 0, got ""/], ['--adapter', /--adapter is empty/]] as const) {
+    for (const [flag, message] of [['--temperature', /--temperature must be a number, got ""/], ['--seed', /--seed must be an integer from 0 to 9007199254740991, got ""/], ['--adapter', /--adapter is empty/]] as const) {
       const empty = await runCli(['generate', '--model', modelDir, '--prompt', 'x', flag, '']);
       expect(empty.code, flag).toBe(1);
       expect(empty.stderr, flag).toMatch(message);
+    }
+    // integers are decimal digits within 2^53: a larger seed is not silently rounded to another one
+    for (const seed of ['18446744073709551616', '1e30', '0x10', '1.5', '-1']) {
+      const refused = await runCli(['generate', '--model', modelDir, '--prompt', 'x', '--seed', seed]);
+      expect(refused.code, seed).toBe(1);
+      expect(refused.stderr, seed).toContain(`--seed must be an integer from 0 to 9007199254740991, got "${seed}"`);
     }
   });
 });

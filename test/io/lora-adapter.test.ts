@@ -310,6 +310,8 @@ describe('adapter generator', () => {
     const two = await writeGeneratedAdapters(freshDir(), 3, { base: BASE_SHAPES.tiny, seed: 1 });
     expect(one.map((d) => d.slice(-9))).toEqual(['user-0000', 'user-0001']);
     expect(await readFile(join(one[1]!, 'adapter_model.safetensors'))).toEqual(await readFile(join(two[1]!, 'adapter_model.safetensors')));
+    // a deltaStd past f32's range is refused, not written as infinities every reader then refuses
+    expect(() => new AdapterGenerator({ base: BASE_SHAPES.tiny, seed: 1, deltaStd: 1e308 }).adapter(0)).toThrow(/deltaStd 1e\+308 gives B entries of RMS .*, past f32's range/);
   });
 
   it('shared rank K plants a common subspace: deltas of two adapters share column space', () => {

@@ -22,8 +22,9 @@ interface GenerateOptions {
 
 function integer(value: string | undefined, field: string, min: number): number | undefined {
   if (value === undefined) return undefined;
-  const n = value.trim() === '' ? Number.NaN : Number(value); // Number('') is 0
-  if (!Number.isInteger(n) || n < min) throw new SoppuError('CONFIG', `--${field} must be an integer >= ${min}, got "${value}"`, { field, limit: `>= ${min}` });
+  // decimal digits within 2^53: Number() also takes '1e30', '0x10', and rounds larger integers (a seed past 2^53 became another seed)
+  const n = /^\s*\d+\s*$/.test(value) ? Number(value) : Number.NaN;
+  if (!Number.isSafeInteger(n) || n < min) throw new SoppuError('CONFIG', `--${field} must be an integer from ${min} to ${Number.MAX_SAFE_INTEGER}, got "${value}"`, { field, limit: `>= ${min}` });
   return n;
 }
 
