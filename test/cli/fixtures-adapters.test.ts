@@ -1,6 +1,6 @@
 import { mkdtemp, readFile, readdir, rm, writeFile, mkdir } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
-import { join } from 'node:path';
+import { join, relative } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { loadLoraAdapter } from '../../src/io/load-lora-adapter.js';
 import { buildProgram } from '../../src/cli/main.js';
@@ -51,6 +51,13 @@ describe('soppu fixtures adapters', () => {
     expect(JSON.parse(result.stdout)).toMatchObject({ count: 1, dtype: 'f32' });
     const k = (await loadLoraAdapter(join(out, 'user-0000'))).modules.get('model.layers.0.self_attn.k_proj')!;
     expect([k.inFeatures, k.outFeatures]).toEqual([32, 8]);
+    // the base model is recorded as one name however the folder was typed, so these adapters go together
+    const relativeOut = join(root, 'from-model-relative');
+    const typed = `${relative(process.cwd(), model)}/./`;
+    expect((await runCli(['fixtures', 'adapters', '--model', typed, '--count', '1', '--out', relativeOut, '--rank', '2', '--targets', 'k_proj'])).code).toBe(0);
+    const baseOf = async (dir: string) => JSON.parse(await readFile(join(dir, 'user-0000', 'adapter_config.json'), 'utf8')).base_model_name_or_path;
+    expect(await baseOf(relativeOut)).toBe(model);
+    expect(await baseOf(out)).toBe(model);
     const gpt2 = join(root, 'gpt2');
     expect((await runCli(['fixtures', 'adapters', '--base', 'gpt2', '--count', '1', '--out', gpt2, '--rank', '2', '--layers', '1', '--doubled-prefix', '--adapter-name', 'default', '--rslora'])).code).toBe(0);
     const loaded = await loadLoraAdapter(join(gpt2, 'user-0000'));

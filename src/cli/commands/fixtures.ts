@@ -1,3 +1,4 @@
+import path from 'node:path';
 import type { Command } from 'commander';
 import { SoppuError } from '../../errors/soppu-error.js';
 import { BASE_SHAPE_NAMES, BASE_SHAPES, readBaseShapeFromModelDir, type BaseShapeName } from '../../io/fixtures/base-shapes.js';
@@ -91,7 +92,8 @@ export function addFixturesAdaptersCommand(fixtures: Command): void {
         deltaStd: positive(options.deltaStd, 'delta-std'),
         noise,
         rslora: options.rslora ?? false,
-        baseModelName: options.model,
+        // the folder as one name however it was typed (m/, ./m): adapters of one model then go together in a bank
+        baseModelName: options.model === undefined ? undefined : path.resolve(options.model),
       }, { dtype, doubledPrefix: options.doubledPrefix ?? false, adapterName: options.adapterName });
       if (options.json) {
         process.stdout.write(`${JSON.stringify({ base: base.name, count: dirs.length, dtype, dirs }, null, 2)}\n`);
