@@ -6,6 +6,7 @@
  */
 import { Command, CommanderError } from 'commander';
 import { isSoppuError } from '../errors/soppu-error.js';
+import { removeUnfinishedWrites } from '../io/safetensors.js';
 import { COMMANDS } from './commands/index.js';
 
 export function buildProgram(): Command {
@@ -43,6 +44,16 @@ if (invokedDirectly || process.argv[1]?.endsWith('/soppu') || process.argv[1]?.e
     if (error.code === 'EPIPE') process.exit(process.exitCode ?? 0);
     throw error;
   });
+  // Ctrl-C / SIGTERM: remove the temp files of writes in progress, then exit as the signal would.
+  // serve handles both itself (it drains running requests first).
+  if (process.argv[2] !== 'serve') {
+    for (const [signal, code] of [['SIGINT', 130], ['SIGTERM', 143]] as const) {
+      process.once(signal, () => {
+        removeUnfinishedWrites();
+        process.exit(code);
+      });
+    }
+  }
   main(process.argv.slice(2)).then((code) => {
     process.exitCode = code;
   });

@@ -10,6 +10,7 @@
  * reads one tensor's bytes. Writing is atomic (temp file in the same directory, fsync, rename, fsync
  * of the directory) and deterministic (tensors sorted by name, stable key order, data 8-byte aligned).
  */
+import { unlinkSync } from 'node:fs';
 import { open, rename, unlink, type FileHandle } from 'node:fs/promises';
 import { basename, dirname, join } from 'node:path';
 import { randomBytes } from 'node:crypto';
@@ -464,14 +465,34 @@ export function safetensorsToBytes(tensors: readonly TensorToWrite[], metadata: 
   return out;
 }
 
+/** Temp files of writeFileAtomic calls in progress: an interrupted command removes them (removeUnfinishedWrites). */
+const unfinishedWrites = new Set<string>();
+
+/**
+ * Deletes the temp files of writes still in progress, at once (for a signal handler about to exit): a
+ * Ctrl-C during a large write (a GGUF export, a bank) left hidden files of gigabytes behind.
+ */
+export function removeUnfinishedWrites(): void {
+  for (const temp of unfinishedWrites) {
+    try {
+      unlinkSync(temp);
+    } catch {
+      // already gone, or never created
+    }
+  }
+  unfinishedWrites.clear();
+}
+
 /**
  * Writes `data` chunks to `path` atomically: a temp file in the same directory is written and
- * fsynced, renamed over `path`, and the directory is fsynced. On failure the temp file is removed.
+ * fsynced, renamed over `path`, and the directory is fsynced. On failure the temp file is removed;
+ * on a signal, by removeUnfinishedWrites.
  */
 export async function writeFileAtomic(path: string, chunks: readonly Uint8Array[]): Promise<void> {
   const directory = dirname(path);
   const temp = join(directory, `.${basename(path)}.tmp-${process.pid}-${randomBytes(6).toString('hex')}`);
   let handle: FileHandle | null = null;
+  unfinishedWrites.add(temp);
   try {
     handle = await open(temp, 'wx');
     for (const chunk of chunks) {
@@ -489,6 +510,8 @@ export async function writeFileAtomic(path: string, chunks: readonly Uint8Array[
     if (handle) await handle.close().catch(() => undefined);
     await unlink(temp).catch(() => undefined);
     throw ioError(path, 'write', e);
+  } finally {
+    unfinishedWrites.delete(temp);
   }
   // Make the rename durable; some filesystems refuse fsync on a directory, which is harmless.
   try {
