@@ -62,6 +62,13 @@ describe('soppu serve: --port, --host and listen failures', () => {
     }
   });
 
+  it('an --adapters folder that does not exist is a CONFIG error before the model loads', async () => {
+    const missing = path.join(root, 'nope');
+    const r = await serve('--port', '0', '--adapters', missing);
+    expect(r.code).toBe(1);
+    expect(configErrorLine(r.stderr)).toContain(`--adapters ${missing}: not a folder`);
+  });
+
   it('a KV budget the machine cannot allocate is a CONFIG error', async () => {
     const { KvBlockPool } = await import('../../src/engine/kv-block-pool.js');
     expect(() => new KvBlockPool({ layers: 1, kvHeads: 1, headDim: 1, blockSize: 1 }, 2 ** 45)).toThrow(/KV cache budget of 35184372088832 bytes cannot be allocated \(.*\); lower it/);

@@ -5,7 +5,7 @@
  * subfolder is ever deleted (to redo an unfinished build); nothing else in the cache folder is
  * touched. SIGTERM/SIGINT drain: stop accepting, finish running requests within the deadline, exit 0.
  */
-import { lstatSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { lstatSync, mkdirSync, readdirSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { homedir } from 'node:os';
 import path from 'node:path';
 import type { Command } from 'commander';
@@ -195,6 +195,10 @@ export function register(program: Command): void {
       const port = portNumber(options.port);
       const accessControl = options.auth ? AccessControl.fromFile(options.auth) : null;
       for (const warning of accessControl?.warnings ?? []) log(`WARNING: ${warning}`);
+      const adapterDirs = (options.adapters ?? []).map((dir) => path.resolve(dir));
+      for (const dir of adapterDirs) {
+        if (!statSync(dir, { throwIfNoEntry: false })?.isDirectory()) throw new SoppuError('CONFIG', `--adapters ${dir}: not a folder`, { field: 'adapters', file: dir });
+      }
       if (demo) {
         if (bankDir !== undefined) throw new SoppuError('CONFIG', '--bank needs --model (the demo builds its own bank)', { field: 'bank' });
         ({ modelDir, bankDir } = await ensureDemo(cacheDir, log));
@@ -242,7 +246,6 @@ export function register(program: Command): void {
         blockSize,
         loraDtype: parseLoraDtype(options.loraDtype),
       });
-      const adapterDirs = (options.adapters ?? []).map((dir) => path.resolve(dir));
       const server = createServer(engine, {
         ...DEFAULT_SERVER_OPTIONS,
         ...serverLimits,

@@ -103,6 +103,7 @@ export function register(program: Command): void {
       const sources = new Map((await loadAdapterArguments(options.adapters ?? [])).map(({ id, adapter }) => [id, adapter]));
       const maxError = parseError(options.maxError, 'max-error');
       let engine: Engine | null = null;
+      const tokens = parseInteger(options.tokens, 'tokens', 1, 512)!; // checked whether or not --model uses it
       if (options.model && sources.size === 0) throw new SoppuError('CONFIG', '--model compares the originals with the bank: give them with --adapters', { field: 'model' });
       if (options.model) {
         const model = await loadLlamaModel(options.model);
@@ -117,7 +118,7 @@ export function register(program: Command): void {
         report = await verifyBank(bank, {
           sources,
           ...(maxError !== undefined ? { maxError } : {}),
-          ...(engine ? { modelCheck: engineModelCheck(engine, parseInteger(options.tokens, 'tokens', 1, 512)!) } : {}),
+          ...(engine ? { modelCheck: engineModelCheck(engine, tokens) } : {}),
         });
       } finally {
         await engine?.close();
