@@ -30,6 +30,21 @@ afterAll(async () => {
   await rm(root, { recursive: true, force: true });
 });
 
+/**
+ * A PEFT loader whose second read of the folder ending in `name` (the load for serving: the first is
+ * a registration's check) waits until `openGate` is called.
+ */
+function gatedSecondRead(name: string): { loadLocalAdapter: (dir: string) => Promise<LoraAdapter>; openGate: () => void } {
+  let reads = 0;
+  let openGate: () => void = () => undefined;
+  const gate = new Promise<void>((resolve) => (openGate = resolve));
+  const loadLocalAdapter = async (dir: string): Promise<LoraAdapter> => {
+    if (dir.endsWith(name) && ++reads === 2) await gate;
+    return loadLoraAdapter(dir);
+  };
+  return { loadLocalAdapter, openGate };
+}
+
 describe('registerAdapter with compress', () => {
   it('projects into the bank and serves the adapter compressed', async () => {
     const engine = await createEngine({
@@ -85,13 +100,7 @@ describe('registerAdapter with compress', () => {
     const exported = join(root, 'held-1-export');
     await exportAdapter(await openBank(bankDir), 'held-1', exported);
     // one load at a time, and a local adapter's load for serving (its second read) waits for the gate
-    let reads = 0;
-    let openGate: () => void = () => undefined;
-    const gate = new Promise<void>((resolve) => (openGate = resolve));
-    const loadLocalAdapter = async (dir: string): Promise<LoraAdapter> => {
-      if (dir.endsWith('concurrent-0') && ++reads === 2) await gate;
-      return loadLoraAdapter(dir);
-    };
+    const { loadLocalAdapter, openGate } = gatedSecondRead('concurrent-0');
     const engine = await createEngine({
       model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26, maxConcurrentLoads: 1,
       maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7, loadLocalAdapter,
@@ -126,13 +135,7 @@ describe('registerAdapter with compress', () => {
 
   it('calls onRelease for a raw registration once it is replaced and no request holds it', async () => {
     // the first registration's load for serving (its second read: the first is registration's check) waits
-    let reads = 0;
-    let openGate: () => void = () => undefined;
-    const gate = new Promise<void>((resolve) => (openGate = resolve));
-    const loadLocalAdapter = async (dir: string): Promise<LoraAdapter> => {
-      if (dir.endsWith('concurrent-0') && ++reads === 2) await gate;
-      return loadLoraAdapter(dir);
-    };
+    const { loadLocalAdapter, openGate } = gatedSecondRead('concurrent-0');
     const engine = await createEngine({
       model, tokenizer: charTokenizer(), bankDir: join(root, 'bank'), kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
       maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7, loadLocalAdapter,

@@ -14,23 +14,34 @@ import { sseEvents } from './helpers.js';
 const CLI = path.resolve('dist/src/cli/main.js');
 const built = existsSync(path.resolve('dist/src/cli/commands/serve.js'));
 
+/** `soppu serve ARGS` as a child process; `base` resolves to its URL once it listens. */
+function startServe(args: readonly string[]) {
+  const child = spawn(process.execPath, [CLI, 'serve', '--port', '0', ...args], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let stdout = '';
+  let stderr = '';
+  child.stderr.on('data', (d) => (stderr += String(d)));
+  const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+  const base = new Promise<string>((resolve, reject) => {
+    child.stdout.on('data', (d) => {
+      stdout += String(d);
+      const match = /listening on (http:\/\/\S+)/.exec(stdout);
+      if (match?.[1]) resolve(match[1]);
+    });
+    void exited.then(() => reject(new Error(`serve exited early: ${stderr}`)));
+  });
+  /** Resolves once stderr holds `text`. */
+  const logged = async (text: string): Promise<void> => {
+    while (!stderr.includes(text)) await new Promise((resolve) => setTimeout(resolve, 5));
+  };
+  return { child, base, exited, stderr: () => stderr, logged };
+}
+
 describe.skipIf(!built)('soppu serve (child process)', () => {
   it('SIGTERM drains: the running stream completes, new requests get 503 meanwhile, then the listener closes and the exit code is 0', async () => {
     const root = mkdtempSync(path.join(tmpdir(), 'soppu-serve-'));
     const model = await generateModel({ out: path.join(root, 'model'), shape: 'tiny', seed: 5 });
-    const child = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--drain-deadline-s', '20', '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stderr.on('data', (d) => (stderr += String(d)));
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
-    const base = await new Promise<string>((resolve, reject) => {
-      child.stdout.on('data', (d) => {
-        stdout += String(d);
-        const match = /listening on (http:\/\/\S+)/.exec(stdout);
-        if (match?.[1]) resolve(match[1]);
-      });
-      void exited.then(() => reject(new Error(`serve exited early: ${stderr}`)));
-    });
+    const { child, base: listening, exited, stderr, logged } = startServe(['--model', model.dir, '--drain-deadline-s', '20', '--cache', path.join(root, 'cache')]);
+    const base = await listening;
     const response = await fetch(`${base}/generate_stream`, {
       method: 'POST',
       headers: { 'content-type': 'application/json' },
@@ -41,7 +52,7 @@ describe.skipIf(!built)('soppu serve (child process)', () => {
     const decoder = new TextDecoder();
     let body = decoder.decode((await reader.read()).value);
     child.kill('SIGTERM');
-    while (!stderr.includes('SIGTERM: draining')) await new Promise((resolve) => setTimeout(resolve, 5));
+    await logged('SIGTERM: draining');
     // the stream still runs: the server answers, with 503
     expect((await fetch(`${base}/health`)).status).toBe(503);
     const refused = await fetch(`${base}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'hi' }) });
@@ -55,7 +66,7 @@ describe.skipIf(!built)('soppu serve (child process)', () => {
     expect(events.at(-1)?.details?.generated_tokens).toBe(400);
     expect(events.at(-1)?.generated_text).not.toBeNull();
     expect(await exited).toBe(0);
-    expect(stderr).toContain('SIGTERM: draining');
+    expect(stderr()).toContain('SIGTERM: draining');
     await expect(fetch(`${base}/health`)).rejects.toThrow();
   });
 
@@ -66,24 +77,10 @@ describe.skipIf(!built)('soppu serve (child process)', () => {
     const admin = 'sk-admin-0123456789';
     const carol = 'sk-carol-0123456789';
     writeFileSync(keys, JSON.stringify({ [admin]: { role: 'admin' } }));
-    const child = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--auth', keys, '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stderr.on('data', (d) => (stderr += String(d)));
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const { child, base: listening, exited, logged } = startServe(['--model', model.dir, '--auth', keys, '--cache', path.join(root, 'cache')]);
     try {
-      const base = await new Promise<string>((resolve, reject) => {
-        child.stdout.on('data', (d) => {
-          stdout += String(d);
-          const match = /listening on (http:\/\/\S+)/.exec(stdout);
-          if (match?.[1]) resolve(match[1]);
-        });
-        void exited.then(() => reject(new Error(`serve exited early: ${stderr}`)));
-      });
+      const base = await listening;
       const models = (key: string) => fetch(`${base}/v1/models`, { headers: { authorization: `Bearer ${key}` } });
-      const logged = async (text: string) => {
-        while (!stderr.includes(text)) await new Promise((resolve) => setTimeout(resolve, 5));
-      };
       expect((await models(carol)).status).toBe(401);
       writeFileSync(keys, JSON.stringify({ [admin]: { role: 'admin' }, [carol]: { role: 'user', adapters: ['carol-*'] } }));
       child.kill('SIGHUP');
@@ -105,26 +102,14 @@ describe.skipIf(!built)('soppu serve (child process)', () => {
     const root = mkdtempSync(path.join(tmpdir(), 'soppu-serve-'));
     // 16 layers of the tiny shape: 4 KiB of KV per token, so 1 MiB holds 256 tokens (the model allows 2048)
     const model = await generateModel({ out: path.join(root, 'model'), shape: 'tiny', seed: 5, numLayers: 16 });
-    const refused = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--kv-memory-mb', '1', '--max-total-tokens', '1000', '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let refusal = '';
-    refused.stderr.on('data', (d) => (refusal += String(d)));
-    expect(await new Promise((resolve) => refused.on('exit', resolve))).not.toBe(0);
-    expect(refusal).toContain('--max-total-tokens (1000) is more than the KV cache holds: --kv-memory-mb 1 holds 256 tokens of this model (4096 bytes each); raise --kv-memory-mb or lower --max-total-tokens');
-    const child = spawn(process.execPath, [CLI, 'serve', '--model', model.dir, '--port', '0', '--kv-memory-mb', '1', '--cache', path.join(root, 'cache')], { stdio: ['ignore', 'pipe', 'pipe'] });
-    let stdout = '';
-    let stderr = '';
-    child.stderr.on('data', (d) => (stderr += String(d)));
-    const exited = new Promise<number | null>((resolve) => child.on('exit', (code) => resolve(code)));
+    const refused = startServe(['--model', model.dir, '--kv-memory-mb', '1', '--max-total-tokens', '1000', '--cache', path.join(root, 'cache')]);
+    refused.base.catch(() => undefined); // it never listens
+    expect(await refused.exited).not.toBe(0);
+    expect(refused.stderr()).toContain('--max-total-tokens (1000) is more than the KV cache holds: --kv-memory-mb 1 holds 256 tokens of this model (4096 bytes each); raise --kv-memory-mb or lower --max-total-tokens');
+    const { child, base: listening, exited, stderr } = startServe(['--model', model.dir, '--kv-memory-mb', '1', '--cache', path.join(root, 'cache')]);
     try {
-      const base = await new Promise<string>((resolve, reject) => {
-        child.stdout.on('data', (d) => {
-          stdout += String(d);
-          const match = /listening on (http:\/\/\S+)/.exec(stdout);
-          if (match?.[1]) resolve(match[1]);
-        });
-        void exited.then(() => reject(new Error(`serve exited early: ${stderr}`)));
-      });
-      expect(stderr).toContain('max total tokens per request: 256, what --kv-memory-mb 1 holds');
+      const base = await listening;
+      expect(stderr()).toContain('max total tokens per request: 256, what --kv-memory-mb 1 holds');
       expect(((await (await fetch(`${base}/info`)).json()) as { max_total_tokens: number }).max_total_tokens).toBe(256);
       // no max_new_tokens: the default fits beside the prompt
       const response = await fetch(`${base}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'Hello there', parameters: { stop: ['zzzz'] } }) });
