@@ -74,8 +74,8 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
     void reply.code(status).send(body);
   });
   app.setNotFoundHandler((request, reply) => {
-    const { status, body } = errorResponse(new SoppuError('VALIDATION', `No route ${request.method} ${request.url.split('?')[0]}`, { field: 'url' }), request.url);
-    void reply.code(status === 422 ? 404 : status).send(body);
+    const { body } = errorResponse(new SoppuError('VALIDATION', `No route ${request.method} ${request.url.split('?')[0]}`, { field: 'url' }), request.url);
+    void reply.code(404).send(body); // both dialects: OpenAI's would otherwise be its 400 for a refused request
   });
 
   const health = async (_request: unknown, reply: { code(n: number): { send(b?: unknown): unknown } }): Promise<unknown> =>

@@ -56,7 +56,7 @@ async function generateJson(context: ServerContext, request: FastifyRequest, rep
   });
   reply.headers({
     ...identityHeaders(context, call),
-    'x-compute-time': (timing.totalMs / 1000).toFixed(6),
+    'x-compute-time': Math.round(timing.totalMs), // ms, as every timing header (TGI: total_time.as_millis())
     'x-compute-characters': String(call.prompt.length),
     'x-total-time': Math.round(timing.totalMs),
     'x-validation-time': Math.round(prepared.validatedAt - prepared.startedAt),

@@ -4,7 +4,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { AdapterStatus } from '../engine/engine-types.js';
 import { failureLabel, openAiErrorBody, toSoppuError } from './error-response.js';
+import { adapterNotFound } from './generation-service.js';
 import { LogprobCollector } from './logprob-collector.js';
 import { startCall } from './lorax-routes.js';
 import type { buildSchemas } from './request-schemas.js';
@@ -149,23 +151,30 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
     return runOpenAi(context, request, reply, fromOpenAiChat(request.body, prompt, baseModelId), 'chat', request.body.stream ?? false, request.body.model ?? baseModelId,
       extrasOf(request.body, 'chat'));
   });
+  /** A model object as /v1/models lists it: the base model, or an adapter with its cache status. */
+  const modelObject = (adapter: AdapterStatus | null): Record<string, unknown> =>
+    adapter === null
+      ? { id: baseModelId, object: 'model', created: 0, owned_by: 'soppu', root: baseModelId, parent: null, status: { tier: 'resident', storage: 'base', pinned: true } }
+      : {
+          id: adapter.id,
+          object: 'model',
+          created: 0,
+          owned_by: 'soppu',
+          root: adapter.id,
+          parent: baseModelId,
+          status: { tier: adapter.tier, storage: adapter.storage, pinned: adapter.pinned, ...(adapter.error ? { error: adapter.error } : {}) },
+        };
   app.get('/v1/models', async (request) => {
     const caller = callerOf(request);
-    const data: Record<string, unknown>[] = [
-      { id: baseModelId, object: 'model', created: 0, owned_by: 'soppu', root: baseModelId, parent: null, status: { tier: 'resident', storage: 'base', pinned: true } },
-    ];
-    for (const adapter of context.engine.listAdapters()) {
-      if (!caller.mayUse(adapter.id)) continue;
-      data.push({
-        id: adapter.id,
-        object: 'model',
-        created: 0,
-        owned_by: 'soppu',
-        root: adapter.id,
-        parent: baseModelId,
-        status: { tier: adapter.tier, storage: adapter.storage, pinned: adapter.pinned, ...(adapter.error ? { error: adapter.error } : {}) },
-      });
-    }
+    const data = [modelObject(null), ...context.engine.listAdapters().filter((adapter) => caller.mayUse(adapter.id)).map(modelObject)];
     return { object: 'list', data };
+  });
+  // OpenAI's models.retrieve; ids may hold '/', so the rest of the path is the id
+  app.get<{ Params: { '*': string } }>('/v1/models/*', async (request) => {
+    const id = request.params['*'];
+    if (id === baseModelId) return modelObject(null);
+    const adapter = callerOf(request).mayUse(id) ? context.engine.listAdapters().find((a) => a.id === id) : undefined;
+    if (!adapter) throw adapterNotFound(id);
+    return modelObject(adapter);
   });
 }

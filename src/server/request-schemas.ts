@@ -59,14 +59,15 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
     top_p: nullableNumber({ exclusiveMinimum: 0, maximum: 1 }),
     n: nullableInteger({ minimum: 1 }),
     stop: { anyOf: [{ type: 'string', minLength: 1 }, stopArray, { type: 'null' }] },
-    stream: { type: 'boolean' },
+    stream: { type: ['boolean', 'null'] }, // OpenAI's nullable fields: null is as absent
     stream_options: { type: ['object', 'null'], properties: { include_usage: { type: 'boolean' } } },
     seed: nullableInteger({ minimum: 0, maximum: MAX_SEED }),
     presence_penalty: nullableNumber({ minimum: -2, maximum: 2 }),
     frequency_penalty: nullableNumber({ minimum: -2, maximum: 2 }),
     repetition_penalty: nullableNumber({ exclusiveMinimum: 0 }),
     top_k: nullableInteger({ exclusiveMinimum: 0 }),
-    ignore_eos_token: { type: 'boolean' },
+    ignore_eos_token: { type: ['boolean', 'null'] },
+    logit_bias: { type: ['object', 'null'] },
     adapter_source: { type: ['string', 'null'] },
     api_token: { type: ['string', 'null'] },
     response_format: { type: ['object', 'null'], properties: { type: { type: 'string', enum: ['text', 'json_object', 'json_schema'] } } },
@@ -77,7 +78,8 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
     properties: {
       ...openAiCommon,
       prompt: { anyOf: [{ type: 'string', minLength: 1 }, { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1, maxItems: 1 }] },
-      echo: { type: 'boolean' },
+      echo: { type: ['boolean', 'null'] },
+      suffix: { type: ['string', 'null'] },
       logprobs: nullableInteger({ minimum: 0, maximum: 5 }), // OpenAI's limit
       best_of: nullableInteger({ minimum: 1 }),
     },
@@ -94,7 +96,7 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
           type: 'object',
           required: ['role'],
           properties: {
-            role: { type: 'string', enum: ['system', 'user', 'assistant', 'tool', 'developer'] },
+            role: { type: 'string', enum: ['system', 'user', 'assistant', 'developer'] }, // no tool messages: tools are refused
             content: {
               anyOf: [
                 { type: 'string' },
@@ -105,7 +107,7 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
           },
         },
       },
-      tools: { type: 'array' },
+      tools: { type: ['array', 'null'] },
       logprobs: { type: ['boolean', 'null'] },
       top_logprobs: nullableInteger({ minimum: 0, maximum: 20 }), // OpenAI's limit
     },

@@ -188,13 +188,14 @@ export interface OpenAiCommonBody {
   top_p?: number | null;
   n?: number | null;
   stop?: string | string[] | null;
-  stream?: boolean;
+  stream?: boolean | null;
   seed?: number | null;
   presence_penalty?: number | null;
   frequency_penalty?: number | null;
   repetition_penalty?: number | null;
   top_k?: number | null;
-  ignore_eos_token?: boolean;
+  ignore_eos_token?: boolean | null;
+  logit_bias?: Record<string, number> | null;
   adapter_source?: string | null;
   api_token?: string | null;
   response_format?: { type?: string } | null;
@@ -203,14 +204,15 @@ export interface OpenAiCommonBody {
 
 export interface OpenAiCompletionBody extends OpenAiCommonBody {
   prompt: string | string[];
-  echo?: boolean;
+  echo?: boolean | null;
+  suffix?: string | null;
   logprobs?: number | null;
   best_of?: number | null;
 }
 
 export interface OpenAiChatBody extends OpenAiCommonBody {
   messages: { role: string; content: string | { type: string; text?: string }[] | null }[];
-  tools?: unknown[];
+  tools?: unknown[] | null;
   tool_choice?: unknown;
   logprobs?: boolean | null;
   top_logprobs?: number | null;
@@ -238,6 +240,8 @@ function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: s
   if (body.response_format && body.response_format.type !== 'text') {
     throw validation('`response_format` (constrained JSON decoding) is not supported by this server', 'response_format');
   }
+  // refused rather than ignored: the output would not be what the request asked for
+  if (body.logit_bias && Object.keys(body.logit_bias).length > 0) throw validation('`logit_bias` is not supported by this server', 'logit_bias');
   const temperature = body.temperature ?? 1;
   const stop = body.stop === undefined || body.stop === null ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop;
   return {
@@ -273,21 +277,31 @@ export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: st
   else if (body.prompt.length === 1 && typeof body.prompt[0] === 'string') prompt = body.prompt[0];
   else throw validation('`prompt` must be a single string', 'prompt');
   if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw validation(`\`best_of\` must be 1; got ${body.best_of}`, 'best_of');
-  return fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true, openAiLogprobs(body, 'completion'));
+  if (body.suffix) throw validation('`suffix` (insertion) is not supported by this server', 'suffix');
+  const call = fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true, openAiLogprobs(body, 'completion'));
+  // OpenAI's completions default is 16 tokens (chat's is what the context leaves)
+  return call.maxNewTokens === undefined ? { ...call, maxNewTokens: OPENAI_COMPLETION_DEFAULT_MAX_TOKENS } : call;
 }
 
-/** Chat messages → plain {role, content} for the chat template; image parts and tools are refused. */
+/** OpenAI's default max_tokens for /v1/completions. */
+export const OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16;
+
+/**
+ * Chat messages → plain {role, content} for the chat template; image parts and tools are refused. A
+ * `developer` message (OpenAI's newer name for system instructions) is given to the template as `system`.
+ */
 export function chatMessages(body: OpenAiChatBody): { role: string; content: string }[] {
-  if (body.tools !== undefined && body.tools.length > 0) throw validation('`tools` are not supported by this server', 'tools');
+  if (body.tools !== undefined && body.tools !== null && body.tools.length > 0) throw validation('`tools` are not supported by this server', 'tools');
   return body.messages.map((message, index) => {
-    if (message.content === null || typeof message.content === 'string') return { role: message.role, content: message.content ?? '' };
+    const role = message.role === 'developer' ? 'system' : message.role;
+    if (message.content === null || typeof message.content === 'string') return { role, content: message.content ?? '' };
     const parts = message.content.map((part, partIndex) => {
       if (part.type !== 'text' || typeof part.text !== 'string') {
         throw validation(`\`messages[${index}].content[${partIndex}]\`: only text parts are supported; got type '${part.type}'`, `messages[${index}].content`);
       }
       return part.text;
     });
-    return { role: message.role, content: parts.join('') };
+    return { role, content: parts.join('') };
   });
 }
 

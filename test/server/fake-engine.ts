@@ -122,7 +122,11 @@ export class FakeEngine implements Engine {
     return String.fromCharCode(...ids);
   }
 
+  /** The messages of the last chat template call. */
+  lastChat: { role: string; content: string }[] | null = null;
+
   applyChatTemplate(messages: readonly { role: string; content: string }[]): string {
+    this.lastChat = messages.map((m) => ({ ...m }));
     return `${messages.map((m) => `<${m.role}>${m.content}`).join('')}<assistant>`;
   }
 

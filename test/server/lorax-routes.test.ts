@@ -38,6 +38,9 @@ describe('POST /generate', () => {
     expect(response.headers['x-adapter-id']).toBe('alice-1');
     expect(response.headers['x-generated-tokens']).toBe('5');
     expect(response.headers['x-model-id']).toBe('fake/tiny');
+    // timing headers are whole milliseconds, x-compute-time too (TGI sends total_time.as_millis())
+    for (const name of ['x-compute-time', 'x-total-time', 'x-inference-time', 'x-queue-time']) expect(String(response.headers[name]), name).toMatch(/^\d+$/);
+    expect(response.headers['x-compute-time']).toBe(response.headers['x-total-time']);
     expect(engine.lastRequest?.sampling?.seed).toBe(7);
   });
 

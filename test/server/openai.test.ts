@@ -96,6 +96,34 @@ describe('OpenAI-compatible routes with the official client', () => {
   });
 });
 
+describe('OpenAI details a client relies on', () => {
+  it("models.retrieve gives the base model and the caller's adapters; other ids and unknown /v1 routes are 404 (NotFoundError)", async () => {
+    expect(await client.models.retrieve('alice-1')).toMatchObject({ id: 'alice-1', object: 'model', parent: 'fake/tiny', status: { storage: 'compressed' } });
+    expect(await client.models.retrieve('fake/tiny')).toMatchObject({ id: 'fake/tiny', parent: null });
+    await expect(client.models.retrieve('bob-1')).rejects.toMatchObject({ status: 404, error: { code: 'adapter_not_found' } });
+    await expect(client.embeddings.create({ model: 'alice-1', input: 'x' })).rejects.toMatchObject({ status: 404 });
+  });
+
+  it('completions default to 16 new tokens (chat to what the context leaves); OpenAI nullable fields take null', async () => {
+    await client.completions.create({ model: 'alice-1', prompt: 'hello', temperature: 0 });
+    expect(engine.lastRequest?.maxNewTokens).toBe(16);
+    await client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'hi' }], temperature: 0 });
+    expect(engine.lastRequest?.maxNewTokens).toBeGreaterThan(16);
+    const nulls = { stream: null, echo: null, ignore_eos_token: null, logit_bias: null, suffix: null } as never;
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'hello', max_tokens: 2, ...(nulls as object) })).resolves.toMatchObject({ object: 'text_completion' });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'hi' }], max_tokens: 2, stream: null, tools: null } as never)).resolves.toMatchObject({ object: 'chat.completion' });
+  });
+
+  it('refuses logit_bias and suffix (400 naming them) rather than ignoring them; a developer message is given to the template as system', async () => {
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'hello', max_tokens: 2, logit_bias: { '5': -100 } })).rejects.toMatchObject({ status: 400, error: { param: 'logit_bias' } });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'hello', max_tokens: 2, suffix: 'end' })).rejects.toMatchObject({ status: 400, error: { param: 'suffix' } });
+    await client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'developer', content: 'be brief' }, { role: 'user', content: 'hi' }], max_tokens: 2 });
+    expect(engine.lastChat?.[0]).toEqual({ role: 'system', content: 'be brief' });
+    // tool messages: tools are refused, so are their results
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'tool', content: 'r', tool_call_id: 'c' }], max_tokens: 2 })).rejects.toMatchObject({ status: 400 });
+  });
+});
+
 describe('OpenAI validation and keys file', () => {
   it('refuses image parts, tools and JSON response_format with 400 in the OpenAI shape', async () => {
     const image = [{ role: 'user' as const, content: [{ type: 'image_url' as const, image_url: { url: 'http://x/y.png' } }] }];
