@@ -108,7 +108,7 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
   // architecture: `architectures` list first, `model_type` as the fallback
   const architectures = raw.architectures;
   let architecture: LlamaArchitecture | undefined;
-  if (architectures !== undefined) {
+  if (architectures !== undefined && architectures !== null) { // null is transformers' default: model_type decides
     if (!Array.isArray(architectures) || architectures.length === 0 || typeof architectures[0] !== 'string') {
       fail('architectures', 'must be a non-empty list of strings');
     }
@@ -158,7 +158,9 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
   if (scaling !== undefined && scaling !== null) {
     if (typeof scaling !== 'object' || Array.isArray(scaling)) fail('rope_scaling', 'must be an object or null');
     const s = scaling as Json;
-    const type = s.rope_type ?? s.type;
+    const field = raw.rope_scaling !== undefined && raw.rope_scaling !== null ? 'rope_scaling' : 'rope_parameters';
+    // transformers v5's rope_parameters may hold only rope_theta: plain rope
+    const type = s.rope_type ?? s.type ?? 'default';
     if (type === 'llama3') {
       const factor = positiveNumber('factor', NaN, s, 'rope_scaling.');
       const lowFreqFactor = positiveNumber('low_freq_factor', 1, s, 'rope_scaling.');
@@ -167,7 +169,7 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
       if (highFreqFactor <= lowFreqFactor) fail('rope_scaling.high_freq_factor', `(${highFreqFactor}) must exceed low_freq_factor (${lowFreqFactor})`);
       ropeScaling = { ropeType: 'llama3', factor, lowFreqFactor, highFreqFactor, originalMaxPositionEmbeddings };
     } else if (type !== 'default') {
-      fail('rope_scaling.rope_type', `names unsupported rope scaling "${String(type)}" (supported: llama3)`);
+      fail(`${field}.rope_type`, `names unsupported rope scaling ${JSON.stringify(type)} (supported: llama3, default)`);
     }
   }
 

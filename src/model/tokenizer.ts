@@ -78,6 +78,8 @@ export class ModelTokenizer {
   /** The most characters one token's text holds: a text longer than n of these has more than n tokens. */
   readonly maxTokenChars: number;
   private readonly template: Template | null;
+  /** unk_token, pad_token, sep_token, cls_token, mask_token as tokenizer_config.json names them (for templates). */
+  private readonly specialTokenContext: Record<string, string>;
 
   private constructor(
     private readonly tokenizer: Tokenizer,
@@ -92,6 +94,11 @@ export class ModelTokenizer {
     let longest = 1;
     for (const token of vocabulary.keys()) longest = Math.max(longest, token.length);
     this.maxTokenChars = longest;
+    this.specialTokenContext = {};
+    for (const name of ['unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token']) {
+      const content = tokenContent(tokenizerConfig[name]);
+      if (content !== null) this.specialTokenContext[name] = content;
+    }
     this.bosToken = tokenContent(tokenizerConfig.bos_token);
     this.eosToken = tokenContent(tokenizerConfig.eos_token);
     this.bosTokenId = (this.bosToken !== null ? tokenizer.token_to_id(this.bosToken) : undefined) ?? bosIdFromConfig;
@@ -209,8 +216,12 @@ export class ModelTokenizer {
   applyChatTemplate(messages: readonly ChatMessage[], options: { addGenerationPrompt?: boolean } = {}): string {
     if (!this.template) throw new SoppuError('VALIDATION', 'this model has no chat template (tokenizer_config.json has no "chat_template")', { field: 'messages' });
     try {
+      // the context transformers gives: tools and documents null when absent, and the special tokens
       return this.template.render({
+        ...this.specialTokenContext,
         messages: messages.map((m) => ({ role: m.role, content: m.content })),
+        tools: null,
+        documents: null,
         add_generation_prompt: options.addGenerationPrompt ?? true,
         bos_token: this.bosToken ?? '',
         eos_token: this.eosToken ?? '',

@@ -44,7 +44,13 @@ describe('parseLlamaConfig', () => {
       ropeTheta: 500000,
       ropeScaling: { ropeType: 'llama3', factor: 8, lowFreqFactor: 1, highFreqFactor: 4, originalMaxPositionEmbeddings: 8192 },
     });
-    expect(() => parseLlamaConfig({ ...noTheta, rope_parameters: { rope_type: 'yarn', factor: 4 } })).toThrow(/"yarn"/);
+    expect(() => parseLlamaConfig({ ...noTheta, rope_parameters: { rope_type: 'yarn', factor: 4 } })).toThrow(/field "rope_parameters\.rope_type" names unsupported rope scaling "yarn"/);
+    // v5 may give rope_parameters with the theta alone: plain rope
+    expect(parseLlamaConfig({ ...noTheta, rope_parameters: { rope_theta: 1e6 } })).toMatchObject({ ropeTheta: 1e6, ropeScaling: null });
+  });
+
+  it('architectures null (transformers\' default) falls back to model_type', () => {
+    expect(parseLlamaConfig({ ...LLAMA, architectures: null, model_type: 'qwen2' })).toMatchObject({ architecture: 'qwen2' });
   });
 
   it('refuses other rope scaling types by name', () => {

@@ -108,6 +108,10 @@ describe('generated tokenizer through @huggingface/tokenizers', () => {
     expect((await loadTokenizer(dir)).applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('<|begin_of_text|>[user] hi<|end|>');
     await rm(join(dir, 'chat_template.jinja'));
     expect((await loadTokenizer(dir)).applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('config hi');
+    // the context transformers renders with: tools and documents null, every special token
+    const guarded = "{% if tools is not none %}TOOLS {{ tools }}{% endif %}{% if documents is not none %}DOCS{% endif %}[{{ unk_token }}|{{ pad_token }}] {{ messages[0].content }}";
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ chat_template: guarded, unk_token: '<unk>', pad_token: { content: '<pad>' } }));
+    expect((await loadTokenizer(dir)).applyChatTemplate([{ role: 'user', content: 'hi' }])).toBe('[<unk>|<pad>] hi');
     await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ chat_template: [{ name: 'tool_use', template: 'tools' }, { name: 'rag', template: 'rag' }] }));
     await expect(loadTokenizer(dir)).rejects.toMatchObject({ code: 'MODEL_CONFIG', message: expect.stringMatching(/none is named "default"/) });
   });
