@@ -211,7 +211,7 @@ export interface OpenAiCompletionBody extends OpenAiCommonBody {
 }
 
 export interface OpenAiChatBody extends OpenAiCommonBody {
-  messages: { role: string; content: string | { type: string; text?: string }[] | null }[];
+  messages: { role: string; content: string | { type: string; text?: string }[] | null; tool_calls?: unknown[] | null }[];
   tools?: unknown[] | null;
   tool_choice?: unknown;
   logprobs?: boolean | null;
@@ -293,6 +293,8 @@ export const OPENAI_COMPLETION_DEFAULT_MAX_TOKENS = 16;
 export function chatMessages(body: OpenAiChatBody): { role: string; content: string }[] {
   if (body.tools !== undefined && body.tools !== null && body.tools.length > 0) throw validation('`tools` are not supported by this server', 'tools');
   return body.messages.map((message, index) => {
+    // tool calls would reach the template without their calls (it sees role and content): refused as tools are
+    if (message.tool_calls && message.tool_calls.length > 0) throw validation(`\`messages[${index}].tool_calls\`: tool calls are not supported by this server`, `messages[${index}].tool_calls`);
     const role = message.role === 'developer' ? 'system' : message.role;
     if (message.content === null || typeof message.content === 'string') return { role, content: message.content ?? '' };
     const parts = message.content.map((part, partIndex) => {

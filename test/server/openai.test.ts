@@ -119,6 +119,9 @@ describe('OpenAI details a client relies on', () => {
     await expect(client.completions.create({ model: 'alice-1', prompt: 'hello', max_tokens: 2, suffix: 'end' })).rejects.toMatchObject({ status: 400, error: { param: 'suffix' } });
     await client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'developer', content: 'be brief' }, { role: 'user', content: 'hi' }], max_tokens: 2 });
     expect(engine.lastChat?.[0]).toEqual({ role: 'system', content: 'be brief' });
+    const call = { id: 'abcDEF123', type: 'function' as const, function: { name: 'f', arguments: '{}' } };
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }, { role: 'assistant', content: null, tool_calls: [call] }, { role: 'user', content: 'y' }], max_tokens: 2 }))
+      .rejects.toMatchObject({ status: 400, error: { param: 'messages[1].tool_calls' } });
     // tool messages: tools are refused, so are their results
     await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'tool', content: 'r', tool_call_id: 'c' }], max_tokens: 2 })).rejects.toMatchObject({ status: 400 });
   });
