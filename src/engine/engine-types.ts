@@ -75,6 +75,8 @@ export type GenerateEvent =
       readonly generatedTokens: number;
       readonly seed: number | null;
       readonly prefill?: readonly TokenInfo[];
+      /** With prefillDetails and topAlternatives: each prompt token's top alternatives (none for the first). */
+      readonly prefillAlternatives?: readonly (readonly TokenInfo[])[];
       /** With prefillDistributions: log p(· | prompt[0..p]) for every prompt position p. */
       readonly prefillDistributions?: readonly Float32Array[];
     };

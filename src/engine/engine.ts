@@ -35,7 +35,7 @@ import { IncrementalDecoder, engineTokenizerOf, type EngineTokenizer } from './e
 import { EventQueue } from './event-queue.js';
 import { KvBlockPool } from './kv-block-pool.js';
 import { parseSlotPath, residentFromLora, slotKey, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
-import { Sampler, resolveSampling, rowKernelsOf, type RowKernels } from './sampler.js';
+import { Sampler, resolveSampling, rowKernelsOf, topIndices, type RowKernels } from './sampler.js';
 import { promptTail } from './prompt-tail.js';
 import { Scheduler, type ScheduledSequence, type StepEntry } from './scheduler.js';
 import type { WeightDtype } from '../tensor/dtype.js';
@@ -107,6 +107,8 @@ class RequestState implements ScheduledSequence {
   started = false;
   finished = false;
   prefill: TokenInfo[] | null;
+  /** With prefillDetails and topAlternatives: each prompt token's top alternatives (the first token's: none). */
+  prefillAlternatives: TokenInfo[][] | null;
   distributions: Float32Array[] | null;
   /** Prompt rows whose logits are recorded in prefill (a recompute after preemption skips them). */
   prefillRows = 0;
@@ -121,6 +123,7 @@ class RequestState implements ScheduledSequence {
     this.decoder = new IncrementalDecoder(tokenizer);
     this.stops = (request.stop ?? []).filter((s) => s.length > 0);
     this.prefill = request.prefillDetails ? [] : null;
+    this.prefillAlternatives = request.prefillDetails && (request.topAlternatives ?? 0) > 0 ? [] : null;
     this.distributions = request.prefillDetails && request.prefillDistributions ? [] : null;
   }
 
@@ -343,6 +346,7 @@ class SoppuEngine implements Engine {
         generatedTokens: state.generated,
         seed: state.sampler.settings.sample ? state.sampler.seed : null,
         ...(state.prefill ? { prefill: state.prefill } : {}),
+        ...(state.prefillAlternatives ? { prefillAlternatives: state.prefillAlternatives } : {}),
         ...(state.distributions ? { prefillDistributions: state.distributions } : {}),
       });
       state.queue.close();
@@ -472,7 +476,10 @@ class SoppuEngine implements Engine {
     const vocab = this.config.vocabSize;
     const recorded = state.prefillRows;
     state.prefillRows = Math.max(recorded, Math.min(state.promptLength, entry.start + entry.count));
-    if (entry.start === 0 && recorded === 0) prefill.push(this.tokenInfo(state.tokens[0]!, Number.NaN));
+    if (entry.start === 0 && recorded === 0) {
+      prefill.push(this.tokenInfo(state.tokens[0]!, Number.NaN));
+      state.prefillAlternatives?.push([]);
+    }
     for (let i = 0; i < entry.count; i++) {
       if (entry.start + i < recorded) continue; // recorded before a preemption
       if (entry.start + i >= state.promptLength) break;
@@ -486,6 +493,10 @@ class SoppuEngine implements Engine {
       if (wantsLogprob) {
         const id = state.tokens[position]!;
         prefill.push(this.tokenInfo(id, row[id]! - normalizer));
+        // the most likely tokens at this position, by the model's own distribution
+        if (state.prefillAlternatives) {
+          state.prefillAlternatives.push(topIndices(row, state.request.topAlternatives!).map((top) => this.tokenInfo(top, row[top]! - normalizer)));
+        }
       }
     }
   }

@@ -218,7 +218,7 @@ function applyTemperature(logits: Float32Array, temperature: number): void {
  * Indices of the `k` largest entries, largest first (ties → lower id first; NaN never chosen). An
  * insertion into a sorted list of at most `k`: meant for small `k` (the alternatives, at most 100).
  */
-function topIndices(x: Float32Array, k: number): number[] {
+export function topIndices(x: Float32Array, k: number): number[] {
   const chosen: number[] = [];
   for (let i = 0; i < x.length; i++) {
     const value = x[i]!;

@@ -11,6 +11,8 @@ export interface LogprobEntry {
   readonly logprob: number;
   readonly alternatives: readonly TokenInfo[];
   readonly offset: number;
+  /** The prompt's first token: nothing scores it (logprob and top_logprobs null). */
+  readonly prompt?: boolean;
 }
 
 /** OpenAI's stand-in for a log probability of −∞ (JSON has no infinity). */
@@ -34,6 +36,21 @@ export class LogprobCollector {
   /** `startOffset`: where the answer starts in the returned text (the prompt's length when it is echoed). */
   constructor(private readonly dialect: 'completion' | 'chat', startOffset = 0) {
     this.offset = startOffset;
+  }
+
+  /**
+   * Puts the prompt's tokens first (echo): their logprobs (the first token has none: null in the render) and
+   * top alternatives, at offsets from 0 in the echoed text. A special token (BOS) has no text there.
+   */
+  addPrompt(prompt: readonly TokenInfo[], alternatives: readonly (readonly TokenInfo[])[] | undefined): void {
+    let offset = 0;
+    const entries = prompt.map((token, i): LogprobEntry => {
+      const text = token.special ? '' : token.text;
+      const entry = { token: text, logprob: token.logprob, alternatives: alternatives?.[i] ?? [], offset, prompt: i === 0 };
+      offset += text.length;
+      return entry;
+    });
+    this.entries.unshift(...entries);
   }
 
   /** Adds a generated token (not a special one: its text is not part of the answer) and returns its entry. */
@@ -67,8 +84,8 @@ export class LogprobCollector {
     if (this.dialect === 'completion') {
       return {
         tokens: entries.map((e) => e.token),
-        token_logprobs: entries.map((e) => finite(e.logprob)),
-        top_logprobs: entries.map((e) => topByText(e.alternatives)),
+        token_logprobs: entries.map((e) => (e.prompt ? null : finite(e.logprob))),
+        top_logprobs: entries.map((e) => (e.prompt ? null : topByText(e.alternatives))),
         text_offset: entries.map((e) => e.offset),
       };
     }

@@ -81,6 +81,7 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
     record(done);
     const text = fullText(call, done);
     logprobs?.finish(done.generatedText, answerStart);
+    if (logprobs && done.prefill) logprobs.addPrompt(done.prefill, done.prefillAlternatives); // echo: the prompt's tokens lead
     const tokenLogprobs = logprobs ? logprobs.render(logprobs.all(answerStart + done.generatedText.length)) : null;
     const choice =
       dialect === 'chat'

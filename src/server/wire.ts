@@ -278,7 +278,12 @@ export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: st
   else throw validation('`prompt` must be a single string', 'prompt');
   if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw validation(`\`best_of\` must be 1; got ${body.best_of}`, 'best_of');
   if (body.suffix) throw validation('`suffix` (insertion) is not supported by this server', 'suffix');
-  const call = fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true, openAiLogprobs(body, 'completion'));
+  const logprobs = openAiLogprobs(body, 'completion');
+  const echoLogprobs = (body.echo ?? false) && logprobs !== null;
+  // the echoed prompt's logprobs come with the final event: a stream has sent the prompt by then
+  if (echoLogprobs && body.stream === true) throw validation('`echo` with `logprobs` (the prompt tokens\' logprobs) is not supported when streaming', 'echo');
+  const common = fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true, logprobs);
+  const call = echoLogprobs ? { ...common, prefillDetails: true } : common;
   // OpenAI's completions default is 16 tokens (chat's is what the context leaves)
   return call.maxNewTokens === undefined ? { ...call, maxNewTokens: OPENAI_COMPLETION_DEFAULT_MAX_TOKENS } : call;
 }

@@ -47,6 +47,22 @@ describe('prompt logprobs', () => {
     expect(chunked.prefillDistributions).toHaveLength(whole.prefillDistributions!.length);
   });
 
+  it('with topAlternatives, each prompt token also gets its top alternatives from the model\'s distribution', async () => {
+    const engine = await createEngine(options());
+    const d = await done(engine.generate({ prompt: 'hello', maxNewTokens: 1, ignoreEos: true, prefillDetails: true, prefillDistributions: true, topAlternatives: 3 }));
+    expect(d.prefillAlternatives).toHaveLength(d.prefill!.length);
+    expect(d.prefillAlternatives![0]).toEqual([]); // nothing scores the first token
+    for (let p = 1; p < d.prefill!.length; p++) {
+      const distribution = d.prefillDistributions![p - 1]!;
+      const best = [...distribution.keys()].sort((a, b) => distribution[b]! - distribution[a]! || a - b).slice(0, 3);
+      expect(d.prefillAlternatives![p]!.map((t) => t.id)).toEqual(best);
+      d.prefillAlternatives![p]!.forEach((t) => expect(t.logprob).toBeCloseTo(distribution[t.id]!, 5));
+      expect(d.prefillAlternatives![p]![0]!.logprob).toBeGreaterThanOrEqual(d.prefill![p]!.logprob - 1e-6);
+    }
+    const without = await done(engine.generate({ prompt: 'hello', maxNewTokens: 1, ignoreEos: true, prefillDetails: true }));
+    expect(without.prefillAlternatives).toBeUndefined();
+  });
+
   it('a prefill interrupted by a preemption records every prompt token once', async () => {
     const prompt = 'abcdefghijklmnopqrstuvw';
     const alone = await done((await createEngine(options())).generate({ prompt, maxNewTokens: 2, ignoreEos: true, prefillDetails: true }));

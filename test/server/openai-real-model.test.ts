@@ -126,8 +126,26 @@ describe('OpenAI routes over a BPE model', () => {
       expect(entries.length).toBeLessThanOrEqual(2);
       expect(Math.max(...entries.map(([, v]) => v))).toBeCloseTo(lp.token_logprobs![i]!, 5); // greedy: the best is the chosen
     }
-    const echoed = (await client.completions.create({ ...args, logprobs: 0, echo: true })).choices[0]!;
-    expect(echoed.logprobs!.text_offset![0]).toBe('The quick brown fox'.length);
+    // echo: the prompt's tokens lead, scored by the model (the first: null), as a loglikelihood client reads them
+    const echo = await client.completions.create({ ...args, logprobs: 2, echo: true });
+    const echoed = echo.choices[0]!;
+    const elp = echoed.logprobs!;
+    const promptTokens = echo.usage!.prompt_tokens;
+    expect(elp.tokens).toHaveLength(promptTokens + 12);
+    expect(elp.tokens!.join('')).toBe(echoed.text); // BOS has no text in it
+    expect(elp.token_logprobs![0]).toBeNull();
+    expect(elp.top_logprobs![0]).toBeNull();
+    expect(elp.text_offset![promptTokens]).toBe('The quick brown fox'.length);
+    expect(elp.token_logprobs!.slice(promptTokens)).toEqual(lp.token_logprobs);
+    const details = (await (await fetch(`${base}/generate`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'The quick brown fox', parameters: { max_new_tokens: 1, decoder_input_details: true } }) })).json()) as { details: { prefill: { logprob: number | null }[] } };
+    expect(details.details.prefill).toHaveLength(promptTokens);
+    for (let i = 1; i < promptTokens; i++) {
+      expect(elp.token_logprobs![i]).toBeCloseTo(details.details.prefill[i]!.logprob!, 4);
+      const top = Object.values(elp.top_logprobs![i] as Record<string, number>);
+      expect(top.length).toBeGreaterThan(0);
+      expect(Math.max(...top)).toBeGreaterThanOrEqual(elp.token_logprobs![i]! - 1e-5); // the best is at least the actual token
+    }
+    await expect(client.completions.create({ ...args, logprobs: 1, echo: true, stream: true })).rejects.toMatchObject({ status: 400, error: { param: 'echo' } });
     expect(await client.completions.create({ ...args })).toMatchObject({ choices: [{ logprobs: null }] });
 
     const chatArgs = { model: '', messages: CHAT, max_tokens: 10, temperature: 0, ignore_eos_token: true } as OpenAI.ChatCompletionCreateParamsNonStreaming;
