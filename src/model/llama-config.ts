@@ -168,8 +168,11 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
       const originalMaxPositionEmbeddings = positiveNumber('original_max_position_embeddings', 8192, s, 'rope_scaling.');
       if (highFreqFactor <= lowFreqFactor) fail('rope_scaling.high_freq_factor', `(${highFreqFactor}) must exceed low_freq_factor (${lowFreqFactor})`);
       ropeScaling = { ropeType: 'llama3', factor, lowFreqFactor, highFreqFactor, originalMaxPositionEmbeddings };
+    } else if (type === 'linear') {
+      ropeScaling = { ropeType: 'linear', factor: positiveNumber('factor', NaN, s, `${field}.`) };
     } else if (type !== 'default') {
-      fail(`${field}.rope_type`, `names unsupported rope scaling ${JSON.stringify(type)} (supported: llama3, default)`);
+      // dynamic NTK rescales with the batch's length (no longer batch invariant); yarn is not implemented
+      fail(`${field}.rope_type`, `names unsupported rope scaling ${JSON.stringify(type)} (supported: llama3, linear, default)`);
     }
   }
 

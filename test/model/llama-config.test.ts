@@ -53,8 +53,18 @@ describe('parseLlamaConfig', () => {
     expect(parseLlamaConfig({ ...LLAMA, architectures: null, model_type: 'qwen2' })).toMatchObject({ architecture: 'qwen2' });
   });
 
+  it('reads linear rope scaling (position interpolation): every frequency divided by the factor', () => {
+    const config = parseLlamaConfig({ ...LLAMA, head_dim: 64, rope_scaling: { type: 'linear', factor: 4 } });
+    expect(config.ropeScaling).toEqual({ ropeType: 'linear', factor: 4 });
+    const plain = ropeInvFreq(64, 10000, null);
+    const scaled = ropeInvFreq(64, 10000, config.ropeScaling);
+    for (let i = 0; i < 32; i++) expect(scaled[i]! * 4).toBeCloseTo(plain[i]!, 7);
+    expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { type: 'linear' } })).toThrow(/rope_scaling\.factor/);
+  });
+
   it('refuses other rope scaling types by name', () => {
-    expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { type: 'yarn', factor: 4 } })).toThrow(expect.objectContaining({ code: 'MODEL_CONFIG', message: expect.stringMatching(/rope_scaling.rope_type.*"yarn"/) }));
+    expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { type: 'yarn', factor: 4 } })).toThrow(expect.objectContaining({ code: 'MODEL_CONFIG', message: expect.stringMatching(/rope_scaling.rope_type.*"yarn".*supported: llama3, linear, default/) }));
+    expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { type: 'dynamic', factor: 2 } })).toThrow(/"dynamic"/);
     expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { rope_type: 'llama3' } })).toThrow(/rope_scaling.factor/);
   });
 

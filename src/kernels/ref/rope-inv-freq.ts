@@ -1,22 +1,30 @@
-/** Llama-3 style rope_scaling block of config.json. */
-export interface RopeScaling {
-  readonly ropeType: 'llama3';
-  readonly factor: number;
-  readonly lowFreqFactor: number;
-  readonly highFreqFactor: number;
-  readonly originalMaxPositionEmbeddings: number;
-}
+/**
+ * The rope_scaling block of config.json: Llama-3 style (wavelength bands), or linear (position
+ * interpolation: every frequency divided by `factor`).
+ */
+export type RopeScaling =
+  | {
+      readonly ropeType: 'llama3';
+      readonly factor: number;
+      readonly lowFreqFactor: number;
+      readonly highFreqFactor: number;
+      readonly originalMaxPositionEmbeddings: number;
+    }
+  | { readonly ropeType: 'linear'; readonly factor: number };
 
 /**
- * invFreq[i] = theta^(−2i/D), i < D/2, with Llama-3 scaling when given: long wavelengths are divided by
- * `factor`, short ones kept, and the band between is interpolated smoothly (as in HF transformers).
+ * invFreq[i] = theta^(−2i/D), i < D/2, scaled when given: linear divides every frequency by `factor`;
+ * Llama-3 divides long wavelengths by `factor`, keeps short ones, and interpolates the band between
+ * smoothly (as in HF transformers).
  */
 export function ropeInvFreq(headDim: number, theta: number, scaling?: RopeScaling | null): Float32Array {
   const half = headDim / 2;
   const invFreq = new Float32Array(half);
   for (let i = 0; i < half; i++) {
     let frequency = 1 / theta ** ((2 * i) / headDim);
-    if (scaling) {
+    if (scaling?.ropeType === 'linear') {
+      frequency /= scaling.factor; // positions divided by the factor, as transformers' linear scaling
+    } else if (scaling) {
       const lowFreqWavelength = scaling.originalMaxPositionEmbeddings / scaling.lowFreqFactor;
       const highFreqWavelength = scaling.originalMaxPositionEmbeddings / scaling.highFreqFactor;
       const wavelength = (2 * Math.PI) / frequency;
