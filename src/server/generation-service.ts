@@ -81,10 +81,15 @@ export class GenerationService {
       throw new SoppuError('VALIDATION', 'Input validation error: `adapter_source` local needs an `adapter_id` naming the directory', { field: 'adapter_source' });
     }
     const maxInput = this.options.maxInputTokens;
-    // with truncate a long prompt is cut, not refused: only the tail its kept tokens lie in is tokenized
-    if (call.truncate === undefined) refuseUntokenizable(call.prompt, maxInput, this.engine.info.maxTokenChars);
-    const counted = call.truncate === undefined ? call.prompt : promptTail(call.prompt, call.truncate, this.engine.info.maxTokenChars);
-    const promptTokens = this.engine.tokenize(counted, call.addSpecialTokens).ids.length;
+    let promptTokens: number;
+    if (call.promptIds) {
+      promptTokens = call.promptIds.length; // token ids: the engine checks them against the vocabulary
+    } else {
+      // with truncate a long prompt is cut, not refused: only the tail its kept tokens lie in is tokenized
+      if (call.truncate === undefined) refuseUntokenizable(call.prompt, maxInput, this.engine.info.maxTokenChars);
+      const counted = call.truncate === undefined ? call.prompt : promptTail(call.prompt, call.truncate, this.engine.info.maxTokenChars);
+      promptTokens = this.engine.tokenize(counted, call.addSpecialTokens).ids.length;
+    }
     const inputTokens = call.truncate !== undefined ? Math.min(call.truncate, promptTokens) : promptTokens;
     if (inputTokens > maxInput) {
       throw new SoppuError(
@@ -104,7 +109,7 @@ export class GenerationService {
       );
     }
     return {
-      prompt: call.prompt,
+      prompt: call.promptIds ?? call.prompt,
       addSpecialTokens: call.addSpecialTokens,
       adapterId: adapterId === '' ? null : adapterId,
       adapterSource: adapterId === '' ? undefined : call.adapterSource,

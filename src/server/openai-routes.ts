@@ -143,10 +143,12 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
     logprobs: openAiLogprobs(body, dialect),
     includeUsage: body.stream_options?.include_usage === true,
   });
-  app.post<{ Body: OpenAiCompletionBody }>('/v1/completions', { schema: { body: schemas.completions }, config: { generation: true } }, (request, reply) =>
-    runOpenAi(context, request, reply, fromOpenAiCompletion(request.body, baseModelId), 'completion', request.body.stream ?? false, request.body.model ?? baseModelId,
-      extrasOf(request.body, 'completion')),
-  );
+  app.post<{ Body: OpenAiCompletionBody }>('/v1/completions', { schema: { body: schemas.completions }, config: { generation: true } }, (request, reply) => {
+    const call = fromOpenAiCompletion(request.body, baseModelId);
+    // token ids: their text is what echo returns (ids outside the vocabulary decode to nothing; the engine refuses them)
+    const withText = call.promptIds ? { ...call, prompt: context.engine.detokenize(call.promptIds) } : call;
+    return runOpenAi(context, request, reply, withText, 'completion', request.body.stream ?? false, request.body.model ?? baseModelId, extrasOf(request.body, 'completion'));
+  });
   app.post<{ Body: OpenAiChatBody }>('/v1/chat/completions', { schema: { body: schemas.chat }, config: { generation: true } }, (request, reply) => {
     const prompt = context.engine.applyChatTemplate(chatMessages(request.body), true);
     return runOpenAi(context, request, reply, fromOpenAiChat(request.body, prompt, baseModelId), 'chat', request.body.stream ?? false, request.body.model ?? baseModelId,

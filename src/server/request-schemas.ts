@@ -72,12 +72,20 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
     api_token: { type: ['string', 'null'] },
     response_format: { type: ['object', 'null'], properties: { type: { type: 'string', enum: ['text', 'json_object', 'json_schema'] } } },
   };
+  const tokenId = { type: 'integer', minimum: 0 };
   const completions = {
     type: 'object',
     required: ['prompt'],
     properties: {
       ...openAiCommon,
-      prompt: { anyOf: [{ type: 'string', minLength: 1 }, { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1, maxItems: 1 }] },
+      prompt: {
+        anyOf: [
+          { type: 'string', minLength: 1 },
+          { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1 },
+          { type: 'array', items: tokenId, minItems: 1, maxItems: options.maxInputTokens },
+          { type: 'array', items: { type: 'array', items: tokenId, minItems: 1, maxItems: options.maxInputTokens }, minItems: 1 },
+        ],
+      },
       echo: { type: ['boolean', 'null'] },
       suffix: { type: ['string', 'null'] },
       logprobs: nullableInteger({ minimum: 0, maximum: 5 }), // OpenAI's limit

@@ -8,7 +8,10 @@ import { SoppuError } from '../errors/soppu-error.js';
 
 /** A generation as the server sees it, whichever dialect it came in. */
 export interface GenerationCall {
+  /** The prompt text (for token ids: their decoding, filled in by the route that has the tokenizer). */
   readonly prompt: string;
+  /** A prompt given as token ids (OpenAI completions): generated from as they are, not re-tokenized. */
+  readonly promptIds?: readonly number[];
   /** Whether tokenizing the prompt adds BOS (false for a chat template's output, which has it). */
   readonly addSpecialTokens: boolean;
   /** '' → base model. */
@@ -203,7 +206,7 @@ export interface OpenAiCommonBody {
 }
 
 export interface OpenAiCompletionBody extends OpenAiCommonBody {
-  prompt: string | string[];
+  prompt: string | string[] | number[] | number[][];
   echo?: boolean | null;
   suffix?: string | null;
   logprobs?: number | null;
@@ -271,11 +274,21 @@ function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: s
   };
 }
 
+/** OpenAI's one prompt: a string, or token ids; a list of one of either (a list of several would ask for several choices). */
+function singlePrompt(prompt: OpenAiCompletionBody['prompt']): string | number[] {
+  if (typeof prompt === 'string') return prompt;
+  if (prompt.length > 0 && prompt.every((id) => typeof id === 'number')) return prompt as number[];
+  if (prompt.length === 1) {
+    const only = prompt[0];
+    if (typeof only === 'string') return only;
+    if (Array.isArray(only) && only.length > 0) return only;
+  }
+  throw validation('`prompt` must be one prompt: a string or a list of token ids (a list of several prompts asks for several choices, and `n` must be 1)', 'prompt');
+}
+
 export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: string): GenerationCall {
-  let prompt: string;
-  if (typeof body.prompt === 'string') prompt = body.prompt;
-  else if (body.prompt.length === 1 && typeof body.prompt[0] === 'string') prompt = body.prompt[0];
-  else throw validation('`prompt` must be a single string', 'prompt');
+  const single = singlePrompt(body.prompt);
+  const prompt = typeof single === 'string' ? single : '';
   if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw validation(`\`best_of\` must be 1; got ${body.best_of}`, 'best_of');
   if (body.suffix) throw validation('`suffix` (insertion) is not supported by this server', 'suffix');
   const logprobs = openAiLogprobs(body, 'completion');
@@ -283,7 +296,8 @@ export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: st
   // the echoed prompt's logprobs come with the final event: a stream has sent the prompt by then
   if (echoLogprobs && body.stream === true) throw validation('`echo` with `logprobs` (the prompt tokens\' logprobs) is not supported when streaming', 'echo');
   const common = fromOpenAiCommon(body, prompt, baseModelId, body.echo ?? false, true, logprobs);
-  const call = echoLogprobs ? { ...common, prefillDetails: true } : common;
+  const withIds = typeof single === 'string' ? common : { ...common, promptIds: single, addSpecialTokens: false }; // ids are the whole prompt, BOS included
+  const call = echoLogprobs ? { ...withIds, prefillDetails: true } : withIds;
   // OpenAI's completions default is 16 tokens (chat's is what the context leaves)
   return call.maxNewTokens === undefined ? { ...call, maxNewTokens: OPENAI_COMPLETION_DEFAULT_MAX_TOKENS } : call;
 }

@@ -146,6 +146,17 @@ describe('OpenAI routes over a BPE model', () => {
       expect(Math.max(...top)).toBeGreaterThanOrEqual(elp.token_logprobs![i]! - 1e-5); // the best is at least the actual token
     }
     await expect(client.completions.create({ ...args, logprobs: 1, echo: true, stream: true })).rejects.toMatchObject({ status: 400, error: { param: 'echo' } });
+    // the prompt as token ids (as lm-eval-harness sends it): the same tokens, the same completion and logprobs
+    const ids = ((await (await fetch(`${base}/tokenize`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'The quick brown fox' }) })).json()) as { id: number }[]).map((t) => t.id);
+    expect(ids).toHaveLength(promptTokens);
+    for (const prompt of [ids, [ids]]) {
+      const byIds = await client.completions.create({ ...args, prompt, logprobs: 2, echo: true });
+      expect(byIds.choices[0]!.text).toBe(echoed.text);
+      expect(byIds.choices[0]!.logprobs!.token_logprobs).toEqual(elp.token_logprobs);
+      expect(byIds.usage!.prompt_tokens).toBe(promptTokens);
+    }
+    await expect(client.completions.create({ ...args, prompt: [ids, ids] })).rejects.toMatchObject({ status: 400, error: { param: 'prompt' } });
+    await expect(client.completions.create({ ...args, prompt: [1, 10 ** 6] })).rejects.toMatchObject({ status: 400, error: { message: expect.stringContaining('outside the vocabulary') } });
     expect(await client.completions.create({ ...args })).toMatchObject({ choices: [{ logprobs: null }] });
 
     const chatArgs = { model: '', messages: CHAT, max_tokens: 10, temperature: 0, ignore_eos_token: true } as OpenAI.ChatCompletionCreateParamsNonStreaming;
