@@ -35,7 +35,8 @@ export interface VerifiedAdapter {
  * version (needs the engine, which compress may not import: the CLI's `verify --model` supplies it).
  * On the original's greedy continuation, teacher-forced (both models see the same context at every
  * position): KL(original ‖ bank) of the whole next-token distributions, the share of positions whose
- * most likely token agrees, and gap = log p_original(token) − log p_bank(token) of the original's token.
+ * most likely token agrees, and the gap |log p_original(token) − log p_bank(token)| of the original's token
+ * (mean and max over the positions).
  */
 export interface ModelCheckResult {
   readonly tokens: number;

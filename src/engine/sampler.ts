@@ -363,5 +363,8 @@ function keepTypical(logits: Float32Array, mass: number): void {
       break;
     }
   }
+  // HF removes only tokens strictly farther from the entropy than the last kept: ties with it stay
+  const last = keep > 0 ? shifted(order[keep - 1]!) : 0;
+  while (keep < order.length && shifted(order[keep]!) <= last) keep++;
   for (let j = keep; j < order.length; j++) logits[ids[order[j]!]!] = -Infinity;
 }

@@ -181,6 +181,12 @@ describe('Sampler top-k', () => {
     for (const k of [10, 64, 65, 150, 199, 200, 201, 299]) expectSameRow(sample(withMasked, k), referenceTopK(withMasked, k));
   });
 
+  it('typical-p keeps every token tied with the last one it keeps (as HF removes only those strictly farther)', () => {
+    const processed = Float32Array.from([1, 1, 1, 0, 0, -2]);
+    new Sampler(resolveSampling({ typicalP: 0.3, seed: 1 }), 1).sample(processed);
+    expectSameRow(processed, Float32Array.from([1, 1, 1, -Infinity, -Infinity, -Infinity]));
+  });
+
   it('matches the plain rule on many random rows with heavy ties', () => {
     const random = new Random(123);
     for (let trial = 0; trial < 300; trial++) {

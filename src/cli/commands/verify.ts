@@ -67,9 +67,10 @@ export function engineModelCheck(engine: Engine, newTokens: number): ModelCheck 
         klSum += kl;
         klMax = Math.max(klMax, kl);
         const token = continuation[i]!;
-        const gap = logP[token]! - logQ[token]!;
+        // a magnitude: a signed mean let the bank's over- and under-estimates cancel
+        const gap = Math.abs(logP[token]! - logQ[token]!);
         gapSum += gap;
-        gapMax = Math.max(gapMax, Math.abs(gap));
+        gapMax = Math.max(gapMax, gap);
         if (argmax(logQ) === argmax(logP)) agree++;
         count++;
       }
@@ -95,7 +96,7 @@ export function register(program: Command): void {
     .argument('<bank>', 'bank directory')
     .option('--adapters <dirs...>', 'original adapter directories (id = directory name, or id=dir)')
     .option('--max-error <e>', 'error budget (default: the bank\'s)')
-    .option('--model <dir>', 'also compare greedy continuations of fixed prompts, original vs bank, with this base model (needs --adapters)')
+    .option('--model <dir>', 'also compare next-token distributions, original vs bank, teacher-forced on the original\'s greedy continuation of fixed prompts: KL(original‖bank), top-1 agreement, |logprob gap| (needs --adapters)')
     .option('--tokens <n>', 'tokens generated per prompt by the model check', '16')
     .option('--json', 'print JSON')
     .action(async (dir: string, options: VerifyCliOptions) => {
@@ -130,7 +131,7 @@ export function register(program: Command): void {
         process.stdout.write(`${report.adapters.length} adapters, budget ${report.maxErrorBudget ?? 'none'}; errors ${sources.size > 0 ? `measured against ${sources.size} original(s)` : 'as recorded'} (worst first)\n`);
         for (const a of report.adapters) {
           const check = a.modelCheck && a.modelCheck.tokens > 0
-            ? `  model: KL mean ${a.modelCheck.meanKl.toExponential(2)} max ${a.modelCheck.maxKl.toExponential(2)}, top-1 agreement ${(100 * a.modelCheck.top1Agreement).toFixed(1)}%, logprob gap mean ${a.modelCheck.meanLogprobGap.toFixed(4)} over ${a.modelCheck.tokens} tokens`
+            ? `  model: KL mean ${a.modelCheck.meanKl.toExponential(2)} max ${a.modelCheck.maxKl.toExponential(2)}, top-1 agreement ${(100 * a.modelCheck.top1Agreement).toFixed(1)}%, |logprob gap| mean ${a.modelCheck.meanLogprobGap.toFixed(4)} max ${a.modelCheck.maxLogprobGap.toFixed(4)} over ${a.modelCheck.tokens} tokens`
             : '';
           process.stdout.write(`${a.overBudget ? 'OVER' : 'ok  '} ${a.id}  cluster ${a.cluster}  max ${formatError(a.maxError)}  mean ${formatError(a.meanError)}  [${a.basis}]${check}\n`);
           for (const s of [...a.slots].sort((x, y) => y.relativeError - x.relativeError).slice(0, a.overBudget ? a.slots.length : 3)) {
