@@ -54,11 +54,19 @@ export function slotKey(layer: number, module: string): string {
 
 /** Parses a canonical module path ("model.layers.3.self_attn.q_proj") into layer and module. */
 export function parseSlotPath(path: string): { layer: number; module: TargetModule } | null {
-  const match = /(?:^|\.)layers\.(\d+)\.(?:.*\.)?([a-z_]+)$/.exec(path);
+  // the decoder's own layers only (model.layers.N.self_attn|mlp.<module>): a vision tower's
+  // "…encoder.layers.0.self_attn.q_proj" would otherwise take the text model's slot
+  const match = /^(?:model\.)?layers\.(\d+)\.(?:self_attn|mlp)\.([a-z_]+)$/.exec(path);
   if (!match) return null;
   const module = match[2] as TargetModule;
   if (!TARGET_MODULES.includes(module)) return null;
   return { layer: Number(match[1]), module };
+}
+
+/** Puts a slot's factors in place; a second module for the same slot is an error, not a silent overwrite. */
+function setOnce<T>(slots: Map<string, T>, key: string, value: T, id: string, file: string, path: string): void {
+  if (slots.has(key)) throw new SoppuError('ADAPTER_INCOMPATIBLE', `adapter ${id}: module ${path} adapts a layer another of its modules already adapts (slot ${key})`, { file, tensor: path });
+  slots.set(key, value);
 }
 
 function checkedSlot(id: string, file: string, path: string, shape: SlotShape, inFeatures: number, outFeatures: number): string {
@@ -153,7 +161,7 @@ export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotSh
     }
     const a = factor(dtype, module.rank, module.inFeatures, dtype === 'f32' ? new Float32Array(module.a) : module.a, `${module.path}.lora_A`, adapter.source);
     const bt = factor(dtype, module.rank, module.outFeatures, scaled, `${module.path}.lora_B`, adapter.source);
-    slots.set(key, { kind: 'raw', rank: module.rank, a, bt });
+    setOnce(slots, key, { kind: 'raw', rank: module.rank, a, bt }, id, adapter.source, module.path);
     bytes += bytesOf(a) + bytesOf(bt);
   }
   return { id, source: 'local', storage: 'raw', cluster: -1, slots, bytes, basesKeys: [] };
@@ -187,7 +195,7 @@ export function residentFromBank(
       const key = checkedSlot(parts.id, file, path, shape, part.inFeatures, part.outFeatures);
       const a = factor(dtype, part.rank, part.inFeatures, part.a, `${path}.lora_A`, file);
       const bt = factor(dtype, part.rank, part.outFeatures, transposed(part.b, part.outFeatures, part.rank), `${path}.lora_B`, file);
-      slots.set(key, { kind: 'raw', rank: part.rank, a, bt });
+      setOnce(slots, key, { kind: 'raw', rank: part.rank, a, bt }, parts.id, file, path);
       bytes += bytesOf(a) + bytesOf(bt);
       continue;
     }
@@ -204,7 +212,7 @@ export function residentFromBank(
     }
     checkFinite(parts.id, file, path, part.core);
     const core = factor(dtype, 1, part.core.length, part.core, `${path}.core`, file).data;
-    slots.set(key, { kind: 'compressed', rank: part.rank, bases: shared, core: { rank: part.rank, diagonal: part.diagonal, dtype, data: core } });
+    setOnce(slots, key, { kind: 'compressed', rank: part.rank, bases: shared, core: { rank: part.rank, diagonal: part.diagonal, dtype, data: core } }, parts.id, file, path);
     basesKeys.add(part.basesKey);
     bytes += core.byteLength;
     anyCompressed = true;

@@ -36,6 +36,11 @@ function positiveNumber(v: unknown, field: string, file: string, integer: boolea
   return v;
 }
 
+function finiteNumber(v: unknown, field: string, file: string): number {
+  if (typeof v !== 'number' || !Number.isFinite(v)) throw configError(file, field, `must be a finite number, got ${shown(v)}`);
+  return v;
+}
+
 function patternMap(raw: Record<string, unknown>, field: string, integer: boolean, file: string): Record<string, number> {
   const v = raw[field];
   if (v === undefined || v === null) return {};
@@ -43,7 +48,8 @@ function patternMap(raw: Record<string, unknown>, field: string, integer: boolea
   const out: Record<string, number> = {};
   for (const [key, value] of Object.entries(v as Record<string, unknown>)) {
     compilePattern(key, `${field}[${shown(key)}]`, file);
-    Object.defineProperty(out, key, { value: positiveNumber(value, `${field}[${shown(key)}]`, file, integer), enumerable: true });
+    const where = `${field}[${shown(key)}]`;
+    Object.defineProperty(out, key, { value: integer ? positiveNumber(value, where, file, true) : finiteNumber(value, where, file), enumerable: true });
   }
   return out;
 }
@@ -188,10 +194,33 @@ export function parseLoraConfig(json: unknown, file: string): LoraConfig {
   if (raw['lora_bias'] === true) {
     throw new SoppuError('ADAPTER_UNSUPPORTED', `${file}: lora_bias is true: LoRA B biases are not supported`, { file, field: 'lora_bias' });
   }
+  // initialisations PEFT re-runs at load, changing the base weights (W − s·B₀A₀, or a quantised W): served as
+  // plain LoRA they would be off by the base model's top components
+  const init = raw['init_lora_weights'];
+  if (typeof init === 'string' && /^(pissa|olora|loftq|corda)/i.test(init)) {
+    throw new SoppuError(
+      'ADAPTER_UNSUPPORTED',
+      `${file}: init_lora_weights ${shown(init)} changes the base model when PEFT loads the adapter; convert it to a plain LoRA first (PEFT's save_pretrained with path_initial_model_for_weight_conversion)`,
+      { file, field: 'init_lora_weights' },
+    );
+  }
+  // applied to some tokens only (activated LoRA), or to a deeper stack of layers: not what a plain LoRA slot does
+  for (const field of ['alora_invocation_tokens', 'layer_replication'] as const) {
+    const value = raw[field];
+    if (value !== undefined && value !== null && !(Array.isArray(value) && value.length === 0)) {
+      throw new SoppuError('ADAPTER_UNSUPPORTED', `${file}: ${field} is set: ${field === 'layer_replication' ? 'replicated layers' : 'activated LoRA (applied after an invocation sequence only)'} is not supported`, { file, field });
+    }
+  }
   const r = raw['r'] === undefined ? DEFAULT_R : positiveNumber(raw['r'], 'r', file, true);
-  const loraAlpha = raw['lora_alpha'] === undefined ? DEFAULT_ALPHA : positiveNumber(raw['lora_alpha'], 'lora_alpha', file, false);
+  // PEFT does not check lora_alpha: a negative one negates the adapter, zero silences it
+  const loraAlpha = raw['lora_alpha'] === undefined ? DEFAULT_ALPHA : finiteNumber(raw['lora_alpha'], 'lora_alpha', file);
 
   const targetModules = modulesSelector(raw, 'target_modules', file) ?? [];
+  // PEFT fills in the model type's defaults before it saves, so only a hand-written config has none; which
+  // modules PEFT would then adapt depends on the model, so the factors present cannot be trusted to be them
+  if (Array.isArray(targetModules) && targetModules.length === 0) {
+    throw configError(file, 'target_modules', 'is missing or empty: name the adapted modules (PEFT fills them in when it saves an adapter)');
+  }
   const excludeModules = modulesSelector(raw, 'exclude_modules', file);
 
   let layersToTransform: number[] | null = null;
@@ -283,6 +312,8 @@ export function moduleTargeting(config: LoraConfig, modulePath: string): ModuleT
     return { targeted: false, field: 'exclude_modules' };
   }
   const targets = config.targetModules;
+  // 'all-linear' is every linear layer but the output layer (PEFT leaves lm_head out)
+  if (targets === 'all-linear' && /(^|\.)lm_head$/.test(modulePath)) return { targeted: false, field: 'target_modules' };
   if (typeof targets === 'string' && targets !== 'all-linear') {
     return compileFullMatch(targets, 'target_modules', '').test(modulePath) ? { targeted: true } : { targeted: false, field: 'target_modules' };
   }

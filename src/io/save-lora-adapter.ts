@@ -108,6 +108,9 @@ export function adapterConfigJson(adapter: LoraAdapter): Record<string, unknown>
     bias: config.bias,
     base_model_name_or_path: config.baseModelNameOrPath,
   };
+  // the factors written are final: an init that PEFT would re-run, or that leaves modules these target_modules
+  // widen to with random factors (false), does not belong to them (PEFT's default gives such modules B = 0)
+  delete json['init_lora_weights'];
   return Object.fromEntries(Object.keys(json).sort().map((k) => [k, json[k]]));
 }
 

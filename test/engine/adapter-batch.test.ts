@@ -64,6 +64,16 @@ describe('adapter batching', () => {
     expect(maxRelativeDifference(base.prefill, merged.prefill)).toBeGreaterThan(1e-2);
   });
 
+  it("only the decoder's own layers are slots, and each takes one module: a vision tower's layer or a second copy is refused, not swapped in", () => {
+    const lora = randomLora(model.config, 22, 2, 4);
+    const q = lora.modules.get('model.layers.0.self_attn.q_proj')!;
+    const withModule = (path: string) => ({ ...lora, modules: new Map([...lora.modules, [path, { ...q, path }]]) });
+    expect(() => residentFromLora('vision', withModule('model.vision_tower.encoder.layers.0.self_attn.q_proj'), slotShapeOf(model.config)))
+      .toThrow(/module model\.vision_tower\.encoder\.layers\.0\.self_attn\.q_proj is not a linear layer of the base model/);
+    expect(() => residentFromLora('twice', withModule('layers.0.self_attn.q_proj'), slotShapeOf(model.config)))
+      .toThrow(/module layers\.0\.self_attn\.q_proj adapts a layer another of its modules already adapts \(slot 0\.q_proj\)/);
+  });
+
   for (const diagonal of [false, true]) {
     it(`a compressed adapter (${diagonal ? 'diagonal' : 'full'} core) equals the same adapter exported raw`, async () => {
       const bank = handBank(model.config, { clusters: 2, perCluster: 2, rank: 3, seed: 5, diagonal });

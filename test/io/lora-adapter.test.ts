@@ -204,9 +204,9 @@ describe('PEFT config semantics', () => {
     const c = parseLoraConfig({ peft_type: 'LORA', target_modules: 'model.*(q|v)_proj', layers_to_transform: 3 }, 'x.json');
     expect([c.r, c.loraAlpha, c.useRslora, c.bias, c.layersToTransform, c.targetModules]).toEqual([8, 8, false, 'none', [3], 'model.*(q|v)_proj']);
     expect(() => parseLoraConfig({ peft_type: 'LORA', r: 0 }, 'x.json')).toThrow(/x\.json: r: must be a positive integer/);
-    expect(() => parseLoraConfig({ peft_type: 'LORA', rank_pattern: { '(': 2 } }, 'x.json')).toThrow(/not a valid regular expression/);
+    expect(() => parseLoraConfig({ peft_type: 'LORA', target_modules: ['q_proj'], rank_pattern: { '(': 2 } }, 'x.json')).toThrow(/not a valid regular expression/);
     expect(() => parseLoraConfig({ r: 2 }, 'x.json')).toThrow(/peft_type: is missing/);
-    expect(() => parseLoraConfig({ peft_type: 'LORA', bias: 'some' }, 'x.json')).toThrow(/bias: must be/);
+    expect(() => parseLoraConfig({ peft_type: 'LORA', target_modules: ['q_proj'], bias: 'some' }, 'x.json')).toThrow(/bias: must be/);
   });
 });
 
@@ -220,6 +220,32 @@ describe('PEFT adapter refusals', () => {
     await expectRefusal(await rawAdapter(baseConfig, [qA(), qB(), embedding]), 'ADAPTER_UNSUPPORTED', /embedding LoRA factor: LoRA on embedding layers is not supported/);
     const loraBias = f32('base_model.model.model.layers.0.self_attn.q_proj.lora_B.bias', [4]);
     await expectRefusal(await rawAdapter(baseConfig, [qA(), qB(), loraBias]), 'ADAPTER_UNSUPPORTED', /lora_bias/);
+  });
+
+  it('refuses what PEFT would apply differently from a plain LoRA: PiSSA/OLoRA/LoftQ/CorDA inits, activated LoRA, replicated layers, no target_modules', async () => {
+    for (const init of ['pissa', 'pissa_niter_16', 'olora', 'loftq', 'corda']) {
+      await expectRefusal(await rawAdapter({ ...baseConfig, init_lora_weights: init }, [qA(), qB()]), 'ADAPTER_UNSUPPORTED', new RegExp(`init_lora_weights "${init}" changes the base model when PEFT loads the adapter; convert it to a plain LoRA first`));
+    }
+    for (const init of [true, false, 'gaussian', 'eva']) await loadLoraAdapter(await rawAdapter({ ...baseConfig, init_lora_weights: init }, [qA(), qB()]));
+    // written back, the factors are final: no init (false would give modules a widened target list adds random factors in PEFT)
+    const saved = freshDir();
+    await saveLoraAdapter(saved, await loadLoraAdapter(await rawAdapter({ ...baseConfig, init_lora_weights: false }, [qA(), qB()])));
+    expect(JSON.parse(await readFile(join(saved, 'adapter_config.json'), 'utf8'))).not.toHaveProperty('init_lora_weights');
+    await expectRefusal(await rawAdapter({ ...baseConfig, alora_invocation_tokens: [128006, 78191] }, [qA(), qB()]), 'ADAPTER_UNSUPPORTED', /alora_invocation_tokens is set: activated LoRA/);
+    await expectRefusal(await rawAdapter({ ...baseConfig, layer_replication: [[0, 1], [0, 1]] }, [qA(), qB()]), 'ADAPTER_UNSUPPORTED', /layer_replication is set: replicated layers/);
+    await loadLoraAdapter(await rawAdapter({ ...baseConfig, alora_invocation_tokens: null, layer_replication: null }, [qA(), qB()]));
+    for (const target_modules of [null, []]) {
+      await expectRefusal(await rawAdapter({ ...baseConfig, target_modules }, [qA(), qB()]), 'ADAPTER_CONFIG', /target_modules: is missing or empty/);
+    }
+  });
+
+  it("takes a negative or zero lora_alpha as PEFT does (it negates or silences the adapter); 'all-linear' leaves lm_head out", async () => {
+    const negative = await loadLoraAdapter(await rawAdapter({ ...baseConfig, lora_alpha: -4, alpha_pattern: { q_proj: -2 } }, [qA(), qB()]));
+    expect(negative.modules.get('model.layers.0.self_attn.q_proj')!.scale).toBe(-1); // alpha_pattern's -2 over r = 2
+    expect((await loadLoraAdapter(await rawAdapter({ ...baseConfig, lora_alpha: 0 }, [qA(), qB()]))).modules.get('model.layers.0.self_attn.q_proj')!.scale).toBe(0);
+    const head = [f32('base_model.model.lm_head.lora_A.weight', [2, 3]), f32('base_model.model.lm_head.lora_B.weight', [5, 2])];
+    await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: 'all-linear' }, [qA(), qB(), ...head]), 'ADAPTER_CONFIG', /lm_head.*target_modules/);
+    expect([...(await loadLoraAdapter(await rawAdapter({ ...baseConfig, target_modules: 'all-linear' }, [qA(), qB()]))).modules.keys()]).toEqual(['model.layers.0.self_attn.q_proj']);
   });
 
   it('refuses missing or malformed files', async () => {
