@@ -114,8 +114,14 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
   // keys.json read again (as SIGHUP does in `soppu serve`): a user added or removed without a restart
   app.post('/keys/reload', { config: { admin: true } }, async () => {
     if (!options.accessControl) throw new SoppuError('CONFIG', 'the server runs without --auth: there is no keys file to reload', { field: 'auth' });
-    const { keys, warnings } = options.accessControl.reload();
-    return { keys, warnings };
+    try {
+      const { keys, warnings } = options.accessControl.reload();
+      return { keys, warnings };
+    } catch (e) {
+      // a keys file missing mid-save (an editor renaming over it) is the request's problem, not a generation failure
+      if (isSoppuError(e, 'FILE_NOT_FOUND')) throw new SoppuError('CONFIG', e.message, { field: 'auth', file: options.accessControl.file ?? '' }, { cause: e });
+      throw e;
+    }
   });
 
   for (const [route, pinned] of [['/adapters/pin', true], ['/adapters/unpin', false]] as const) {

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -156,6 +156,12 @@ describe('keys file reload (POST /keys/reload)', () => {
     expect(failed.json().error).toContain(`keys file ${file} is not valid JSON`);
     expect((await generate(carol, 'carol-1')).statusCode).toBe(200);
     expect((await reload(KEYS.admin)).statusCode).toBe(422);
+    // a file missing mid-save (renamed over by an editor) is a 422 too, not a generation failure
+    rmSync(file);
+    const missing = await reload(KEYS.admin);
+    expect(missing.statusCode).toBe(422);
+    expect(missing.json().error).toContain(`keys file ${file} cannot be read`);
+    expect((await generate(carol, 'carol-1')).statusCode).toBe(200);
   });
 
   it('without --auth there is no keys file: 422 naming the option', async () => {

@@ -175,14 +175,14 @@ export function register(program: Command): void {
     .option('--max-concurrent-requests <n>', 'requests in flight before 429', String(DEFAULT_SERVER_OPTIONS.maxConcurrentRequests))
     .option('--max-running-requests <n>', 'requests decoded together in one batch', '64')
     .option('--max-batch-tokens <n>', 'tokens per forward step', '2048')
-    .option('--max-input-tokens <n>', 'prompt tokens allowed (default: model limit − 1, at most 4095)')
-    .option('--max-total-tokens <n>', 'prompt + generated tokens allowed (default: model limit, at most 4096)')
+    .option('--max-input-tokens <n>', 'prompt tokens allowed (default: --max-total-tokens − 1, at most 4095)')
+    .option('--max-total-tokens <n>', 'prompt + generated tokens allowed (default: the smallest of 4096, the model\'s positions and what --kv-memory-mb holds)')
     .option('--max-stop-sequences <n>', 'stop sequences per request', String(DEFAULT_SERVER_OPTIONS.maxStopSequences))
     .option('--kv-memory-mb <n>', 'KV-cache budget in MiB', '512')
     .option('--adapter-memory-mb <n>', 'resident adapter budget in MiB', '512')
     .option('--block-size <n>', 'KV-cache block size in positions', '16')
     .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
-    .option('--drain-deadline-s <n>', 'on SIGTERM, seconds to let running requests finish', String(DEFAULT_SERVER_OPTIONS.drainDeadlineMs / 1000))
+    .option('--drain-deadline-s <n>', 'on SIGTERM or SIGINT, seconds to let running requests finish', String(DEFAULT_SERVER_OPTIONS.drainDeadlineMs / 1000))
     .option('--max-upload-mb <n>', 'largest adapter upload in MiB', String(DEFAULT_SERVER_OPTIONS.maxUploadBytes / 1024 / 1024))
     .action(async (options: ServeOptions) => {
       const log = (line: string): void => void process.stderr.write(`soppu serve: ${line}\n`);
@@ -195,6 +195,8 @@ export function register(program: Command): void {
       const port = portNumber(options.port);
       const accessControl = options.auth ? AccessControl.fromFile(options.auth) : null;
       for (const warning of accessControl?.warnings ?? []) log(`WARNING: ${warning}`);
+      // SIGHUP reads the keys file again, as POST /keys/reload does (from here on: it no longer ends the process)
+      process.on('SIGHUP', () => reloadKeys(accessControl).forEach(log));
       const adapterDirs = (options.adapters ?? []).map((dir) => path.resolve(dir));
       for (const dir of adapterDirs) {
         if (!statSync(dir, { throwIfNoEntry: false })?.isDirectory()) throw new SoppuError('CONFIG', `--adapters ${dir}: not a folder`, { field: 'adapters', file: dir });
@@ -290,8 +292,6 @@ export function register(program: Command): void {
         };
         process.once('SIGTERM', () => stop('SIGTERM'));
         process.once('SIGINT', () => stop('SIGINT'));
-        // SIGHUP reads the keys file again, as POST /keys/reload does (and no longer ends the process)
-        process.on('SIGHUP', () => reloadKeys(accessControl).forEach(log));
       });
     });
 }
