@@ -11,7 +11,7 @@ import { fromLoraxBody, toLoraxResponse, toLoraxStreamEvent, type CollectedToken
 
 type Schemas = ReturnType<typeof buildSchemas>;
 
-interface Prepared {
+export interface Prepared {
   readonly call: GenerationCall;
   readonly started: StartedGeneration;
   readonly startedAt: number;
@@ -19,9 +19,9 @@ interface Prepared {
 }
 
 /** Validates, checks access and starts the engine; throws (→ HTTP error) before the first token. */
-export async function startCall(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall): Promise<Prepared> {
+/** Validates and starts one generation; `controller` (default: one of its own) cancels it when the client goes. */
+export async function startCall(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall, controller = abortOnDisconnect(reply)): Promise<Prepared> {
   const startedAt = performance.now();
-  const controller = abortOnDisconnect(reply);
   const engineRequest = context.service.prepare(call, callerOf(request), controller.signal);
   const validatedAt = performance.now();
   const started = await context.service.start(engineRequest);

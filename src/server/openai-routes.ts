@@ -8,13 +8,13 @@ import type { AdapterStatus } from '../engine/engine-types.js';
 import { failureLabel, openAiErrorBody, toSoppuError } from './error-response.js';
 import { adapterNotFound } from './generation-service.js';
 import { LogprobCollector } from './logprob-collector.js';
-import { startCall } from './lorax-routes.js';
+import { startCall, type Prepared } from './lorax-routes.js';
 import type { buildSchemas } from './request-schemas.js';
-import { callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
+import { abortOnDisconnect, callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
 import {
   chatMessages,
-  fromOpenAiChat,
-  fromOpenAiCompletion,
+  openAiChatCalls,
+  openAiCompletionCalls,
   fullText,
   openAiLogprobs,
   StopSafeText,
@@ -48,47 +48,112 @@ interface OpenAiExtras {
   readonly includeUsage: boolean;
 }
 
-async function runOpenAi(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall, dialect: Dialect, stream: boolean, model: string, extras: OpenAiExtras): Promise<unknown> {
-  const prepared = await startCall(context, request, reply, call);
-  const shape: ChunkShape = {
+/** The choice one finished generation makes (without its index), and its final event. */
+async function collectChoice(prepared: Prepared, dialect: Dialect, extras: OpenAiExtras): Promise<{ choice: Record<string, unknown>; done: DoneEvent }> {
+  const call = prepared.call;
+  // echoed prompt text comes before the answer's tokens
+  const answerStart = call.returnFullText ? call.prompt.length : 0;
+  const logprobs = extras.logprobs === null ? null : new LogprobCollector(dialect, answerStart);
+  let done: DoneEvent | null = null;
+  for await (const event of eventsOf(prepared.started)) {
+    if (event.type === 'done') done = event;
+    else if (logprobs && !event.token.special) logprobs.add(event.token, event.alternatives);
+  }
+  if (!done) throw toSoppuError(new Error('generation ended without a final event'));
+  const text = fullText(call, done);
+  logprobs?.finish(done.generatedText, answerStart);
+  if (logprobs && done.prefill) logprobs.addPrompt(done.prefill, done.prefillAlternatives); // echo: the prompt's tokens lead
+  const tokenLogprobs = logprobs ? logprobs.render(logprobs.all(answerStart + done.generatedText.length)) : null;
+  const finishReason = toOpenAiFinishReason(done.finishReason);
+  const choice =
+    dialect === 'chat'
+      ? { message: { role: 'assistant', content: text }, logprobs: tokenLogprobs, finish_reason: finishReason }
+      : { text, logprobs: tokenLogprobs, finish_reason: finishReason };
+  return { choice, done };
+}
+
+function responseShape(context: ServerContext, dialect: Dialect, model: string): ChunkShape {
+  return {
     id: `${dialect === 'chat' ? 'chatcmpl' : 'cmpl'}-${randomUUID()}`,
     created: Math.floor(Date.now() / 1000),
     model,
     fingerprint: `${context.options.version}-native`,
   };
+}
+
+function recordDone(context: ServerContext, prepared: Prepared, done: DoneEvent): void {
+  recordSuccess(context, {
+    startedAt: prepared.startedAt,
+    validatedAt: prepared.validatedAt,
+    firstEventMs: prepared.started.timeToFirstEventMs,
+    promptTokens: done.promptTokens,
+    generatedTokens: done.generatedTokens,
+    maxNewTokens: prepared.started.request.maxNewTokens,
+  });
+}
+
+/**
+ * Several choices (n > 1, or several prompts): every generation is admitted and started, they run in the same
+ * batches, and the answer comes once all are done. `promptOf[i]`: which prompt choice i answers (its prompt
+ * tokens count once in usage).
+ */
+async function runOpenAiChoices(context: ServerContext, request: FastifyRequest, reply: FastifyReply, calls: readonly GenerationCall[], promptOf: readonly number[], dialect: Dialect, model: string, extras: OpenAiExtras): Promise<unknown> {
+  const controller = abortOnDisconnect(reply); // one client: all its choices go with it
+  const prepared: Prepared[] = [];
+  try {
+    for (const call of calls) prepared.push(await startCall(context, request, reply, call, controller));
+  } catch (e) {
+    await Promise.all(prepared.map((p) => closeGeneration(p.started))); // a later one refused (429): the started ones stop
+    throw e;
+  }
+  const results = await Promise.all(prepared.map((p) => collectChoice(p, dialect, extras).finally(() => closeGeneration(p.started)))).catch((e: unknown) => {
+    controller.abort(toSoppuError(e)); // one choice failed: the request fails, the others stop
+    throw e;
+  });
+  const counted = new Set<number>();
+  let promptTokens = 0;
+  let completionTokens = 0;
+  results.forEach(({ done }, i) => {
+    if (!counted.has(promptOf[i]!)) promptTokens += done.promptTokens;
+    counted.add(promptOf[i]!);
+    completionTokens += done.generatedTokens;
+  });
+  // one request in the metrics, with every choice's tokens
+  const first = prepared[0]!;
+  recordSuccess(context, {
+    startedAt: first.startedAt,
+    validatedAt: first.validatedAt,
+    firstEventMs: Math.min(...prepared.map((p) => p.started.timeToFirstEventMs)),
+    promptTokens,
+    generatedTokens: completionTokens,
+    maxNewTokens: first.started.request.maxNewTokens,
+  });
+  const shape = responseShape(context, dialect, model);
+  return {
+    id: shape.id,
+    object: dialect === 'chat' ? 'chat.completion' : 'text_completion',
+    created: shape.created,
+    model,
+    system_fingerprint: shape.fingerprint,
+    choices: results.map(({ choice }, index) => ({ index, ...choice })),
+    usage: { prompt_tokens: promptTokens, completion_tokens: completionTokens, total_tokens: promptTokens + completionTokens },
+  };
+}
+
+async function runOpenAi(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall, dialect: Dialect, stream: boolean, model: string, extras: OpenAiExtras): Promise<unknown> {
+  const prepared = await startCall(context, request, reply, call);
+  const shape = responseShape(context, dialect, model);
   const object = dialect === 'chat' ? 'chat.completion' : 'text_completion';
   const chunkObject = dialect === 'chat' ? 'chat.completion.chunk' : 'text_completion';
-  const record = (done: DoneEvent): void => {
-    recordSuccess(context, {
-      startedAt: prepared.startedAt,
-      validatedAt: prepared.validatedAt,
-      firstEventMs: prepared.started.timeToFirstEventMs,
-      promptTokens: done.promptTokens,
-      generatedTokens: done.generatedTokens,
-      maxNewTokens: prepared.started.request.maxNewTokens,
-    });
-  };
+  const record = (done: DoneEvent): void => recordDone(context, prepared, done);
+  if (!stream) {
+    const { choice, done } = await collectChoice(prepared, dialect, extras);
+    record(done);
+    return { id: shape.id, object, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [{ index: 0, ...choice }], usage: toUsage(done) };
+  }
   // echoed prompt text comes before the answer's tokens
   const answerStart = call.returnFullText ? call.prompt.length : 0;
   const logprobs = extras.logprobs === null ? null : new LogprobCollector(dialect, answerStart);
-  if (!stream) {
-    let done: DoneEvent | null = null;
-    for await (const event of eventsOf(prepared.started)) {
-      if (event.type === 'done') done = event;
-      else if (logprobs && !event.token.special) logprobs.add(event.token, event.alternatives);
-    }
-    if (!done) throw toSoppuError(new Error('generation ended without a final event'));
-    record(done);
-    const text = fullText(call, done);
-    logprobs?.finish(done.generatedText, answerStart);
-    if (logprobs && done.prefill) logprobs.addPrompt(done.prefill, done.prefillAlternatives); // echo: the prompt's tokens lead
-    const tokenLogprobs = logprobs ? logprobs.render(logprobs.all(answerStart + done.generatedText.length)) : null;
-    const choice =
-      dialect === 'chat'
-        ? { index: 0, message: { role: 'assistant', content: text }, logprobs: tokenLogprobs, finish_reason: toOpenAiFinishReason(done.finishReason) }
-        : { index: 0, text, logprobs: tokenLogprobs, finish_reason: toOpenAiFinishReason(done.finishReason) };
-    return { id: shape.id, object, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [choice], usage: toUsage(done) };
-  }
   let events: EventStream | null = null;
   // with stream_options.include_usage, every chunk has usage: null and a last one (no choices) carries it
   const usageField = extras.includeUsage ? { usage: null } : {};
@@ -143,16 +208,21 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
     logprobs: openAiLogprobs(body, dialect),
     includeUsage: body.stream_options?.include_usage === true,
   });
+  /** One generation as before; several (n > 1, several prompts) together. */
+  const run = (request: FastifyRequest, reply: FastifyReply, calls: readonly GenerationCall[], dialect: Dialect, body: OpenAiCompletionBody | OpenAiChatBody): Promise<unknown> => {
+    const model = body.model ?? baseModelId;
+    if (calls.length === 1) return runOpenAi(context, request, reply, calls[0]!, dialect, body.stream ?? false, model, extrasOf(body, dialect));
+    const perPrompt = body.n ?? 1;
+    return runOpenAiChoices(context, request, reply, calls, calls.map((_, i) => Math.floor(i / perPrompt)), dialect, model, extrasOf(body, dialect));
+  };
   app.post<{ Body: OpenAiCompletionBody }>('/v1/completions', { schema: { body: schemas.completions }, config: { generation: true } }, (request, reply) => {
-    const call = fromOpenAiCompletion(request.body, baseModelId);
     // token ids: their text is what echo returns (ids outside the vocabulary decode to nothing; the engine refuses them)
-    const withText = call.promptIds ? { ...call, prompt: context.engine.detokenize(call.promptIds) } : call;
-    return runOpenAi(context, request, reply, withText, 'completion', request.body.stream ?? false, request.body.model ?? baseModelId, extrasOf(request.body, 'completion'));
+    const calls = openAiCompletionCalls(request.body, baseModelId).map((call) => (call.promptIds ? { ...call, prompt: context.engine.detokenize(call.promptIds) } : call));
+    return run(request, reply, calls, 'completion', request.body);
   });
   app.post<{ Body: OpenAiChatBody }>('/v1/chat/completions', { schema: { body: schemas.chat }, config: { generation: true } }, (request, reply) => {
     const prompt = context.engine.applyChatTemplate(chatMessages(request.body), true);
-    return runOpenAi(context, request, reply, fromOpenAiChat(request.body, prompt, baseModelId), 'chat', request.body.stream ?? false, request.body.model ?? baseModelId,
-      extrasOf(request.body, 'chat'));
+    return run(request, reply, openAiChatCalls(request.body, prompt, baseModelId), 'chat', request.body);
   });
   /** A model object as /v1/models lists it: the base model, or an adapter with its cache status. */
   const modelObject = (adapter: AdapterStatus | null): Record<string, unknown> =>

@@ -9,6 +9,9 @@ const nullableNumber = (extra: Record<string, unknown>): Record<string, unknown>
 const nullableInteger = (extra: Record<string, unknown>): Record<string, unknown> => ({ type: ['integer', 'null'], ...extra });
 const MAX_SEED = Number.MAX_SAFE_INTEGER;
 
+/** The most choices one OpenAI request may ask for (n × prompts): each is a generation of its own. */
+export const MAX_CHOICES = 16;
+
 export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | 'maxInputTokens' | 'maxTotalTokens' | 'maxAlternatives'>) {
   const stopArray = { type: 'array', items: { type: 'string', minLength: 1 }, maxItems: options.maxStopSequences };
   const parameters = {
@@ -57,7 +60,7 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
     max_completion_tokens: nullableInteger({ exclusiveMinimum: 0, maximum: options.maxTotalTokens }),
     temperature: nullableNumber({ minimum: 0, maximum: 2 }),
     top_p: nullableNumber({ exclusiveMinimum: 0, maximum: 1 }),
-    n: nullableInteger({ minimum: 1 }),
+    n: nullableInteger({ minimum: 1, maximum: MAX_CHOICES }),
     stop: { anyOf: [{ type: 'string', minLength: 1 }, stopArray, { type: 'null' }] },
     stream: { type: ['boolean', 'null'] }, // OpenAI's nullable fields: null is as absent
     stream_options: { type: ['object', 'null'], properties: { include_usage: { type: 'boolean' } } },
@@ -73,6 +76,7 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
     response_format: { type: ['object', 'null'], properties: { type: { type: 'string', enum: ['text', 'json_object', 'json_schema'] } } },
   };
   const tokenId = { type: 'integer', minimum: 0 };
+  const promptList = { minItems: 1, maxItems: MAX_CHOICES };
   const completions = {
     type: 'object',
     required: ['prompt'],
@@ -81,9 +85,9 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
       prompt: {
         anyOf: [
           { type: 'string', minLength: 1 },
-          { type: 'array', items: { type: 'string', minLength: 1 }, minItems: 1 },
+          { type: 'array', items: { type: 'string', minLength: 1 }, ...promptList },
           { type: 'array', items: tokenId, minItems: 1, maxItems: options.maxInputTokens },
-          { type: 'array', items: { type: 'array', items: tokenId, minItems: 1, maxItems: options.maxInputTokens }, minItems: 1 },
+          { type: 'array', items: { type: 'array', items: tokenId, minItems: 1, maxItems: options.maxInputTokens }, ...promptList },
         ],
       },
       echo: { type: ['boolean', 'null'] },

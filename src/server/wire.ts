@@ -5,6 +5,7 @@
  */
 import type { FinishReason, GenerateEvent, SamplingParams, TokenInfo } from '../engine/engine-types.js';
 import { SoppuError } from '../errors/soppu-error.js';
+import { MAX_CHOICES } from './request-schemas.js';
 
 /** A generation as the server sees it, whichever dialect it came in. */
 export interface GenerationCall {
@@ -239,7 +240,6 @@ export function openAiLogprobs(body: OpenAiCompletionBody | OpenAiChatBody, dial
 }
 
 function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: string, returnFullText: boolean, addSpecialTokens: boolean, logprobs: number | null): GenerationCall {
-  if (body.n !== undefined && body.n !== null && body.n !== 1) throw validation(`\`n\` must be 1; got ${body.n}`, 'n');
   if (body.response_format && body.response_format.type !== 'text') {
     throw validation('`response_format` (constrained JSON decoding) is not supported by this server', 'response_format');
   }
@@ -274,20 +274,40 @@ function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: s
   };
 }
 
-/** OpenAI's one prompt: a string, or token ids; a list of one of either (a list of several would ask for several choices). */
-function singlePrompt(prompt: OpenAiCompletionBody['prompt']): string | number[] {
-  if (typeof prompt === 'string') return prompt;
-  if (prompt.length > 0 && prompt.every((id) => typeof id === 'number')) return prompt as number[];
-  if (prompt.length === 1) {
-    const only = prompt[0];
-    if (typeof only === 'string') return only;
-    if (Array.isArray(only) && only.length > 0) return only;
-  }
-  throw validation('`prompt` must be one prompt: a string or a list of token ids (a list of several prompts asks for several choices, and `n` must be 1)', 'prompt');
+/** OpenAI's prompts: a string, token ids, or a list of either (each prompt its own choices). */
+function promptsOf(prompt: OpenAiCompletionBody['prompt']): (string | number[])[] {
+  if (typeof prompt === 'string') return [prompt];
+  if (prompt.length > 0 && prompt.every((id) => typeof id === 'number')) return [prompt as number[]];
+  return (prompt as (string | number[])[]).map((one) => one);
 }
 
-export function fromOpenAiCompletion(body: OpenAiCompletionBody, baseModelId: string): GenerationCall {
-  const single = singlePrompt(body.prompt);
+/**
+ * Several choices of one request (`n` per prompt, in OpenAI's order: prompt by prompt): the same call, a
+ * seed given becoming seed + j for the j-th, so the choices differ as OpenAI's do. Not on streams.
+ */
+function choicesOf(calls: readonly GenerationCall[], n: number | null | undefined, stream: boolean | null | undefined): GenerationCall[] {
+  const count = n ?? 1;
+  if (calls.length * count > MAX_CHOICES) throw validation(`\`n\` × prompts must be at most ${MAX_CHOICES}; got ${calls.length * count}`, 'n');
+  if (calls.length * count > 1 && stream === true) throw validation('`n` > 1 and several prompts are not supported when streaming', 'n');
+  return calls.flatMap((call) =>
+    Array.from({ length: count }, (_, j) => (j === 0 || call.sampling.seed === undefined ? call : { ...call, sampling: { ...call.sampling, seed: call.sampling.seed + j } })),
+  );
+}
+
+/** The generations of a /v1/completions request: one per prompt and choice, in choice order. */
+export function openAiCompletionCalls(body: OpenAiCompletionBody, baseModelId: string): GenerationCall[] {
+  const prompts = promptsOf(body.prompt);
+  if (prompts.length > MAX_CHOICES) throw validation(`\`prompt\` holds ${prompts.length} prompts; at most ${MAX_CHOICES}`, 'prompt');
+  return choicesOf(prompts.map((prompt) => fromOpenAiCompletion(body, prompt, baseModelId)), body.n, body.stream);
+}
+
+/** The generations of a /v1/chat/completions request: `n` of the templated prompt. */
+export function openAiChatCalls(body: OpenAiChatBody, prompt: string, baseModelId: string): GenerationCall[] {
+  return choicesOf([fromOpenAiChat(body, prompt, baseModelId)], body.n, body.stream);
+}
+
+/** One prompt's generation of a /v1/completions request (a string, or token ids). */
+export function fromOpenAiCompletion(body: OpenAiCompletionBody, single: string | number[], baseModelId: string): GenerationCall {
   const prompt = typeof single === 'string' ? single : '';
   if (body.best_of !== undefined && body.best_of !== null && body.best_of !== 1) throw validation(`\`best_of\` must be 1; got ${body.best_of}`, 'best_of');
   if (body.suffix) throw validation('`suffix` (insertion) is not supported by this server', 'suffix');

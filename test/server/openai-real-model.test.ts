@@ -155,7 +155,22 @@ describe('OpenAI routes over a BPE model', () => {
       expect(byIds.choices[0]!.logprobs!.token_logprobs).toEqual(elp.token_logprobs);
       expect(byIds.usage!.prompt_tokens).toBe(promptTokens);
     }
-    await expect(client.completions.create({ ...args, prompt: [ids, ids] })).rejects.toMatchObject({ status: 400, error: { param: 'prompt' } });
+    // several prompts: a choice each, in order, the prompt tokens of each counted once
+    const two = await client.completions.create({ ...args, prompt: [ids, ids] });
+    expect(two.choices.map((c) => c.index)).toEqual([0, 1]);
+    expect(two.choices[0]!.text).toBe(two.choices[1]!.text);
+    expect(two.choices[0]!.text).toBe(completion.text);
+    expect(two.usage).toEqual({ prompt_tokens: 2 * promptTokens, completion_tokens: 24, total_tokens: 2 * promptTokens + 24 });
+    // n choices of one prompt: sampled with seed, seed + 1, …, so they differ; the prompt counted once
+    const sampled = await client.completions.create({ ...args, temperature: 1, seed: 5, n: 3 });
+    expect(sampled.choices.map((c) => c.index)).toEqual([0, 1, 2]);
+    expect(new Set(sampled.choices.map((c) => c.text)).size).toBeGreaterThan(1);
+    expect(sampled.usage!.prompt_tokens).toBe(promptTokens);
+    const first = await client.completions.create({ ...args, temperature: 1, seed: 5 });
+    expect(first.choices[0]!.text).toBe(sampled.choices[0]!.text);
+    const chatTwo = await client.chat.completions.create({ model: '', messages: CHAT, max_tokens: 4, temperature: 1, seed: 9, n: 2 });
+    expect(chatTwo.choices.map((c) => c.index)).toEqual([0, 1]);
+    expect(chatTwo.choices[0]!.message.role).toBe('assistant');
     await expect(client.completions.create({ ...args, prompt: [1, 10 ** 6] })).rejects.toMatchObject({ status: 400, error: { message: expect.stringContaining('outside the vocabulary') } });
     expect(await client.completions.create({ ...args })).toMatchObject({ choices: [{ logprobs: null }] });
 

@@ -83,7 +83,9 @@ describe('OpenAI-compatible routes with the official client', () => {
     await expect(client.completions.create({ model: 'alice-broken', prompt: 'x', max_tokens: 1 })).rejects.toMatchObject({ status: 424 });
     await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toMatchObject({ status: 400, error: { type: 'invalid_request_error', param: 'temperature' } });
     await expect(client.completions.create({ model: 'alice-1', prompt: 'x', max_tokens: 1, temperature: 3 })).rejects.toBeInstanceOf(OpenAI.BadRequestError);
-    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 2 })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 17 })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
+    await expect(client.completions.create({ model: 'alice-1', prompt: ['a', 'b', 'c'], n: 6 })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 2, stream: true })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
     const anonymous = new OpenAI({ baseURL: client.baseURL, apiKey: 'sk-nobody-000', maxRetries: 0 });
     await expect(anonymous.models.list()).rejects.toMatchObject({ status: 401 });
   });
