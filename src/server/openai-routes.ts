@@ -99,12 +99,13 @@ function recordDone(context: ServerContext, prepared: Prepared, done: DoneEvent)
  */
 async function runOpenAiChoices(context: ServerContext, request: FastifyRequest, reply: FastifyReply, calls: readonly GenerationCall[], promptOf: readonly number[], dialect: Dialect, model: string, extras: OpenAiExtras): Promise<unknown> {
   const controller = abortOnDisconnect(reply); // one client: all its choices go with it
-  const prepared: Prepared[] = [];
-  try {
-    for (const call of calls) prepared.push(await startCall(context, request, reply, call, controller));
-  } catch (e) {
-    await Promise.all(prepared.map((p) => closeGeneration(p.started))); // a later one refused (429): the started ones stop
-    throw e;
+  // all submitted at once, so their prefills share steps; one refused (429, a bad adapter): the started ones stop
+  const settled = await Promise.allSettled(calls.map((call) => startCall(context, request, reply, call, controller)));
+  const prepared = settled.flatMap((result) => (result.status === 'fulfilled' ? [result.value] : []));
+  const refused = settled.find((result): result is PromiseRejectedResult => result.status === 'rejected');
+  if (refused) {
+    await Promise.all(prepared.map((p) => closeGeneration(p.started)));
+    throw refused.reason;
   }
   const results = await Promise.all(prepared.map((p) => collectChoice(p, dialect, extras).finally(() => closeGeneration(p.started)))).catch((e: unknown) => {
     controller.abort(toSoppuError(e)); // one choice failed: the request fails, the others stop

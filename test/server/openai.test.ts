@@ -129,6 +129,23 @@ describe('OpenAI details a client relies on', () => {
   });
 });
 
+describe('several choices', () => {
+  it('past max_concurrent_requests the whole request is a 429 and no choice keeps running', async () => {
+    const small = testServer(new FakeEngine({ adapters: ['alice-1'] }), { maxConcurrentRequests: 2 });
+    try {
+      const refused = await small.app.inject({ method: 'POST', url: '/v1/completions', payload: { model: 'alice-1', prompt: 'hi', n: 3, max_tokens: 2 } });
+      expect(refused.statusCode).toBe(429);
+      expect(small.context.service.running).toBe(0);
+      const fits = await small.app.inject({ method: 'POST', url: '/v1/completions', payload: { model: 'alice-1', prompt: ['hi', 'yo'], max_tokens: 2 } });
+      expect(fits.statusCode).toBe(200);
+      expect(fits.json().choices).toHaveLength(2);
+      expect(small.context.service.running).toBe(0);
+    } finally {
+      await small.app.close();
+    }
+  });
+});
+
 describe('OpenAI validation and keys file', () => {
   it('refuses image parts, tools and JSON response_format with 400 in the OpenAI shape', async () => {
     const image = [{ role: 'user' as const, content: [{ type: 'image_url' as const, image_url: { url: 'http://x/y.png' } }] }];
