@@ -12,6 +12,8 @@ export interface EngineTokenizer {
   /** Text of `ids`; special tokens dropped when `skipSpecialTokens`. */
   decode(ids: readonly number[], skipSpecialTokens: boolean): string;
   isSpecial(id: number): boolean;
+  /** The bytes of one token's text (a part of a UTF-8 character included), when the tokenizer knows them. */
+  tokenBytes?(id: number): number[];
   /**
    * End-of-sequence ids beyond config.json's: generation_config.json and tokenizer_config.json list an
    * instruct model's end-of-turn id there (Llama-3's <|eot_id|>, Qwen2's <|im_end|>).
@@ -31,6 +33,7 @@ export function engineTokenizerOf(tokenizer: ModelTokenizer): EngineTokenizer {
       tokenizer.tokenizeWithOffsets(text, { addSpecialTokens }).map((t) => ({ id: t.id, text: t.text, start: t.start, stop: t.stop })),
     decode: (ids, skipSpecialTokens) => tokenizer.decode(ids, { skipSpecialTokens }),
     isSpecial: (id) => tokenizer.isSpecial(id),
+    tokenBytes: (id) => tokenizer.tokenBytes(id),
     eosTokenIds: tokenizer.eosTokenIds,
     maxTokenChars: tokenizer.maxTokenChars,
     applyChatTemplate: (messages, addGenerationPrompt) => tokenizer.applyChatTemplate(messages, { addGenerationPrompt }),

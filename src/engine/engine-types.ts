@@ -56,6 +56,8 @@ export interface TokenInfo {
   readonly text: string;
   readonly logprob: number;
   readonly special: boolean;
+  /** The token's own bytes (a part of a UTF-8 character included), when the tokenizer knows them. */
+  readonly bytes?: readonly number[];
 }
 
 export type FinishReason = 'length' | 'eos_token' | 'stop_sequence';

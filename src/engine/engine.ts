@@ -502,7 +502,8 @@ class SoppuEngine implements Engine {
   }
 
   private tokenInfo(id: number, logprob: number): TokenInfo {
-    return { id, text: this.tokenizer.decode([id], false), logprob, special: this.tokenizer.isSpecial(id) };
+    const bytes = this.tokenizer.tokenBytes?.(id);
+    return { id, text: this.tokenizer.decode([id], false), logprob, special: this.tokenizer.isSpecial(id), ...(bytes ? { bytes } : {}) };
   }
 
   private emitToken(state: RequestState, logitRow: Float32Array): void {
@@ -517,7 +518,8 @@ class SoppuEngine implements Engine {
     const piece = state.decoder.push(sampled.id);
     const before = state.text.length;
     state.text += piece;
-    const token: TokenInfo = { id: sampled.id, text: special ? this.tokenizer.decode([sampled.id], false) : piece, logprob: sampled.logprob, special };
+    const bytes = this.tokenizer.tokenBytes?.(sampled.id);
+    const token: TokenInfo = { id: sampled.id, text: special ? this.tokenizer.decode([sampled.id], false) : piece, logprob: sampled.logprob, special, ...(bytes ? { bytes } : {}) };
     state.queue.push({
       type: 'token',
       token,

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { Template } from '@huggingface/jinja';
 import { Tokenizer } from '@huggingface/tokenizers';
 import { SoppuError } from '../errors/soppu-error.js';
+import { BYTE_OF_CHAR } from '../io/byte-level.js';
 import type { LlamaConfig } from './llama-config.js';
 
 /** One chat message, as OpenAI sends it. */
@@ -64,6 +65,15 @@ function tokenContent(value: unknown): string | null {
   return null;
 }
 
+/** The byte scheme of a tokenizer.json: its decoder (or a Sequence of decoders) names it. */
+function byteSchemeOf(tokenizerJson: Json): 'byte-level' | 'sentencepiece' | 'text' {
+  const decoder = tokenizerJson.decoder as Json | null | undefined;
+  const types = decoder ? [decoder.type, ...(Array.isArray(decoder.decoders) ? (decoder.decoders as Json[]).map((d) => d.type) : [])] : [];
+  if (types.includes('ByteLevel')) return 'byte-level';
+  if (types.includes('ByteFallback') || types.includes('Metaspace')) return 'sentencepiece';
+  return 'text';
+}
+
 /** Tokenizer + chat template of one model folder. */
 export class ModelTokenizer {
   /** Vocabulary size including added tokens. */
@@ -78,11 +88,14 @@ export class ModelTokenizer {
   /** The most characters one token's text holds: a text longer than n of these has more than n tokens. */
   readonly maxTokenChars: number;
   private readonly template: Template | null;
+  /** How a vocabulary entry holds its bytes: byte-level (GPT-2's byte → character table), SentencePiece (▁, <0xNN>), or neither. */
+  private readonly byteScheme: 'byte-level' | 'sentencepiece' | 'text';
   /** unk_token, pad_token, sep_token, cls_token, mask_token as tokenizer_config.json names them (for templates). */
   private readonly specialTokenContext: Record<string, string>;
 
   private constructor(
     private readonly tokenizer: Tokenizer,
+    tokenizerJson: Json,
     private readonly tokenizerConfig: Json,
     eosIds: readonly number[],
     bosIdFromConfig: number | null,
@@ -94,6 +107,7 @@ export class ModelTokenizer {
     let longest = 1;
     for (const token of vocabulary.keys()) longest = Math.max(longest, token.length);
     this.maxTokenChars = longest;
+    this.byteScheme = byteSchemeOf(tokenizerJson);
     this.specialTokenContext = {};
     for (const name of ['unk_token', 'pad_token', 'sep_token', 'cls_token', 'mask_token']) {
       const content = tokenContent(tokenizerConfig[name]);
@@ -152,7 +166,7 @@ export class ModelTokenizer {
     for (const id of Array.isArray(generationEos) ? generationEos : [generationEos]) {
       if (typeof id === 'number' && Number.isSafeInteger(id) && id >= 0) eosIds.push(id);
     }
-    return new ModelTokenizer(tokenizer, tokenizerConfig, eosIds, config?.bosTokenId ?? null, configFile);
+    return new ModelTokenizer(tokenizer, tokenizerJson, tokenizerConfig, eosIds, config?.bosTokenId ?? null, configFile);
   }
 
   /** Token ids of `text`; the post-processor's special tokens (e.g. bos) are added unless told not to. */
@@ -169,6 +183,32 @@ export class ModelTokenizer {
   /** True for special (added) tokens such as bos, eos and chat role markers. */
   isSpecial(id: number): boolean {
     return this.specialIds.has(id);
+  }
+
+  /**
+   * The bytes of one token's text, also for a token that holds part of a UTF-8 character (its decoded text
+   * is then U+FFFD): a byte-level entry through GPT-2's byte table, a SentencePiece <0xNN> entry as its byte,
+   * else the UTF-8 of its decoding. OpenAI's logprobs `bytes` carry them so a client can join such tokens.
+   */
+  tokenBytes(id: number): number[] {
+    const entry = this.tokenizer.id_to_token(id);
+    if (entry !== undefined && !this.specialIds.has(id)) {
+      if (this.byteScheme === 'byte-level') {
+        const bytes: number[] = [];
+        for (const ch of entry) {
+          const byte = BYTE_OF_CHAR.get(ch);
+          if (byte === undefined) return [...Buffer.from(this.decode([id]), 'utf8')]; // an added token's plain text
+          bytes.push(byte);
+        }
+        return bytes;
+      }
+      if (this.byteScheme === 'sentencepiece') {
+        const fallback = /^<0x([0-9A-Fa-f]{2})>$/.exec(entry);
+        if (fallback) return [Number.parseInt(fallback[1]!, 16)];
+        return [...Buffer.from(entry.replace(/\u2581/g, ' '), 'utf8')];
+      }
+    }
+    return [...Buffer.from(this.decode([id]), 'utf8')];
   }
 
   /** The token string of one id (vocabulary form, e.g. "Ġthe"), or undefined. */

@@ -11,6 +11,8 @@ export interface LogprobEntry {
   readonly logprob: number;
   readonly alternatives: readonly TokenInfo[];
   readonly offset: number;
+  /** The token's own bytes when the tokenizer knows them (its text may lack part of a character). */
+  readonly bytes?: readonly number[];
   /** The prompt's first token: nothing scores it (logprob and top_logprobs null). */
   readonly prompt?: boolean;
 }
@@ -55,7 +57,7 @@ export class LogprobCollector {
 
   /** Adds a generated token (not a special one: its text is not part of the answer) and returns its entry. */
   add(token: TokenInfo, alternatives: readonly TokenInfo[] = []): LogprobEntry {
-    const entry: LogprobEntry = { token: token.text, logprob: token.logprob, alternatives, offset: this.offset };
+    const entry: LogprobEntry = { token: token.text, logprob: token.logprob, alternatives, offset: this.offset, ...(token.bytes ? { bytes: token.bytes } : {}) };
     this.offset += token.text.length;
     this.entries.push(entry);
     return entry;
@@ -93,8 +95,8 @@ export class LogprobCollector {
       content: entries.map((e) => ({
         token: e.token,
         logprob: finite(e.logprob),
-        bytes: bytesOf(e.token),
-        top_logprobs: e.alternatives.map((a) => ({ token: a.text, logprob: finite(a.logprob), bytes: bytesOf(a.text) })),
+        bytes: e.bytes ? [...e.bytes] : bytesOf(e.token),
+        top_logprobs: e.alternatives.map((a) => ({ token: a.text, logprob: finite(a.logprob), bytes: a.bytes ? [...a.bytes] : bytesOf(a.text) })),
       })),
       refusal: null,
     };

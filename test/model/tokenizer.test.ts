@@ -116,6 +116,21 @@ describe('generated tokenizer through @huggingface/tokenizers', () => {
     await expect(loadTokenizer(dir)).rejects.toMatchObject({ code: 'MODEL_CONFIG', message: expect.stringMatching(/none is named "default"/) });
   });
 
+  it("tokenBytes gives each token's own bytes, so tokens that split a UTF-8 character join back to the text", async () => {
+    const dir = await tempDir('soppu-tok-');
+    const { tokenizerJson, tokenizerConfig } = generateTokenizer(512);
+    await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify(tokenizerConfig));
+    const tokenizer = await loadTokenizer(dir);
+    const text = 'héllo wörld 😀 日本語 – ok';
+    const ids = tokenizer.encode(text, { addSpecialTokens: false });
+    const split = ids.filter((id) => tokenizer.decode([id]).includes('\uFFFD'));
+    expect(split.length).toBeGreaterThan(0); // some token holds part of a character: its text alone is U+FFFD
+    expect(Buffer.from(ids.flatMap((id) => tokenizer.tokenBytes(id)))).toEqual(Buffer.from(text, 'utf8'));
+    const bos = tokenizer.bosTokenId!;
+    expect(tokenizer.tokenBytes(bos)).toEqual([...Buffer.from(tokenizer.decode([bos]), 'utf8')]); // a special token: its text
+  });
+
   it('is deterministic and exactly the asked vocabulary size (SmolLM-135M: 49152)', () => {
     const big = generateTokenizer(49152);
     const model = big.tokenizerJson.model as { vocab: Record<string, number>; merges: unknown[] };
