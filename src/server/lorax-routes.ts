@@ -28,6 +28,18 @@ export async function startCall(context: ServerContext, request: FastifyRequest,
   return { call, started, startedAt, validatedAt };
 }
 
+/** Records a finished generation in the metrics; returns its timing (for the LoRAX headers). */
+export function recordDone(context: ServerContext, prepared: Prepared, done: DoneEvent): ReturnType<typeof recordSuccess> {
+  return recordSuccess(context, {
+    startedAt: prepared.startedAt,
+    validatedAt: prepared.validatedAt,
+    firstEventMs: prepared.started.timeToFirstEventMs,
+    promptTokens: done.promptTokens,
+    generatedTokens: done.generatedTokens,
+    maxNewTokens: prepared.started.request.maxNewTokens,
+  });
+}
+
 function identityHeaders(context: ServerContext, call: GenerationCall): Record<string, string> {
   const headers: Record<string, string> = { 'x-compute-type': 'cpu', 'x-model-id': headerValue(context.engine.info.modelId) };
   if (call.adapterId !== '') {
@@ -46,14 +58,7 @@ async function generateJson(context: ServerContext, request: FastifyRequest, rep
     else done = event;
   }
   if (!done) throw toSoppuError(new Error('generation ended without a final event'));
-  const timing = recordSuccess(context, {
-    startedAt: prepared.startedAt,
-    validatedAt: prepared.validatedAt,
-    firstEventMs: prepared.started.timeToFirstEventMs,
-    promptTokens: done.promptTokens,
-    generatedTokens: done.generatedTokens,
-    maxNewTokens: prepared.started.request.maxNewTokens,
-  });
+  const timing = recordDone(context, prepared, done);
   reply.headers({
     ...identityHeaders(context, call),
     'x-compute-time': Math.round(timing.totalMs), // ms, as every timing header (TGI: total_time.as_millis())
@@ -92,14 +97,7 @@ async function generateStream(context: ServerContext, request: FastifyRequest, r
     if (!done) throw toSoppuError(new Error('generation ended without a final event'));
     const last = held ? toLoraxStreamEvent(call, held, done) : { ...toLoraxStreamEvent(call, { token: { id: 0, text: '', logprob: 0, special: true } }, done), token: null };
     stream.send(`data:${JSON.stringify(last)}\n\n`);
-    recordSuccess(context, {
-      startedAt: prepared.startedAt,
-      validatedAt: prepared.validatedAt,
-      firstEventMs: prepared.started.timeToFirstEventMs,
-      promptTokens: done.promptTokens,
-      generatedTokens: done.generatedTokens,
-      maxNewTokens: prepared.started.request.maxNewTokens,
-    });
+    recordDone(context, prepared, done);
   } catch (e) {
     if (!stream) throw e; // nothing sent yet: the error handler answers with a real HTTP error
     const error = toSoppuError(e);

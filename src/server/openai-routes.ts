@@ -8,7 +8,7 @@ import type { AdapterStatus } from '../engine/engine-types.js';
 import { failureLabel, openAiErrorBody, toSoppuError } from './error-response.js';
 import { adapterNotFound } from './generation-service.js';
 import { LogprobCollector } from './logprob-collector.js';
-import { startCall, type Prepared } from './lorax-routes.js';
+import { recordDone, startCall, type Prepared } from './lorax-routes.js';
 import type { buildSchemas } from './request-schemas.js';
 import { abortOnDisconnect, callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
 import {
@@ -81,17 +81,6 @@ function responseShape(context: ServerContext, dialect: Dialect, model: string):
   };
 }
 
-function recordDone(context: ServerContext, prepared: Prepared, done: DoneEvent): void {
-  recordSuccess(context, {
-    startedAt: prepared.startedAt,
-    validatedAt: prepared.validatedAt,
-    firstEventMs: prepared.started.timeToFirstEventMs,
-    promptTokens: done.promptTokens,
-    generatedTokens: done.generatedTokens,
-    maxNewTokens: prepared.started.request.maxNewTokens,
-  });
-}
-
 /**
  * Several choices (n > 1, or several prompts): every generation is admitted and started, they run in the same
  * batches, and the answer comes once all are done. `promptOf[i]`: which prompt choice i answers (its prompt
@@ -146,7 +135,7 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
   const shape = responseShape(context, dialect, model);
   const object = dialect === 'chat' ? 'chat.completion' : 'text_completion';
   const chunkObject = dialect === 'chat' ? 'chat.completion.chunk' : 'text_completion';
-  const record = (done: DoneEvent): void => recordDone(context, prepared, done);
+  const record = (done: DoneEvent): void => void recordDone(context, prepared, done);
   if (!stream) {
     const { choice, done } = await collectChoice(prepared, dialect, extras);
     record(done);
