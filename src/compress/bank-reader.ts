@@ -151,8 +151,11 @@ export class Bank implements BankReader {
   /** Checks every data file's size and sha256 and every adapter's tensors; returns the problems found. */
   async verifyFiles(): Promise<SoppuError[]> {
     const problems: SoppuError[] = [];
+    const bases = new Set(this.manifest.basesFiles.filter((f): f is string => f !== null));
     for (const path of Object.keys(this.manifest.files)) {
-      await this.readVerified(path).catch((e: unknown) => problems.push(asBankError(e, join(this.dir, path))));
+      // bases files are checked streaming (they may pass 2 GiB); adapter files are small and read whole
+      const check = bases.has(path) ? this.readVerifiedHeader(path) : this.readVerified(path);
+      await check.catch((e: unknown) => problems.push(asBankError(e, join(this.dir, path))));
     }
     for (const id of this.ids()) {
       await this.loadAdapter(id).catch((e: unknown) => {

@@ -129,6 +129,7 @@ describe('adapter bank', () => {
     flipped[flipped.length - 1] = flipped[flipped.length - 1]! ^ 0xff;
     await writeFile(basesFile, flipped);
     await expectCode(load(), 'BANK_CORRUPT', /sha256 [0-9a-f]{64} does not match the manifest's/);
+    expect((await (await openBank(dir)).verifyFiles()).map((e) => e.message)).toContainEqual(expect.stringMatching(/cluster-.*sha256 [0-9a-f]{64} does not match/));
     await writeFile(basesFile, good.subarray(0, 100));
     await expectCode(load(), 'BANK_CORRUPT', /is 100 bytes, the manifest records/);
     await rm(basesFile);

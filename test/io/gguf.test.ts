@@ -314,6 +314,14 @@ describe('exportGgufLora', () => {
     expect(tensorF32(file, 'blk.1.attn_k.weight.lora_b')).toEqual(permuteRopeRows(k.b, 32, 4, 2));
     const down = adapter.modules.get('model.layers.0.mlp.down_proj')!;
     expect(tensorF32(file, 'blk.0.ffn_down.weight.lora_b')).toEqual(down.b);
+    // lora_alpha 0 silences the adapter in PEFT; llama.cpp reads alpha 0 as "no scaling", so the zero goes into B
+    const config = JSON.parse(await readFile(join(adapterDir!, 'adapter_config.json'), 'utf8'));
+    await writeFile(join(adapterDir!, 'adapter_config.json'), JSON.stringify({ ...config, lora_alpha: 0 }));
+    const silent = join(dir, 'lora-alpha0.gguf');
+    await exportGgufLora({ modelDir, adapterDir: adapterDir!, out: silent });
+    const zero = parseGguf(new Uint8Array(await readFile(silent)));
+    expect(meta(zero, 'adapter.lora.alpha')).toBe(0);
+    for (const t of zero.tensors.filter((t) => t.name.endsWith('lora_b'))) expect(tensorF32(zero, t.name).every((v) => v === 0)).toBe(true);
   });
 });
 

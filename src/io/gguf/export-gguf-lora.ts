@@ -37,7 +37,8 @@ export function ggufLoraContent(adapter: LoraAdapter, config: LlamaConfig, name:
   const modules = [...adapter.modules.values()];
   if (modules.length === 0) throw new SoppuError('ADAPTER_TENSORS', `${where}: the adapter has no LoRA modules`, { file: where });
   const effectiveAlpha = modules[0]!.scale * modules[0]!.rank;
-  const uniform = modules.every((m) => Math.abs(m.scale * m.rank - effectiveAlpha) <= 1e-6 * Math.abs(effectiveAlpha));
+  // llama.cpp reads alpha 0 as "no scaling": a zero scale (PEFT's lora_alpha 0) is folded into B instead
+  const uniform = effectiveAlpha !== 0 && modules.every((m) => Math.abs(m.scale * m.rank - effectiveAlpha) <= 1e-6 * Math.abs(effectiveAlpha));
   const tensors: GgufTensor[] = [];
   for (const m of modules) {
     const match = /^model\.layers\.(\d+)\.(.+)$/.exec(m.path);
