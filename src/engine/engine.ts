@@ -733,16 +733,18 @@ export function slotShapeOf(config: LlamaConfig): SlotShape {
 }
 
 /**
- * A bank made for another model is refused when the engine starts, naming a slot that does not fit;
- * otherwise the server would list its adapters and fail every request that names one.
+ * A bank made for another model is refused when the engine starts, naming a slot that does not fit: one of
+ * the model's layers with another shape, or no slot that is a layer of the model at all. Otherwise the server
+ * would list its adapters and fail every request that names one. A slot that is no layer of the model (one
+ * adapter's lm_head) fails only the adapters that have it, when they load.
  */
 function checkBankFitsModel(bank: BankReader, shape: SlotShape): void {
-  for (const slot of bank.slotShapes ?? []) {
+  const slots = bank.slotShapes ?? [];
+  let fitting = 0;
+  for (const slot of slots) {
     const parsed = parseSlotPath(slot.path);
     const expected = parsed ? shape(parsed.layer, parsed.module) : null;
-    if (!expected) {
-      throw new SoppuError('ADAPTER_INCOMPATIBLE', `bank ${bank.dir} does not fit this model: its slot ${slot.path} is not a linear layer of the model`, { file: bank.dir, tensor: slot.path });
-    }
+    if (!expected) continue;
     if (expected.inFeatures !== slot.inFeatures || expected.outFeatures !== slot.outFeatures) {
       throw new SoppuError(
         'ADAPTER_INCOMPATIBLE',
@@ -750,6 +752,10 @@ function checkBankFitsModel(bank: BankReader, shape: SlotShape): void {
         { file: bank.dir, tensor: slot.path },
       );
     }
+    fitting++;
+  }
+  if (slots.length > 0 && fitting === 0) {
+    throw new SoppuError('ADAPTER_INCOMPATIBLE', `bank ${bank.dir} does not fit this model: none of its slots (${slots[0]!.path}, …) is a linear layer of the model`, { file: bank.dir, tensor: slots[0]!.path });
   }
 }
 

@@ -131,6 +131,29 @@ describe('registerAdapter with compress', () => {
       model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 20,
       maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8,
     })).rejects.toMatchObject({ code: 'ADAPTER_INCOMPATIBLE', message: `bank ${bankDir} does not fit this model: its slot model.layers.0.self_attn.q_proj is [16, 16] (out, in), the model's is [${d}, ${d}]` });
+    // slots none of which is a layer of the model (a GPT-2 bank): refused too
+    const gpt2 = join(root, 'bank-gpt2');
+    await compressIntoBank(syntheticAdapterSet({ slots: [{ path: 'transformer.h.0.attn.c_attn', inFeatures: d, outFeatures: 3 * d }], count: 2, rank: 2, sharedRank: 1, seed: 1 }), gpt2, { compress: { method: 'jd-full', rank: 1, seed: 1 } });
+    await expect(createEngine({
+      model, tokenizer: charTokenizer(), bankDir: gpt2, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 20,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8,
+    })).rejects.toMatchObject({ code: 'ADAPTER_INCOMPATIBLE', message: expect.stringContaining('none of its slots (transformer.h.0.attn.c_attn, …) is a linear layer of the model') });
+  });
+
+  it('a bank one adapter of which also adapts a layer the model has not (lm_head) serves: only that adapter fails', async () => {
+    const d = model.config.hiddenSize;
+    const bankDir = join(root, 'bank-lm-head');
+    const q = { path: 'model.layers.0.self_attn.q_proj', inFeatures: d, outFeatures: d };
+    const good = syntheticAdapterSet({ slots: [q], count: 1, rank: 2, sharedRank: 1, seed: 1, idPrefix: 'good-' });
+    const odd = syntheticAdapterSet({ slots: [q, { path: 'lm_head', inFeatures: d, outFeatures: model.config.vocabSize }], count: 1, rank: 2, sharedRank: 1, seed: 2, idPrefix: 'odd-' });
+    await compressIntoBank([...good, ...odd], bankDir, { compress: { method: 'jd-full', rank: 1, seed: 1 } });
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 20,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8,
+    });
+    expect((await collect(engine.generate({ prompt: 'hi', maxNewTokens: 2, ignoreEos: true, adapterId: 'good-0' }))).finishReason).toBe('length');
+    await expect(collect(engine.generate({ prompt: 'hi', maxNewTokens: 2, adapterId: 'odd-0' }))).rejects.toMatchObject({ message: expect.stringContaining('lm_head') });
+    await engine.close();
   });
 
   it('calls onRelease for a raw registration once it is replaced and no request holds it', async () => {
