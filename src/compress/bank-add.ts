@@ -28,6 +28,8 @@ export interface AddToBankOptions {
   readonly maxError?: number;
   /** When the bank holds `id` already: replace that adapter in the same manifest switch (default: BANK_CONFLICT). */
   readonly replace?: boolean;
+  /** Older manifests whose files must stay (a server's requests still load from them). */
+  readonly keep?: readonly BankManifest[];
 }
 
 /** Adds `adapter` as `id` to the bank in `dir`. Throws BANK_CONFLICT when the id exists, unless `replace`. */
@@ -105,7 +107,7 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
       refitReasons: reasons,
       files: written ? { ...manifest.files, [written.path]: written.entry } : manifest.files,
     };
-    await commitManifest(dir, next, bank.manifest);
+    await commitManifest(dir, next, bank.manifest, options.keep);
     return { manifest: next, entry, maxError: projection.maxError, rawSlots };
   });
 }

@@ -9,15 +9,18 @@ import { openBank } from './bank-reader.js';
 import { withBankLock } from './bank-lock.js';
 import { commitManifest, refitReasonsOf } from './bank-writer.js';
 
-/** Removes adapter `id` from the bank in `dir`; returns the new manifest. Throws ADAPTER_NOT_FOUND when absent. */
-export async function removeFromBank(dir: string, id: string): Promise<BankManifest> {
+/**
+ * Removes adapter `id` from the bank in `dir`; returns the new manifest. Throws ADAPTER_NOT_FOUND when absent.
+ * `keep`: older manifests whose files must stay (a server's requests still load from them).
+ */
+export async function removeFromBank(dir: string, id: string, options: { readonly keep?: readonly BankManifest[] } = {}): Promise<BankManifest> {
   return withBankLock(dir, async () => {
     const manifest = (await openBank(dir)).manifest;
     if (!manifest.adapters.some((a) => a.id === id)) {
       throw new SoppuError('ADAPTER_NOT_FOUND', `${dir}: the bank holds no adapter "${id}"`, { file: dir, field: 'id' });
     }
     const next = manifestWithout(manifest, id);
-    await commitManifest(dir, next, manifest);
+    await commitManifest(dir, next, manifest, options.keep);
     return next;
   });
 }

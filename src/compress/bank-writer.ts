@@ -292,14 +292,15 @@ function previousGenerationOf(text: string): number {
  * Switches the bank to `manifest` (atomic replace of manifest.json), then deletes every data file and
  * temp file that neither it nor the `previous` manifest references. Files of the previous generation
  * are kept one generation longer, so a server that opened the bank before the switch can still load
- * from it until it reopens. Call with the bank lock held.
+ * from it until it reopens; so are the files of `keep` (older manifests a server still reads from). Call with
+ * the bank lock held.
  */
-export async function commitManifest(dir: string, manifest: BankManifest, previous: BankManifest | null): Promise<void> {
+export async function commitManifest(dir: string, manifest: BankManifest, previous: BankManifest | null, keep: readonly BankManifest[] = []): Promise<void> {
   const text = serializeManifest(manifest);
   // what the reader would refuse is never switched to: the bank keeps its last readable manifest
   parseManifest(text, join(dir, MANIFEST_NAME));
   await writeFileAtomic(join(dir, MANIFEST_NAME), [new TextEncoder().encode(text)]);
-  await collectGarbage(dir, [manifest, ...(previous ? [previous] : [])]);
+  await collectGarbage(dir, [manifest, ...(previous ? [previous] : []), ...keep]);
 }
 
 /** Deletes data files no given manifest references, and leftover temp files (bank lock held: no writer is active). */

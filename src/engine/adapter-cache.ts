@@ -108,6 +108,18 @@ export class AdapterCache {
     }
   }
 
+  /**
+   * Bank readers older than the open one that requests still need: held entries made before a bank change
+   * that have not loaded yet (the next change must not delete their files).
+   */
+  readersStillNeeded(): BankReader[] {
+    const readers = new Set<BankReader>();
+    for (const entry of [...this.entries.values(), ...this.staleHeld]) {
+      if (entry.bank && entry.bank !== this.options.bank && entry.users > 0 && entry.state !== 'resident') readers.add(entry.bank);
+    }
+    return [...readers];
+  }
+
   /** True when `id` is registered locally or held by the bank. */
   has(id: string): boolean {
     return this.entries.has(id) || (this.options.bank?.has(id) ?? false);

@@ -17,8 +17,8 @@ import { loadTokenizer } from '../model/tokenizer.js';
 import { loadLoraAdapter } from '../io/load-lora-adapter.js';
 import { addToBank } from '../compress/bank-add.js';
 import { removeFromBank } from '../compress/bank-remove.js';
-import { LOCAL_ADAPTER_PREFIX } from '../compress/bank-manifest.js';
-import { openBank } from '../compress/bank-reader.js';
+import { LOCAL_ADAPTER_PREFIX, type BankManifest } from '../compress/bank-manifest.js';
+import { Bank, openBank } from '../compress/bank-reader.js';
 import { AdapterBatcher, compareAdapters } from './adapter-batch.js';
 import { AdapterCache, type AdapterEntry } from './adapter-cache.js';
 import type {
@@ -605,7 +605,7 @@ class SoppuEngine implements Engine {
       // projected onto the bank's shared bases and written into the bank, then served compressed
       const bank = this.bank;
       if (!bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
-      await this.changeBank(bank.dir, () => addToBank(bank.dir, id, adapter, { replace: true }));
+      await this.changeBank(bank.dir, (keep) => addToBank(bank.dir, id, adapter, { replace: true, keep }));
       options.onRelease?.();
       // the pin as it is now: a pin or unpin made while the bank was written holds
       const pinned = this.cache.peek(id)?.pinned ?? false;
@@ -631,13 +631,15 @@ class SoppuEngine implements Engine {
     if (!this.cache.has(id)) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${id} is not registered`, { field: 'adapter_id' });
     const registered = this.cache.peek(id)?.spec.source === 'local';
     const bank = this.bank;
-    if (!registered && bank?.has(id)) await this.changeBank(bank.dir, () => removeFromBank(bank.dir, id));
+    if (!registered && bank?.has(id)) await this.changeBank(bank.dir, (keep) => removeFromBank(bank.dir, id, { keep }));
     this.cache.remove(id);
   }
 
   /** Runs `write` (a change of the bank in `bankDir`), then reopens the bank for serving. */
-  private async changeBank(bankDir: string, write: () => Promise<unknown>): Promise<void> {
-    await write();
+  private async changeBank(bankDir: string, write: (keep: readonly BankManifest[]) => Promise<unknown>): Promise<void> {
+    // the manifests of older readers that held requests still load from: their files stay through this change
+    const keep = this.cache.readersStillNeeded().flatMap((reader) => (reader instanceof Bank ? [reader.manifest] : []));
+    await write(keep);
     this.bank = await this.openBank(bankDir);
     this.cache.setBank(this.bank);
   }

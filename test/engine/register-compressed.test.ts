@@ -95,7 +95,7 @@ describe('registerAdapter with compress', () => {
 
   it('a request that holds a bank adapter still waiting to load finishes with it after the adapter is removed from the bank', async () => {
     const bankDir = join(root, 'bank-remove-held');
-    const adapters = [0, 1].map((i) => ({ id: `held-${i}`, adapter: randomLora(model.config, 90 + i, 4, 8) }));
+    const adapters = [0, 1, 2].map((i) => ({ id: `held-${i}`, adapter: randomLora(model.config, 90 + i, 4, 8) }));
     await compressIntoBank(adapters, bankDir, { compress: { method: 'jd-full', rank: 6, seed: 1 } });
     const exported = join(root, 'held-1-export');
     await exportAdapter(await openBank(bankDir), 'held-1', exported);
@@ -113,6 +113,7 @@ describe('registerAdapter with compress', () => {
     await new Promise((resolve) => setTimeout(resolve, 5));
     await engine.removeAdapter('held-1'); // while its request waits for the load slot
     expect(engine.hasAdapter('held-1')).toBe(false);
+    await engine.removeAdapter('held-2'); // a second change: held-1's files must outlive it too
     openGate();
     expect((await slow).finishReason).toBe('length');
     const served = await queued; // before: ADAPTER_LOAD, the reopened bank holds no held-1
