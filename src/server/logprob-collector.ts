@@ -15,6 +15,10 @@ export interface LogprobEntry {
   readonly bytes?: readonly number[];
   /** The prompt's first token: nothing scores it (logprob and top_logprobs null). */
   readonly prompt?: boolean;
+  /** One of the prompt's tokens (echo). */
+  readonly inPrompt?: boolean;
+  /** A generated special token (eos): no text of its own in the answer. */
+  readonly special?: boolean;
 }
 
 /** OpenAI's stand-in for a log probability of −∞ (JSON has no infinity). */
@@ -42,23 +46,41 @@ export class LogprobCollector {
 
   /**
    * Puts the prompt's tokens first (echo): their logprobs (the first token has none: null in the render) and
-   * top alternatives, at offsets from 0 in the echoed text. A special token (BOS) has no text there.
+   * top alternatives, each with the text it adds to `echoed` (the prompt as returned) at its offset there. The
+   * texts come from the tokens' own bytes decoded in sequence, so tokens that split a character add up to it;
+   * a token whose text is not in `echoed` (BOS, added by the tokenizer) has none.
    */
-  addPrompt(prompt: readonly TokenInfo[], alternatives: readonly (readonly TokenInfo[])[] | undefined): void {
+  addPrompt(prompt: readonly TokenInfo[], alternatives: readonly (readonly TokenInfo[])[] | undefined, echoed: string): void {
+    const decoder = new TextDecoder('utf-8');
     let offset = 0;
     const entries = prompt.map((token, i): LogprobEntry => {
-      const text = token.special ? '' : token.text;
-      const entry = { token: text, logprob: token.logprob, alternatives: alternatives?.[i] ?? [], offset, prompt: i === 0 };
+      const piece = token.bytes ? decoder.decode(Uint8Array.from(token.bytes), { stream: true }) : token.text;
+      let text = piece;
+      if (!echoed.startsWith(piece, offset)) {
+        if (token.special) text = ''; // added by the tokenizer: not part of the text
+        else text = echoed.slice(offset, offset + piece.length); // a normalisation the decoder undoes: the text as returned
+      }
+      const entry: LogprobEntry = { token: text, logprob: token.logprob, alternatives: alternatives?.[i] ?? [], offset, prompt: i === 0, inPrompt: true, ...(token.bytes ? { bytes: token.bytes } : {}) };
       offset += text.length;
       return entry;
     });
     this.entries.unshift(...entries);
   }
 
-  /** Adds a generated token (not a special one: its text is not part of the answer) and returns its entry. */
+  /**
+   * Adds a generated token and returns its entry. A special one (eos) adds no text: it stands at the text's
+   * end under its own name (completions list it, as a loglikelihood client counts on; chat leaves it out).
+   */
   add(token: TokenInfo, alternatives: readonly TokenInfo[] = []): LogprobEntry {
-    const entry: LogprobEntry = { token: token.text, logprob: token.logprob, alternatives, offset: this.offset, ...(token.bytes ? { bytes: token.bytes } : {}) };
-    this.offset += token.text.length;
+    const entry: LogprobEntry = {
+      token: token.text,
+      logprob: token.logprob,
+      alternatives,
+      offset: this.offset,
+      ...(token.bytes ? { bytes: token.bytes } : {}),
+      ...(token.special ? { special: true } : {}),
+    };
+    if (!token.special) this.offset += token.text.length;
     this.entries.push(entry);
     return entry;
   }
@@ -68,7 +90,7 @@ export class LogprobCollector {
    * character, as U+FFFD), so the tokens add up to `answer` (the generated text, from the answer's start).
    */
   finish(answer: string, answerStart = 0): void {
-    const last = this.entries.at(-1);
+    const last = [...this.entries].reverse().find((e) => !e.special && !e.inPrompt);
     const covered = this.offset - answerStart;
     if (last && answer.length > covered) {
       last.token += answer.slice(covered);
@@ -76,9 +98,12 @@ export class LogprobCollector {
     }
   }
 
-  /** Every token that starts before `textEnd` (where the returned text ends: a stop sequence cuts the tokens after it). */
+  /**
+   * The prompt's tokens, and every generated token that starts before `textEnd` (where the returned text ends:
+   * a stop sequence cuts the tokens after it), a special one at the end included.
+   */
   all(textEnd = Number.POSITIVE_INFINITY): LogprobEntry[] {
-    return this.entries.filter((e) => e.offset < textEnd);
+    return this.entries.filter((e) => e.inPrompt || e.offset < textEnd || (e.special && e.offset <= textEnd));
   }
 
   /** `entries` in this collector's dialect. */

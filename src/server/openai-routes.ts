@@ -57,12 +57,13 @@ async function collectChoice(prepared: Prepared, dialect: Dialect, extras: OpenA
   let done: DoneEvent | null = null;
   for await (const event of eventsOf(prepared.started)) {
     if (event.type === 'done') done = event;
-    else if (logprobs && !event.token.special) logprobs.add(event.token, event.alternatives);
+    // completions list a special token (eos) too: a loglikelihood client counts the generated tokens
+    else if (logprobs && (!event.token.special || dialect === 'completion')) logprobs.add(event.token, event.alternatives);
   }
   if (!done) throw toSoppuError(new Error('generation ended without a final event'));
   const text = fullText(call, done);
   logprobs?.finish(done.generatedText, answerStart);
-  if (logprobs && done.prefill) logprobs.addPrompt(done.prefill, done.prefillAlternatives); // echo: the prompt's tokens lead
+  if (logprobs && done.prefill) logprobs.addPrompt(done.prefill, done.prefillAlternatives, call.prompt); // echo: the prompt's tokens lead
   const tokenLogprobs = logprobs ? logprobs.render(logprobs.all(answerStart + done.generatedText.length)) : null;
   const finishReason = toOpenAiFinishReason(done.finishReason);
   const choice =
@@ -166,7 +167,7 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
         // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips
         const piece = text.push(event.token.special ? '' : event.token.text);
         // a token's logprobs ride on the chunk of its event (its text may come in a later chunk: held back at a stop)
-        const entry = logprobs && !event.token.special ? logprobs.render([logprobs.add(event.token, event.alternatives)]) : null;
+        const entry = logprobs && (!event.token.special || dialect === 'completion') ? logprobs.render([logprobs.add(event.token, event.alternatives)]) : null;
         if (piece !== '' || first || entry) {
           send(choiceChunk(dialect, piece, null, first, entry));
           first = false;

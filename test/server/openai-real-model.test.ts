@@ -146,6 +146,16 @@ describe('OpenAI routes over a BPE model', () => {
       expect(Math.max(...top)).toBeGreaterThanOrEqual(elp.token_logprobs![i]! - 1e-5); // the best is at least the actual token
     }
     await expect(client.completions.create({ ...args, logprobs: 1, echo: true, stream: true })).rejects.toMatchObject({ status: 400, error: { param: 'echo' } });
+    // a prompt with characters split over tokens and a literal special token: every prompt token is listed,
+    // their texts add up to the echoed text at increasing offsets
+    for (const prompt of ['Hi 🎉🎉 日本語 ok', 'Hello<|end|> world']) {
+      const e = await client.completions.create({ ...args, prompt, max_tokens: 2, logprobs: 1, echo: true });
+      const l = e.choices[0]!.logprobs!;
+      expect(l.tokens, prompt).toHaveLength(e.usage!.prompt_tokens + 2);
+      expect(l.tokens!.join(''), prompt).toBe(e.choices[0]!.text);
+      expect(e.choices[0]!.text.startsWith(prompt)).toBe(true);
+      for (let i = 1; i < l.tokens!.length; i++) expect(l.text_offset![i]).toBe(l.text_offset![i - 1]! + l.tokens![i - 1]!.length);
+    }
     // the prompt as token ids (as lm-eval-harness sends it): the same tokens, the same completion and logprobs
     const ids = ((await (await fetch(`${base}/tokenize`, { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ inputs: 'The quick brown fox' }) })).json()) as { id: number }[]).map((t) => t.id);
     expect(ids).toHaveLength(promptTokens);

@@ -29,6 +29,17 @@ describe('OpenAI-compatible routes with the official client', () => {
     expect(engine.lastRequest?.sampling?.doSample).toBe(false);
   });
 
+  it('completions logprobs list the eos that ended the text (a loglikelihood client counts every generated token); chat leaves it out', async () => {
+    const ended = await client.completions.create({ model: 'alice-1', prompt: 'hello', max_tokens: 20, logprobs: 1, temperature: 0 });
+    expect(ended.choices[0]!.finish_reason).toBe('stop');
+    const lp = ended.choices[0]!.logprobs!;
+    expect(lp.tokens).toHaveLength(ended.usage!.completion_tokens);
+    expect(lp.text_offset!.at(-1)).toBe(ended.choices[0]!.text.length); // it stands at the text's end
+    expect(lp.tokens!.slice(0, -1).join('')).toBe(ended.choices[0]!.text);
+    const chat = await client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'hello' }], max_tokens: 20, logprobs: true, temperature: 0 });
+    expect(chat.choices[0]!.logprobs!.content).toHaveLength(chat.usage!.completion_tokens - 1);
+  });
+
   it('finish_reason is "stop" for eos and for stop sequences (not content_filter)', async () => {
     const eos = await client.completions.create({ model: 'fake/tiny', prompt: 'hi', max_tokens: 20, temperature: 0 });
     expect(eos.choices[0]!.finish_reason).toBe('stop');
