@@ -115,7 +115,8 @@ export class AdapterCache {
   readersStillNeeded(): BankReader[] {
     const readers = new Set<BankReader>();
     for (const entry of [...this.entries.values(), ...this.staleHeld]) {
-      if (entry.bank && entry.bank !== this.options.bank && entry.users > 0 && entry.state !== 'resident') readers.add(entry.bank);
+      // held and not loaded yet, or loading now (a pinned adapter's load holds no request)
+      if (entry.bank && entry.bank !== this.options.bank && ((entry.users > 0 && entry.state !== 'resident') || entry.state === 'loading')) readers.add(entry.bank);
     }
     return [...readers];
   }

@@ -10,7 +10,7 @@ export interface LogprobEntry {
   token: string;
   readonly logprob: number;
   readonly alternatives: readonly TokenInfo[];
-  readonly offset: number;
+  offset: number;
   /** The token's own bytes when the tokenizer knows them (its text may lack part of a character). */
   readonly bytes?: readonly number[];
   /** The prompt's first token: nothing scores it (logprob and top_logprobs null). */
@@ -58,12 +58,16 @@ export class LogprobCollector {
       let text = piece;
       if (!echoed.startsWith(piece, offset)) {
         if (token.special) text = ''; // added by the tokenizer: not part of the text
+        else if (piece.startsWith(' ') && echoed.startsWith(piece.slice(1), offset)) text = piece.slice(1); // SentencePiece's ▁ at the start
         else text = echoed.slice(offset, offset + piece.length); // a normalisation the decoder undoes: the text as returned
       }
       const entry: LogprobEntry = { token: text, logprob: token.logprob, alternatives: alternatives?.[i] ?? [], offset, prompt: i === 0, inPrompt: true, ...(token.bytes ? { bytes: token.bytes } : {}) };
       offset += text.length;
       return entry;
     });
+    // what the decoder still holds (a prompt ending inside a character) goes to the last token with text
+    const last = [...entries].reverse().find((e) => !e.prompt && e.token !== '') ?? entries.at(-1);
+    if (last && offset < echoed.length) last.token += echoed.slice(offset);
     this.entries.unshift(...entries);
   }
 
@@ -95,6 +99,8 @@ export class LogprobCollector {
     if (last && answer.length > covered) {
       last.token += answer.slice(covered);
       this.offset += answer.length - covered;
+      // a special token after it (eos) stands at the text's end, which moved
+      for (const entry of this.entries.slice(this.entries.indexOf(last) + 1)) if (entry.special) entry.offset = this.offset;
     }
   }
 
