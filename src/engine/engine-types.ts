@@ -56,8 +56,6 @@ export interface TokenInfo {
   readonly text: string;
   readonly logprob: number;
   readonly special: boolean;
-  /** The token's own bytes (a part of a UTF-8 character included), when the tokenizer knows them. */
-  readonly bytes?: readonly number[];
 }
 
 export type FinishReason = 'length' | 'eos_token' | 'stop_sequence';
@@ -135,6 +133,11 @@ export interface Engine {
   /** `addSpecialTokens` (default true): BOS and the like, as the tokenizer config says. */
   tokenize(text: string, addSpecialTokens?: boolean): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] };
   detokenize(ids: readonly number[]): string;
+  /**
+   * One token's own bytes (a part of a UTF-8 character included), for logprobs: asked for only when a
+   * response shows them, so generation does not pay for it.
+   */
+  tokenBytes?(id: number): readonly number[];
   /** Chat messages → prompt text through the model's chat template. */
   applyChatTemplate(messages: readonly { role: string; content: string }[], addGenerationPrompt?: boolean): string;
   /** Adapters known to the engine (bank ids and registered local ones). */

@@ -502,8 +502,7 @@ class SoppuEngine implements Engine {
   }
 
   private tokenInfo(id: number, logprob: number): TokenInfo {
-    const bytes = this.tokenizer.tokenBytes?.(id);
-    return { id, text: this.tokenizer.decode([id], false), logprob, special: this.tokenizer.isSpecial(id), ...(bytes ? { bytes } : {}) };
+    return { id, text: this.tokenizer.decode([id], false), logprob, special: this.tokenizer.isSpecial(id) };
   }
 
   private emitToken(state: RequestState, logitRow: Float32Array): void {
@@ -518,8 +517,7 @@ class SoppuEngine implements Engine {
     const piece = state.decoder.push(sampled.id);
     const before = state.text.length;
     state.text += piece;
-    const bytes = this.tokenizer.tokenBytes?.(sampled.id);
-    const token: TokenInfo = { id: sampled.id, text: special ? this.tokenizer.decode([sampled.id], false) : piece, logprob: sampled.logprob, special, ...(bytes ? { bytes } : {}) };
+    const token: TokenInfo = { id: sampled.id, text: special ? this.tokenizer.decode([sampled.id], false) : piece, logprob: sampled.logprob, special };
     state.queue.push({
       type: 'token',
       token,
@@ -549,6 +547,10 @@ class SoppuEngine implements Engine {
   tokenize(text: string, addSpecialTokens = true): { ids: number[]; tokens: { id: number; text: string; start: number; stop: number }[] } {
     const tokens = this.tokenizer.tokenizeWithOffsets(text, addSpecialTokens);
     return { ids: tokens.map((t) => t.id), tokens };
+  }
+
+  tokenBytes(id: number): readonly number[] {
+    return this.tokenizer.tokenBytes?.(id) ?? [...Buffer.from(this.tokenizer.decode([id], false), 'utf8')];
   }
 
   detokenize(ids: readonly number[]): string {

@@ -11,8 +11,8 @@ export interface LogprobEntry {
   readonly logprob: number;
   readonly alternatives: readonly TokenInfo[];
   offset: number;
-  /** The token's own bytes when the tokenizer knows them (its text may lack part of a character). */
-  readonly bytes?: readonly number[];
+  /** The token's id: its own bytes are looked up when rendered (its text may lack part of a character). */
+  readonly id: number;
   /** The prompt's first token: nothing scores it (logprob and top_logprobs null). */
   readonly prompt?: boolean;
   /** One of the prompt's tokens (echo). */
@@ -25,7 +25,7 @@ export interface LogprobEntry {
 const FLOOR = -9999;
 
 const finite = (logprob: number): number => (Number.isFinite(logprob) ? logprob : FLOOR);
-const bytesOf = (text: string): number[] => [...Buffer.from(text, 'utf8')];
+const utf8Of = (text: string): number[] => [...Buffer.from(text, 'utf8')];
 
 /** {text: logprob} of the alternatives (best first): two tokens that decode alike keep the better one's. */
 function topByText(alternatives: readonly TokenInfo[]): Record<string, number> {
@@ -40,7 +40,11 @@ export class LogprobCollector {
   private readonly entries: LogprobEntry[] = [];
 
   /** `startOffset`: where the answer starts in the returned text (the prompt's length when it is echoed). */
-  constructor(private readonly dialect: 'completion' | 'chat', startOffset = 0) {
+  /**
+   * `tokenBytes`: a token's own bytes (the engine's), looked up only for what is rendered; without it a
+   * token's bytes are its text's.
+   */
+  constructor(private readonly dialect: 'completion' | 'chat', startOffset = 0, private readonly tokenBytes?: (id: number) => readonly number[]) {
     this.offset = startOffset;
   }
 
@@ -54,14 +58,14 @@ export class LogprobCollector {
     const decoder = new TextDecoder('utf-8');
     let offset = 0;
     const entries = prompt.map((token, i): LogprobEntry => {
-      const piece = token.bytes ? decoder.decode(Uint8Array.from(token.bytes), { stream: true }) : token.text;
+      const piece = this.tokenBytes ? decoder.decode(Uint8Array.from(this.tokenBytes(token.id)), { stream: true }) : token.text;
       let text = piece;
       if (!echoed.startsWith(piece, offset)) {
         if (token.special) text = ''; // added by the tokenizer: not part of the text
         else if (piece.startsWith(' ') && echoed.startsWith(piece.slice(1), offset)) text = piece.slice(1); // SentencePiece's ▁ at the start
         else text = echoed.slice(offset, offset + piece.length); // a normalisation the decoder undoes: the text as returned
       }
-      const entry: LogprobEntry = { token: text, logprob: token.logprob, alternatives: alternatives?.[i] ?? [], offset, prompt: i === 0, inPrompt: true, ...(token.bytes ? { bytes: token.bytes } : {}) };
+      const entry: LogprobEntry = { id: token.id, token: text, logprob: token.logprob, alternatives: alternatives?.[i] ?? [], offset, prompt: i === 0, inPrompt: true };
       offset += text.length;
       return entry;
     });
@@ -76,14 +80,7 @@ export class LogprobCollector {
    * end under its own name (completions list it, as a loglikelihood client counts on; chat leaves it out).
    */
   add(token: TokenInfo, alternatives: readonly TokenInfo[] = []): LogprobEntry {
-    const entry: LogprobEntry = {
-      token: token.text,
-      logprob: token.logprob,
-      alternatives,
-      offset: this.offset,
-      ...(token.bytes ? { bytes: token.bytes } : {}),
-      ...(token.special ? { special: true } : {}),
-    };
+    const entry: LogprobEntry = { id: token.id, token: token.text, logprob: token.logprob, alternatives, offset: this.offset, ...(token.special ? { special: true } : {}) };
     if (!token.special) this.offset += token.text.length;
     this.entries.push(entry);
     return entry;
@@ -112,6 +109,10 @@ export class LogprobCollector {
     return this.entries.filter((e) => e.inPrompt || e.offset < textEnd || (e.special && e.offset <= textEnd));
   }
 
+  private bytesOf(id: number, text: string): number[] {
+    return this.tokenBytes ? [...this.tokenBytes(id)] : utf8Of(text);
+  }
+
   /** `entries` in this collector's dialect. */
   render(entries: readonly LogprobEntry[]): Record<string, unknown> {
     if (this.dialect === 'completion') {
@@ -126,8 +127,8 @@ export class LogprobCollector {
       content: entries.map((e) => ({
         token: e.token,
         logprob: finite(e.logprob),
-        bytes: e.bytes ? [...e.bytes] : bytesOf(e.token),
-        top_logprobs: e.alternatives.map((a) => ({ token: a.text, logprob: finite(a.logprob), bytes: a.bytes ? [...a.bytes] : bytesOf(a.text) })),
+        bytes: this.bytesOf(e.id, e.token),
+        top_logprobs: e.alternatives.map((a) => ({ token: a.text, logprob: finite(a.logprob), bytes: this.bytesOf(a.id, a.text) })),
       })),
       refusal: null,
     };

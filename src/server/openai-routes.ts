@@ -46,6 +46,13 @@ function choiceChunk(dialect: Dialect, text: string, finishReason: string | null
 interface OpenAiExtras {
   readonly logprobs: number | null;
   readonly includeUsage: boolean;
+  /** The engine's token bytes, for logprobs. */
+  readonly tokenBytes?: (id: number) => readonly number[];
+}
+
+/** The logprob collector a request asks for (null: none), its answer starting after an echoed prompt. */
+function collectorFor(call: GenerationCall, dialect: Dialect, extras: OpenAiExtras): LogprobCollector | null {
+  return extras.logprobs === null ? null : new LogprobCollector(dialect, call.returnFullText ? call.prompt.length : 0, extras.tokenBytes);
 }
 
 /** The choice one finished generation makes (without its index), and its final event. */
@@ -53,7 +60,7 @@ async function collectChoice(prepared: Prepared, dialect: Dialect, extras: OpenA
   const call = prepared.call;
   // echoed prompt text comes before the answer's tokens
   const answerStart = call.returnFullText ? call.prompt.length : 0;
-  const logprobs = extras.logprobs === null ? null : new LogprobCollector(dialect, answerStart);
+  const logprobs = collectorFor(call, dialect, extras);
   let done: DoneEvent | null = null;
   for await (const event of eventsOf(prepared.started)) {
     if (event.type === 'done') done = event;
@@ -142,9 +149,7 @@ async function runOpenAi(context: ServerContext, request: FastifyRequest, reply:
     record(done);
     return { id: shape.id, object, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [{ index: 0, ...choice }], usage: toUsage(done) };
   }
-  // echoed prompt text comes before the answer's tokens
-  const answerStart = call.returnFullText ? call.prompt.length : 0;
-  const logprobs = extras.logprobs === null ? null : new LogprobCollector(dialect, answerStart);
+  const logprobs = collectorFor(call, dialect, extras);
   let events: EventStream | null = null;
   // with stream_options.include_usage, every chunk has usage: null and a last one (no choices) carries it
   const usageField = extras.includeUsage ? { usage: null } : {};
@@ -198,6 +203,7 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
   const extrasOf = (body: OpenAiCompletionBody | OpenAiChatBody, dialect: Dialect): OpenAiExtras => ({
     logprobs: openAiLogprobs(body, dialect),
     includeUsage: body.stream_options?.include_usage === true,
+    ...(context.engine.tokenBytes ? { tokenBytes: (id: number) => context.engine.tokenBytes!(id) } : {}),
   });
   /** One generation as before; several (n > 1, several prompts) together. */
   const run = (request: FastifyRequest, reply: FastifyReply, calls: readonly GenerationCall[], dialect: Dialect, body: OpenAiCompletionBody | OpenAiChatBody): Promise<unknown> => {
