@@ -11,7 +11,6 @@ import { confineAdapterPath } from './path-confinement.js';
 import type { ServerOptions } from './server-options.js';
 import type { GenerationCall } from './wire.js';
 
-/** The same body whether the id is missing or belongs to someone else, so ids do not leak. */
 /**
  * Refuses `text` when it is longer than `limit` tokens of the vocabulary's longest token (`maxTokenChars`):
  * over the limit whatever its tokens, so it is refused before it is tokenized (a 4 MB text held the event
@@ -26,6 +25,7 @@ export function refuseUntokenizable(text: string, limit: number, maxTokenChars: 
   );
 }
 
+/** The same body whether the id is missing or belongs to someone else, so ids do not leak. */
 export function adapterNotFound(id: string): SoppuError {
   return new SoppuError('ADAPTER_NOT_FOUND', `Adapter '${id}' not found`, { field: 'adapter_id' });
 }

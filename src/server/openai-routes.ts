@@ -90,9 +90,9 @@ function responseShape(context: ServerContext, dialect: Dialect, model: string):
 }
 
 /**
- * Several choices (n > 1, or several prompts): every generation is admitted and started, they run in the same
- * batches, and the answer comes once all are done. `promptOf[i]`: which prompt choice i answers (its prompt
- * tokens count once in usage).
+ * A non-streamed answer of one or several choices (n > 1, or several prompts): every generation is admitted
+ * and started, they run in the same batches, and the answer comes once all are done. `promptOf[i]`: which
+ * prompt choice i answers (its prompt tokens count once in usage).
  */
 async function runOpenAiChoices(context: ServerContext, request: FastifyRequest, reply: FastifyReply, calls: readonly GenerationCall[], promptOf: readonly number[], dialect: Dialect, model: string, extras: OpenAiExtras): Promise<unknown> {
   const controller = abortOnDisconnect(reply); // one client: all its choices go with it
@@ -138,17 +138,12 @@ async function runOpenAiChoices(context: ServerContext, request: FastifyRequest,
   };
 }
 
-async function runOpenAi(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall, dialect: Dialect, stream: boolean, model: string, extras: OpenAiExtras): Promise<unknown> {
+/** A streamed answer (one choice: several are refused on streams). */
+async function streamOpenAi(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall, dialect: Dialect, model: string, extras: OpenAiExtras): Promise<unknown> {
   const prepared = await startCall(context, request, reply, call);
   const shape = responseShape(context, dialect, model);
-  const object = dialect === 'chat' ? 'chat.completion' : 'text_completion';
   const chunkObject = dialect === 'chat' ? 'chat.completion.chunk' : 'text_completion';
   const record = (done: DoneEvent): void => void recordDone(context, prepared, done);
-  if (!stream) {
-    const { choice, done } = await collectChoice(prepared, dialect, extras);
-    record(done);
-    return { id: shape.id, object, created: shape.created, model, system_fingerprint: shape.fingerprint, choices: [{ index: 0, ...choice }], usage: toUsage(done) };
-  }
   const logprobs = collectorFor(call, dialect, extras);
   let events: EventStream | null = null;
   // with stream_options.include_usage, every chunk has usage: null and a last one (no choices) carries it
@@ -205,10 +200,10 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
     includeUsage: body.stream_options?.include_usage === true,
     ...(context.engine.tokenBytes ? { tokenBytes: (id: number) => context.engine.tokenBytes!(id) } : {}),
   });
-  /** One generation as before; several (n > 1, several prompts) together. */
+  /** A stream of its one choice, or the whole answer of every choice (n per prompt). */
   const run = (request: FastifyRequest, reply: FastifyReply, calls: readonly GenerationCall[], dialect: Dialect, body: OpenAiCompletionBody | OpenAiChatBody): Promise<unknown> => {
     const model = body.model ?? baseModelId;
-    if (calls.length === 1) return runOpenAi(context, request, reply, calls[0]!, dialect, body.stream ?? false, model, extrasOf(body, dialect));
+    if (body.stream === true) return streamOpenAi(context, request, reply, calls[0]!, dialect, model, extrasOf(body, dialect));
     const perPrompt = body.n ?? 1;
     return runOpenAiChoices(context, request, reply, calls, calls.map((_, i) => Math.floor(i / perPrompt)), dialect, model, extrasOf(body, dialect));
   };
