@@ -383,7 +383,12 @@ export class AdapterCache {
     this.staleHeld.delete(entry);
     const onDrop = entry.onDrop;
     entry.onDrop = undefined;
-    onDrop?.();
+    try {
+      onDrop?.();
+    } catch (e) {
+      // the caller's cleanup (an upload's folder removed) failing must not fail the request releasing it
+      process.emitWarning(`adapter ${entry.id}: its release callback failed: ${e instanceof Error ? e.message : String(e)}`);
+    }
   }
 }
 

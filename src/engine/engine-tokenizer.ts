@@ -40,6 +40,9 @@ export function engineTokenizerOf(tokenizer: ModelTokenizer): EngineTokenizer {
   };
 }
 
+/** Prompt tokens an IncrementalDecoder decodes the first generated token after (as TGI's prefix offset). */
+export const DECODER_CONTEXT_TOKENS = 5;
+
 /**
  * Streaming detokenization (as TGI's decode_token): a token's text is the growth of the decoded
  * window, withheld while the window ends in an incomplete UTF-8 sequence.
@@ -50,8 +53,18 @@ export class IncrementalDecoder {
   private readonly tokenizer: EngineTokenizer;
   private readonly ids: number[] = [];
 
-  constructor(tokenizer: EngineTokenizer) {
+  /**
+   * `context`: the prompt's last tokens. The first generated token is decoded after them, so a decoder that
+   * strips a leading space at the start of a text (SentencePiece's `Strip`) keeps the one before a word that
+   * continues the prompt. A context whose text ends inside a UTF-8 character is not used (its U+FFFD would
+   * shift the first token's text).
+   */
+  constructor(tokenizer: EngineTokenizer, context: readonly number[] = []) {
     this.tokenizer = tokenizer;
+    if (context.length > 0 && !tokenizer.decode(context, true).endsWith('\uFFFD')) {
+      this.ids.push(...context);
+      this.readOffset = context.length;
+    }
   }
 
   /** Appends `id`; returns the new text it completes (may be ''). */

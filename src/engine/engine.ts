@@ -31,7 +31,7 @@ import type {
   GenerateRequest,
   TokenInfo,
 } from './engine-types.js';
-import { IncrementalDecoder, engineTokenizerOf, type EngineTokenizer } from './engine-tokenizer.js';
+import { DECODER_CONTEXT_TOKENS, IncrementalDecoder, engineTokenizerOf, type EngineTokenizer } from './engine-tokenizer.js';
 import { EventQueue } from './event-queue.js';
 import { KvBlockPool } from './kv-block-pool.js';
 import { parseSlotPath, residentFromLora, slotKey, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
@@ -102,6 +102,7 @@ class RequestState implements ScheduledSequence {
   readonly queue = new EventQueue<GenerateEvent>();
   readonly decoder: IncrementalDecoder;
   readonly stops: readonly string[];
+  readonly maxStopLength: number;
   text = '';
   generated = 0;
   started = false;
@@ -112,6 +113,8 @@ class RequestState implements ScheduledSequence {
   distributions: Float32Array[] | null;
   /** Prompt rows whose logits are recorded in prefill (a recompute after preemption skips them). */
   prefillRows = 0;
+  /** Removes the request's abort listener from its signal. */
+  detachSignal: (() => void) | null = null;
 
   constructor(id: number, prompt: number[], request: GenerateRequest, entry: AdapterEntry | null, sampler: Sampler, tokenizer: EngineTokenizer) {
     this.id = id;
@@ -120,8 +123,9 @@ class RequestState implements ScheduledSequence {
     this.request = request;
     this.entry = entry;
     this.sampler = sampler;
-    this.decoder = new IncrementalDecoder(tokenizer);
+    this.decoder = new IncrementalDecoder(tokenizer, prompt.slice(-DECODER_CONTEXT_TOKENS));
     this.stops = (request.stop ?? []).filter((s) => s.length > 0);
+    this.maxStopLength = Math.max(0, ...this.stops.map((s) => s.length));
     this.prefill = request.prefillDetails ? [] : null;
     this.prefillAlternatives = request.prefillDetails && (request.topAlternatives ?? 0) > 0 ? [] : null;
     this.distributions = request.prefillDetails && request.prefillDistributions ? [] : null;
@@ -279,21 +283,36 @@ class SoppuEngine implements Engine {
     const state = new RequestState(this.nextId++, prompt, request, entry, new Sampler(settings, seed, prompt, this.rowKernels), this.tokenizer);
     this.all.add(state);
     this.scheduler.add(state);
-    if (request.signal) {
-      request.signal.addEventListener('abort', () => {
-        if (!state.finished) {
-          this.cancel(state);
-        }
-      }, { once: true });
+    const signal = request.signal;
+    if (signal) {
+      const onAbort = (): void => {
+        if (!state.finished) this.cancel(state);
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      // removed when the request ends: a long-lived signal shared by many requests must not hold them all
+      state.detachSignal = () => signal.removeEventListener('abort', onAbort);
     }
     this.wake();
     return state;
   }
 
   private promptIds(prompt: string | readonly number[], addSpecialTokens: boolean): number[] {
-    if (typeof prompt === 'string') return this.tokenizer.encode(prompt, addSpecialTokens);
-    if (!Array.isArray(prompt)) throw new SoppuError('VALIDATION', 'the prompt must be text or a list of token ids', { field: 'inputs' });
     const vocab = this.config.vocabSize;
+    if (typeof prompt === 'string') {
+      const ids = this.tokenizer.encode(prompt, addSpecialTokens);
+      // a tokenizer may hold tokens the embedding lacks (a <pad> added without resizing): refused here, the
+      // forward step would fail every request of the batch
+      const outside = ids.findIndex((id) => id >= vocab);
+      if (outside >= 0) {
+        throw new SoppuError(
+          'VALIDATION',
+          `prompt token ${outside} (id ${ids[outside]!}, ${JSON.stringify(this.tokenizer.decode([ids[outside]!], false))}) is outside the model's vocabulary [0, ${vocab}): the tokenizer has tokens the model's embeddings lack`,
+          { field: 'inputs', limit: vocab },
+        );
+      }
+      return ids;
+    }
+    if (!Array.isArray(prompt)) throw new SoppuError('VALIDATION', 'the prompt must be text or a list of token ids', { field: 'inputs' });
     return prompt.map((id, i) => {
       if (!Number.isInteger(id) || id < 0 || id >= vocab) {
         throw new SoppuError('VALIDATION', `prompt token ${i} is ${String(id)}, outside the vocabulary [0, ${vocab})`, { field: 'inputs', limit: vocab });
@@ -331,8 +350,8 @@ class SoppuEngine implements Engine {
   private finish(state: RequestState, reason: FinishReason | null, error?: unknown): void {
     if (state.finished) return;
     state.finished = true;
+    state.detachSignal?.();
     this.scheduler.remove(state);
-    if (state.entry) this.cache.release(state.entry);
     this.all.delete(state);
     if (reason) {
       const tail = state.decoder.flush();
@@ -353,6 +372,8 @@ class SoppuEngine implements Engine {
     } else {
       state.queue.fail(error);
     }
+    // last: releasing may drop a replaced registration, whose release callback the caller supplies
+    if (state.entry) this.cache.release(state.entry);
     if (this.all.size === 0) this.notifyIdle();
   }
 
@@ -384,7 +405,13 @@ class SoppuEngine implements Engine {
         }
         const entries = this.scheduler.schedule();
         if (entries.length === 0) break; // waiting for adapter loads; onSettled wakes the loop
-        this.step(entries);
+        try {
+          this.step(entries);
+        } catch (e) {
+          // a fault after the forward pass (emitting, finishing): the step's requests fail, the engine goes on
+          const error = isSoppuError(e) ? e : new SoppuError('GENERATION', `generation step failed: ${e instanceof Error ? e.message : String(e)}`, {}, { cause: e });
+          for (const entry of entries) this.finish(entry.seq, null, error);
+        }
         await new Promise<void>((resolve) => setImmediate(resolve));
       }
     } finally {
@@ -532,6 +559,17 @@ class SoppuEngine implements Engine {
       for (const stop of state.stops) {
         const at = state.text.indexOf(stop, Math.max(0, before - stop.length + 1));
         if (at >= 0 && (cut < 0 || at < cut)) cut = at;
+      }
+      // a special token's text is not in state.text (generated text skips special tokens), but a stop may
+      // name it, as LoRAX/TGI match stops on text that keeps them ("<|im_end|>" where it is no eos id): a stop
+      // ending inside this token's text matches, cutting the text where the stop starts
+      if (cut < 0 && special) {
+        const window = state.text.slice(Math.max(0, state.text.length - state.maxStopLength));
+        const joined = window + token.text;
+        for (const stop of state.stops) {
+          const at = joined.indexOf(stop, Math.max(0, window.length - stop.length + 1));
+          if (at >= 0) cut = Math.min(cut < 0 ? Infinity : cut, state.text.length - window.length + Math.min(at, window.length));
+        }
       }
       if (cut >= 0) {
         state.text = state.text.slice(0, cut);

@@ -1,5 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import { AdapterCache } from '../../src/engine/adapter-cache.js';
+import { IncrementalDecoder, type EngineTokenizer } from '../../src/engine/engine-tokenizer.js';
 import { slotShapeOf } from '../../src/engine/engine.js';
 import { KvBlockPool, kvBytesPerBlock } from '../../src/engine/kv-block-pool.js';
 import { residentFromLora } from '../../src/engine/resident-adapter.js';
@@ -287,5 +288,41 @@ describe('Scheduler deadlock', () => {
     const step = s2.schedule();
     expect(step.map((e) => e.seq.id)).toEqual([3]);
     expect(b.preemptions).toBe(1);
+  });
+});
+
+describe('IncrementalDecoder', () => {
+  // a SentencePiece-like decoder: ▁ is a space, <0xNN> a byte, and one leading space of the text is stripped
+  const PIECES = ['<s>', '▁The', '▁capital', '▁is', '▁Paris', '.', '<0xC3>', '<0xA9>'];
+  const sentencePiece: EngineTokenizer = {
+    encode: () => [],
+    tokenizeWithOffsets: () => [],
+    decode(ids, skipSpecialTokens) {
+      const bytes: number[] = [];
+      for (const id of ids) {
+        const piece = PIECES[id]!;
+        if (id === 0 && skipSpecialTokens) continue;
+        const byte = /^<0x([0-9A-F]{2})>$/.exec(piece);
+        bytes.push(...(byte ? [parseInt(byte[1]!, 16)] : Buffer.from(piece.replaceAll('▁', ' '), 'utf8')));
+      }
+      return Buffer.from(bytes).toString('utf8').replace(/^ /, '');
+    },
+    isSpecial: (id) => id === 0,
+    applyChatTemplate: () => '',
+  };
+
+  it("keeps the leading space of the first generated word after the prompt's last tokens", () => {
+    const decoder = new IncrementalDecoder(sentencePiece, [0, 1, 2, 3]);
+    expect([decoder.push(4), decoder.push(5), decoder.flush()]).toEqual([' Paris', '.', '']);
+    // a prompt of only <s>: the text starts with the word, as a full decode has it
+    const fresh = new IncrementalDecoder(sentencePiece, [0]);
+    expect(fresh.push(4)).toBe('Paris');
+  });
+
+  it('holds back a split character, and ignores a context that ends inside one', () => {
+    const decoder = new IncrementalDecoder(sentencePiece, [1]);
+    expect([decoder.push(6), decoder.push(7)]).toEqual(['', 'é']);
+    const split = new IncrementalDecoder(sentencePiece, [1, 6]);
+    expect(split.push(4)).toBe('Paris'); // not decoded after a U+FFFD, which would shift it
   });
 });

@@ -206,6 +206,82 @@ describe('engine', () => {
     expect(stopped.tokens.length).toBeLessThan(20);
   });
 
+  it('a stop sequence may be a special token\'s text (as LoRAX/TGI match it), and it cuts the text where it starts', async () => {
+    const engine = await createEngine(options());
+    // a prompt whose greedy run makes eos (id 1) while eos is ignored
+    let found: { prompt: string; at: number; text: string } | null = null;
+    for (const prompt of ['hello world', ...PROMPTS, 'abc', 'xyz', 'once']) {
+      const run = await collect(engine.generate({ prompt, maxNewTokens: 60, ignoreEos: true }));
+      const at = run.tokens.indexOf(1);
+      if (at > 0) {
+        found = { prompt, at, text: tokenizer.decode(run.tokens.slice(0, at), true) };
+        break;
+      }
+    }
+    expect(found).not.toBeNull();
+    const { prompt, at, text } = found!;
+    const stopped = await collect(engine.generate({ prompt, maxNewTokens: 60, ignoreEos: true, stop: ['</s>'] }));
+    expect(stopped).toMatchObject({ finishReason: 'stop_sequence', text });
+    expect(stopped.tokens.length).toBe(at + 1);
+    // a stop that ends in the special token's text starts in the text before it
+    const spanning = await collect(engine.generate({ prompt, maxNewTokens: 60, ignoreEos: true, stop: [`${text.slice(-1)}</s>`] }));
+    expect(spanning).toMatchObject({ finishReason: 'stop_sequence', text: text.slice(0, -1) });
+  });
+
+  it('a text prompt holding a token outside the model\'s vocabulary is refused at submission; the running batch goes on', async () => {
+    const wide = charTokenizer();
+    const engine = await createEngine(options({ tokenizer: { ...wide, encode: (text, special) => [...wide.encode(text, special), ...(text.includes('~') ? [model.config.vocabSize + 3] : [])] } }));
+    const bystander = engine.generate({ prompt: 'hello world', maxNewTokens: 12, ignoreEos: true })[Symbol.asyncIterator]();
+    await bystander.next();
+    const bad = collect(engine.generate({ prompt: 'room ~', maxNewTokens: 4 }));
+    await expect(bad).rejects.toMatchObject({ code: 'VALIDATION', context: { field: 'inputs', limit: model.config.vocabSize } });
+    await expect(bad).rejects.toThrow(/prompt token 7 \(id 67, "8"\) is outside the model's vocabulary \[0, 64\)/);
+    let tokens = 1;
+    for (let event = await bystander.next(); !event.done; event = await bystander.next()) if (event.value.type === 'token') tokens++;
+    expect(tokens).toBe(12);
+  });
+
+  it('a release callback that throws fails no request: the held registration finishes, the engine goes on', async () => {
+    const engine = await createEngine(options());
+    const warnings: string[] = [];
+    const onWarning = (warning: Error): void => void warnings.push(warning.message);
+    process.on('warning', onWarning);
+    try {
+      await engine.registerAdapter('reloaded', '/adapters/raw-3', { onRelease: () => { throw new Error('EACCES: permission denied'); } });
+      const bystander = collect(engine.generate({ prompt: 'bystander', maxNewTokens: 10, ignoreEos: true }));
+      const held = engine.generate({ prompt: 'hello', maxNewTokens: 10, ignoreEos: true, adapterId: 'reloaded' })[Symbol.asyncIterator]();
+      await held.next();
+      await engine.registerAdapter('reloaded', '/adapters/raw-4'); // the old registration is dropped when `held` ends
+      let last: unknown;
+      for (let event = await held.next(); !event.done; event = await held.next()) last = event.value;
+      expect(last).toMatchObject({ type: 'done', finishReason: 'length', generatedTokens: 10 });
+      expect((await bystander).finishReason).toBe('length');
+      // the new registration serves
+      const after = await collect(engine.generate({ prompt: 'hello', maxNewTokens: 4, ignoreEos: true, adapterId: 'reloaded' }));
+      const raw4 = await collect(engine.generate({ prompt: 'hello', maxNewTokens: 4, ignoreEos: true, ...local(4) }));
+      expect(after.tokens).toEqual(raw4.tokens);
+      await new Promise((resolve) => setImmediate(resolve));
+      expect(warnings.some((w) => /adapter reloaded: its release callback failed: EACCES/.test(w))).toBe(true);
+      expect(engine.stats()).toMatchObject({ running: 0, waiting: 0, kvBlocksUsed: 0 });
+    } finally {
+      process.off('warning', onWarning);
+    }
+  });
+
+  it('a signal shared by many requests holds no listener once they end', async () => {
+    const engine = await createEngine(options());
+    const controller = new AbortController();
+    const { EventEmitter } = await import('node:events');
+    const getEventListeners = EventEmitter.getEventListeners;
+    for (let i = 0; i < 12; i++) await collect(engine.generate({ prompt: 'hi', maxNewTokens: 2, ignoreEos: true, signal: controller.signal }));
+    expect(getEventListeners(controller.signal, 'abort')).toHaveLength(0);
+    const running = engine.generate({ prompt: 'hi', maxNewTokens: 200, ignoreEos: true, signal: controller.signal })[Symbol.asyncIterator]();
+    await running.next();
+    expect(getEventListeners(controller.signal, 'abort')).toHaveLength(1);
+    controller.abort();
+    await expect(running.next()).rejects.toMatchObject({ code: 'CANCELLED' });
+  });
+
   it('a corrupt adapter fails only the requests that name it', async () => {
     const engine = await createEngine(options());
     const good = mixedRequests().slice(0, 6).map((r) => collect(engine.generate(r)));
