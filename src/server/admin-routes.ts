@@ -62,7 +62,8 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         compress = compressText === 'true';
         const files = parseTar(request.body, { maxEntries: 64, maxTotalBytes: options.maxUploadBytes * 4 }, `upload for '${id}'`);
         mkdirSync(options.uploadDir, { recursive: true });
-        uploadedRoot = mkdtempSync(path.join(options.uploadDir, `${id.replace(/[^A-Za-z0-9._-]/g, '_')}-`));
+        // the id's first 64 characters name the folder (a 256-character id and mkdtemp's suffix pass the 255-byte limit)
+        uploadedRoot = mkdtempSync(path.join(options.uploadDir, `${id.slice(0, 64).replace(/[^A-Za-z0-9._-]/g, '_')}-`));
         try {
           dir = writeAdapterFiles(files, uploadedRoot, `upload for '${id}'`);
         } catch (e) {

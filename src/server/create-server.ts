@@ -50,7 +50,9 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
   const schemas = buildSchemas(limits);
 
   app.decorateRequest('caller', null);
-  app.addContentTypeParser(ARCHIVE_CONTENT_TYPES, { parseAs: 'buffer', bodyLimit: limits.maxUploadBytes }, (_request, body, done) => done(null, body));
+  // no bodyLimit of its own: the server's applies on every route but the upload's, which sets maxUploadBytes (a
+  // parser's limit would let any route buffer an archive-typed body that large before validation)
+  app.addContentTypeParser(ARCHIVE_CONTENT_TYPES, { parseAs: 'buffer' }, (_request, body, done) => done(null, body));
 
   app.addHook('onRequest', async (request) => {
     const config = request.routeOptions.config;

@@ -59,9 +59,10 @@ const OPENAI_TYPES: Record<number, string> = {
 
 export function openAiErrorBody(err: SoppuError, url = ''): { error: { message: string; type: string; code: string; param: string | null } } {
   const field = typeof err.context.field === 'string' && err.context.field !== '' ? err.context.field : null;
-  // the fields as the OpenAI request names them: the adapter is `model`, the input `messages` or `prompt`
+  // the fields as the OpenAI request names them: the adapter is `model`, the input `messages` or `prompt`, the
+  // token budget `max_tokens`
   const input = url.startsWith('/v1/chat/') ? 'messages' : 'prompt';
-  const param = field === 'adapter_id' ? 'model' : field === 'inputs' ? input : field;
+  const param = field === 'adapter_id' ? 'model' : field === 'inputs' ? input : field === 'max_new_tokens' ? 'max_tokens' : field;
   return {
     error: { message: loraxMessage(err), type: OPENAI_TYPES[err.httpStatus] ?? 'server_error', code: err.code.toLowerCase(), param },
   };

@@ -72,7 +72,8 @@ export class GenerationService {
       if (call.adapterSource === 'local') {
         // the folder it names must be this caller's by its own name too (`alice-x/../bob-1` is bob-1)
         const confined = confineAdapterPath(adapterId, this.options.adapterDirs, 'adapter_id');
-        if (!caller.mayUse(confined.id)) throw adapterNotFound(adapterId);
+        // a root itself has the id '' (which mayUse reads as the base model): only an admin names it
+        if (confined.id === '' ? caller.role !== 'admin' : !caller.mayUse(confined.id)) throw adapterNotFound(adapterId);
         adapterPath = confined.path;
       } else if (!this.engine.hasAdapter(adapterId)) {
         throw adapterNotFound(adapterId);

@@ -6,7 +6,7 @@ import { randomUUID } from 'node:crypto';
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { AdapterStatus } from '../engine/engine-types.js';
 import { failureLabel, openAiErrorBody, toSoppuError } from './error-response.js';
-import { adapterNotFound } from './generation-service.js';
+import { adapterNotFound, refuseUntokenizable } from './generation-service.js';
 import { LogprobCollector } from './logprob-collector.js';
 import { recordDone, startCall, type Prepared } from './lorax-routes.js';
 import type { buildSchemas } from './request-schemas.js';
@@ -213,7 +213,10 @@ export function registerOpenAiRoutes(app: FastifyInstance, context: ServerContex
     return run(request, reply, calls, 'completion', request.body);
   });
   app.post<{ Body: OpenAiChatBody }>('/v1/chat/completions', { schema: { body: schemas.chat }, config: { generation: true } }, (request, reply) => {
-    const prompt = context.engine.applyChatTemplate(chatMessages(request.body), true);
+    const messages = chatMessages(request.body);
+    // before templating: text that cannot fit is refused without rendering it
+    refuseUntokenizable(messages.map((message) => message.content).join(''), context.options.maxInputTokens, context.engine.info.maxTokenChars);
+    const prompt = context.engine.applyChatTemplate(messages, true);
     return run(request, reply, openAiChatCalls(request.body, prompt, baseModelId), 'chat', request.body);
   });
   /** A model object as /v1/models lists it: the base model, or an adapter with its cache status. */

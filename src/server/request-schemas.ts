@@ -104,6 +104,9 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
       messages: {
         type: 'array',
         minItems: 1,
+        // every message renders to at least one token in a chat template: more could never fit, and templating
+        // 100k of them held the event loop for ~0.9 s before the length check
+        maxItems: options.maxInputTokens,
         items: {
           type: 'object',
           required: ['role'],

@@ -215,7 +215,7 @@ export interface OpenAiCompletionBody extends OpenAiCommonBody {
 }
 
 export interface OpenAiChatBody extends OpenAiCommonBody {
-  messages: { role: string; content: string | { type: string; text?: string }[] | null; tool_calls?: unknown[] | null }[];
+  messages: { role: string; content?: string | { type: string; text?: string }[] | null; tool_calls?: unknown[] | null }[];
   tools?: unknown[] | null;
   tool_choice?: unknown;
   logprobs?: boolean | null;
@@ -335,7 +335,9 @@ export function chatMessages(body: OpenAiChatBody): { role: string; content: str
     // tool calls would reach the template without their calls (it sees role and content): refused as tools are
     if (message.tool_calls && message.tool_calls.length > 0) throw validation(`\`messages[${index}].tool_calls\`: tool calls are not supported by this server`, `messages[${index}].tool_calls`);
     const role = message.role === 'developer' ? 'system' : message.role;
-    if (message.content === null || typeof message.content === 'string') return { role, content: message.content ?? '' };
+    // as OpenAI: only an assistant turn may go without content
+    if (message.content === undefined && message.role !== 'assistant') throw validation(`Missing required parameter: \`messages[${index}].content\``, `messages[${index}].content`);
+    if (message.content === undefined || message.content === null || typeof message.content === 'string') return { role, content: message.content ?? '' };
     const parts = message.content.map((part, partIndex) => {
       if (part.type !== 'text' || typeof part.text !== 'string') {
         throw validation(`\`messages[${index}].content[${partIndex}]\`: only text parts are supported; got type '${part.type}'`, `messages[${index}].content`);

@@ -198,10 +198,47 @@ describe('local adapters and keys', () => {
       payload: { model: 'alice-x/../bob-1', adapter_source: 'local', messages: [{ role: 'user', content: 'hi' }], max_tokens: 1 },
     });
     expect(openAi.statusCode).toBe(404);
+    // an adapters root itself (an operator may give one PEFT folder as a root): not by a user key's glob
+    const rootRequests = ['alice-x/..', 'alice-1/..', `alice-x/../../${path.basename(root)}`];
+    for (const name of rootRequests) {
+      const response = await ask(name, KEYS.alice);
+      expect(response.statusCode, name).toBe(404);
+      expect(response.json().error, name).toBe(missing.json().error.replace('alice-x/../bob-nope', name));
+    }
+    expect((await ask('alice-x/..', KEYS.admin)).statusCode).toBe(200);
+  });
+});
+
+describe('body limits', () => {
+  it('an archive content type gets the server body limit on every route but the upload (which has its own)', async () => {
+    const engine = new FakeEngine();
+    server = testServer(engine, { maxBodyBytes: 1000, maxUploadBytes: 1 << 20 });
+    const big = Buffer.alloc(20_000, 1);
+    for (const type of ['application/octet-stream', 'application/gzip', 'application/x-tar']) {
+      for (const url of ['/generate', '/v1/completions', '/tokenize']) {
+        const response = await server.app.inject({ method: 'POST', url, payload: big, headers: { 'content-type': type } });
+        expect(response.statusCode, `${type} ${url}`).toBe(url.startsWith('/v1/') ? 400 : 422);
+        expect(response.body, `${type} ${url}`).toMatch(/larger than the configured limit/);
+      }
+    }
+    // the upload route reads archives up to maxUploadBytes (this one is 20 KB of zeros: not a tar, but read)
+    const upload = await server.app.inject({ method: 'POST', url: '/adapters?id=a-1', payload: Buffer.alloc(20_000), headers: { 'content-type': 'application/x-tar' } });
+    expect(upload.statusCode).toBe(422);
+    expect(JSON.stringify(upload.json())).not.toMatch(/larger than the configured limit/);
   });
 });
 
 describe('adapter management', () => {
+  it('an upload whose id is 256 characters long is stored (the folder takes the first 64)', async () => {
+    const engine = new FakeEngine();
+    server = testServer(engine, { auth: true });
+    const id = `a${'b'.repeat(255)}`;
+    const archive = gzipSync(tarOf({ 'x/adapter_config.json': '{"r": 4}', 'x/adapter_model.safetensors': 'x' }));
+    const uploaded = await server.app.inject({ method: 'POST', url: `/adapters?id=${id}&compress=false`, payload: archive, headers: { authorization: `Bearer ${KEYS.admin}`, 'content-type': 'application/gzip' } });
+    expect(uploaded.statusCode).toBe(201);
+    expect(uploaded.json()).toMatchObject({ id });
+  });
+
   it('uploads a tar.gz, hot-reloads under the same id, pins, lists and removes', async () => {
     const engine = new FakeEngine({ adapters: ['alice-1'] });
     server = testServer(engine, { auth: true });

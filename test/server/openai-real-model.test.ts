@@ -239,9 +239,21 @@ describe('OpenAI routes over a BPE model', () => {
     expect([200, 422]).toContain(near.status);
     if (near.status === 422) expect(((await near.json()) as { error: string }).error).toMatch(/Given: \d+$/);
     // the OpenAI routes name the field as their requests do
-    const chatTooLong = await post('/v1/chat/completions', { model: '', messages: [{ role: 'user', content: long }], max_tokens: 1 });
-    expect(chatTooLong.status).toBe(400);
-    expect(((await chatTooLong.json()) as { error: { param: string } }).error.param).toBe('messages');
+    // chat: refused before the template renders it (messages of one character each: rendering 100k of them held
+    // the event loop ~0.9 s)
+    const template = engine.applyChatTemplate.bind(engine);
+    let templated = 0;
+    engine.applyChatTemplate = (messages, addGenerationPrompt) => (templated++, template(messages, addGenerationPrompt));
+    try {
+      for (const messages of [[{ role: 'user', content: long }], Array.from({ length: 999 }, () => ({ role: 'user', content: 'a'.repeat(2 * maxTokenChars) }))]) {
+        const chatTooLong = await post('/v1/chat/completions', { model: '', messages, max_tokens: 1 });
+        expect(chatTooLong.status).toBe(400);
+        expect(((await chatTooLong.json()) as { error: { param: string } }).error.param).toBe('messages');
+      }
+      expect(templated).toBe(0);
+    } finally {
+      engine.applyChatTemplate = template;
+    }
     const completionTooLong = await post('/v1/completions', { model: '', prompt: long, max_tokens: 1 });
     expect(((await completionTooLong.json()) as { error: { param: string } }).error.param).toBe('prompt');
     // with truncate, a long prompt is cut, not refused

@@ -165,6 +165,29 @@ describe('OpenAI validation and keys file', () => {
     await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], tools })).rejects.toMatchObject({ status: 400 });
     await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], response_format: { type: 'json_object' } })).rejects.toMatchObject({ status: 400 });
     await expect(client.chat.completions.create({ model: 'alice-1', messages: [] })).rejects.toMatchObject({ status: 400, error: { param: 'messages' } });
+    // more messages than max_input_tokens could never fit: refused by the schema, before any templating
+    const many = Array.from({ length: 10_001 }, () => ({ role: 'user' as const, content: 'x' }));
+    const template = engine.applyChatTemplate.bind(engine);
+    let templated = 0;
+    engine.applyChatTemplate = (messages: readonly { role: string; content: string }[]) => (templated++, template(messages));
+    try {
+      await expect(client.chat.completions.create({ model: 'alice-1', messages: many, max_tokens: 1 })).rejects.toMatchObject({ status: 400, error: { param: 'messages' } });
+      expect(templated).toBe(0);
+    } finally {
+      engine.applyChatTemplate = template;
+    }
+  });
+
+  it('a message without content is a 400 naming it (a 500 before); an assistant turn may go without', async () => {
+    const missing = [{ role: 'user' }] as unknown as OpenAI.ChatCompletionMessageParam[];
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: missing, max_tokens: 1 })).rejects.toMatchObject({ status: 400, error: { param: 'messages[0].content', message: 'Input validation error: Missing required parameter: `messages[0].content`' } });
+    const assistant = [{ role: 'user', content: 'hi' }, { role: 'assistant' }, { role: 'user', content: 'again' }] as unknown as OpenAI.ChatCompletionMessageParam[];
+    const answer = await client.chat.completions.create({ model: 'alice-1', messages: assistant, max_tokens: 2 });
+    expect(answer.choices[0]!.finish_reason).toBe('length');
+  });
+
+  it('a token budget error names max_tokens, as the OpenAI request calls it', async () => {
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'hello world', max_tokens: 95 })).rejects.toMatchObject({ status: 400, error: { param: 'max_tokens', message: expect.stringContaining('tokens + `max_new_tokens` must be <= 96') } });
   });
 
   it('a malformed keys file is a CONFIG error naming the file and entry, never the key', async () => {
