@@ -12,6 +12,7 @@ import { manifestWithout } from './bank-remove.js';
 import { withBankLock } from './bank-lock.js';
 import { adapterTensors, commitManifest, manifestSlotEntry, refitReasonsOf, sourceWeightsSha256, writeAdapterFile } from './bank-writer.js';
 import type { AdapterSlotResult, SlotBases } from './compression-types.js';
+import { DEFAULT_MAX_ERROR } from './compress-adapters.js';
 import { projectAdapter, type BankSlotBases } from './project-adapter.js';
 
 export interface AddToBankResult {
@@ -21,15 +22,35 @@ export interface AddToBankResult {
   readonly maxError: number;
   /** Slots kept raw, with the reason. */
   readonly rawSlots: readonly { path: string; reason: string }[];
+  /** The error budget the projection was held to. */
+  readonly budget: number;
 }
 
 export interface AddToBankOptions {
-  /** Error budget for the projection (default: the budget the bank was fitted with). */
+  /**
+   * Error budget for the projection (default: the budget the bank was fitted with; for a bank fitted at a fixed
+   * rank, which has none, DEFAULT_MAX_ERROR or its members' largest error, whichever is larger).
+   */
   readonly maxError?: number;
   /** When the bank holds `id` already: replace that adapter in the same manifest switch (default: BANK_CONFLICT). */
   readonly replace?: boolean;
   /** Older manifests whose files must stay (a server's requests still load from them). */
   readonly keep?: readonly BankManifest[];
+}
+
+/**
+ * The projection's error budget: the one given, else the bank's. A bank fitted at a fixed rank records none,
+ * and a projection without one kept every slot compressed however poor the fit (an unrelated adapter stored at
+ * ~100 % error): it then gets the default budget, or the largest error a member of the bank already has.
+ */
+function projectionBudget(manifest: BankManifest, given: number | undefined): number {
+  if (given !== undefined) return given;
+  if (manifest.options.maxError !== undefined) return manifest.options.maxError;
+  let largest = DEFAULT_MAX_ERROR;
+  for (const adapter of manifest.adapters) {
+    for (const part of Object.values(adapter.perSlot)) if (part.storage === 'compressed' && part.relativeError > largest) largest = part.relativeError;
+  }
+  return largest;
 }
 
 /** Adds `adapter` as `id` to the bank in `dir`. Throws BANK_CONFLICT when the id exists, unless `replace`. */
@@ -59,8 +80,8 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
       }
       slots.set(slot.path, { method: slot.method, inFeatures: slot.inFeatures, outFeatures: slot.outFeatures, bases });
     }
-    const maxError = options.maxError ?? manifest.options.maxError;
-    const projection = projectAdapter(adapter, slots, maxError !== undefined ? { maxError } : {});
+    const budget = projectionBudget(manifest, options.maxError);
+    const projection = projectAdapter(adapter, slots, { maxError: budget });
 
     const newSlots: ManifestSlot[] = [...manifest.slots];
     const slotByPath = new Map(manifest.slots.map((s) => [s.path, s]));
@@ -108,6 +129,6 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
       files: written ? { ...manifest.files, [written.path]: written.entry } : manifest.files,
     };
     await commitManifest(dir, next, bank.manifest, options.keep);
-    return { manifest: next, entry, maxError: projection.maxError, rawSlots };
+    return { manifest: next, entry, maxError: projection.maxError, rawSlots, budget };
   });
 }

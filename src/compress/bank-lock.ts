@@ -73,16 +73,16 @@ async function takeLock(dir: string, lockPath: string, token: string): Promise<v
     if (await createWhole(lockPath, token)) return;
     const seen = await readFile(lockPath, 'utf8').catch(() => null);
     if (seen === null) continue; // released in the meantime
-    const owner = Number.parseInt(seen, 10);
     // this process's own pid is a leftover of an earlier holder here: its holders queue (withBankLock)
-    if (Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner)) {
-      throw new SoppuError('BANK_CONFLICT', `${dir}: bank is being changed by process ${owner} (lock file ${lockPath}); retry when it finishes`, { file: lockPath });
+    if (holderAlive(seen)) {
+      throw new SoppuError('BANK_CONFLICT', `${dir}: bank is being changed by process ${Number.parseInt(seen, 10)} (lock file ${lockPath}); retry when it finishes`, { file: lockPath });
     }
     // A dead writer's lock: the one writer that creates its takeover marker (named by the lock's content, so
     // one per dead lock) replaces it. The dead lock is never removed, so no other writer can create a lock
     // meanwhile, and the replacement is one rename over it.
-    const marker = `${lockPath}.tmp-0-${createHash('sha256').update(seen).digest('hex').slice(0, 16)}`;
-    if (!(await createWhole(marker, token))) continue; // another writer is taking it over
+    const markers = await claimTakeover(lockPath, seen, token);
+    if (markers === null) continue; // another writer is taking it over
+    const marker = markers[markers.length - 1]!;
     try {
       // still the lock judged dead? (a marker that garbage collection removed could be created again later)
       if ((await readFile(lockPath, 'utf8').catch(() => null)) !== seen) continue;
@@ -92,12 +92,43 @@ async function takeLock(dir: string, lockPath: string, token: string): Promise<v
         await unlink(temp).catch(() => undefined);
         throw new SoppuError('FILE_IO', `${lockPath}: cannot replace a dead writer's bank lock (${(e as Error).message})`, { file: lockPath }, { cause: e });
       });
+      // the dead takeovers' markers too: a writer that creates one again finds the lock replaced
+      for (const dead of markers.slice(0, -1)) await unlink(dead).catch(() => undefined);
       return;
     } finally {
       await unlink(marker).catch(() => undefined);
     }
   }
   throw new SoppuError('BANK_CONFLICT', `${lockPath}: could not take the bank lock in ${MAX_ATTEMPTS} attempts (writers keep replacing it); retry`, { file: lockPath });
+}
+
+/** Markers a dead lock's takeovers may leave before one succeeds (each one's writer died mid-takeover). */
+const MAX_TAKEOVERS = 8;
+
+/**
+ * Claims the takeover of the dead lock whose content is `seen`: creates its marker `<lock>.tmp-<k>-<hash of seen>`
+ * for the first k whose marker does not exist, while every earlier one's writer is dead (a writer killed during
+ * its takeover, whose marker would otherwise stop every later one). Creation is exclusive, so one writer wins
+ * each k. Returns the markers 0..k (the last one this writer's), or null when a live writer holds one or its
+ * marker went away (its takeover finished).
+ */
+async function claimTakeover(lockPath: string, seen: string, token: string): Promise<string[] | null> {
+  const hash = createHash('sha256').update(seen).digest('hex').slice(0, 16);
+  const markers: string[] = [];
+  for (let k = 0; k < MAX_TAKEOVERS; k++) {
+    const marker = `${lockPath}.tmp-${k}-${hash}`;
+    markers.push(marker);
+    if (await createWhole(marker, token)) return markers;
+    const holder = await readFile(marker, 'utf8').catch(() => null);
+    if (holder === null || holderAlive(holder)) return null;
+  }
+  throw new SoppuError('BANK_CONFLICT', `${lockPath}: ${MAX_TAKEOVERS} writers died taking over a dead writer's lock; if no soppu process is changing this bank, remove ${lockPath} and its ${lockPath}.tmp-* files`, { file: lockPath });
+}
+
+/** True when the pid a lock or marker names is a live process other than this one (this one's is a leftover). */
+function holderAlive(content: string): boolean {
+  const owner = Number.parseInt(content, 10);
+  return Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner);
 }
 
 /** A name beside `path` that the bank's garbage collection removes if a crash leaves it (collectGarbage). */

@@ -165,8 +165,18 @@ export async function writeBank(dir: string, result: CompressionResult, extras: 
 export async function checkNewBankOutput(dir: string, replace: boolean): Promise<void> {
   const info = await stat(dir).catch(() => null);
   if (info && !info.isDirectory()) throw new SoppuError('FILE_IO', `${dir}: is a file, not a bank folder`, { file: dir });
-  if (info && !replace && (await readManifestText(dir)) !== null) {
+  const manifestText = info ? await readManifestText(dir) : null;
+  if (manifestText !== null && !replace) {
     throw new SoppuError('BANK_CONFLICT', `${join(dir, MANIFEST_NAME)}: a bank already exists here; use \`soppu bank add\` to add adapters or --force to replace it`, { file: join(dir, MANIFEST_NAME) });
+  }
+  if (info && manifestText === null) {
+    // no bank here: a folder that holds anything a bank writer did not make is refused, --force or not (the bank's
+    // garbage collection deletes the data-like files no manifest lists: a user's own adapters/x.safetensors)
+    const foreign = await foreignEntries(dir);
+    if (foreign.length > 0) {
+      const shown = foreign.slice(0, 3).join(', ') + (foreign.length > 3 ? ', …' : '');
+      throw new SoppuError('CONFIG', `${dir} already holds files that are not a bank's (${shown}); choose a new or empty folder`, { file: dir, field: 'output' });
+    }
   }
   if (!info) {
     // the nearest existing parent must be a folder: `-o model/config.json/bank` fails now, not after compressing
@@ -181,6 +191,27 @@ export async function checkNewBankOutput(dir: string, replace: boolean): Promise
       parent = dirname(parent);
     }
   }
+}
+
+/** A temp file of an interrupted write (writeFileAtomic's name). */
+const TEMP_FILE = /^\..*\.tmp-\d+-[0-9a-f]+$/;
+/** A data file as the writer names them: `<stem>.<16 hex of its sha256>.safetensors`. */
+const DATA_FILE = /^[^/]+\.[0-9a-f]{16}\.safetensors$/;
+
+/** The entries of a folder without a manifest that no bank writer makes (its lock, temp and data files). */
+async function foreignEntries(dir: string): Promise<string[]> {
+  const foreign: string[] = [];
+  for (const name of await readdir(dir)) {
+    if (name === '.lock' || TEMP_FILE.test(name)) continue;
+    if (name === 'adapters' || name === 'bases') {
+      const inner = await readdir(join(dir, name)).catch(() => null);
+      if (inner === null) foreign.push(name);
+      else foreign.push(...inner.filter((file) => !TEMP_FILE.test(file) && !DATA_FILE.test(file)).map((file) => `${name}/${file}`));
+      continue;
+    }
+    foreign.push(name);
+  }
+  return foreign;
 }
 
 /** writeBank for a caller that already holds the bank lock (refit). */
@@ -316,7 +347,7 @@ export async function collectGarbage(dir: string, keep: readonly BankManifest[])
     }
     for (const name of names) {
       const relative = subdir === '.' ? name : `${subdir}/${name}`;
-      const isTemp = /^\..*\.tmp-\d+-[0-9a-f]+$/.test(name);
+      const isTemp = TEMP_FILE.test(name);
       const isData = subdir !== '.' && name.endsWith('.safetensors');
       if (isTemp || (isData && !referenced.has(relative))) {
         await unlink(join(dir, relative)).then(() => removed.push(relative), () => undefined);

@@ -64,6 +64,13 @@ function layerOf(path: string): number {
   return match ? Number(match[1]) : -1;
 }
 
+/** The largest of non-negative values (0 for none): a loop, as Math.max(...values) throws past ~125k values. */
+function largest(values: readonly number[]): number {
+  let max = 0;
+  for (const value of values) if (value > max) max = value;
+  return max;
+}
+
 export function bankStatistics(manifest: BankManifest): BankStatistics {
   const slots: SlotStatistics[] = [];
   let basesParameters = 0;
@@ -98,7 +105,7 @@ export function bankStatistics(manifest: BankManifest): BankStatistics {
       path: slot.path, layer: layerOf(slot.path), module: slot.path.split('.').slice(-2).join('.'), inFeatures: slot.inFeatures,
       outFeatures: slot.outFeatures, ranks: slot.ranks, compressed, raw, zero, errors,
       meanError: values.length ? values.reduce((x, y) => x + y, 0) / values.length : 0,
-      maxError: values.length ? Math.max(...values) : 0,
+      maxError: largest(values),
       rawParameters, storedParameters: stored,
     });
   }
@@ -130,7 +137,7 @@ export function bankStatistics(manifest: BankManifest): BankStatistics {
     rawBytesF32: rawParameters * 4, storedBytes, byteRatio: storedBytes > 0 ? (rawParameters * 4) / storedBytes : 0,
     slots, adapterStats,
     meanError: all.length ? all.reduce((x, y) => x + y, 0) / all.length : 0,
-    maxError: all.length ? Math.max(...all) : 0,
+    maxError: largest(all),
   };
 }
 

@@ -60,6 +60,11 @@ describe('soppu compress / bank / verify / export / report', () => {
     const listed = JSON.parse((await runCli(['bank', 'ls', bank, '--json'])).stdout);
     expect(listed.adapters.map((a: { id: string }) => a.id)).toEqual(['user-0000', 'user-0001', 'user-0002']);
     expect((await openBank(bank)).manifest.adapters.find((a) => a.id === 'user-0001')!.addedBy).toBe('add');
+    // id=dir, as compress and verify take adapters
+    const named = await runCli(['bank', 'add', bank, `alice=${family[3]!}`]);
+    expect(named.stdout).toMatch(/^added alice to .*\(budget 0\.15\)/);
+    expect((await openBank(bank)).ids()).toContain('alice');
+    expect((await runCli(['bank', 'rm', bank, 'alice'])).code).toBe(0);
     const removed = await runCli(['bank', 'rm', bank, 'user-0000']);
     expect(removed.stdout).toMatch(/removed user-0000 from .*: 2 adapter\(s\) left/);
     expect((await openBank(bank)).ids()).toEqual(['user-0001', 'user-0002']);

@@ -3,6 +3,7 @@
  * lock is taken over once even when several writers race for it (child processes); a live one's is a
  * BANK_CONFLICT. And the user-visible case: two adapters added to one bank at once both land.
  */
+import { createHash } from 'node:crypto';
 import { execFile, spawn } from 'node:child_process';
 import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -104,6 +105,23 @@ describe('bank lock', () => {
     expect((refused as { code: string }).code).toBe('BANK_CONFLICT');
     expect((refused as Error).message).toContain(`process ${process.ppid}`);
     expect(await readFile(join(dir, '.lock'), 'utf8')).toBe(`${process.ppid} 0123456789abcdef\n`); // left alone
+  });
+
+  it("takes over a dead lock whose takeover a killed writer left unfinished (its marker stays), and clears the markers", async () => {
+    const dir = join(root, 'dead-takeover');
+    await mkdir(dir, { recursive: true });
+    const seen = `${await deadPid()} 00000000000000aa\n`;
+    await writeFile(join(dir, '.lock'), seen);
+    const hash = createHash('sha256').update(seen).digest('hex').slice(0, 16);
+    // two writers died taking it over, one after the other
+    await writeFile(join(dir, `.lock.tmp-0-${hash}`), `${await deadPid()} 00000000000000bb\n`);
+    await writeFile(join(dir, `.lock.tmp-1-${hash}`), `${await deadPid()} 00000000000000cc\n`);
+    expect(await withBankLock(dir, async () => (await readFile(join(dir, '.lock'), 'utf8')).split(' ')[0])).toBe(String(process.pid));
+    expect(await readdir(dir)).toEqual([]);
+    // a live writer's marker: that writer is taking it over, so this one gives up
+    await writeFile(join(dir, '.lock'), seen);
+    await writeFile(join(dir, `.lock.tmp-0-${hash}`), `${process.ppid} 00000000000000dd\n`);
+    await expect(withBankLock(dir, async () => 'ran')).rejects.toMatchObject({ code: 'BANK_CONFLICT' });
   });
 
   it("lets exactly one of several racing processes hold the lock at a time, from a dead writer's lock on", async () => {

@@ -3,7 +3,7 @@
  * dimensions (PEFT allows it), and the manifest's compress options are checked on read like the
  * compressor checks them, so a bad value names options.<field> instead of skewing budgets.
  */
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -40,6 +40,23 @@ describe('raw slots of a rank above the layer dimensions', () => {
     const big = join(root, 'big');
     await compressIntoBank(syntheticAdapterSet({ slots: SLOTS, count: 2, rank: 40, sharedRank: 40, seed: 4 }), big, { compress: { method: 'jd-full', rank: 1, maxError: 0.05, seed: 2 } });
     expect((await openBank(big)).ids()).toHaveLength(2);
+  });
+});
+
+describe('bank add into a bank fitted at a fixed rank (no recorded budget)', () => {
+  it('holds the projection to the default budget or the members\' largest error, keeping a poor fit raw', async () => {
+    const members = syntheticAdapterSet({ slots: SLOTS, count: 3, rank: 4, sharedRank: 2, seed: 8 });
+    const dir = join(root, 'fixed-rank');
+    await compressIntoBank(members, dir, { compress: { method: 'jd-full', rank: 2, seed: 2 } });
+    const fitted = await openBank(dir);
+    expect(fitted.manifest.options.maxError).toBeUndefined();
+    const membersLargest = Math.max(...fitted.manifest.adapters.map((a) => a.perSlot[SLOTS[0]!.path]!.relativeError));
+    // an unrelated adapter (another family): its projection onto the rank-2 bases is a poor fit
+    const [stranger] = syntheticAdapterSet({ slots: SLOTS, count: 1, rank: 4, sharedRank: 4, seed: 9, familySeed: 77, idPrefix: 'stranger-' });
+    const added = await addToBank(dir, 'stranger', stranger!.adapter);
+    expect(added.budget).toBe(Math.max(0.1, membersLargest));
+    expect(added.entry.perSlot[SLOTS[0]!.path]).toMatchObject({ storage: 'raw', relativeError: 0 });
+    expect(added.rawSlots).toEqual([{ path: SLOTS[0]!.path, reason: expect.any(String) }]);
   });
 });
 
@@ -82,6 +99,28 @@ describe('compress checks its output before it compresses', () => {
     await writeFile(file, 'x');
     await expect(compressIntoBank(inputs, file, { compress: bogus })).rejects.toMatchObject({ code: 'FILE_IO', message: `${file}: is a file, not a bank folder` });
     await expect(compressIntoBank(inputs, join(file, 'sub', 'bank'), { compress: bogus })).rejects.toMatchObject({ code: 'FILE_IO', message: expect.stringContaining(`(${file} is a file)`) });
+  });
+
+  it("a folder holding files that are not a bank's is refused, replace or not (the bank's garbage collection would delete them)", async () => {
+    const inputs = syntheticAdapterSet({ slots: SLOTS, count: 2, rank: 4, sharedRank: 2, seed: 6 });
+    const project = join(root, 'project');
+    await mkdir(join(project, 'adapters'), { recursive: true });
+    await writeFile(join(project, 'adapters', 'my_style_lora.safetensors'), 'precious');
+    await writeFile(join(project, 'notes.txt'), 'precious');
+    for (const replace of [false, true]) {
+      await expect(compressIntoBank(inputs, project, { replace, compress: { method: 'jd-full', maxError: 0.1, seed: 2 } })).rejects.toMatchObject({
+        code: 'CONFIG',
+        message: `${project} already holds files that are not a bank's (adapters/my_style_lora.safetensors, notes.txt); choose a new or empty folder`,
+      });
+    }
+    expect(await readFile(join(project, 'adapters', 'my_style_lora.safetensors'), 'utf8')).toBe('precious');
+    // what an interrupted first write leaves (its lock, temp and data files) is a bank's: written over
+    const interrupted = join(root, 'interrupted');
+    await mkdir(join(interrupted, 'bases'), { recursive: true });
+    await writeFile(join(interrupted, 'bases', 'c0.0123456789abcdef.safetensors'), 'x');
+    await writeFile(join(interrupted, '.manifest.json.tmp-12-ab'), 'x');
+    await compressIntoBank(inputs, interrupted, { compress: { method: 'jd-full', maxError: 0.1, seed: 2 } });
+    expect((await openBank(interrupted)).manifest.adapters).toHaveLength(2);
   });
 });
 

@@ -69,6 +69,16 @@ describe('bank report', () => {
     expect(stats.slots[0]!.meanError).toBeCloseTo(0.05, 12);
     expect(stats.adapterStats.map((a) => [a.id, a.maxError, a.worstSlot])).toEqual([['b', 0.3, PATH_1], ['a<b>', 0.1, PATH_0]]);
     expect(stats.storedBytes).toBe(Object.values(manifest.files).reduce((s, f) => s + f.bytes, 0));
+    // 1,000 adapters on 128 slots (Llama-7B's q, k, v, o): 128k errors, past what Math.max(...errors) takes
+    const slots = Array.from({ length: 128 }, (_, i) => ({ ...manifest.slots[0]!, path: `layers.${i}.self_attn.q_proj` }));
+    const adapters = Array.from({ length: 1000 }, (_, a) => ({
+      ...manifest.adapters[0]!,
+      id: `user-${a}`,
+      perSlot: Object.fromEntries(slots.map((slot, i) => [slot.path, { ...manifest.adapters[0]!.perSlot[PATH_0]!, relativeError: (a * 128 + i) / 1e6 }])),
+    }));
+    const large = bankStatistics({ ...manifest, slots, adapters });
+    expect(large.maxError).toBeCloseTo(127_999 / 1e6, 12);
+    expect(large.slots[127]!.maxError).toBeCloseTo((999 * 128 + 127) / 1e6, 12);
   });
 
   it('renders a self-contained HTML page and report.json', async () => {

@@ -18,22 +18,24 @@ export function register(program: Command): void {
     .command('add')
     .description('add one adapter to a bank by projecting it onto the existing bases (no refit); slots the bases cannot serve within the budget are kept raw and a refit is advised')
     .argument('<bank>', 'bank directory')
-    .argument('<adapter>', 'PEFT adapter directory')
+    .argument('<adapter>', 'PEFT adapter directory, or id=directory')
     .option('--id <name>', 'adapter id (default: the directory name)')
-    .option('--max-error <e>', 'error budget for the projection (default: the bank\'s)')
+    .option('--max-error <e>', 'error budget for the projection (default: the bank\'s; for a bank fitted at a fixed --rank, 0.1 or its members\' largest error)')
     .option('--replace', 'replace the bank\'s adapter of the same id (default: refuse)')
     .option('--json', 'print the result as JSON')
     .action(async (dir: string, adapterDir: string, options: { id?: string; maxError?: string; replace?: boolean; json?: boolean }) => {
-      const id = options.id ?? parseAdapterArgument(adapterDir).id;
-      const adapter = await loadLoraAdapter(resolve(adapterDir));
+      // `id=dir` as compress and verify take it
+      const argument = parseAdapterArgument(adapterDir);
+      const id = options.id ?? argument.id;
+      const adapter = await loadLoraAdapter(resolve(argument.dir));
       const maxError = parseError(options.maxError, 'max-error');
       const result = await addToBank(dir, id, adapter, { ...(maxError !== undefined ? { maxError } : {}), replace: options.replace === true });
       if (options.json) {
-        process.stdout.write(`${JSON.stringify({ id, cluster: result.entry.cluster, max_error: result.maxError, raw_slots: result.rawSlots, per_slot: result.entry.perSlot, refit_advised: result.manifest.refitAdvised }, null, 2)}\n`);
+        process.stdout.write(`${JSON.stringify({ id, cluster: result.entry.cluster, max_error: result.maxError, budget: result.budget, raw_slots: result.rawSlots, per_slot: result.entry.perSlot, refit_advised: result.manifest.refitAdvised }, null, 2)}\n`);
         return;
       }
       const slots = Object.values(result.entry.perSlot);
-      process.stdout.write(`added ${id} to ${dir}: cluster ${result.entry.cluster}, ${slots.filter((p) => p.storage === 'compressed').length} compressed / ${result.rawSlots.length} raw / ${slots.filter((p) => p.storage === 'zero').length} zero slot(s), max relative error ${result.maxError.toFixed(4)}\n`);
+      process.stdout.write(`added ${id} to ${dir}: cluster ${result.entry.cluster}, ${slots.filter((p) => p.storage === 'compressed').length} compressed / ${result.rawSlots.length} raw / ${slots.filter((p) => p.storage === 'zero').length} zero slot(s), max relative error ${result.maxError.toFixed(4)} (budget ${result.budget})\n`);
       for (const raw of result.rawSlots) process.stdout.write(`  kept raw: ${raw.path} (${raw.reason})\n`);
       if (result.manifest.refitAdvised) process.stdout.write(`refit advised (soppu bank refit ${dir}): ${result.manifest.refitReasons.join('; ')}\n`);
     });
