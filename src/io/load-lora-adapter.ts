@@ -58,12 +58,21 @@ function tensorsError(file: string, tensor: string, message: string, context: Re
   return new SoppuError('ADAPTER_TENSORS', `${file}: ${message}`, { file, tensor, ...context });
 }
 
+/** The largest adapter_config.json read (PEFT writes a few KiB; rank_pattern over every module stays far below). */
+export const MAX_ADAPTER_CONFIG_BYTES = 4 * 1024 * 1024;
+
 async function readConfig(dir: string): Promise<LoraConfig> {
   const path = join(dir, ADAPTER_CONFIG_FILE);
   let text: string;
   try {
+    // bounded before it is read and parsed: JSON.parse of a large nested file can take the heap
+    const size = (await stat(path)).size;
+    if (size > MAX_ADAPTER_CONFIG_BYTES) {
+      throw new SoppuError('ADAPTER_CONFIG', `${path}: ${size} bytes, more than an adapter config may have (limit ${MAX_ADAPTER_CONFIG_BYTES})`, { file: path, limit: MAX_ADAPTER_CONFIG_BYTES });
+    }
     text = await readFile(path, 'utf8');
   } catch (e) {
+    if (e instanceof SoppuError) throw e;
     const code = (e as NodeJS.ErrnoException).code;
     if (code === 'ENOENT') throw new SoppuError('ADAPTER_CONFIG', `${path}: missing (a PEFT adapter directory needs ${ADAPTER_CONFIG_FILE})`, { file: path });
     throw new SoppuError('FILE_IO', `${path}: cannot read (${(e as Error).message})`, { file: path }, { cause: e });

@@ -2,8 +2,15 @@
  * adapter_config.json: parsing into LoraConfig, PEFT's pattern matching (rank_pattern,
  * alpha_pattern, target_modules) and the per-module scale.
  */
+import { setFlagsFromString } from 'node:v8';
 import { SoppuError } from '../errors/soppu-error.js';
 import type { LoraConfig } from './lora-types.js';
+
+// A config's regexes run on V8's backtracking engine. With this flag one that backtracks past V8's threshold is
+// rerun on its linear-time engine: adjacent wildcards (`.*.*.*…x`) or `(a|aa)+` pass the nested-quantifier check
+// below and took minutes on one module path (the event loop with them). Process-wide; it changes only how such
+// runaway matches run.
+setFlagsFromString('--enable-experimental-regexp-engine-on-excessive-backtracks');
 
 /** PEFT's defaults when a field is absent. */
 const DEFAULT_R = 8;

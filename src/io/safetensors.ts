@@ -141,6 +141,7 @@ export function parseSafetensorsHeader(
   } catch {
     throw headerError(file, 'header is not valid UTF-8');
   }
+  checkHeaderStructure(text, file, limits);
   let parsed: unknown;
   try {
     parsed = JSON.parse(text);
@@ -181,6 +182,34 @@ export function parseSafetensorsHeader(
     throw headerError(file, `tensors cover ${cursor} bytes but the data section holds ${dataLength} bytes`, { limit: dataLength });
   }
   return { metadata, tensors };
+}
+
+/**
+ * One pass over the header text, before JSON.parse builds it: a header of `maxTensors` tensors holds at most
+ * 3 containers (entry, shape, data_offsets) and 3 + maxRank + 2 commas per tensor, plus __metadata__'s. JSON.parse
+ * of a 100 MiB header of nested brackets took ~50× its size in memory (past Node's heap: an abort no catch
+ * sees), and 30 M empty objects ~3 GB, before any check ran. Within these counts the parse stays bounded.
+ */
+function checkHeaderStructure(text: string, file: string, limits: SafetensorsLimits): void {
+  // (with room to spare: a small header over a limit gets the detailed error that names its tensor)
+  const maxContainers = 3 * limits.maxTensors + 1024;
+  const maxCommas = (3 + limits.maxRank + 2) * limits.maxTensors + limits.maxMetadataEntries + 1024;
+  let containers = 0;
+  let commas = 0;
+  let inString = false;
+  for (let i = 0; i < text.length; i++) {
+    const c = text.charCodeAt(i);
+    if (inString) {
+      if (c === 0x5c) i++; // backslash: skip the escaped character
+      else if (c === 0x22) inString = false;
+    } else if (c === 0x22) {
+      inString = true;
+    } else if (c === 0x7b || c === 0x5b) {
+      if (++containers > maxContainers) throw headerError(file, `header holds more than ${maxContainers} JSON objects and arrays (what ${limits.maxTensors} tensors can have)`, { limit: maxContainers });
+    } else if (c === 0x2c && ++commas > maxCommas) {
+      throw headerError(file, `header holds more than ${maxCommas} JSON values (what ${limits.maxTensors} tensors of rank ${limits.maxRank} can have)`, { limit: maxCommas });
+    }
+  }
 }
 
 function parseMetadata(file: string, value: unknown, limits: SafetensorsLimits): Record<string, string> {

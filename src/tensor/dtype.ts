@@ -107,13 +107,11 @@ export const F16_MAX = 65504;
  * refuses magnitudes beyond 65504; bf16 only values within half an ulp of the f32 maximum, which round to ±∞.
  */
 export function narrowFinite(data: Float32Array, dtype: 'bf16' | 'f16'): { bits: Uint16Array } | { overflowAt: number } {
-  if (dtype === 'f16') {
-    for (let i = 0; i < data.length; i++) if (Math.abs(data[i]!) > F16_MAX) return { overflowAt: i };
-    return { bits: f32ArrayToF16(data) };
-  }
-  const bits = f32ArrayToBf16(data);
-  const overflowAt = bits.findIndex((h) => (h & 0x7f80) === 0x7f80);
-  return overflowAt >= 0 ? { overflowAt } : { bits };
+  const bits = dtype === 'f16' ? f32ArrayToF16(data) : f32ArrayToBf16(data);
+  // a finite value that rounds to ±Infinity (f16 from 65520 on: 65504 < |x| < 65520 round to 65504)
+  const infinity = dtype === 'f16' ? 0x7c00 : 0x7f80;
+  for (let i = 0; i < bits.length; i++) if ((bits[i]! & 0x7fff) === infinity && Number.isFinite(data[i]!)) return { overflowAt: i };
+  return { bits };
 }
 
 /** Narrow an f32 array to f16 bits. */

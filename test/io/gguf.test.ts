@@ -11,7 +11,7 @@ import { exportGgufModel } from '../../src/io/gguf/export-gguf-model.js';
 import { serializeGguf, type GgufValue } from '../../src/io/gguf/gguf-writer.js';
 import { permuteRopeRows } from '../../src/io/gguf/permute-rope-rows.js';
 import { loadLoraAdapter } from '../../src/io/load-lora-adapter.js';
-import { openSafetensors } from '../../src/io/safetensors.js';
+import { openSafetensors, writeSafetensors } from '../../src/io/safetensors.js';
 import { bf16ArrayToF32 } from '../../src/tensor/dtype.js';
 
 /** A small independent GGUF v3 reader (the spec, read back). */
@@ -234,6 +234,23 @@ describe('exportGgufModel', () => {
     expect(file.tensors.some((t) => t.name === 'output.weight')).toBe(false);
     expect(file.tensors.find((t) => t.name === 'token_embd.weight')?.type).toBe(0);
     expect(meta(file, 'general.file_type')).toBe(0);
+  });
+
+  it('refuses a weight outside the narrow type\'s range (it was written as Infinity), naming the tensor and element', async () => {
+    const modelDir = join(dir, 'tiny-f32-large');
+    await generateModel({ out: modelDir, shape: 'tiny', dtype: 'f32', seed: 4 });
+    const file = join(modelDir, 'model.safetensors');
+    const weights = await openSafetensors(file);
+    const tensors = await Promise.all(weights.tensors.map(async (t) => ({ name: t.name, dtype: 'F32' as const, shape: t.shape, data: await weights.readF32(t.name) })));
+    await weights.close();
+    const down = tensors.find((t) => t.name === 'model.layers.0.mlp.down_proj.weight')!;
+    down.data[5] = 70000;
+    await writeSafetensors(file, tensors);
+    await expect(exportGgufModel({ modelDir, out: join(dir, 'large-f16.gguf'), type: 'f16' })).rejects.toMatchObject({
+      code: 'MODEL_WEIGHTS',
+      message: `${file}: tensor "model.layers.0.mlp.down_proj.weight" element 5 is 70000, outside f16's range: export with --type bf16 or f32`,
+    });
+    await exportGgufModel({ modelDir, out: join(dir, 'large-bf16.gguf'), type: 'bf16' });
   });
 
   it('names the field it cannot export', async () => {

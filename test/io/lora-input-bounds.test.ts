@@ -83,6 +83,12 @@ describe('adapter_config.json bounds', () => {
     expect(parseLoraConfig({ ...baseConfig, notes: JSON.parse(deep(63)) }, 'x.json').raw['notes']).toBeDefined();
   });
 
+  it('refuses a config file over 4 MiB before reading it (JSON.parse of a large nested file can take the heap)', async () => {
+    const text = `{"peft_type":"LORA","r":2,"lora_alpha":4,"target_modules":["q_proj"],"notes":"${'x'.repeat(4 * 1024 * 1024)}"}`;
+    const error = await expectRefusal(await rawAdapter(text, factors()), 'ADAPTER_CONFIG', /adapter_config\.json: \d+ bytes, more than an adapter config may have \(limit 4194304\)/);
+    expect((error as SoppuError).context).toMatchObject({ limit: 4194304 });
+  });
+
   it('refuses a config with too many values', () => {
     expect(() => parseLoraConfig({ ...baseConfig, notes: new Array(200_000).fill(0) }, 'x.json')).toThrow(/x\.json: notes: the config holds more than 100000 JSON values \(limit 100000\)/);
   });
@@ -97,6 +103,15 @@ describe('regular expressions in the config', () => {
     expect(() => parseLoraConfig({ ...baseConfig, alpha_pattern: { '(?:x*){2,}y': 2 } }, 'x.json')).toThrow(/alpha_pattern.*repeats a group/);
     expect(() => parseLoraConfig({ ...baseConfig, exclude_modules: '((q)+_proj)+' }, 'x.json')).toThrow(/exclude_modules: regular expression/);
     expect(() => parseLoraConfig({ ...baseConfig, layers_to_transform: [0], layers_pattern: '(h*)+' }, 'x.json')).toThrow(/layers_pattern\[0\]: regular expression/);
+  });
+
+  it('matches in linear time what backtracks without nested quantifiers (adjacent wildcards, overlapping alternatives)', () => {
+    const path = 'base_model.model.model.layers.10.self_attn.q_proj';
+    // 14 adjacent .*: ~70 s at 12 on V8's backtracking engine, ×3.5 per one more
+    for (const pattern of [`${'.*'.repeat(14)}q_proj_x`, '(?:a|aa)+b', `(?:${'.*'.repeat(14)}q_proj)`]) {
+      const config = parseLoraConfig({ ...baseConfig, target_modules: pattern }, 'x.json');
+      expect(moduleTargeting(config, pattern.endsWith('b') ? 'a'.repeat(60) : path).targeted, pattern).toBe(pattern.endsWith('q_proj)'));
+    }
   });
 
   it('refuses patterns longer than 1024 characters', () => {
@@ -182,6 +197,11 @@ describe('saving as f16', () => {
     await expect(readdir(dir)).rejects.toMatchObject({ code: 'ENOENT' });
     // the same adapter saves as bf16; 65504 itself fits f16
     await saveLoraAdapter(freshDir(), big, { dtype: 'bf16' });
+    // 65510 rounds to 65504 (finite); from 65520 on f16 rounds to Infinity
+    b[3] = 65519;
+    await saveLoraAdapter(freshDir(), big, { dtype: 'f16' });
+    b[3] = 65520;
+    await expect(saveLoraAdapter(freshDir(), big, { dtype: 'f16' })).rejects.toMatchObject({ code: 'ADAPTER_TENSORS' });
     b[3] = 65504;
     const edge = freshDir();
     await saveLoraAdapter(edge, big, { dtype: 'f16' });

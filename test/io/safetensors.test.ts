@@ -209,6 +209,23 @@ describe('safetensors hostile headers', () => {
       .rejects.toMatchObject({ code: 'SAFETENSORS_TENSOR', message: expect.stringMatching(/shape entry an array of 1 is not/) });
   });
 
+  it('bounds what JSON.parse builds: more containers or values than the tensor limits allow is refused before parsing', async () => {
+    // the shapes of two hostile headers (a deeply nested __metadata__, a flat run of empty objects), scaled to
+    // maxTensors 10: at the default limits their 90 MiB versions took the heap (an abort) or 3 GB and 30 s
+    const limits = { maxTensors: 10 };
+    const nested = `{"__metadata__":${'['.repeat(2000)}${']'.repeat(2000)}}`;
+    await expectError(rawFile(null, new Uint8Array(0), nested), 'SAFETENSORS_HEADER', /holds more than 1054 JSON objects and arrays \(what 10 tensors can have\)/, limits);
+    const flat = `{"__metadata__":{}${',"x":{}'.repeat(2000)}}`;
+    await expectError(rawFile(null, new Uint8Array(0), flat), 'SAFETENSORS_HEADER', /holds more than 1054 JSON objects and arrays/, limits);
+    const values = `{"__metadata__":[${'1,'.repeat(20_000)}1]}`;
+    await expectError(rawFile(null, new Uint8Array(0), values), 'SAFETENSORS_HEADER', /holds more than 11154 JSON values \(what 10 tensors of rank 8 can have\)/, limits);
+    // brackets and commas inside strings are text
+    const inStrings = `{"__metadata__":{"note":"${'[{,'.repeat(5000)}\\"]"}}`;
+    const file = await openSafetensors(await fileOf(rawFile(null, new Uint8Array(0), inStrings)), limits);
+    expect(file.metadata['note']).toBe(`${'[{,'.repeat(5000)}"]`);
+    await file.close();
+  });
+
   it('refuses overlap, gaps and trailing bytes', async () => {
     const twoFloats = new Uint8Array(16);
     await expectError(rawFile({ a: entry(), b: entry({ data_offsets: [4, 12] }) }, twoFloats), 'SAFETENSORS_TENSOR', /"b": data_offsets \[4, 12\) overlap/);

@@ -6,7 +6,7 @@
 import { readFile, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../../errors/soppu-error.js';
-import { bf16ArrayToF32, f16ArrayToF32, f32ArrayToBf16, f32ArrayToF16 } from '../../tensor/dtype.js';
+import { bf16ArrayToF32, f16ArrayToF32, narrowFinite } from '../../tensor/dtype.js';
 import type { LlamaConfig } from '../../model/llama-config.js';
 import { loadLlamaConfig } from '../../model/llama-config.js';
 import { openSafetensors } from '../safetensors.js';
@@ -157,7 +157,17 @@ async function readAs(weights: { fileOf: (name: string) => SafetensorsFile }, na
   const stored: GgufOutputType = info.dtype === 'F32' ? 'f32' : info.dtype === 'F16' ? 'f16' : 'bf16';
   if (stored === type) return data as Float32Array | Uint16Array;
   const wide = stored === 'f32' ? (data as Float32Array) : stored === 'f16' ? f16ArrayToF32(data as Uint16Array) : bf16ArrayToF32(data as Uint16Array);
-  return type === 'f32' ? wide : type === 'f16' ? f32ArrayToF16(wide) : f32ArrayToBf16(wide);
+  if (type === 'f32') return wide;
+  // a weight past the narrow type's range would be written as ±Infinity
+  const narrowed = narrowFinite(wide, type);
+  if ('overflowAt' in narrowed) {
+    throw new SoppuError(
+      'MODEL_WEIGHTS',
+      `${file.path}: tensor "${name}" element ${narrowed.overflowAt} is ${wide[narrowed.overflowAt]!}, outside ${type}'s range: export with --type ${type === 'f16' ? 'bf16 or f32' : 'f32'}`,
+      { file: file.path, tensor: name, field: 'type' },
+    );
+  }
+  return narrowed.bits;
 }
 
 /** Export `modelDir` to a GGUF file. */
