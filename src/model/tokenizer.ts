@@ -65,6 +65,52 @@ function tokenContent(value: unknown): string | null {
   return null;
 }
 
+/** The id of `content` in a tokenizer.json: an added token's, else the model vocabulary's (a map, or Unigram's list). */
+function tokenIdIn(tokenizerJson: Json, content: string): number | null {
+  const added = Array.isArray(tokenizerJson.added_tokens) ? (tokenizerJson.added_tokens as Json[]).find((t) => t.content === content) : undefined;
+  if (added && typeof added.id === 'number') return added.id;
+  const vocab = (tokenizerJson.model as Json | undefined)?.vocab;
+  if (Array.isArray(vocab)) {
+    const index = vocab.findIndex((entry) => Array.isArray(entry) && entry[0] === content);
+    return index >= 0 ? index : null;
+  }
+  const id = vocab && typeof vocab === 'object' ? (vocab as Json)[content] : undefined;
+  return typeof id === 'number' ? id : null;
+}
+
+/** tokenizer_class values whose transformers tokenizer rebuilds its post-processor from add_bos_token/add_eos_token. */
+const FLAG_TEMPLATED_CLASSES = /^(Llama|CodeLlama|Gemma)Tokenizer(Fast)?$/;
+
+/**
+ * The post-processor transformers' LlamaTokenizerFast (and CodeLlama's, Gemma's) builds at load from
+ * tokenizer_config.json's add_bos_token (default true) and add_eos_token (default false), in place of
+ * tokenizer.json's own (`update_post_processor`); null for other classes, or when a token it needs has no id
+ * (transformers refuses those; the file's post-processor is kept).
+ */
+export function flagTemplatedPostProcessor(tokenizerJson: Json, tokenizerConfig: Json): Json | null {
+  if (typeof tokenizerConfig.tokenizer_class !== 'string' || !FLAG_TEMPLATED_CLASSES.test(tokenizerConfig.tokenizer_class)) return null;
+  const addBos = tokenizerConfig.add_bos_token === undefined || tokenizerConfig.add_bos_token === null ? true : tokenizerConfig.add_bos_token === true;
+  const addEos = tokenizerConfig.add_eos_token === true;
+  const special: Json = {};
+  const edge = (name: 'bos_token' | 'eos_token', add: boolean): string | null | undefined => {
+    if (!add) return null;
+    const content = tokenContent(tokenizerConfig[name]);
+    const id = content === null ? null : tokenIdIn(tokenizerJson, content);
+    if (content === null || id === null) return undefined;
+    special[content] = { id: content, ids: [id], tokens: [content] };
+    return content;
+  };
+  const bos = edge('bos_token', addBos);
+  const eos = edge('eos_token', addEos);
+  if (bos === undefined || eos === undefined) return null;
+  const sequence = (typeId: number): Json[] => [
+    ...(bos !== null ? [{ SpecialToken: { id: bos, type_id: typeId } }] : []),
+    { Sequence: { id: typeId === 0 ? 'A' : 'B', type_id: typeId } },
+    ...(eos !== null ? [{ SpecialToken: { id: eos, type_id: typeId } }] : []),
+  ];
+  return { type: 'TemplateProcessing', single: sequence(0), pair: [...sequence(0), ...sequence(1)], special_tokens: special };
+}
+
 /** The byte scheme of a tokenizer.json: its decoder (or a Sequence of decoders) names it. */
 function byteSchemeOf(tokenizerJson: Json): 'byte-level' | 'sentencepiece' | 'text' {
   const decoder = tokenizerJson.decoder as Json | null | undefined;
@@ -155,9 +201,11 @@ export class ModelTokenizer {
     const templateText = await readChatTemplateFile(modelDir);
     if (templateText !== null) tokenizerConfig.chat_template = templateText;
     const generationConfig = await readJson(join(modelDir, 'generation_config.json'), false);
+    // as transformers loads a Llama-class tokenizer: its add_bos_token/add_eos_token decide the special tokens
+    const postProcessor = flagTemplatedPostProcessor(tokenizerJson, tokenizerConfig);
     let tokenizer: Tokenizer;
     try {
-      tokenizer = new Tokenizer(tokenizerJson, tokenizerConfig);
+      tokenizer = new Tokenizer(postProcessor ? { ...tokenizerJson, post_processor: postProcessor } : tokenizerJson, tokenizerConfig);
     } catch (e) {
       throw new SoppuError('MODEL_CONFIG', `tokenizer file ${tokenizerFile} is not supported: ${(e as Error).message}`, { file: tokenizerFile }, { cause: e });
     }

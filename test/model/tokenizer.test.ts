@@ -77,6 +77,28 @@ describe('generated tokenizer through @huggingface/tokenizers', () => {
     expect(() => tokenizer.applyChatTemplate([{ role: 'tool', content: 'x' }])).toThrow(expect.objectContaining({ code: 'VALIDATION', message: expect.stringContaining('unsupported chat role: tool') }));
   });
 
+  it('a Llama-class tokenizer adds bos/eos as add_bos_token/add_eos_token say (transformers rebuilds its post-processor)', async () => {
+    const dir = await tempDir('soppu-tok-');
+    const { tokenizerJson } = generateTokenizer(300); // its own post-processor adds bos
+    await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    const bos = 300 - SPECIAL_TOKENS.length;
+    const plain = async (config: Record<string, unknown>): Promise<number[]> => {
+      await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<|begin_of_text|>', eos_token: '<|end|>', clean_up_tokenization_spaces: false, ...config }));
+      return (await loadTokenizer(dir)).encode('hello world');
+    };
+    const body = await (async () => {
+      await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<|begin_of_text|>', eos_token: '<|end|>' }));
+      return (await loadTokenizer(dir)).encode('hello world', { addSpecialTokens: false });
+    })();
+    expect(await plain({ tokenizer_class: 'LlamaTokenizerFast', add_bos_token: false, add_eos_token: true })).toEqual([...body, 299]);
+    expect(await plain({ tokenizer_class: 'LlamaTokenizer', add_bos_token: true, add_eos_token: true })).toEqual([bos, ...body, 299]);
+    expect(await plain({ tokenizer_class: 'LlamaTokenizerFast' })).toEqual([bos, ...body]); // transformers' defaults
+    // other classes keep tokenizer.json's post-processor, as transformers' PreTrainedTokenizerFast does
+    expect(await plain({ tokenizer_class: 'PreTrainedTokenizerFast', add_bos_token: false })).toEqual([bos, ...body]);
+    // a flag asking for a token the tokenizer has not: the file's post-processor stays
+    expect(await plain({ tokenizer_class: 'LlamaTokenizerFast', add_eos_token: true, eos_token: '<nowhere>' })).toEqual([bos, ...body]);
+  });
+
   it('reads string/object special tokens and a missing chat template', async () => {
     const dir = await tempDir('soppu-tok-');
     const { tokenizerJson } = generateTokenizer(300);
