@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <cstdlib>
 #include <string>
 #include <utility>
 #include <vector>
@@ -139,19 +138,13 @@ void MatmulParts(Isa isa, const MatmulArgs* parts, int64_t count, const MatmulFu
   // wait: waiting for them cannot deadlock.
   const auto chunkOf = [&](int64_t tasks, int64_t minimum) { return std::max(minimum, (tasks + threads * 4 - 1) / (threads * 4)); };
   const int64_t matmulChunk = streaming ? std::max(grain, (matmulTasks + threads - 1) / threads) : chunkOf(matmulTasks, grain), taskChunk = chunkOf(fusion->tasks, 1), finalChunk = chunkOf(fusion->finalTasks, 1);
-  // items [0, bigItems) of matmulChunk tasks, then single tasks (a finer tail: less idle before the final tasks)
-  const char* guidedEnv = std::getenv("SOPPU_GUIDED");
-  const int64_t tailTasks = guidedEnv && guidedEnv[0] >= '1' && !streaming ? std::min(matmulTasks, matmulTasks * (guidedEnv[0] - '0') / 8) : 0;
-  const int64_t bigItems = (matmulTasks - tailTasks + matmulChunk - 1) / matmulChunk;
-  const int64_t bigTasks = std::min(matmulTasks, bigItems * matmulChunk);
-  const int64_t matmulItems = bigItems + (matmulTasks - bigTasks);
-  const auto itemBegin = [&](int64_t i) { return i <= bigItems ? std::min(matmulTasks, i * matmulChunk) : bigTasks + (i - bigItems); };
+  const int64_t matmulItems = (matmulTasks + matmulChunk - 1) / matmulChunk;
   const int64_t taskItems = (fusion->tasks + taskChunk - 1) / taskChunk;
   const int64_t finalItems = (fusion->finalTasks + finalChunk - 1) / finalChunk;
   std::atomic<int64_t> done{0};  // matmul and task items finished
   ParallelForEach(matmulItems + taskItems + finalItems, [&](int64_t item) {
     if (item < matmulItems) {
-      const int64_t begin = itemBegin(item), end = itemBegin(item + 1);
+      const int64_t begin = item * matmulChunk, end = std::min(matmulTasks, (item + 1) * matmulChunk);
       if (!fusion->prefetch || fusion->prefetchLines == 0) {
         runTasks(begin, end, nullptr);
       } else {
