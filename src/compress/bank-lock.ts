@@ -20,8 +20,10 @@ const LOCK_NAME = '.lock';
 /** Attempts to create the lock file before giving up (each failed one removed a dead holder's lock). */
 const MAX_ATTEMPTS = 8;
 
-/** Per bank directory, the tail of this process's queue of lock holders. */
+/** Per bank directory (its device and inode), the tail of this process's queue of lock holders. */
 const queues = new Map<string, Promise<unknown>>();
+/** The tokens of this process's locks and takeovers in progress: a lock or marker of this pid is live iff listed. */
+const liveTokens = new Set<string>();
 
 /**
  * Runs `fn` holding the bank's lock (see the module comment); the lock is released when it settles.
@@ -29,7 +31,9 @@ const queues = new Map<string, Promise<unknown>>();
  * mistyped bank path is not left behind as an empty folder.
  */
 export async function withBankLock<T>(dir: string, fn: () => Promise<T>, options: { create?: boolean } = {}): Promise<T> {
-  const key = resolve(dir);
+  // one queue per folder however it is named (a symlink, a bind mount): keyed by its device and inode
+  const info = await stat(dir).catch(() => null);
+  const key = info ? `${info.dev}:${info.ino}` : resolve(dir);
   const previous = queues.get(key) ?? Promise.resolve();
   const run = previous.catch(() => undefined).then(() => withLockFile(dir, fn, options.create === true));
   const tail = run.catch(() => undefined);
@@ -54,17 +58,22 @@ async function withLockFile<T>(dir: string, fn: () => Promise<T>, create: boolea
   if (!info.isDirectory()) throw new SoppuError('FILE_IO', `${dir}: is a file, not a bank folder`, { file: dir });
   const lockPath = join(dir, LOCK_NAME);
   const token = `${process.pid} ${randomBytes(8).toString('hex')}\n`;
+  liveTokens.add(token);
   try {
-    await takeLock(dir, lockPath, token);
-  } catch (e) {
-    if (e instanceof SoppuError) throw e;
-    throw new SoppuError('FILE_IO', `${dir}: cannot take the bank lock (${(e as Error).message})`, { file: dir }, { cause: e });
-  }
-  try {
-    return await fn();
+    try {
+      await takeLock(dir, lockPath, token);
+    } catch (e) {
+      if (e instanceof SoppuError) throw e;
+      throw new SoppuError('FILE_IO', `${dir}: cannot take the bank lock (${(e as Error).message})`, { file: dir }, { cause: e });
+    }
+    try {
+      return await fn();
+    } finally {
+      // only our own lock: never one that a writer which judged us dead has put in its place
+      if ((await readFile(lockPath, 'utf8').catch(() => null)) === token) await unlink(lockPath).catch(() => undefined);
+    }
   } finally {
-    // only our own lock: never one that a writer which judged us dead has put in its place
-    if ((await readFile(lockPath, 'utf8').catch(() => null)) === token) await unlink(lockPath).catch(() => undefined);
+    liveTokens.delete(token);
   }
 }
 
@@ -73,7 +82,6 @@ async function takeLock(dir: string, lockPath: string, token: string): Promise<v
     if (await createWhole(lockPath, token)) return;
     const seen = await readFile(lockPath, 'utf8').catch(() => null);
     if (seen === null) continue; // released in the meantime
-    // this process's own pid is a leftover of an earlier holder here: its holders queue (withBankLock)
     if (holderAlive(seen)) {
       throw new SoppuError('BANK_CONFLICT', `${dir}: bank is being changed by process ${Number.parseInt(seen, 10)} (lock file ${lockPath}); retry when it finishes`, { file: lockPath });
     }
@@ -125,10 +133,14 @@ async function claimTakeover(lockPath: string, seen: string, token: string): Pro
   throw new SoppuError('BANK_CONFLICT', `${lockPath}: ${MAX_TAKEOVERS} writers died taking over a dead writer's lock; if no soppu process is changing this bank, remove ${lockPath} and its ${lockPath}.tmp-* files`, { file: lockPath });
 }
 
-/** True when the pid a lock or marker names is a live process other than this one (this one's is a leftover). */
+/**
+ * True when the holder a lock or marker names is alive: another live process, or a lock or takeover of this
+ * process still in progress (another path to the same folder); this process's other tokens are leftovers.
+ */
 function holderAlive(content: string): boolean {
   const owner = Number.parseInt(content, 10);
-  return Number.isInteger(owner) && owner > 0 && owner !== process.pid && processAlive(owner);
+  if (owner === process.pid) return liveTokens.has(content);
+  return Number.isInteger(owner) && owner > 0 && processAlive(owner);
 }
 
 /** A name beside `path` that the bank's garbage collection removes if a crash leaves it (collectGarbage). */

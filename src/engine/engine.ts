@@ -37,6 +37,7 @@ import { KvBlockPool } from './kv-block-pool.js';
 import { parseSlotPath, residentFromLora, slotKey, type ResidentAdapter, type SlotShape } from './resident-adapter.js';
 import { Sampler, resolveSampling, rowKernelsOf, topIndices, type RowKernels } from './sampler.js';
 import { promptTail } from './prompt-tail.js';
+import { StopWindow } from './stop-window.js';
 import { Scheduler, type ScheduledSequence, type StepEntry } from './scheduler.js';
 import type { WeightDtype } from '../tensor/dtype.js';
 
@@ -102,7 +103,7 @@ class RequestState implements ScheduledSequence {
   readonly queue = new EventQueue<GenerateEvent>();
   readonly decoder: IncrementalDecoder;
   readonly stops: readonly string[];
-  readonly maxStopLength: number;
+  readonly stopWindow: StopWindow;
   text = '';
   generated = 0;
   started = false;
@@ -125,7 +126,7 @@ class RequestState implements ScheduledSequence {
     this.sampler = sampler;
     this.decoder = new IncrementalDecoder(tokenizer, prompt.slice(-DECODER_CONTEXT_TOKENS));
     this.stops = (request.stop ?? []).filter((s) => s.length > 0);
-    this.maxStopLength = Math.max(0, ...this.stops.map((s) => s.length));
+    this.stopWindow = new StopWindow(this.stops);
     this.prefill = request.prefillDetails ? [] : null;
     this.prefillAlternatives = request.prefillDetails && (request.topAlternatives ?? 0) > 0 ? [] : null;
     this.distributions = request.prefillDetails && request.prefillDistributions ? [] : null;
@@ -542,7 +543,6 @@ class SoppuEngine implements Engine {
     this.generatedTokens++;
     const special = this.tokenizer.isSpecial(sampled.id);
     const piece = state.decoder.push(sampled.id);
-    const before = state.text.length;
     state.text += piece;
     const token: TokenInfo = { id: sampled.id, text: special ? this.tokenizer.decode([sampled.id], false) : piece, logprob: sampled.logprob, special };
     state.queue.push({
@@ -555,23 +555,8 @@ class SoppuEngine implements Engine {
       return;
     }
     if (state.stops.length > 0) {
-      let cut = -1;
-      for (const stop of state.stops) {
-        const at = state.text.indexOf(stop, Math.max(0, before - stop.length + 1));
-        if (at >= 0 && (cut < 0 || at < cut)) cut = at;
-      }
-      // a special token's text is not in state.text (generated text skips special tokens), but a stop may
-      // name it, as LoRAX/TGI match stops on text that keeps them ("<|im_end|>" where it is no eos id): a stop
-      // ending inside this token's text matches, cutting the text where the stop starts
-      if (cut < 0 && special) {
-        const window = state.text.slice(Math.max(0, state.text.length - state.maxStopLength));
-        const joined = window + token.text;
-        for (const stop of state.stops) {
-          const at = joined.indexOf(stop, Math.max(0, window.length - stop.length + 1));
-          if (at >= 0) cut = Math.min(cut < 0 ? Infinity : cut, state.text.length - window.length + Math.min(at, window.length));
-        }
-      }
-      if (cut >= 0) {
+      const cut = state.stopWindow.push(piece, special ? token.text : null);
+      if (cut !== null) {
         state.text = state.text.slice(0, cut);
         this.finish(state, 'stop_sequence');
         return;

@@ -89,8 +89,9 @@ const FLAG_TEMPLATED_CLASSES = /^(Llama|CodeLlama|Gemma)Tokenizer(Fast)?$/;
  */
 export function flagTemplatedPostProcessor(tokenizerJson: Json, tokenizerConfig: Json): Json | null {
   if (typeof tokenizerConfig.tokenizer_class !== 'string' || !FLAG_TEMPLATED_CLASSES.test(tokenizerConfig.tokenizer_class)) return null;
-  const addBos = tokenizerConfig.add_bos_token === undefined || tokenizerConfig.add_bos_token === null ? true : tokenizerConfig.add_bos_token === true;
-  const addEos = tokenizerConfig.add_eos_token === true;
+  // as transformers tests them (`if self.add_bos_token`): absent is its default, null is false
+  const addBos = tokenizerConfig.add_bos_token === undefined ? true : Boolean(tokenizerConfig.add_bos_token);
+  const addEos = Boolean(tokenizerConfig.add_eos_token);
   const special: Json = {};
   const edge = (name: 'bos_token' | 'eos_token', add: boolean): string | null | undefined => {
     if (!add) return null;

@@ -5,7 +5,7 @@
  */
 import { createHash } from 'node:crypto';
 import { execFile, spawn } from 'node:child_process';
-import { mkdir, mkdtemp, readFile, readdir, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, readdir, rm, symlink, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { promisify } from 'node:util';
@@ -122,6 +122,24 @@ describe('bank lock', () => {
     await writeFile(join(dir, '.lock'), seen);
     await writeFile(join(dir, `.lock.tmp-0-${hash}`), `${process.ppid} 00000000000000dd\n`);
     await expect(withBankLock(dir, async () => 'ran')).rejects.toMatchObject({ code: 'BANK_CONFLICT' });
+  });
+
+  it('queues the callers of one process that name one bank by two paths (a symlink), and never takes over its own live lock', async () => {
+    const dir = join(root, 'aliased');
+    await mkdir(dir, { recursive: true });
+    await symlink(dir, join(root, 'alias'));
+    let inside = 0;
+    let most = 0;
+    const hold = (path: string) => withBankLock(path, async () => {
+      most = Math.max(most, ++inside);
+      await new Promise((resolve) => setTimeout(resolve, 30));
+      inside--;
+    });
+    await Promise.all([hold(dir), hold(join(root, 'alias')), hold(dir), hold(join(root, 'alias'))]);
+    expect(most).toBe(1);
+    // a lock of this process's pid whose token is not live is a leftover: taken over
+    await writeFile(join(dir, '.lock'), `${process.pid} 0000000000000000\n`);
+    expect(await withBankLock(dir, async () => 'ran')).toBe('ran');
   });
 
   it("lets exactly one of several racing processes hold the lock at a time, from a dead writer's lock on", async () => {

@@ -1,6 +1,7 @@
 import { describe, expect, it } from 'vitest';
 import { AdapterCache } from '../../src/engine/adapter-cache.js';
 import { IncrementalDecoder, type EngineTokenizer } from '../../src/engine/engine-tokenizer.js';
+import { StopWindow } from '../../src/engine/stop-window.js';
 import { slotShapeOf } from '../../src/engine/engine.js';
 import { KvBlockPool, kvBytesPerBlock } from '../../src/engine/kv-block-pool.js';
 import { residentFromLora } from '../../src/engine/resident-adapter.js';
@@ -324,5 +325,43 @@ describe('IncrementalDecoder', () => {
     expect([decoder.push(6), decoder.push(7)]).toEqual(['', 'é']);
     const split = new IncrementalDecoder(sentencePiece, [1, 6]);
     expect(split.push(4)).toBe('Paris'); // not decoded after a U+FFFD, which would shift it
+  });
+});
+
+describe('StopWindow', () => {
+  it('cuts at a stop across pieces, however long the text before it', () => {
+    const window = new StopWindow(['lo w', 'zz']);
+    let text = '';
+    for (let i = 0; i < 100; i++) {
+      expect(window.push('ab', null)).toBeNull();
+      text += 'ab';
+    }
+    expect(window.push('hel', null)).toBeNull();
+    expect(window.push('lo', null)).toBeNull();
+    text += 'hello';
+    expect(window.push(' world', null)).toBe(text.length - 2);
+  });
+
+  it("matches special tokens' text as LoRAX/TGI do: a stop may start, end or lie in one, or span two", () => {
+    const run = (stops: string[], tokens: [string, string | null][]): number | null => {
+      const window = new StopWindow(stops);
+      for (const [piece, special] of tokens) {
+        const cut = window.push(piece, special);
+        if (cut !== null) return cut;
+      }
+      return null;
+    };
+    const one: [string, string | null][] = [['abc', null], ['', '</s>'], ['W', null], ['xyz', null]];
+    const two: [string, string | null][] = [['abc', null], ['', '</s>'], ['', '<s>'], ['W', null], ['xyz', null]];
+    expect(run(['</s>'], two)).toBe(3);
+    expect(run(['</s>W'], one)).toBe(3); // starts in the special token
+    expect(run(['</s>W'], two)).toBeNull(); // <s> stands between
+    expect(run(['c</s>'], two)).toBe(2); // ends in it
+    expect(run(['</s><s>'], two)).toBe(3); // two of them
+    expect(run(['/s>'], two)).toBe(3); // starts inside one: cut where it stands
+    expect(run(['s><s>W'], two)).toBe(3);
+    expect(run(['cW'], one)).toBeNull(); // the special token stands between: no match, as in TGI's text
+    expect(run(['Wxy', 'bc</s>'], one)).toBe(1); // the earliest stop
+    expect(run(['Wxy'], one)).toBe(3);
   });
 });

@@ -209,17 +209,21 @@ describe('engine', () => {
   it('a stop sequence may be a special token\'s text (as LoRAX/TGI match it), and it cuts the text where it starts', async () => {
     const engine = await createEngine(options());
     // a prompt whose greedy run makes eos (id 1) while eos is ignored
-    let found: { prompt: string; at: number; text: string } | null = null;
+    let found: { prompt: string; at: number; text: string; next: string } | null = null;
     for (const prompt of ['hello world', ...PROMPTS, 'abc', 'xyz', 'once']) {
       const run = await collect(engine.generate({ prompt, maxNewTokens: 60, ignoreEos: true }));
       const at = run.tokens.indexOf(1);
-      if (at > 0) {
-        found = { prompt, at, text: tokenizer.decode(run.tokens.slice(0, at), true) };
+      if (at > 0 && at + 1 < run.tokens.length && run.tokens[at + 1]! > 1) {
+        found = { prompt, at, text: tokenizer.decode(run.tokens.slice(0, at), true), next: tokenizer.decode([run.tokens[at + 1]!], true) };
         break;
       }
     }
     expect(found).not.toBeNull();
-    const { prompt, at, text } = found!;
+    const { prompt, at, text, next } = found!;
+    // a stop that starts in the special token and goes on after it (as "<|im_end|>\n")
+    const after = await collect(engine.generate({ prompt, maxNewTokens: 60, ignoreEos: true, stop: [`</s>${next}`] }));
+    expect(after).toMatchObject({ finishReason: 'stop_sequence', text });
+    expect(after.tokens.length).toBe(at + 2);
     const stopped = await collect(engine.generate({ prompt, maxNewTokens: 60, ignoreEos: true, stop: ['</s>'] }));
     expect(stopped).toMatchObject({ finishReason: 'stop_sequence', text });
     expect(stopped.tokens.length).toBe(at + 1);

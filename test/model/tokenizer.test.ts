@@ -93,6 +93,7 @@ describe('generated tokenizer through @huggingface/tokenizers', () => {
     expect(await plain({ tokenizer_class: 'LlamaTokenizerFast', add_bos_token: false, add_eos_token: true })).toEqual([...body, 299]);
     expect(await plain({ tokenizer_class: 'LlamaTokenizer', add_bos_token: true, add_eos_token: true })).toEqual([bos, ...body, 299]);
     expect(await plain({ tokenizer_class: 'LlamaTokenizerFast' })).toEqual([bos, ...body]); // transformers' defaults
+    expect(await plain({ tokenizer_class: 'LlamaTokenizerFast', add_bos_token: null })).toEqual(body); // falsy, as transformers reads it
     // other classes keep tokenizer.json's post-processor, as transformers' PreTrainedTokenizerFast does
     expect(await plain({ tokenizer_class: 'PreTrainedTokenizerFast', add_bos_token: false })).toEqual([bos, ...body]);
     // a flag asking for a token the tokenizer has not: the file's post-processor stays
