@@ -154,7 +154,8 @@ export function recordSuccess(
   m.validationDuration.observe((timing.validatedAt - timing.startedAt) / 1000);
   m.queueDuration.observe(timing.firstEventMs / 1000);
   m.inferenceDuration.observe(inferenceMs / 1000);
-  m.meanTimePerToken.observe(perTokenMs / 1000);
+  // one token has no time between tokens: not observed (a 0 pulled the histogram down)
+  if (timing.generatedTokens > 1) m.meanTimePerToken.observe(perTokenMs / 1000);
   m.inputLength.observe(timing.promptTokens);
   m.generatedTokens.observe(timing.generatedTokens);
   m.maxNewTokens.observe(timing.maxNewTokens);

@@ -113,26 +113,47 @@ export class ServerMetrics {
         this.set(tokenRate.perSecond());
       },
     });
+    // per adapter, only what is in memory or pinned: a bank of thousands (and every folder ever named) would
+    // otherwise be a series each, and state in a label makes a new series at every load and eviction
     new Gauge({
-      name: 'soppu_adapter_resident',
-      help: 'per adapter: 1 when its weights are in memory, by tier and pin',
-      labelNames: ['adapter_id', 'tier', 'storage', 'pinned'],
+      name: 'soppu_adapters',
+      help: 'adapters known to the server, by tier (resident, loading, disk, failed)',
+      labelNames: ['tier'],
       registers,
       collect() {
-        this.reset();
-        for (const adapter of engine.listAdapters()) {
-          this.set({ adapter_id: adapter.id, tier: adapter.tier, storage: adapter.storage, pinned: String(adapter.pinned) }, adapter.tier === 'resident' ? 1 : 0);
-        }
+        const counts = new Map<string, number>([['resident', 0], ['loading', 0], ['disk', 0], ['failed', 0]]);
+        for (const adapter of engine.listAdapters()) counts.set(adapter.tier, (counts.get(adapter.tier) ?? 0) + 1);
+        for (const [tier, count] of counts) this.set({ tier }, count);
       },
     });
     new Gauge({
-      name: 'soppu_adapter_bytes',
-      help: 'per adapter: size of its weights in bytes',
+      name: 'soppu_adapter_resident',
+      help: 'per adapter whose weights are in memory: 1 (by storage: compressed or raw)',
+      labelNames: ['adapter_id', 'storage'],
+      registers,
+      collect() {
+        this.reset();
+        for (const adapter of engine.listAdapters()) if (adapter.tier === 'resident') this.set({ adapter_id: adapter.id, storage: adapter.storage }, 1);
+      },
+    });
+    new Gauge({
+      name: 'soppu_adapter_pinned',
+      help: 'per pinned adapter: 1',
       labelNames: ['adapter_id'],
       registers,
       collect() {
         this.reset();
-        for (const adapter of engine.listAdapters()) this.set({ adapter_id: adapter.id }, adapter.bytes);
+        for (const adapter of engine.listAdapters()) if (adapter.pinned) this.set({ adapter_id: adapter.id }, 1);
+      },
+    });
+    new Gauge({
+      name: 'soppu_adapter_bytes',
+      help: 'per adapter whose weights are in memory: their size in bytes',
+      labelNames: ['adapter_id'],
+      registers,
+      collect() {
+        this.reset();
+        for (const adapter of engine.listAdapters()) if (adapter.tier === 'resident') this.set({ adapter_id: adapter.id }, adapter.bytes);
       },
     });
   }

@@ -73,5 +73,12 @@ describe('soppu fixtures adapters', () => {
     expect(target.stderr).toMatch(/^soppu: error \[CONFIG\]: target module "c_fc" does not exist in tiny/);
     const count = await runCli(['fixtures', 'adapters', '--count', '-1', '--out', join(root, 'x')]);
     expect(count.code).not.toBe(0);
+    // a folder that already holds files is not written over without --force (adapters of another model were)
+    const held = join(root, 'held');
+    expect((await runCli(['fixtures', 'adapters', '--count', '1', '--out', held])).code).toBe(0);
+    const again = await runCli(['fixtures', 'adapters', '--count', '1', '--out', held, '--seed', '4']);
+    expect(again.code).toBe(1);
+    expect(again.stderr).toContain(`--out ${held} already holds files (user-0000); choose a new or empty folder, or pass --force to write into it`);
+    expect((await runCli(['fixtures', 'adapters', '--count', '1', '--out', held, '--seed', '4', '--force'])).code).toBe(0);
   });
 });

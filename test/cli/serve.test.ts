@@ -60,6 +60,10 @@ describe('soppu serve: --port, --host and listen failures', () => {
       expect(r.code, `${flag} ${value}`).toBe(1);
       expect(configErrorLine(r.stderr)).toContain(`${flag} must be an integer from ${flag === '--kv-memory-mb' ? 1 : 0} to 4194304, got '${value}'`);
     }
+    // a drain deadline past what a Node timer holds (2^31 − 1 ms) fired at once, cancelling every request
+    const drain = await serve('--port', '0', '--drain-deadline-s', '3000000');
+    expect(drain.code).toBe(1);
+    expect(configErrorLine(drain.stderr)).toContain(`--drain-deadline-s must be an integer from 0 to 2147483, got '3000000'`);
   });
 
   it('an --adapters folder that does not exist is a CONFIG error before the model loads', async () => {

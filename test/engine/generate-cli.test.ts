@@ -95,6 +95,13 @@ describe('soppu generate (generated tiny model and adapters on disk)', () => {
       expect(empty.code, flag).toBe(1);
       expect(empty.stderr, flag).toMatch(message);
     }
+    // sampling flags without --temperature: generate is greedy, so they are refused rather than ignored (--seed)
+    // or taken to sample at temperature 1 (--top-k, --top-p)
+    for (const [flag, value] of [['--top-k', '5'], ['--top-p', '0.9'], ['--seed', '7']] as const) {
+      const alone = await runCli(['generate', '--model', modelDir, '--prompt', 'x', flag, value]);
+      expect(alone.code, flag).toBe(1);
+      expect(alone.stderr, flag).toContain(`${flag} is for sampling: give --temperature too (generate is greedy without one)`);
+    }
     // integers are decimal digits within 2^53: a larger seed is not silently rounded to another one
     for (const seed of ['18446744073709551616', '1e30', '0x10', '1.5', '-1']) {
       const refused = await runCli(['generate', '--model', modelDir, '--prompt', 'x', '--seed', seed]);

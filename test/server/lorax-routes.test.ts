@@ -211,7 +211,19 @@ describe('auxiliary routes', () => {
     expect(text).toMatch(/^lorax_request_generated_tokens_sum 2$/m);
     expect(text).toContain('lorax_request_duration_bucket');
     expect(text).toContain('lorax_request_mean_time_per_token_duration_count 1');
-    expect(text).toMatch(/soppu_adapter_resident\{adapter_id="alice-1",tier="disk",storage="compressed",pinned="false"\} 0/);
+    // per adapter only what is in memory or pinned (a bank of thousands on disk is counted, not listed)
+    expect(text).toMatch(/^soppu_adapters\{tier="disk"\} 3$/m);
+    expect(text).not.toMatch(/^soppu_adapter_(resident|bytes|pinned)\{/m);
+    await server!.context.engine.pinAdapter('alice-1', true); // the fake engine makes it resident
+    const pinned = (await app.inject({ method: 'GET', url: '/metrics' })).body;
+    expect(pinned).toMatch(/^soppu_adapter_resident\{adapter_id="alice-1",storage="compressed"\} 1$/m);
+    expect(pinned).toMatch(/^soppu_adapter_pinned\{adapter_id="alice-1"\} 1$/m);
+    expect(pinned).toMatch(/^soppu_adapter_bytes\{adapter_id="alice-1"\} \d+$/m);
+    expect(pinned).toMatch(/^soppu_adapters\{tier="resident"\} 1$/m);
+    expect(pinned).not.toMatch(/adapter_id="bob-1"/);
+    // a one-token reply has no time between tokens: not observed
+    await app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'a', parameters: { max_new_tokens: 1 } } });
+    expect((await app.inject({ method: 'GET', url: '/metrics' })).body).toContain('lorax_request_mean_time_per_token_duration_count 1');
     expect(text).toContain('soppu_generated_tokens 2');
     expect(text).toContain('lorax_queue_length 0');
     // tokens/s is over a trailing window: a second scrape right after the first does not read 0

@@ -5,6 +5,7 @@ import { BASE_SHAPE_NAMES, BASE_SHAPES, readBaseShapeFromModelDir, type BaseShap
 import { writeGeneratedAdapters } from '../../io/fixtures/generate-adapters.js';
 import type { WeightDtype } from '../../tensor/dtype.js';
 import { addFixturesModelCommand } from './fixtures-model.js';
+import { refuseNonEmptyOutput } from '../output-folder.js';
 
 function choice<T extends string>(value: string, allowed: readonly T[], option: string): T {
   if (!(allowed as readonly string[]).includes(value)) {
@@ -30,6 +31,7 @@ function positive(value: string | undefined, option: string): number | undefined
 }
 
 interface AdaptersOptions {
+  force?: boolean;
   base?: string;
   model?: string;
   count: string;
@@ -71,8 +73,10 @@ export function addFixturesAdaptersCommand(fixtures: Command): void {
     .option('--doubled-prefix', 'write keys with a doubled base_model.model. prefix (test variant)')
     .option('--adapter-name <name>', 'write keys as .lora_A.<name>.weight (test variant)')
     .option('--json', 'print a JSON summary')
+    .option('--force', 'write into a folder that already holds files (its user-NNNN adapters are replaced)')
     .action(async (options: AdaptersOptions) => {
       if (options.base !== undefined && options.model !== undefined) throw new SoppuError('CONFIG', '--base and --model are exclusive: give one', { field: 'base' });
+      await refuseNonEmptyOutput(options.out, options.force === true, '--out');
       const base = options.model !== undefined
         ? await readBaseShapeFromModelDir(options.model)
         : BASE_SHAPES[choice(options.base ?? 'tiny', BASE_SHAPE_NAMES, 'base') as BaseShapeName];

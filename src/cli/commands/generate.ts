@@ -50,9 +50,9 @@ export function register(program: Command): void {
     .requiredOption('--prompt <text>', 'prompt text')
     .option('--max-new-tokens <n>', 'tokens to generate', '64')
     .option('--temperature <t>', 'sample with this temperature (default: greedy)')
-    .option('--top-k <k>', 'sample among the k most likely tokens')
-    .option('--top-p <p>', 'nucleus sampling mass')
-    .option('--seed <n>', 'sampling seed')
+    .option('--top-k <k>', 'sample among the k most likely tokens (with --temperature)')
+    .option('--top-p <p>', 'nucleus sampling mass (with --temperature)')
+    .option('--seed <n>', 'sampling seed (with --temperature)')
     .option('--ignore-eos', 'keep generating past end-of-sequence')
     .option('--stop <text...>', 'stop sequences')
     .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
@@ -99,6 +99,12 @@ export function register(program: Command): void {
         ...(options.stop ? { stop: options.stop } : {}),
         ...(options.ignoreEos ? { ignoreEos: true } : {}),
       };
+      // (after each value's own check) greedy unless a temperature is given: a sampling flag alone would be ignored (--seed) or sample at 1 (--top-k/p)
+      if (temperature === undefined) {
+        for (const [flag, value] of [['top-k', options.topK], ['top-p', options.topP], ['seed', options.seed]] as const) {
+          if (value !== undefined) throw new SoppuError('CONFIG', `--${flag} is for sampling: give --temperature too (generate is greedy without one)`, { field: flag });
+        }
+      }
       let firstToken = 0;
       for await (const event of engine.generate(request)) {
         if (event.type === 'token') {

@@ -232,7 +232,8 @@ export function register(program: Command): void {
         maxConcurrentRequests: integer(options.maxConcurrentRequests, 'max-concurrent-requests', 1),
         maxStopSequences: integer(options.maxStopSequences, 'max-stop-sequences', 0),
         maxUploadBytes: integer(options.maxUploadMb, 'max-upload-mb', 1) * 1024 * 1024,
-        drainDeadlineMs: integer(options.drainDeadlineS, 'drain-deadline-s', 0) * 1000,
+        // a Node timer holds at most 2^31 − 1 ms (a longer one fires at once)
+        drainDeadlineMs: integer(options.drainDeadlineS, 'drain-deadline-s', 0, Math.floor((2 ** 31 - 1) / 1000)) * 1000,
       };
       const engine = await createEngine({
         modelDir: modelDir as string,
