@@ -106,6 +106,21 @@ export interface EngineStats {
   readonly generatedTokens: number;
 }
 
+/** One forward step, as the engine reports it to `onStep` listeners (LoRAX's batch metrics). */
+export interface EngineStep {
+  /** 'prefill' when the step holds prompt rows (continuous batching mixes them with decode rows), else 'decode'. */
+  readonly method: 'prefill' | 'decode';
+  /** False when the forward pass failed (its requests failed). */
+  readonly ok: boolean;
+  readonly seconds: number;
+  /** Requests in the step. */
+  readonly requests: number;
+  /** Requests whose prompt starts in this step (joining the running batch). */
+  readonly joined: number;
+  /** Prompt + max_new_tokens summed over the step's requests: the tokens the batch may reach. */
+  readonly maxTokens: number;
+}
+
 export interface EngineInfo {
   readonly modelId: string;
   readonly modelDtype: string;
@@ -154,6 +169,8 @@ export interface Engine {
   removeAdapter(id: string): Promise<void>;
   pinAdapter(id: string, pinned: boolean): Promise<void>;
   stats(): EngineStats;
+  /** Calls `listener` after every forward step; returns the unsubscribe. */
+  onStep?(listener: (step: EngineStep) => void): () => void;
   /** Stops accepting requests; resolves when running ones finish or the deadline passes (then they are cancelled). */
   drain(deadlineMs: number): Promise<void>;
   close(): Promise<void>;

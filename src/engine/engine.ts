@@ -26,6 +26,7 @@ import type {
   Engine,
   EngineInfo,
   EngineStats,
+  EngineStep,
   FinishReason,
   GenerateEvent,
   GenerateRequest,
@@ -420,8 +421,38 @@ class SoppuEngine implements Engine {
     }
   }
 
+  private readonly stepListeners = new Set<(step: EngineStep) => void>();
+
+  onStep(listener: (step: EngineStep) => void): () => void {
+    this.stepListeners.add(listener);
+    return () => void this.stepListeners.delete(listener);
+  }
+
+  /** Tells the step listeners about a step over `entries` that started at `startedAt` (performance.now()). */
+  private reportStep(entries: readonly StepEntry<RequestState>[], startedAt: number, ok: boolean): void {
+    if (this.stepListeners.size === 0) return;
+    let prefill = false;
+    let joined = 0;
+    let maxTokens = 0;
+    for (const entry of entries) {
+      if (entry.start < entry.seq.promptLength) prefill = true;
+      if (entry.start === 0) joined++;
+      maxTokens += entry.seq.promptLength + entry.seq.request.maxNewTokens;
+    }
+    const step: EngineStep = { method: prefill ? 'prefill' : 'decode', ok, seconds: (performance.now() - startedAt) / 1000, requests: entries.length, joined, maxTokens };
+    for (const listener of this.stepListeners) {
+      try {
+        listener(step);
+      } catch (e) {
+        // an observer's fault is not the step's requests'
+        process.emitWarning(`engine step listener failed: ${e instanceof Error ? e.message : String(e)}`);
+      }
+    }
+  }
+
   /** One forward step over `entries` (synchronous compute). */
   private step(entries: StepEntry<RequestState>[]): void {
+    const startedAt = performance.now();
     // rows of one adapter (and of one cluster) contiguous; ties by arrival
     const ordered = [...entries].sort(
       (p, q) => compareAdapters(p.seq.entry?.resident ?? null, q.seq.entry?.resident ?? null) || p.seq.id - q.seq.id,
@@ -435,6 +466,7 @@ class SoppuEngine implements Engine {
     } catch (e) {
       const error = isSoppuError(e) ? e : new SoppuError('GENERATION', `forward step failed: ${e instanceof Error ? e.message : String(e)}`, {}, { cause: e });
       for (const entry of ordered) this.finish(entry.seq, null, error);
+      this.reportStep(ordered, startedAt, false);
       return;
     }
     this.lastBatchSize = ordered.length; // requests in the batch, as LoRAX's batch size
@@ -449,6 +481,7 @@ class SoppuEngine implements Engine {
       const row = rows[rows.length - 1]!;
       this.emitToken(state, logits.subarray(row * vocab, (row + 1) * vocab));
     }
+    this.reportStep(ordered, startedAt, true);
   }
 
   private buildBatch(ordered: readonly StepEntry<RequestState>[]): { forward: ForwardBatch; logitRowsOf: number[][]; allRowsOf: boolean[] } {

@@ -45,7 +45,7 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
   });
   const service = new GenerationService(engine, limits);
   const metrics = new ServerMetrics(engine, () => service.running);
-  app.addHook('onClose', async () => metrics.tokenRate.close());
+  app.addHook('onClose', async () => metrics.close());
   const context: ServerContext = { engine, options: limits, service, metrics };
   const schemas = buildSchemas(limits);
 

@@ -125,6 +125,7 @@ async function runOpenAiChoices(context: ServerContext, request: FastifyRequest,
     promptTokens,
     generatedTokens: completionTokens,
     maxNewTokens: first.started.request.maxNewTokens,
+    inputs: prepared.length,
   });
   const shape = responseShape(context, dialect, model);
   return {

@@ -140,7 +140,7 @@ export function openEventStream(reply: FastifyReply, headers: Record<string, str
 /** Records a finished generation in the LoRAX request metrics. */
 export function recordSuccess(
   context: ServerContext,
-  timing: { startedAt: number; validatedAt: number; firstEventMs: number; promptTokens: number; generatedTokens: number; maxNewTokens: number },
+  timing: { startedAt: number; validatedAt: number; firstEventMs: number; promptTokens: number; generatedTokens: number; maxNewTokens: number; inputs?: number },
 ): { totalMs: number; inferenceMs: number; perTokenMs: number } {
   const now = performance.now();
   const totalMs = now - timing.startedAt;
@@ -159,5 +159,7 @@ export function recordSuccess(
   m.inputLength.observe(timing.promptTokens);
   m.generatedTokens.observe(timing.generatedTokens);
   m.maxNewTokens.observe(timing.maxNewTokens);
+  m.skippedTokens.observe(0); // no prompt token is skipped (the details' skipped_tokens)
+  m.inputCount.observe(timing.inputs ?? 1);
   return { totalMs, inferenceMs, perTokenMs };
 }

@@ -24,11 +24,43 @@ export class ServerMetrics {
   readonly generatedTokens: Histogram;
   readonly maxNewTokens: Histogram;
   readonly inFlight: Gauge;
+  readonly skippedTokens: Histogram;
+  readonly inputCount: Histogram;
   /** Generated tokens per second over the last 10 s (sampled each second, the same for every scraper). */
   readonly tokenRate: TrailingRate;
+  private readonly unsubscribe: () => void;
 
   constructor(engine: Engine, inFlight: () => number) {
     const registers = [this.registry];
+    // LoRAX's batch metrics, from the engine's steps: a step of continuous batching that holds prompt rows is a
+    // "prefill" one (it may hold decode rows too), else "decode"; a request starting its prompt joins the batch
+    const stepCount = new Counter({ name: 'lorax_batch_inference_count', help: 'forward steps, by method (prefill: the step holds prompt rows)', labelNames: ['method'], registers });
+    const stepSuccess = new Counter({ name: 'lorax_batch_inference_success', help: 'forward steps that succeeded, by method', labelNames: ['method'], registers });
+    const stepFailure = new Counter({ name: 'lorax_batch_inference_failure', help: 'forward steps that failed (their requests failed), by method', labelNames: ['method'], registers });
+    const stepDuration = new Histogram({ name: 'lorax_batch_inference_duration', help: 'forward step wall time (s), by method', labelNames: ['method'], buckets: TIME_BUCKETS, registers });
+    const nextSize = new Histogram({ name: 'lorax_batch_next_size', help: 'requests joining the batch in a step (when any do)', buckets: TOKEN_BUCKETS, registers });
+    let currentMaxTokens = 0;
+    new Gauge({
+      name: 'lorax_batch_current_max_tokens',
+      help: 'prompt + max_new_tokens summed over the last step\'s requests (0 when idle)',
+      registers,
+      collect() {
+        this.set(engine.stats().batchSize === 0 ? 0 : currentMaxTokens);
+      },
+    });
+    for (const method of ['prefill', 'decode']) {
+      stepCount.inc({ method }, 0);
+      stepSuccess.inc({ method }, 0);
+      stepFailure.inc({ method }, 0);
+    }
+    this.unsubscribe =
+      engine.onStep?.((step) => {
+        stepCount.inc({ method: step.method });
+        (step.ok ? stepSuccess : stepFailure).inc({ method: step.method });
+        stepDuration.observe({ method: step.method }, step.seconds);
+        if (step.joined > 0) nextSize.observe(step.joined);
+        currentMaxTokens = step.maxTokens;
+      }) ?? (() => undefined);
     this.requestCount = new Counter({ name: 'lorax_request_count', help: 'generation requests received', registers });
     this.requestSuccess = new Counter({ name: 'lorax_request_success', help: 'generation requests that completed', registers });
     this.requestFailure = new Counter({ name: 'lorax_request_failure', help: 'generation requests that failed, by reason', labelNames: ['err'], registers });
@@ -40,6 +72,8 @@ export class ServerMetrics {
     this.inputLength = new Histogram({ name: 'lorax_request_input_length', help: 'prompt tokens', buckets: TOKEN_BUCKETS, registers });
     this.generatedTokens = new Histogram({ name: 'lorax_request_generated_tokens', help: 'generated tokens', buckets: TOKEN_BUCKETS, registers });
     this.maxNewTokens = new Histogram({ name: 'lorax_request_max_new_tokens', help: 'max_new_tokens asked for', buckets: TOKEN_BUCKETS, registers });
+    this.skippedTokens = new Histogram({ name: 'lorax_request_skipped_tokens', help: 'prompt tokens skipped (none are: details.skipped_tokens is 0)', buckets: TOKEN_BUCKETS, registers });
+    this.inputCount = new Histogram({ name: 'lorax_request_input_count', help: 'generations a request asked for (OpenAI n × prompts; 1 on the LoRAX routes)', buckets: TOKEN_BUCKETS, registers });
     this.inFlight = new Gauge({
       name: 'soppu_requests_in_flight',
       help: 'generation requests admitted and not finished',
@@ -156,5 +190,11 @@ export class ServerMetrics {
         for (const adapter of engine.listAdapters()) if (adapter.tier === 'resident') this.set({ adapter_id: adapter.id }, adapter.bytes);
       },
     });
+  }
+
+  /** Stops the trailing tokens/s sampler and the step subscription (the server closes). */
+  close(): void {
+    this.tokenRate.close();
+    this.unsubscribe();
   }
 }

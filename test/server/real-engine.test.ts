@@ -182,4 +182,30 @@ describe('adapter upload and hot reload over the real engine', () => {
     expect(parts).toBeCloseTo(sumOf('lorax_request_duration'), 2);
     expect(metrics.find((m) => m.name === 'lorax_batch_current_size')!.values[0]!.value).toBe(0);
   });
+
+  it("metrics: LoRAX's batch metrics follow the engine's steps (prefill and decode), and a request's input count", async () => {
+    const scrape = async () => (await (await fetch(`${base}/metrics`)).text());
+    const value = (text: string, line: string): number => Number(new RegExp(`^${line.replace(/[{}"]/g, (c) => `\\${c}`)} (\\S+)$`, 'm').exec(text)?.[1] ?? NaN);
+    const before = await scrape();
+    const response = await fetch(`${base}/v1/completions`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ model: '', prompt: ['hello world', 'abc'], n: 2, max_tokens: 5 }),
+    });
+    expect(response.status).toBe(200);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+    const after = await scrape();
+    const delta = (line: string): number => value(after, line) - value(before, line);
+    const prefill = delta('lorax_batch_inference_count{method="prefill"}');
+    const decode = delta('lorax_batch_inference_count{method="decode"}');
+    expect(prefill).toBeGreaterThanOrEqual(1);
+    expect(decode).toBeGreaterThanOrEqual(3); // 5 tokens: the first from a prefill step, at least 3 more from decode-only steps
+    expect(delta('lorax_batch_inference_success{method="prefill"}')).toBe(prefill);
+    expect(delta('lorax_batch_inference_success{method="decode"}')).toBe(decode);
+    expect(delta('lorax_batch_inference_failure{method="decode"}')).toBe(0);
+    expect(delta('lorax_batch_inference_duration_count{method="decode"}')).toBe(decode);
+    expect(delta('lorax_batch_next_size_sum')).toBe(4); // four choices joined
+    expect(value(after, 'lorax_batch_current_max_tokens')).toBe(0); // idle
+    expect(delta('lorax_request_input_count_sum')).toBe(4);
+    expect(delta('lorax_request_skipped_tokens_count')).toBe(1);
+  });
 });
