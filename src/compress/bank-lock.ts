@@ -12,6 +12,7 @@
  * lock while it is being replaced.
  */
 import { createHash, randomBytes } from 'node:crypto';
+import { statSync } from 'node:fs';
 import { link, mkdir, readFile, rename, stat, unlink, writeFile } from 'node:fs/promises';
 import { join, resolve } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
@@ -31,8 +32,14 @@ const liveTokens = new Set<string>();
  * mistyped bank path is not left behind as an empty folder.
  */
 export async function withBankLock<T>(dir: string, fn: () => Promise<T>, options: { create?: boolean } = {}): Promise<T> {
-  // one queue per folder however it is named (a symlink, a bind mount): keyed by its device and inode
-  const info = await stat(dir).catch(() => null);
+  // one queue per folder however it is named (a symlink, a bind mount): keyed by its device and inode, read
+  // synchronously so that callers queue in call order
+  let info: ReturnType<typeof statSync> | undefined;
+  try {
+    info = statSync(dir, { throwIfNoEntry: false });
+  } catch {
+    info = undefined; // a path under a file: withLockFile names the problem
+  }
   const key = info ? `${info.dev}:${info.ino}` : resolve(dir);
   const previous = queues.get(key) ?? Promise.resolve();
   const run = previous.catch(() => undefined).then(() => withLockFile(dir, fn, options.create === true));

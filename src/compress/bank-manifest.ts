@@ -109,18 +109,24 @@ export interface BankManifest {
   readonly files: Readonly<Record<string, ManifestFile>>;
 }
 
-/** Key naming one cluster × slot pair of shared bases (BankSlotPart.basesKey). */
-export function basesKeyOf(cluster: number, path: string): string {
-  return `${cluster}/${path}`;
+/**
+ * Key naming one cluster × slot pair of shared bases (BankSlotPart.basesKey). With `basesFile` (the cluster's
+ * content-addressed bases file) the key names that version of them: a cache keyed by it never hands a refit's
+ * cores the bases they were not fitted with.
+ */
+export function basesKeyOf(cluster: number, path: string, basesFile?: string | null): string {
+  return basesFile ? `${cluster}/${path}@${basesFile}` : `${cluster}/${path}`;
 }
 
 /** Inverse of basesKeyOf; null when malformed. */
-export function parseBasesKey(key: string): { cluster: number; path: string } | null {
-  const slash = key.indexOf('/');
+export function parseBasesKey(key: string): { cluster: number; path: string; basesFile: string | null } | null {
+  const at = key.indexOf('@');
+  const name = at < 0 ? key : key.slice(0, at);
+  const slash = name.indexOf('/');
   if (slash <= 0) return null;
-  const cluster = Number(key.slice(0, slash));
+  const cluster = Number(name.slice(0, slash));
   if (!Number.isInteger(cluster) || cluster < 0) return null;
-  return { cluster, path: key.slice(slash + 1) };
+  return { cluster, path: name.slice(slash + 1), basesFile: at < 0 ? null : key.slice(at + 1) };
 }
 
 const MAX_ID_LENGTH = 256;

@@ -64,6 +64,8 @@ export interface BankReader {
   loadAdapter(id: string): Promise<BankAdapterParts>;
   /** Reads one cluster × slot pair of shared bases. */
   loadBases(key: string): Promise<SharedBases>;
+  /** What `id`'s weights are in this version of the bank (equal in two versions: equal weights); null when absent. */
+  fingerprint?(id: string): string | null;
   /** The linear layers the bank's adapters adapt, with their shapes (to check a bank against a model up front). */
   readonly slotShapes?: readonly { readonly path: string; readonly inFeatures: number; readonly outFeatures: number }[];
 }

@@ -80,6 +80,16 @@ export class Bank implements BankReader {
     return this.adapterById.has(id);
   }
 
+  /**
+   * What `id`'s weights are in this version of the bank: its file, cluster and the cluster's bases file (all
+   * content-addressed); null when the bank does not hold it. Equal fingerprints in two versions, equal weights.
+   */
+  fingerprint(id: string): string | null {
+    const entry = this.adapterById.get(id);
+    if (!entry) return null;
+    return JSON.stringify([entry.file, entry.cluster, this.manifest.basesFiles[entry.cluster] ?? null]);
+  }
+
   /** The manifest entry of one adapter; throws ADAPTER_NOT_FOUND. */
   adapter(id: string): ManifestAdapter {
     const entry = this.adapterById.get(id);
@@ -108,7 +118,7 @@ export class Bank implements BankReader {
       if (part.storage === 'compressed') {
         const diagonal = slot.method === 'jd-diag';
         const core = this.tensor(file, `${path}.core`, diagonal ? [rank] : [rank, rank]);
-        slots.set(path, { kind: 'compressed', path, basesKey: basesKeyOf(entry.cluster, path), rank, diagonal, core });
+        slots.set(path, { kind: 'compressed', path, basesKey: basesKeyOf(entry.cluster, path, this.manifest.basesFiles[entry.cluster]), rank, diagonal, core });
         bytes += core.byteLength;
       } else {
         const a = this.tensor(file, `${path}.lora_A`, [rank, slot.inFeatures]);
@@ -128,6 +138,9 @@ export class Bank implements BankReader {
     const rank = slot.ranks[parsed.cluster];
     const basesFile = this.manifest.basesFiles[parsed.cluster];
     if (rank === null || rank === undefined || !basesFile) throw corrupt(manifestFile, `cluster ${parsed.cluster} has no bases for slot "${parsed.path}"`, { field: 'basesKey' });
+    if (parsed.basesFile !== null && parsed.basesFile !== basesFile) {
+      throw corrupt(manifestFile, `bases key "${key}" names ${parsed.basesFile}, this version of the bank holds ${basesFile}`, { field: 'basesKey' });
+    }
     const header = await this.verifiedBasesHeader(basesFile);
     const u = await this.tensorFromRange(header, `${parsed.path}.U`, [slot.outFeatures, rank]);
     const vt = await this.tensorFromRange(header, `${parsed.path}.Vt`, [rank, slot.inFeatures]);

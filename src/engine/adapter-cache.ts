@@ -97,15 +97,28 @@ export class AdapterCache {
   }
 
   /**
-   * Swaps in a reopened bank (after an adapter was added to it); cached parts stay valid. A bank entry
-   * that no request holds reads the new bank from now on; one that requests hold keeps the bank they
-   * were admitted with until it loads.
+   * Swaps in a reopened bank (after an adapter was added to it, or a refit). An adapter whose weights the new
+   * version changed or dropped (its fingerprint) goes stale, as a re-registration does; the others' cached parts
+   * stay valid. A bank entry that no request holds reads the new bank from now on; one that requests hold keeps
+   * the bank they were admitted with until it loads.
    */
   setBank(bank: BankReader | null): void {
     this.options = { ...this.options, bank };
-    for (const entry of this.entries.values()) {
-      if (entry.spec.source === 'bank' && entry.users === 0 && entry.state !== 'loading') entry.bank = bank;
+    for (const entry of [...this.entries.values()]) {
+      if (entry.spec.source !== 'bank') continue;
+      // an adapter the new version changed or dropped (a refit, bank rm): its copy goes stale, and requests
+      // holding it finish with it; the next request loads the new version (a pin carries over)
+      const before = entry.bank?.fingerprint?.(entry.id);
+      const after = bank?.fingerprint?.(entry.id) ?? null;
+      if (before !== undefined && before !== after) {
+        const pinned = entry.pinned;
+        this.invalidate(entry.id);
+        if (pinned && after !== null) this.register(entry.id, { source: 'bank' }).pinned = true;
+        continue;
+      }
+      if (entry.users === 0 && entry.state !== 'loading') entry.bank = bank;
     }
+    this.pump();
   }
 
   /**

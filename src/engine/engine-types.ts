@@ -167,6 +167,8 @@ export interface Engine {
   registerAdapter(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus>;
   /** Removes a registration, or else the bank's adapter of that id from the bank. */
   removeAdapter(id: string): Promise<void>;
+  /** Reads the bank again from disk (changed by the CLI while serving); CONFIG without a bank. */
+  reloadBank?(): Promise<{ adapters: number }>;
   pinAdapter(id: string, pinned: boolean): Promise<void>;
   stats(): EngineStats;
   /** Calls `listener` after every forward step; returns the unsubscribe. */

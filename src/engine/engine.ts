@@ -695,11 +695,28 @@ class SoppuEngine implements Engine {
 
   /** Runs `write` (a change of the bank in `bankDir`), then reopens the bank for serving. */
   private async changeBank(bankDir: string, write: (keep: readonly BankManifest[]) => Promise<unknown>): Promise<void> {
-    // the manifests of older readers that held requests still load from: their files stay through this change
-    const keep = this.cache.readersStillNeeded().flatMap((reader) => (reader instanceof Bank ? [reader.manifest] : []));
+    // the manifests of older readers that held requests still load from, and the open one's (after a change made
+    // outside the server, the disk's previous manifest is not the one this server reads): their files stay
+    const readers = [...this.cache.readersStillNeeded(), ...(this.bank ? [this.bank] : [])];
+    const keep = readers.flatMap((reader) => (reader instanceof Bank ? [reader.manifest] : []));
     await write(keep);
     this.bank = await this.openBank(bankDir);
     this.cache.setBank(this.bank);
+  }
+
+  /**
+   * Reads the bank again from disk (after `soppu bank add/rm/refit` changed it): new ids are served, removed ones
+   * are not found, and adapters whose weights changed load their new version (requests holding the old one
+   * finish with it). Runs in order with registrations and removals.
+   */
+  async reloadBank(): Promise<{ adapters: number }> {
+    return this.inOrder(async () => {
+      const bank = this.bank;
+      if (!bank) throw new SoppuError('CONFIG', 'the engine serves no bank: there is none to reload', { field: 'bank' });
+      this.bank = await this.openBank(bank.dir);
+      this.cache.setBank(this.bank);
+      return { adapters: this.bank.ids().length };
+    });
   }
 
   /**

@@ -125,6 +125,12 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
     }
   });
 
+  // after `soppu bank add/rm/refit` changed the bank on disk (SIGHUP does the same)
+  app.post('/bank/reload', { config: { admin: true } }, async () => {
+    if (!engine.reloadBank) throw new SoppuError('CONFIG', 'this engine cannot reload a bank', { field: 'bank' });
+    return engine.reloadBank();
+  });
+
   for (const [route, pinned] of [['/adapters/pin', true], ['/adapters/unpin', false]] as const) {
     app.post<{ Body: { id: string } }>(
       route,

@@ -195,8 +195,18 @@ export function register(program: Command): void {
       const port = portNumber(options.port);
       const accessControl = options.auth ? AccessControl.fromFile(options.auth) : null;
       for (const warning of accessControl?.warnings ?? []) log(`WARNING: ${warning}`);
-      // SIGHUP reads the keys file again, as POST /keys/reload does (from here on: it no longer ends the process)
-      process.on('SIGHUP', () => reloadKeys(accessControl).forEach(log));
+      // SIGHUP reads the keys file again, as POST /keys/reload does, and the bank, as POST /bank/reload does (from
+      // here on: it no longer ends the process)
+      let reloadBank: (() => Promise<{ adapters: number }>) | null = null;
+      process.on('SIGHUP', () => {
+        reloadKeys(accessControl).forEach(log);
+        if (reloadBank) {
+          reloadBank().then(
+            ({ adapters }) => log(`SIGHUP: bank reloaded: ${adapters} adapter${adapters === 1 ? '' : 's'}`),
+            (e: unknown) => log(`SIGHUP: bank reload failed, the bank read before stays: ${e instanceof Error ? e.message : String(e)}`),
+          );
+        }
+      });
       const adapterDirs = (options.adapters ?? []).map((dir) => path.resolve(dir));
       for (const dir of adapterDirs) {
         if (!statSync(dir, { throwIfNoEntry: false })?.isDirectory()) throw new SoppuError('CONFIG', `--adapters ${dir}: not a folder`, { field: 'adapters', file: dir });
@@ -249,6 +259,7 @@ export function register(program: Command): void {
         blockSize,
         loraDtype: parseLoraDtype(options.loraDtype),
       });
+      if (bankDir && engine.reloadBank) reloadBank = engine.reloadBank.bind(engine);
       const server = createServer(engine, {
         ...DEFAULT_SERVER_OPTIONS,
         ...serverLimits,
