@@ -97,7 +97,9 @@ export function clusterAdapters(slots: readonly ClusterSlot[], adapterCount: num
     let total = 0;
     for (let i = 0; i < adapterCount; i++) {
       let best = assignments[i]!;
-      for (let c = 0; c < clusters; c++) if (cost[i * clusters + c]! < cost[i * clusters + best]! - 1e-12) best = c;
+      // a relative margin: with weighting none the costs scale with the adapters' norms (an absolute one kept
+      // small adapters in a clearly worse cluster)
+      for (let c = 0; c < clusters; c++) if (cost[i * clusters + c]! < cost[i * clusters + best]! * (1 - 1e-12)) best = c;
       total += cost[i * clusters + best]!;
       if (best !== assignments[i]) { assignments[i] = best; moved++; }
     }

@@ -32,23 +32,26 @@ export interface RankSelection {
  */
 export function selectRank(problem: SlotProblem, method: JdMethod, maxError: number | readonly number[], maxRank: number,
   options: JdFitOptions & { readonly label: string }): RankSelection {
+  const budgetOf = (member: number): number => (typeof maxError === 'number' ? maxError : (maxError[member] ?? 0));
+  const passes = (fit: SlotFit): boolean => fit.errors.every((e, member) => e <= budgetOf(member));
+  // The cap first: when even it misses the budget (unrelated adapters), no smaller rank can be chosen
+  // and the whole ladder is skipped. A start-only fit (no sweeps) that already passes proves the
+  // budget feasible without paying for the full fit at the largest rank.
+  const quick = fitSlot(problem, method, maxRank, { ...options, maxSweeps: 0, seed: deriveSeed(options.seed, options.label, maxRank) });
   const fits = new Map<number, SlotFit>();
   const fitAt = (rank: number): SlotFit => {
     let fit = fits.get(rank);
     if (!fit) {
       fit = fitSlot(problem, method, rank, { ...options, seed: deriveSeed(options.seed, options.label, rank) });
+      // sweeps raise the energy captured over all members, not each member's: one can end over its budget
+      // where the start met every one, and that start is the better fit at the cap
+      if (rank === maxRank && !passes(fit) && passes(quick)) fit = quick;
       fits.set(rank, fit);
     }
     return fit;
   };
-  const budgetOf = (member: number): number => (typeof maxError === 'number' ? maxError : (maxError[member] ?? 0));
-  const passes = (fit: SlotFit): boolean => fit.errors.every((e, member) => e <= budgetOf(member));
   let failing = 0;
   let passing = -1;
-  // The cap first: when even it misses the budget (unrelated adapters), no smaller rank can be chosen
-  // and the whole ladder is skipped. A start-only fit (no sweeps) that already passes proves the
-  // budget feasible without paying for the full fit at the largest rank.
-  const quick = fitSlot(problem, method, maxRank, { ...options, maxSweeps: 0, seed: deriveSeed(options.seed, options.label, maxRank) });
   if (!passes(quick) && !passes(fitAt(maxRank))) failing = maxRank;
   for (let rank = 1; failing < maxRank; rank = Math.min(rank * 2, maxRank)) {
     if (passes(fitAt(rank))) { passing = rank; break; }

@@ -3,6 +3,7 @@ import { clusterAdapters } from '../../src/compress/cluster-adapters.js';
 import { compressAdapters } from '../../src/compress/compress-adapters.js';
 import { factoredNormSquared } from '../../src/compress/slot-problem.js';
 import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
+import { Random } from '../../src/tensor/random.js';
 
 const SLOTS = [
   { path: 'model.layers.0.self_attn.q_proj', inFeatures: 24, outFeatures: 24 },
@@ -30,6 +31,35 @@ describe('clustering', () => {
     const firstCluster = assignments[0]!;
     inputs.forEach(({ id }, i) => expect(assignments[i]).toBe(id.startsWith('first-') ? firstCluster : 1 - firstCluster));
     for (let k = 1; k < costHistory.length; k++) expect(costHistory[k]!).toBeLessThanOrEqual(costHistory[k - 1]! + 1e-9);
+  });
+
+  it('with weighting none, scaling every adapter alike does not change the clusters (the margin is relative)', () => {
+    const rng = new Random(902);
+    const [inFeatures, outFeatures, rank, shared] = [24, 20, 2, 3];
+    const normal = (n: number): Float64Array => Float64Array.from({ length: n }, () => rng.normal());
+    const families = [0, 1].map(() => ({ u: normal(outFeatures * shared), v: normal(shared * inFeatures) }));
+    const raw = Array.from({ length: 10 }, (_, i) => {
+      const family = families[i % 2]!;
+      const c = normal(shared * rank), d = normal(rank * shared);
+      const b = new Float32Array(outFeatures * rank), a = new Float32Array(rank * inFeatures);
+      const magnitude = Math.exp(3 * (rng.next() - 0.5));
+      for (let o = 0; o < outFeatures; o++) for (let p = 0; p < rank; p++) {
+        let sum = 0;
+        for (let j = 0; j < shared; j++) sum += family.u[o * shared + j]! * c[j * rank + p]!;
+        b[o * rank + p] = (sum + rng.normal()) * magnitude;
+      }
+      for (let p = 0; p < rank; p++) for (let k = 0; k < inFeatures; k++) {
+        let sum = 0;
+        for (let j = 0; j < shared; j++) sum += d[p * shared + j]! * family.v[j * inFeatures + k]!;
+        a[p * inFeatures + k] = sum + rng.normal();
+      }
+      return { a, b };
+    });
+    const run = (scale: number) => clusterAdapters([{
+      path: 'm.q', inFeatures, outFeatures, rank: 3,
+      entries: raw.map(({ a, b }, adapterIndex) => ({ adapterIndex, rank, scale, a, b, normSquared: factoredNormSquared(a, b, rank, inFeatures, outFeatures, scale) })),
+    }], raw.length, 2, { method: 'jd-full', weighting: 'none', fit: { seed: 1 } });
+    expect(run(1e-7).assignments).toEqual(run(1).assignments);
   });
 
   it('compressAdapters with 2 clusters fits each family at its planted rank', async () => {
