@@ -66,6 +66,8 @@ export interface BankReader {
   loadBases(key: string): Promise<SharedBases>;
   /** What `id`'s weights are in this version of the bank (equal in two versions: equal weights); null when absent. */
   fingerprint?(id: string): string | null;
+  /** The shared bases `id` multiplies (its compressed slots'), with their element counts, before loading any. */
+  basesOf?(id: string): readonly { readonly key: string; readonly elements: number }[];
   /** The linear layers the bank's adapters adapt, with their shapes (to check a bank against a model up front). */
   readonly slotShapes?: readonly { readonly path: string; readonly inFeatures: number; readonly outFeatures: number }[];
 }

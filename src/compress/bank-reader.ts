@@ -80,6 +80,18 @@ export class Bank implements BankReader {
     return this.adapterById.has(id);
   }
 
+  basesOf(id: string): { key: string; elements: number }[] {
+    const entry = this.adapterById.get(id);
+    if (!entry) return [];
+    const basesFile = this.manifest.basesFiles[entry.cluster] ?? null;
+    return Object.entries(entry.perSlot)
+      .filter(([, part]) => part.storage === 'compressed')
+      .map(([path, part]) => {
+        const slot = this.slot(path);
+        return { key: basesKeyOf(entry.cluster, path, basesFile), elements: part.rank! * (slot.inFeatures + slot.outFeatures) };
+      });
+  }
+
   /**
    * What `id`'s weights are in this version of the bank: its file, cluster and the cluster's bases file (all
    * content-addressed); null when the bank does not hold it. Equal fingerprints in two versions, equal weights.

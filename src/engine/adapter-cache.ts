@@ -26,6 +26,11 @@ export interface AdapterCacheOptions {
   readonly maxConcurrentLoads?: number;
   /** Called when a load finishes or fails, so the engine can schedule waiting requests. */
   readonly onSettled?: () => void;
+  /**
+   * How long a held adapter waits for room before it loads over the budget anyway (default 2000 ms): under
+   * steady traffic the adapters in use never all come free at once, so the room it waits for may never come.
+   */
+  readonly maxLoadWaitMs?: number;
 }
 
 export type EntryState = 'disk' | 'loading' | 'resident' | 'failed';
@@ -42,6 +47,8 @@ export class AdapterEntry {
   lastUse = 0;
   /** Bytes when last resident (an estimate for planning the next load). */
   knownBytes = 0;
+  /** When a load of it was first held back for room (performance.now()), 0 when not waiting. */
+  waitingSince = 0;
   /** Replaced by a re-registration or removed: freed when its last user releases it. */
   stale = false;
   /** Called once when the entry is dropped (stale and unheld): nothing reads its source again. */
@@ -217,25 +224,46 @@ export class AdapterCache {
       .sort((p, q) => p.lastUse - q.lastUse);
     for (const entry of waiting) {
       if (this.loading >= max) return;
-      // when nothing is loading and no request holds a resident adapter, nothing would ever free
-      // room: the load starts anyway (a budget smaller than one adapter, or filled by pins)
-      if (this.loading > 0 || this.residentInUse()) {
+      // when nothing is loading and no request holds a resident adapter (one whose release frees room), nothing
+      // would ever free room: the load starts anyway (a budget smaller than one adapter, or filled by pins); so
+      // does one that has waited maxLoadWaitMs (steady traffic keeps some adapter in use at every moment)
+      const waited = entry.waitingSince > 0 && performance.now() - entry.waitingSince >= (this.options.maxLoadWaitMs ?? 2000);
+      if (!waited && (this.loading > 0 || this.residentInUse())) {
         // no adapter's size known yet (a cold start): one load at a time until one is, or a burst of
         // loads each counted as 0 bytes overshot the budget up to maxConcurrentLoads times
-        if (this.loading > 0 && this.estimate(entry) === 0) return;
-        if (this.heldBytes() + this.loadingEstimate() + this.estimate(entry) > this.options.budgetBytes) return;
+        const blocked = (this.loading > 0 && this.estimate(entry) === 0) || this.heldBytes() + this.loadingEstimate() + this.estimate(entry) > this.options.budgetBytes;
+        if (blocked) {
+          if (entry.waitingSince === 0) entry.waitingSince = performance.now();
+          return;
+        }
       }
+      entry.waitingSince = 0;
       void this.load(entry);
     }
   }
 
+  /** True when a request holds a resident adapter that is not pinned: its release would free room. */
   private residentInUse(): boolean {
-    for (const e of this.entries.values()) if (e.resident && e.users > 0) return true;
+    for (const e of this.entries.values()) if (e.resident && e.users > 0 && !e.pinned) return true;
     for (const e of this.staleHeld) if (e.resident) return true;
     return false;
   }
 
+  /** An entry's bytes once loaded: its own (known, or the loaded ones' mean) and the shared bases it would bring. */
   private estimate(entry: AdapterEntry): number {
+    return this.ownEstimate(entry) + this.missingBasesBytes(entry);
+  }
+
+  /** Bytes of the shared bases `entry` multiplies that are not resident (a load brings them too). */
+  private missingBasesBytes(entry: AdapterEntry): number {
+    if (entry.spec.source !== 'bank' || !entry.bank?.basesOf) return 0;
+    const bytesPerElement = (this.options.factorDtype ?? 'f32') === 'f32' ? 4 : 2;
+    let bytes = 0;
+    for (const { key, elements } of entry.bank.basesOf(entry.id)) if (!this.bases.has(key)) bytes += elements * bytesPerElement;
+    return bytes;
+  }
+
+  private ownEstimate(entry: AdapterEntry): number {
     if (entry.knownBytes > 0) return entry.knownBytes;
     let total = 0;
     let count = 0;

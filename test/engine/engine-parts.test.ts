@@ -188,6 +188,61 @@ describe('AdapterCache', () => {
     expect(c.peek('l0')!.state).toBe('disk');
   });
 
+  it('a held adapter is not starved: pinned adapters in use free nothing, and steady traffic is outwaited (maxLoadWaitMs)', async () => {
+    const pinnedCase = cache(Math.round(bytes * 1.5)).c;
+    pinnedCase.pin('l0', true);
+    const busy = pinnedCase.acquire('l0');
+    await settle();
+    const waiting = pinnedCase.acquire('l1');
+    await settle();
+    expect(waiting.state).toBe('resident'); // releasing l0 would free nothing: waiting for it was forever
+    pinnedCase.release(busy);
+    pinnedCase.release(waiting);
+
+    const c = new AdapterCache({ budgetBytes: Math.round(bytes * 1.5), bank: null, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config), maxLoadWaitMs: 30 });
+    for (let i = 0; i < 2; i++) c.register(`l${i}`, { source: 'local', dir: `/a/${i}` });
+    let held = c.acquire('l0');
+    await settle();
+    const starved = c.acquire('l1');
+    await settle();
+    expect(starved.state).toBe('disk'); // waits for room while l0 is in use ...
+    // ... which steady traffic never gives: a new request takes l0 before the last one lets it go
+    for (let i = 0; i < 10 && starved.state !== 'resident'; i++) {
+      const next = c.acquire('l0');
+      c.release(held);
+      held = next;
+      await new Promise((resolve) => setTimeout(resolve, 10));
+      await settle();
+    }
+    expect(starved.state).toBe('resident');
+    c.release(held);
+    c.release(starved);
+  });
+
+  it('counts the shared bases a load brings against the budget (other clusters wait instead of piling up)', async () => {
+    const bank = handBank(config, { clusters: 5, perCluster: 2, rank: 6, seed: 3 });
+    const probe = cache(1 << 30, bank).c;
+    probe.acquire('c0-0');
+    await settle();
+    const one = probe.bytesResident; // one adapter and its cluster's bases
+    const { c } = cache(Math.round(one * 1.5), bank);
+    const held = [c.acquire('c0-0')];
+    await settle();
+    for (const id of ['c1-0', 'c2-0', 'c3-0', 'c4-0']) held.push(c.acquire(id));
+    await settle();
+    await settle();
+    expect(c.bytesResident).toBeLessThanOrEqual(Math.round(one * 1.5));
+    expect(held.slice(1).map((e) => e.state)).toEqual(['disk', 'disk', 'disk', 'disk']);
+    // each release makes room for the next one
+    for (let i = 0; i < 4; i++) {
+      c.release(held[i]!);
+      await settle();
+      await settle();
+      expect(held[i + 1]!.state, held[i + 1]!.id).toBe('resident');
+      expect(c.bytesResident).toBeLessThanOrEqual(Math.round(one * 1.5));
+    }
+  });
+
   it('shares a cluster’s bases between its adapters and frees them with the last one', async () => {
     const { c, bank } = cache(1 << 30);
     const held = ['c0-0', 'c0-1', 'c0-2'].map((id) => c.acquire(id));

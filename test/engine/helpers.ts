@@ -275,6 +275,11 @@ export function handBank(config: LlamaConfig, options: { clusters: number; perCl
       if (!parts) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${id} is not in the bank`);
       return parts;
     },
+    basesOf(id) {
+      const parts = adapters.get(id);
+      if (!parts) return [];
+      return [...parts.slots.values()].flatMap((part) => (part.kind === 'compressed' ? [{ key: part.basesKey, elements: bases.get(part.basesKey)!.u.length + bases.get(part.basesKey)!.vt.length }] : []));
+    },
     async loadBases(key) {
       calls.bases++;
       await new Promise((resolve) => setImmediate(resolve));
