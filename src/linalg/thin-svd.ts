@@ -79,25 +79,39 @@ export function thinSvd(a: Float64Array, m: number, n: number): SvdResult {
   return { u: multiply(false, false, m, n, n, q, smallU), s, v: sortedV };
 }
 
-/** Replaces the columns of U [n, n] whose singular value is 0 by unit vectors orthogonal to the rest. */
+/**
+ * Replaces the columns of U [n, n] whose singular value is 0 by unit vectors orthogonal to the rest: per column,
+ * the unit vector eₖ with the largest part outside the columns so far (their span has dimension < n, so the parts'
+ * squared norms add up to at least 1 and the largest is at least 1/n), orthogonalised twice. A first eₖ with half
+ * its length left could be missing: then the column stayed 0.
+ */
 function completeOrthonormal(u: Float64Array, n: number, s: Float64Array): void {
+  const valid = (other: number, j: number): boolean => other !== j && (s[other]! > 0 || other < j);
+  const orthogonalise = (column: Float64Array, j: number): void => {
+    for (let other = 0; other < n; other++) {
+      if (!valid(other, j)) continue;
+      let projection = 0;
+      for (let i = 0; i < n; i++) projection += u[i * n + other]! * column[i]!;
+      for (let i = 0; i < n; i++) column[i]! -= projection * u[i * n + other]!;
+    }
+  };
+  const norm = (column: Float64Array): number => Math.sqrt(column.reduce((sum, x) => sum + x * x, 0));
   for (let j = 0; j < n; j++) {
     if (s[j]! > 0) continue;
+    let best: Float64Array | null = null;
+    let bestNorm = -1;
     for (let candidate = 0; candidate < n; candidate++) {
       const column = new Float64Array(n);
       column[candidate] = 1;
-      for (let other = 0; other < n; other++) {
-        if (other === j || (s[other]! === 0 && other > j)) continue;
-        let projection = 0;
-        for (let i = 0; i < n; i++) projection += u[i * n + other]! * column[i]!;
-        for (let i = 0; i < n; i++) column[i]! -= projection * u[i * n + other]!;
+      orthogonalise(column, j);
+      const length = norm(column);
+      if (length > bestNorm) {
+        best = column;
+        bestNorm = length;
       }
-      let norm = 0;
-      for (let i = 0; i < n; i++) norm += column[i]! ** 2;
-      norm = Math.sqrt(norm);
-      if (norm < 0.5) continue;
-      for (let i = 0; i < n; i++) u[i * n + j] = column[i]! / norm;
-      break;
     }
+    orthogonalise(best!, j); // twice: one Gram–Schmidt pass leaves rounding along the others
+    const length = norm(best!);
+    for (let i = 0; i < n; i++) u[i * n + j] = best![i]! / length;
   }
 }

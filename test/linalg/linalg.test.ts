@@ -99,6 +99,21 @@ describe('thinSvd', () => {
     expect(s[2]!).toBeLessThan(1e-12);
     expectOrthonormalColumns(u, 10, 5);
   });
+  it('completes U to orthonormal columns when many singular values are zero and the others spread over every coordinate', () => {
+    for (const seed of [3, 4, 5]) {
+      const random = new Random(seed);
+      const n = 100;
+      const a = random.fillNormal(new Float64Array(n * n), 1);
+      for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) a[i * n + j]! *= 10 ** -(j % 20); // columns scaled 1 … 1e-19
+      const { u, s } = thinSvd(a, n, n);
+      expect(Array.from(s).filter((x) => x === 0).length, `seed ${seed}`).toBeGreaterThan(10);
+      const gram = multiply(true, false, n, n, n, u, u);
+      let worst = 0;
+      for (let i = 0; i < n; i++) for (let j = 0; j < n; j++) worst = Math.max(worst, Math.abs(gram[i * n + j]! - (i === j ? 1 : 0)));
+      expect(worst, `seed ${seed}`).toBeLessThan(1e-10);
+    }
+  });
+
   it('converges when all but a few columns are rounding noise (squared norms underflowing to 0)', () => {
     // a rank-1 7×7 matrix plus noise far below its norm, as a low-rank mean core is: the relative
     // orthogonality test alone never passed (beta underflows to 0 while gamma does not)
