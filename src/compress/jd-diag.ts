@@ -49,6 +49,7 @@ export function fitJdDiag(problem: SlotProblem, full: JdFullFit, options: JdFitO
   let sweeps = 0;
   while (sweeps < maxSweeps) {
     const previous = state.totalError;
+    const before = { u, v, state };
     u = leastSquaresStep(problem, 'left', state.sigma, v, rank);
     v = leastSquaresStep(problem, 'right', state.sigma, u, rank);
     normaliseColumns(u, outFeatures, rank);
@@ -57,6 +58,11 @@ export function fitJdDiag(problem: SlotProblem, full: JdFullFit, options: JdFitO
     state = reviveAll(problem, u, v, state, rank, random);
     sweeps++;
     history.push(state.totalError);
+    // the error never increases: a sweep that raised it (a revive's re-seed can) is undone and ends the fit
+    if (state.totalError > previous) {
+      ({ u, v, state } = before);
+      break;
+    }
     const total = problem.normSquared.reduce((a, b) => a + b, 0);
     if ((previous - state.totalError) / Math.max(total, Number.MIN_VALUE) < tolerance) break;
   }
@@ -174,9 +180,15 @@ function reviveAll(problem: SlotProblem, u: Float64Array, v: Float64Array, state
 function reviveDeadAtom(problem: SlotProblem, u: Float64Array, v: Float64Array, state: SigmaState, rank: number,
   random: Random): boolean {
   const { outFeatures, inFeatures, count } = problem;
+  // an atom's energy relative to each member's norm: one used only by an adapter 1e-6 the others' size is not
+  // dead (in absolute energy it was, and its re-seed from another member's residual raised the error)
   const energy = new Float64Array(rank);
-  for (let i = 0; i < count; i++) for (let j = 0; j < rank; j++) energy[j]! += state.sigma[i * rank + j]! ** 2;
-  const maxEnergy = Math.max(...energy);
+  for (let i = 0; i < count; i++) {
+    const norm = problem.normSquared[i]!;
+    if (norm > 0) for (let j = 0; j < rank; j++) energy[j]! += state.sigma[i * rank + j]! ** 2 / norm;
+  }
+  let maxEnergy = 0;
+  for (const e of energy) maxEnergy = Math.max(maxEnergy, e);
   let member = 0;
   for (let i = 1; i < count; i++) {
     if (state.memberErrors[i]! / problem.normSquared[i]! > state.memberErrors[member]! / problem.normSquared[member]!) member = i;

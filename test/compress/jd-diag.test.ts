@@ -5,7 +5,7 @@ import { bestCoreOnBases } from '../../src/compress/slot-errors.js';
 import { buildSlotProblem, factoredNormSquared, type SlotEntry } from '../../src/compress/slot-problem.js';
 import { syntheticAdapterSet, syntheticModule } from '../../src/compress/synthetic-adapters.js';
 import type { LoraModule } from '../../src/io/lora-types.js';
-import { solveSymmetric, transpose } from '../../src/linalg/index.js';
+import { orthonormalColumns, solveSymmetric, transpose } from '../../src/linalg/index.js';
 import { Random } from '../../src/tensor/random.js';
 import { denseDelta, denseReconstruction, relativeDenseError } from './method-helpers.js';
 
@@ -44,6 +44,25 @@ describe('JD-Diag', () => {
     const history = diag.errorHistory;
     expect(history[history.length - 1]!).toBeLessThan(0.9 * history[0]!);
     for (let k = 1; k < history.length; k++) expect(history[k]!).toBeLessThanOrEqual(history[k - 1]! * (1 + 1e-12) + 1e-15);
+  });
+
+  it('keeps an atom that only an adapter 1e-6 the others\' size uses (weighting none), and never raises the error', () => {
+    const random = new Random(21);
+    const [inFeatures, outFeatures, rank] = [40, 30, 4];
+    const u = orthonormalColumns(random.fillNormal(new Float64Array(outFeatures * rank), 1), outFeatures, rank);
+    const v = orthonormalColumns(random.fillNormal(new Float64Array(inFeatures * rank), 1), inFeatures, rank);
+    const sigmas = [[1, 0.8, 0.6, 0], [0.7, 1.2, 0.5, 0], [0.9, 0.4, 1.1, 0], [0, 0, 0, 1e-6]];
+    const entries = sigmas.map((sigma, adapterIndex) => {
+      const b = new Float32Array(outFeatures * rank), a = new Float32Array(rank * inFeatures);
+      for (let o = 0; o < outFeatures; o++) for (let j = 0; j < rank; j++) b[o * rank + j] = u[o * rank + j]! * sigma[j]!;
+      for (let j = 0; j < rank; j++) for (let k = 0; k < inFeatures; k++) a[j * inFeatures + k] = v[k * rank + j]!;
+      return { adapterIndex, rank, scale: 1, a, b, normSquared: factoredNormSquared(a, b, rank, inFeatures, outFeatures, 1) };
+    });
+    const problem = buildSlotProblem(entries, inFeatures, outFeatures, 'none');
+    const fit = fitJdDiag(problem, fitJdFull(problem, rank, { seed: 3 }), { seed: 3, maxSweeps: 100 });
+    // exactly representable at rank 4: the small adapter's atom was re-seeded away (its error went to 1.0)
+    expect(Math.max(...fit.errors)).toBeLessThan(1e-3);
+    for (let k = 1; k < fit.errorHistory.length; k++) expect(fit.errorHistory[k]!).toBeLessThanOrEqual(fit.errorHistory[k - 1]!);
   });
 
   it('recovers a planted diagonal structure ΔWᵢ = U·diag(σᵢ)·Vᵀ', () => {
