@@ -8,6 +8,7 @@
  */
 import { SoppuError, isSoppuError } from '../errors/soppu-error.js';
 import type { BankReader } from '../compress/bank-reader-types.js';
+import { LOCAL_ADAPTER_PREFIX } from '../compress/bank-manifest.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
 import type { WeightDtype } from '../tensor/dtype.js';
@@ -396,6 +397,9 @@ export class AdapterCache {
       if (this.bytesResident <= this.options.budgetBytes) return;
       this.unload(entry);
       this.counts.evictions++;
+      // a folder named by a request (adapter_source local) is registered again by the next request naming it:
+      // kept on disk, every folder ever named stayed listed for good
+      if (entry.id.startsWith(LOCAL_ADAPTER_PREFIX) && this.entries.get(entry.id) === entry) this.entries.delete(entry.id);
     }
   }
 

@@ -219,6 +219,22 @@ describe('AdapterCache', () => {
     c.release(starved);
   });
 
+  it('forgets an evicted folder a request named (@local:): the next request naming it registers it again', async () => {
+    const { c } = cache(Math.round(bytes * 1.5));
+    const ids = [0, 1, 2].map((i) => `@local:/a/${i}`);
+    for (const [i, id] of ids.entries()) {
+      c.register(id, { source: 'local', dir: `/a/${i}` });
+      const entry = c.acquire(id);
+      await settle();
+      expect(entry.state).toBe('resident');
+      c.release(entry);
+    }
+    // the budget holds one: the first two were evicted and are no longer listed
+    expect(c.ids().filter((id) => id.startsWith('@local:'))).toEqual([ids[2]]);
+    expect(c.peek(ids[0]!)).toBeUndefined();
+    expect(c.peek('l0')).toBeDefined(); // registered ids stay
+  });
+
   it('counts the shared bases a load brings against the budget (other clusters wait instead of piling up)', async () => {
     const bank = handBank(config, { clusters: 5, perCluster: 2, rank: 6, seed: 3 });
     const probe = cache(1 << 30, bank).c;
