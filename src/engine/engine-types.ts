@@ -74,6 +74,8 @@ export type GenerateEvent =
       readonly promptTokens: number;
       readonly generatedTokens: number;
       readonly seed: number | null;
+      /** Milliseconds from submission to the first step that computed the request (its wait in the queue). */
+      readonly queueMs?: number;
       readonly prefill?: readonly TokenInfo[];
       /** With prefillDetails and topAlternatives: each prompt token's top alternatives (none for the first). */
       readonly prefillAlternatives?: readonly (readonly TokenInfo[])[];

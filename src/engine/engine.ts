@@ -117,6 +117,9 @@ class RequestState implements ScheduledSequence {
   prefillRows = 0;
   /** Removes the request's abort listener from its signal. */
   detachSignal: (() => void) | null = null;
+  /** performance.now() at submission, and when a step first computed it (0: not yet). */
+  readonly submittedAt = performance.now();
+  scheduledAt = 0;
 
   constructor(id: number, prompt: number[], request: GenerateRequest, entry: AdapterEntry | null, sampler: Sampler, tokenizer: EngineTokenizer) {
     this.id = id;
@@ -366,6 +369,7 @@ class SoppuEngine implements Engine {
         promptTokens: state.promptLength,
         generatedTokens: state.generated,
         seed: state.sampler.settings.sample ? state.sampler.seed : null,
+        queueMs: state.scheduledAt > 0 ? state.scheduledAt - state.submittedAt : 0,
         ...(state.prefill ? { prefill: state.prefill } : {}),
         ...(state.prefillAlternatives ? { prefillAlternatives: state.prefillAlternatives } : {}),
         ...(state.distributions ? { prefillDistributions: state.distributions } : {}),
@@ -453,6 +457,7 @@ class SoppuEngine implements Engine {
   /** One forward step over `entries` (synchronous compute). */
   private step(entries: StepEntry<RequestState>[]): void {
     const startedAt = performance.now();
+    for (const entry of entries) if (entry.seq.scheduledAt === 0) entry.seq.scheduledAt = startedAt;
     // rows of one adapter (and of one cluster) contiguous; ties by arrival
     const ordered = [...entries].sort(
       (p, q) => compareAdapters(p.seq.entry?.resident ?? null, q.seq.entry?.resident ?? null) || p.seq.id - q.seq.id,

@@ -140,26 +140,30 @@ export function openEventStream(reply: FastifyReply, headers: Record<string, str
 /** Records a finished generation in the LoRAX request metrics. */
 export function recordSuccess(
   context: ServerContext,
-  timing: { startedAt: number; validatedAt: number; firstEventMs: number; promptTokens: number; generatedTokens: number; maxNewTokens: number; inputs?: number },
-): { totalMs: number; inferenceMs: number; perTokenMs: number } {
+  timing: { startedAt: number; validatedAt: number; firstEventMs: number; queueMs?: number; promptTokens: number; generatedTokens: number; maxNewTokens: number; inputs?: number },
+): { totalMs: number; queueMs: number; inferenceMs: number; perTokenMs: number } {
   const now = performance.now();
   const totalMs = now - timing.startedAt;
-  // validation, then queue (to the first token, prefill included), then inference (first to last token): the
-  // three add up to the request's duration (inference from validation counted the queue twice)
-  const inferenceMs = Math.max(0, now - timing.validatedAt - timing.firstEventMs);
-  const perTokenMs = timing.generatedTokens > 1 ? inferenceMs / (timing.generatedTokens - 1) : 0;
+  // validation, then queue, then inference: the three add up to the request's duration. As LoRAX: the queue is
+  // the wait before the engine's first step with the request, inference the rest (prefill included), and the
+  // time per token inference / generated tokens. An engine that does not report its queue time: the queue runs
+  // to the first token, and the time per token is between tokens (none for one token)
+  const engineQueue = timing.queueMs !== undefined;
+  const queueMs = timing.queueMs ?? timing.firstEventMs;
+  const inferenceMs = Math.max(0, now - timing.validatedAt - queueMs);
+  const tokens = timing.generatedTokens;
+  const perTokenMs = engineQueue ? (tokens > 0 ? inferenceMs / tokens : 0) : tokens > 1 ? inferenceMs / (tokens - 1) : 0;
   const m = context.metrics;
   m.requestSuccess.inc();
   m.requestDuration.observe(totalMs / 1000);
   m.validationDuration.observe((timing.validatedAt - timing.startedAt) / 1000);
-  m.queueDuration.observe(timing.firstEventMs / 1000);
+  m.queueDuration.observe(queueMs / 1000);
   m.inferenceDuration.observe(inferenceMs / 1000);
-  // one token has no time between tokens: not observed (a 0 pulled the histogram down)
-  if (timing.generatedTokens > 1) m.meanTimePerToken.observe(perTokenMs / 1000);
+  if (engineQueue ? tokens > 0 : tokens > 1) m.meanTimePerToken.observe(perTokenMs / 1000);
   m.inputLength.observe(timing.promptTokens);
   m.generatedTokens.observe(timing.generatedTokens);
   m.maxNewTokens.observe(timing.maxNewTokens);
   m.skippedTokens.observe(0); // no prompt token is skipped (the details' skipped_tokens)
   m.inputCount.observe(timing.inputs ?? 1);
-  return { totalMs, inferenceMs, perTokenMs };
+  return { totalMs, queueMs, inferenceMs, perTokenMs };
 }

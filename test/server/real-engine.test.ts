@@ -183,6 +183,22 @@ describe('adapter upload and hot reload over the real engine', () => {
     expect(metrics.find((m) => m.name === 'lorax_batch_current_size')!.values[0]!.value).toBe(0);
   });
 
+  it('metrics and headers time the queue as LoRAX does: the wait before the first step, then inference per generated token', async () => {
+    const scrape = async () => (await (await fetch(`${base}/metrics`)).text());
+    const count = (text: string): number => Number(/^lorax_request_mean_time_per_token_duration_count (\S+)$/m.exec(text)?.[1] ?? NaN);
+    const before = count(await scrape());
+    const response = await fetch(`${base}/generate`, {
+      method: 'POST', headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ inputs: 'hello world', parameters: { max_new_tokens: 1 } }),
+    });
+    expect(response.status).toBe(200);
+    const header = (name: string): number => Number(response.headers.get(name));
+    // one token: its time is the inference (prefill) time, observed as LoRAX's time per token
+    expect(count(await scrape())).toBe(before + 1);
+    expect(header('x-time-per-token')).toBe(header('x-inference-time'));
+    expect(header('x-queue-time') + header('x-inference-time') + header('x-validation-time')).toBeLessThanOrEqual(header('x-total-time') + 3);
+  });
+
   it("metrics: LoRAX's batch metrics follow the engine's steps (prefill and decode), and a request's input count", async () => {
     const scrape = async () => (await (await fetch(`${base}/metrics`)).text());
     const value = (text: string, line: string): number => Number(new RegExp(`^${line.replace(/[{}"]/g, (c) => `\\${c}`)} (\\S+)$`, 'm').exec(text)?.[1] ?? NaN);
