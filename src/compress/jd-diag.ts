@@ -61,6 +61,8 @@ export function fitJdDiag(problem: SlotProblem, full: JdFullFit, options: JdFitO
     // the error never increases: a sweep that raised it (a revive's re-seed can) is undone and ends the fit
     if (state.totalError > previous) {
       ({ u, v, state } = before);
+      history.pop();
+      sweeps--;
       break;
     }
     const total = problem.normSquared.reduce((a, b) => a + b, 0);

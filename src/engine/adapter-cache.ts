@@ -208,6 +208,7 @@ export class AdapterCache {
     if (entry.users <= 0) throw new SoppuError('INTERNAL', `adapter ${entry.id} released more often than acquired`);
     entry.users--;
     entry.lastUse = ++this.clock;
+    if (entry.users === 0 && !entry.pinned) entry.waitingSince = 0; // nobody waits for it any more
     if (entry.users === 0 && entry.stale) this.drop(entry);
     else this.evictToFit();
     this.pump();
@@ -228,13 +229,16 @@ export class AdapterCache {
       // when nothing is loading and no request holds a resident adapter (one whose release frees room), nothing
       // would ever free room: the load starts anyway (a budget smaller than one adapter, or filled by pins); so
       // does one that has waited maxLoadWaitMs (steady traffic keeps some adapter in use at every moment)
-      const waited = entry.waitingSince > 0 && performance.now() - entry.waitingSince >= (this.options.maxLoadWaitMs ?? 2000);
+      const maxWait = this.options.maxLoadWaitMs ?? 2000;
+      const waited = entry.waitingSince > 0 && performance.now() - entry.waitingSince >= maxWait;
       if (!waited && (this.loading > 0 || this.residentInUse())) {
         // no adapter's size known yet (a cold start): one load at a time until one is, or a burst of
         // loads each counted as 0 bytes overshot the budget up to maxConcurrentLoads times
-        const blocked = (this.loading > 0 && this.estimate(entry) === 0) || this.heldBytes() + this.loadingEstimate() + this.estimate(entry) > this.options.budgetBytes;
+        const blocked = (this.loading > 0 && this.ownEstimate(entry) === 0) || this.plannedBytes(entry) > this.options.budgetBytes;
         if (blocked) {
           if (entry.waitingSince === 0) entry.waitingSince = performance.now();
+          // the wait ends by itself: nothing else may call pump meanwhile (a few long requests holding the rest)
+          this.pumpAfter(entry.waitingSince + maxWait - performance.now());
           return;
         }
       }
@@ -243,25 +247,23 @@ export class AdapterCache {
     }
   }
 
+  private pumpTimer: NodeJS.Timeout | null = null;
+
+  /** Calls pump once `ms` from now (one timer at a time; it never keeps the process alive). */
+  private pumpAfter(ms: number): void {
+    if (this.pumpTimer) return;
+    this.pumpTimer = setTimeout(() => {
+      this.pumpTimer = null;
+      this.pump();
+    }, Math.max(1, ms));
+    this.pumpTimer.unref();
+  }
+
   /** True when a request holds a resident adapter that is not pinned: its release would free room. */
   private residentInUse(): boolean {
     for (const e of this.entries.values()) if (e.resident && e.users > 0 && !e.pinned) return true;
     for (const e of this.staleHeld) if (e.resident) return true;
     return false;
-  }
-
-  /** An entry's bytes once loaded: its own (known, or the loaded ones' mean) and the shared bases it would bring. */
-  private estimate(entry: AdapterEntry): number {
-    return this.ownEstimate(entry) + this.missingBasesBytes(entry);
-  }
-
-  /** Bytes of the shared bases `entry` multiplies that are not resident (a load brings them too). */
-  private missingBasesBytes(entry: AdapterEntry): number {
-    if (entry.spec.source !== 'bank' || !entry.bank?.basesOf) return 0;
-    const bytesPerElement = (this.options.factorDtype ?? 'f32') === 'f32' ? 4 : 2;
-    let bytes = 0;
-    for (const { key, elements } of entry.bank.basesOf(entry.id)) if (!this.bases.has(key)) bytes += elements * bytesPerElement;
-    return bytes;
   }
 
   private ownEstimate(entry: AdapterEntry): number {
@@ -277,24 +279,37 @@ export class AdapterCache {
     return count > 0 ? total / count : 0;
   }
 
-  private loadingEstimate(): number {
-    let bytes = 0;
-    for (const e of this.entries.values()) if (e.state === 'loading') bytes += this.estimate(e);
-    for (const e of this.staleHeld) if (e.state === 'loading') bytes += this.estimate(e);
-    return bytes;
-  }
-
-  /** Bytes nobody may evict now: adapters held by requests or pinned, and the bases they use. */
-  private heldBytes(): number {
+  /**
+   * Bytes nobody may evict once `candidate` loads: adapters held by requests or pinned, the loads in flight and the
+   * candidate (own bytes known or estimated), and every shared base any of them uses, each counted once (resident
+   * or not yet: an in-flight load's bases are held before its adapter is).
+   */
+  private plannedBytes(candidate: AdapterEntry): number {
+    const bytesPerElement = (this.options.factorDtype ?? 'f32') === 'f32' ? 4 : 2;
     let bytes = 0;
     const keys = new Set<string>();
-    const count = (resident: ResidentAdapter): void => {
-      bytes += resident.bytes;
-      for (const key of resident.basesKeys) keys.add(key);
+    const addBases = (key: string, elements: number): void => {
+      if (keys.has(key)) return;
+      keys.add(key);
+      bytes += this.bases.get(key)?.bases.bytes ?? elements * bytesPerElement;
     };
-    for (const e of this.entries.values()) if (e.resident && (e.users > 0 || e.pinned)) count(e.resident);
-    for (const e of this.staleHeld) if (e.resident) count(e.resident);
-    for (const key of keys) bytes += this.bases.get(key)?.bases.bytes ?? 0;
+    const addResident = (resident: ResidentAdapter): void => {
+      bytes += resident.bytes;
+      for (const key of resident.basesKeys) addBases(key, 0);
+    };
+    const addPlanned = (entry: AdapterEntry): void => {
+      bytes += this.ownEstimate(entry);
+      if (entry.spec.source === 'bank' && entry.bank?.basesOf) for (const { key, elements } of entry.bank.basesOf(entry.id)) addBases(key, elements);
+    };
+    for (const e of this.entries.values()) {
+      if (e.resident && (e.users > 0 || e.pinned)) addResident(e.resident);
+      else if (e.state === 'loading') addPlanned(e);
+    }
+    for (const e of this.staleHeld) {
+      if (e.resident) addResident(e.resident);
+      else if (e.state === 'loading') addPlanned(e);
+    }
+    addPlanned(candidate);
     return bytes;
   }
 

@@ -477,14 +477,19 @@ class SoppuEngine implements Engine {
     this.lastBatchSize = ordered.length; // requests in the batch, as LoRAX's batch size
     this.scheduler.commit(ordered);
     const vocab = this.config.vocabSize;
-    for (let i = 0; i < ordered.length; i++) {
-      const entry = ordered[i]!;
-      const state = entry.seq;
-      const rows = batch.logitRowsOf[i]!;
-      if (batch.allRowsOf[i]) this.recordPrefill(state, entry, logits, rows);
-      if (!entry.wantsNext || state.finished) continue;
-      const row = rows[rows.length - 1]!;
-      this.emitToken(state, logits.subarray(row * vocab, (row + 1) * vocab));
+    try {
+      for (let i = 0; i < ordered.length; i++) {
+        const entry = ordered[i]!;
+        const state = entry.seq;
+        const rows = batch.logitRowsOf[i]!;
+        if (batch.allRowsOf[i]) this.recordPrefill(state, entry, logits, rows);
+        if (!entry.wantsNext || state.finished) continue;
+        const row = rows[rows.length - 1]!;
+        this.emitToken(state, logits.subarray(row * vocab, (row + 1) * vocab));
+      }
+    } catch (e) {
+      this.reportStep(ordered, startedAt, false); // the loop fails the step's requests
+      throw e;
     }
     this.reportStep(ordered, startedAt, true);
   }

@@ -63,6 +63,15 @@ describe('JD-Diag', () => {
     // exactly representable at rank 4: the small adapter's atom was re-seeded away (its error went to 1.0)
     expect(Math.max(...fit.errors)).toBeLessThan(1e-3);
     for (let k = 1; k < fit.errorHistory.length; k++) expect(fit.errorHistory[k]!).toBeLessThanOrEqual(fit.errorHistory[k - 1]!);
+    // with tolerance 0 sweeps run until one would raise the error: that one is undone and not counted
+    for (const seed of [1, 2, 3, 4, 5]) {
+      const set = syntheticAdapterSet({ slots: [{ path: 'm.q', inFeatures: 24, outFeatures: 20 }], count: 6, rank: 4, sharedRank: 3, seed });
+      const modules = set.map(({ adapter }) => adapter.modules.get('m.q')!);
+      const slotProblem = buildSlotProblem(modules.map((m, adapterIndex) => ({ adapterIndex, rank: m.rank, scale: m.scale, a: m.a, b: m.b, normSquared: factoredNormSquared(m.a, m.b, m.rank, 24, 20, m.scale) })), 24, 20, 'unit-norm');
+      const swept = fitJdDiag(slotProblem, fitJdFull(slotProblem, 3, { seed }), { seed, maxSweeps: 200, tolerance: 0 });
+      expect(swept.errorHistory.length, `seed ${seed}`).toBe(swept.sweeps + 1);
+      for (let k = 1; k < swept.errorHistory.length; k++) expect(swept.errorHistory[k]!, `seed ${seed}`).toBeLessThanOrEqual(swept.errorHistory[k - 1]!);
+    }
   });
 
   it('recovers a planted diagonal structure ΔWᵢ = U·diag(σᵢ)·Vᵀ', () => {

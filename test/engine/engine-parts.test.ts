@@ -219,6 +219,76 @@ describe('AdapterCache', () => {
     c.release(starved);
   });
 
+  it('a wait for room ends by itself (a timer), and a request that stopped waiting leaves no head start behind', async () => {
+    const make = () => {
+      const c = new AdapterCache({ budgetBytes: Math.round(bytes * 1.5), bank: null, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config), maxLoadWaitMs: 60 });
+      for (let i = 0; i < 2; i++) c.register(`l${i}`, { source: 'local', dir: `/a/${i}` });
+      return c;
+    };
+    // one long request holds l0, nothing else happens: l1 still loads once it has waited
+    const quiet = make();
+    const long = quiet.acquire('l0');
+    await settle();
+    const blocked = quiet.acquire('l1');
+    await settle();
+    expect(blocked.state).toBe('disk');
+    await new Promise((resolve) => setTimeout(resolve, 150));
+    await settle();
+    expect(blocked.state).toBe('resident');
+    quiet.release(long);
+    quiet.release(blocked);
+    // a request that gave up waiting (cancelled): a later one waits afresh instead of loading over the budget
+    const c = make();
+    const held = c.acquire('l0');
+    await settle();
+    const gaveUp = c.acquire('l1');
+    await settle();
+    c.release(gaveUp);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const later = c.acquire('l1');
+    await settle();
+    expect(later.state).toBe('disk');
+    expect(c.bytesResident).toBeLessThanOrEqual(Math.round(bytes * 1.5));
+    c.release(held);
+    await settle();
+    expect(later.state).toBe('resident');
+    c.release(later);
+  });
+
+  it('counts each shared base once: an in-flight load\'s bases (held before its adapter is) and two loads of one cluster', async () => {
+    const bank = handBank(config, { clusters: 5, perCluster: 2, rank: 6, seed: 3 });
+    const probe = cache(1 << 30, bank).c;
+    probe.acquire('c0-0');
+    await settle();
+    const one = probe.bytesResident;
+    for (let ticks = 0; ticks <= 16; ticks += 4) {
+      const { c } = cache(Math.round(one * 1.5), bank);
+      const warm = c.acquire('c4-0'); // a known size, then unheld (evictable)
+      await settle();
+      c.release(warm);
+      const first = c.acquire('c0-0');
+      for (let i = 0; i < ticks; i++) await new Promise((resolve) => setImmediate(resolve));
+      const second = c.acquire('c1-0'); // another cluster: no room beside the first one's bases
+      await settle();
+      await settle();
+      expect(c.bytesResident, `after ${ticks} ticks`).toBeLessThanOrEqual(Math.round(one * 1.5));
+      expect(second.state, `after ${ticks} ticks`).toBe('disk');
+      c.release(first);
+      c.release(second);
+    }
+    // two adapters of one cluster share its bases: both fit, so the second does not wait for the first
+    const { c } = cache(Math.round(one * 1.2), bank);
+    const warm = c.acquire('c4-0'); // a known size (a cold start loads one at a time), then unheld
+    await settle();
+    c.release(warm);
+    const a = c.acquire('c0-0');
+    const b = c.acquire('c0-1');
+    expect([a.state, b.state]).toEqual(['loading', 'loading']);
+    await settle();
+    await settle();
+    expect([a.state, b.state]).toEqual(['resident', 'resident']);
+  });
+
   it('forgets an evicted folder a request named (@local:): the next request naming it registers it again', async () => {
     const { c } = cache(Math.round(bytes * 1.5));
     const ids = [0, 1, 2].map((i) => `@local:/a/${i}`);

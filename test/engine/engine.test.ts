@@ -272,6 +272,18 @@ describe('engine', () => {
     }
   });
 
+  it('reports every step to onStep once, a step that fails after the forward pass too', async () => {
+    const base = charTokenizer();
+    let calls = 0;
+    const tokenizer = { ...base, isSpecial: (id: number) => { if (++calls === 3) throw new Error('boom while emitting'); return base.isSpecial(id); } };
+    const engine = await createEngine(options({ tokenizer }));
+    const steps: string[] = [];
+    engine.onStep!((step) => steps.push(`${step.method}:${step.ok ? 'ok' : 'failed'}`));
+    await expect(collect(engine.generate({ prompt: 'hello', maxNewTokens: 5, ignoreEos: true }))).rejects.toThrow(/boom while emitting/);
+    expect(steps).toEqual(['prefill:ok', 'decode:ok', 'decode:failed']);
+    await engine.close();
+  });
+
   it('a signal shared by many requests holds no listener once they end', async () => {
     const engine = await createEngine(options());
     const controller = new AbortController();
