@@ -180,6 +180,7 @@ export class AdapterCache {
   pin(id: string, pinned: boolean): AdapterEntry {
     const entry = this.entryFor(id);
     entry.pinned = pinned;
+    if (!pinned && entry.users === 0) entry.waitingSince = 0; // nobody waits for it any more
     if (!pinned) this.evictToFit();
     this.pump(); // a pin may start a load; an unpin may have freed room for one
     return entry;
@@ -208,7 +209,10 @@ export class AdapterCache {
     if (entry.users <= 0) throw new SoppuError('INTERNAL', `adapter ${entry.id} released more often than acquired`);
     entry.users--;
     entry.lastUse = ++this.clock;
-    if (entry.users === 0 && !entry.pinned) entry.waitingSince = 0; // nobody waits for it any more
+    if (entry.users === 0 && !entry.pinned) {
+      entry.waitingSince = 0; // nobody waits for it any more
+      this.forgetLocal(entry);
+    }
     if (entry.users === 0 && entry.stale) this.drop(entry);
     else this.evictToFit();
     this.pump();
@@ -234,7 +238,7 @@ export class AdapterCache {
       if (!waited && (this.loading > 0 || this.residentInUse())) {
         // no adapter's size known yet (a cold start): one load at a time until one is, or a burst of
         // loads each counted as 0 bytes overshot the budget up to maxConcurrentLoads times
-        const blocked = (this.loading > 0 && this.ownEstimate(entry) === 0) || this.plannedBytes(entry) > this.options.budgetBytes;
+        const blocked = (this.loading > 0 && this.ownEstimate(entry) === 0 && !this.knowsBasesOf(entry)) || this.plannedBytes(entry) > this.options.budgetBytes;
         if (blocked) {
           if (entry.waitingSince === 0) entry.waitingSince = performance.now();
           // the wait ends by itself: nothing else may call pump meanwhile (a few long requests holding the rest)
@@ -245,6 +249,22 @@ export class AdapterCache {
       entry.waitingSince = 0;
       void this.load(entry);
     }
+  }
+
+  /** True when the bank tells which shared bases `entry` brings (their sizes then plan its load, cold or not). */
+  private knowsBasesOf(entry: AdapterEntry): boolean {
+    return entry.spec.source === 'bank' && (entry.bank?.basesOf?.(entry.id).length ?? 0) > 0;
+  }
+
+  /**
+   * Forgets a folder a request named (@local:) once nothing holds, pins or loads it and it is not resident (not
+   * loaded, failed, or evicted): the next request naming the folder registers it again. Kept, every folder ever
+   * named stayed listed and in memory for good.
+   */
+  private forgetLocal(entry: AdapterEntry): void {
+    if (!entry.id.startsWith(LOCAL_ADAPTER_PREFIX) || entry.users > 0 || entry.pinned) return;
+    if (entry.state === 'resident' || entry.state === 'loading') return;
+    if (this.entries.get(entry.id) === entry) this.entries.delete(entry.id);
   }
 
   private pumpTimer: NodeJS.Timeout | null = null;
@@ -361,6 +381,7 @@ export class AdapterCache {
     } finally {
       this.loading--;
     }
+    this.forgetLocal(entry);
     this.evictToFit();
     this.pump();
     this.options.onSettled?.();
@@ -412,9 +433,7 @@ export class AdapterCache {
       if (this.bytesResident <= this.options.budgetBytes) return;
       this.unload(entry);
       this.counts.evictions++;
-      // a folder named by a request (adapter_source local) is registered again by the next request naming it:
-      // kept on disk, every folder ever named stayed listed for good
-      if (entry.id.startsWith(LOCAL_ADAPTER_PREFIX) && this.entries.get(entry.id) === entry) this.entries.delete(entry.id);
+      this.forgetLocal(entry);
     }
   }
 

@@ -303,6 +303,42 @@ describe('AdapterCache', () => {
     expect(c.ids().filter((id) => id.startsWith('@local:'))).toEqual([ids[2]]);
     expect(c.peek(ids[0]!)).toBeUndefined();
     expect(c.peek('l0')).toBeDefined(); // registered ids stay
+    // nor do folders that failed to load, or that a request stopped waiting for
+    for (let i = 0; i < 5; i++) {
+      c.register(`@local:/missing/${i}`, { source: 'local', dir: `/missing/${i}` });
+      const failed = c.acquire(`@local:/missing/${i}`);
+      await settle();
+      expect(failed.state).toBe('failed');
+      c.release(failed);
+    }
+    const holder = c.acquire(ids[2]!);
+    c.register('@local:/a/4', { source: 'local', dir: '/a/4' });
+    const gaveUp = c.acquire('@local:/a/4');
+    await settle();
+    expect(gaveUp.state).toBe('disk'); // no room beside the held one
+    c.release(gaveUp);
+    expect(c.ids().filter((id) => id.startsWith('@local:'))).toEqual([ids[2]]);
+    c.release(holder);
+  });
+
+  it('an unpin leaves no head start; cold bank loads whose bases the bank tells start together', async () => {
+    const c = new AdapterCache({ budgetBytes: Math.round(bytes * 1.5), bank: null, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config), maxLoadWaitMs: 60 });
+    for (let i = 0; i < 2; i++) c.register(`l${i}`, { source: 'local', dir: `/a/${i}` });
+    const held = c.acquire('l0');
+    await settle();
+    c.pin('l1', true); // no room: held back
+    await settle();
+    c.pin('l1', false);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+    const later = c.acquire('l1');
+    await settle();
+    expect(later.state).toBe('disk'); // it waits afresh, not over the budget at once
+    c.release(held);
+    c.release(later);
+    const bank = handBank(config, { clusters: 4, perCluster: 1, rank: 2, seed: 2 });
+    const cold = cache(1 << 30, bank).c;
+    const loads = ['c0-0', 'c1-0', 'c2-0', 'c3-0'].map((id) => cold.acquire(id));
+    expect(loads.map((e) => e.state)).toEqual(['loading', 'loading', 'loading', 'loading']);
   });
 
   it('counts the shared bases a load brings against the budget (other clusters wait instead of piling up)', async () => {
