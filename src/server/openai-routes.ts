@@ -167,7 +167,7 @@ async function streamOpenAi(context: ServerContext, request: FastifyRequest, rep
     for await (const event of eventsOf(prepared.started)) {
       if (event.type === 'token') {
         // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips
-        const piece = text.push(event.token.special ? '' : event.token.text);
+        const piece = event.token.special ? text.push('', event.token.text) : text.push(event.token.text);
         // a token's logprobs ride on the chunk of its event (its text may come in a later chunk: held back at a stop)
         const entry = logprobs && (!event.token.special || dialect === 'completion') ? logprobs.render([logprobs.add(event.token, event.alternatives)]) : null;
         if (piece !== '' || first || entry) {
