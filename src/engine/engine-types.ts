@@ -76,6 +76,8 @@ export type GenerateEvent =
       readonly seed: number | null;
       /** Milliseconds from submission to the first step that computed the request (its wait in the queue). */
       readonly queueMs?: number;
+      /** With finishReason stop_sequence: the index of the generated token the stop starts in (it and later ones belong to the stop). */
+      readonly stopToken?: number;
       readonly prefill?: readonly TokenInfo[];
       /** With prefillDetails and topAlternatives: each prompt token's top alternatives (none for the first). */
       readonly prefillAlternatives?: readonly (readonly TokenInfo[])[];

@@ -370,6 +370,7 @@ class SoppuEngine implements Engine {
         generatedTokens: state.generated,
         seed: state.sampler.settings.sample ? state.sampler.seed : null,
         queueMs: state.scheduledAt > 0 ? state.scheduledAt - state.submittedAt : 0,
+        ...(reason === 'stop_sequence' && state.stopWindow.stopToken !== null ? { stopToken: state.stopWindow.stopToken } : {}),
         ...(state.prefill ? { prefill: state.prefill } : {}),
         ...(state.prefillAlternatives ? { prefillAlternatives: state.prefillAlternatives } : {}),
         ...(state.distributions ? { prefillDistributions: state.distributions } : {}),

@@ -7,8 +7,11 @@
 export class StopWindow {
   private readonly stops: readonly string[];
   private readonly keep: number;
-  private chunks: { text: string; special: boolean }[] = [];
+  private chunks: { text: string; special: boolean; token: number }[] = [];
   private length = 0;
+  private pushes = 0;
+  /** Once a stop matched: the index (in push order) of the token it starts in; tokens from it on belong to it. */
+  stopToken: number | null = null;
   /** The generated text's length where the window starts (its special tokens' text not counted). */
   private textStart = 0;
 
@@ -26,8 +29,9 @@ export class StopWindow {
    */
   push(piece: string, specialText: string | null): number | null {
     const before = this.length;
-    if (piece.length > 0) this.add(piece, false);
-    if (specialText !== null && specialText.length > 0) this.add(specialText, true);
+    const token = this.pushes++;
+    if (piece.length > 0) this.add(piece, false, token);
+    if (specialText !== null && specialText.length > 0) this.add(specialText, true, token);
     if (this.length === before) return null;
     const joined = this.chunks.map((chunk) => chunk.text).join('');
     let at = -1;
@@ -35,7 +39,10 @@ export class StopWindow {
       const found = joined.indexOf(stop, Math.max(0, before - stop.length + 1));
       if (found >= 0 && (at < 0 || found < at)) at = found;
     }
-    if (at >= 0) return this.textIndexOf(at);
+    if (at >= 0) {
+      this.stopToken = this.tokenAt(at);
+      return this.textIndexOf(at);
+    }
     // drop whole chunks while the rest still holds `keep` characters
     while (this.chunks.length > 0 && this.length - this.chunks[0]!.text.length >= this.keep) {
       const dropped = this.chunks.shift()!;
@@ -45,9 +52,19 @@ export class StopWindow {
     return null;
   }
 
-  private add(text: string, special: boolean): void {
-    this.chunks.push({ text, special });
+  private add(text: string, special: boolean, token: number): void {
+    this.chunks.push({ text, special, token });
     this.length += text.length;
+  }
+
+  /** The token whose chunk holds window position `at`. */
+  private tokenAt(at: number): number {
+    let position = 0;
+    for (const chunk of this.chunks) {
+      if (position + chunk.text.length > at) return chunk.token;
+      position += chunk.text.length;
+    }
+    return this.pushes - 1;
   }
 
   /** The generated text's index of window position `at`. */

@@ -19,6 +19,8 @@ export interface LogprobEntry {
   readonly inPrompt?: boolean;
   /** A generated special token (eos): no text of its own in the answer. */
   readonly special?: boolean;
+  /** A generated token's index among the generated tokens (specials counted). */
+  readonly generated?: number;
 }
 
 /** OpenAI's stand-in for a log probability of −∞ (JSON has no infinity). */
@@ -32,6 +34,19 @@ function topByText(alternatives: readonly TokenInfo[]): Record<string, number> {
   const top: Record<string, number> = {};
   for (const a of alternatives) if (!Object.hasOwn(top, a.text)) top[a.text] = finite(a.logprob);
   return top;
+}
+
+/**
+ * Whether `entry` belongs to the returned answer ending at `textEnd`: a prompt token; with `stopToken` (where a
+ * stop sequence starts), a token before it, or the one it starts in when that token's text begins in the answer;
+ * else a token starting before `textEnd`, or a special one (eos) at it.
+ */
+export function inAnswer(entry: LogprobEntry, textEnd: number, stopToken?: number): boolean {
+  if (entry.inPrompt) return true;
+  if (stopToken !== undefined && entry.generated !== undefined) {
+    return entry.generated < stopToken || (entry.generated === stopToken && !entry.special && entry.offset < textEnd);
+  }
+  return entry.offset < textEnd || (entry.special === true && entry.offset <= textEnd);
 }
 
 /** Collects a stream of tokens and renders them in one OpenAI dialect. */
@@ -79,8 +94,11 @@ export class LogprobCollector {
    * Adds a generated token and returns its entry. A special one (eos) adds no text: it stands at the text's
    * end under its own name (completions list it, as a loglikelihood client counts on; chat leaves it out).
    */
-  add(token: TokenInfo, alternatives: readonly TokenInfo[] = []): LogprobEntry {
-    const entry: LogprobEntry = { id: token.id, token: token.text, logprob: token.logprob, alternatives, offset: this.offset, ...(token.special ? { special: true } : {}) };
+  add(token: TokenInfo, alternatives: readonly TokenInfo[] = [], generated?: number): LogprobEntry {
+    const entry: LogprobEntry = {
+      id: token.id, token: token.text, logprob: token.logprob, alternatives, offset: this.offset,
+      ...(token.special ? { special: true } : {}), ...(generated !== undefined ? { generated } : {}),
+    };
     if (!token.special) this.offset += token.text.length;
     this.entries.push(entry);
     return entry;
@@ -103,10 +121,12 @@ export class LogprobCollector {
 
   /**
    * The prompt's tokens, and every generated token that starts before `textEnd` (where the returned text ends:
-   * a stop sequence cuts the tokens after it), a special one at the end included.
+   * a stop sequence cuts the tokens after it), a special one at the end included. With `stopToken` (the done
+   * event's: the generated token a stop sequence starts in), the generated tokens before it: a special token
+   * that begins the stop stands at the text's end too, and is the stop's, not the answer's.
    */
-  all(textEnd = Number.POSITIVE_INFINITY): LogprobEntry[] {
-    return this.entries.filter((e) => e.inPrompt || e.offset < textEnd || (e.special && e.offset <= textEnd));
+  all(textEnd = Number.POSITIVE_INFINITY, stopToken?: number): LogprobEntry[] {
+    return this.entries.filter((e) => inAnswer(e, textEnd, stopToken));
   }
 
   private bytesOf(id: number, text: string): number[] {

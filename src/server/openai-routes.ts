@@ -7,7 +7,7 @@ import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { AdapterStatus } from '../engine/engine-types.js';
 import { failureLabel, openAiErrorBody, toSoppuError } from './error-response.js';
 import { adapterNotFound, refuseUntokenizable } from './generation-service.js';
-import { LogprobCollector } from './logprob-collector.js';
+import { LogprobCollector, inAnswer, type LogprobEntry } from './logprob-collector.js';
 import { recordDone, startCall, type Prepared } from './lorax-routes.js';
 import type { buildSchemas } from './request-schemas.js';
 import { abortOnDisconnect, callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
@@ -62,16 +62,18 @@ async function collectChoice(prepared: Prepared, dialect: Dialect, extras: OpenA
   const answerStart = call.returnFullText ? call.prompt.length : 0;
   const logprobs = collectorFor(call, dialect, extras);
   let done: DoneEvent | null = null;
+  let generated = 0;
   for await (const event of eventsOf(prepared.started)) {
     if (event.type === 'done') done = event;
     // completions list a special token (eos) too: a loglikelihood client counts the generated tokens
-    else if (logprobs && (!event.token.special || dialect === 'completion')) logprobs.add(event.token, event.alternatives);
+    else if (logprobs && (!event.token.special || dialect === 'completion')) logprobs.add(event.token, event.alternatives, generated++);
+    else generated++;
   }
   if (!done) throw toSoppuError(new Error('generation ended without a final event'));
   const text = fullText(call, done);
   logprobs?.finish(done.generatedText, answerStart);
   if (logprobs && done.prefill) logprobs.addPrompt(done.prefill, done.prefillAlternatives, call.prompt); // echo: the prompt's tokens lead
-  const tokenLogprobs = logprobs ? logprobs.render(logprobs.all(answerStart + done.generatedText.length)) : null;
+  const tokenLogprobs = logprobs ? logprobs.render(logprobs.all(answerStart + done.generatedText.length, done.stopToken)) : null;
   const finishReason = toOpenAiFinishReason(done.finishReason);
   const choice =
     dialect === 'chat'
@@ -164,12 +166,20 @@ async function streamOpenAi(context: ServerContext, request: FastifyRequest, rep
       first = false;
     }
     let done: DoneEvent | null = null;
+    let generated = 0;
+    // a token's logprobs go out once text from its start on has been sent: held back with the text that may begin
+    // a stop (a stop's tokens are left out of the answer's logprobs, as its text is)
+    const pending: LogprobEntry[] = [];
+    const answerStart = call.returnFullText ? call.prompt.length : 0;
     for await (const event of eventsOf(prepared.started)) {
       if (event.type === 'token') {
         // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips
         const piece = event.token.special ? text.push('', event.token.text) : text.push(event.token.text);
-        // a token's logprobs ride on the chunk of its event (its text may come in a later chunk: held back at a stop)
-        const entry = logprobs && (!event.token.special || dialect === 'completion') ? logprobs.render([logprobs.add(event.token, event.alternatives)]) : null;
+        if (logprobs && (!event.token.special || dialect === 'completion')) pending.push(logprobs.add(event.token, event.alternatives, generated));
+        generated++;
+        let ready = 0;
+        while (ready < pending.length && pending[ready]!.offset - answerStart < text.sentLength) ready++;
+        const entry = logprobs && ready > 0 ? logprobs.render(pending.splice(0, ready)) : null;
         if (piece !== '' || first || entry) {
           send(choiceChunk(dialect, piece, null, first, entry));
           first = false;
@@ -179,7 +189,10 @@ async function streamOpenAi(context: ServerContext, request: FastifyRequest, rep
       }
     }
     if (!done) throw toSoppuError(new Error('generation ended without a final event'));
-    send(choiceChunk(dialect, text.finish(done.generatedText), toOpenAiFinishReason(done.finishReason), first));
+    const finalDone: DoneEvent = done;
+    logprobs?.finish(finalDone.generatedText, answerStart);
+    const rest = pending.filter((e) => inAnswer(e, answerStart + finalDone.generatedText.length, finalDone.stopToken));
+    send(choiceChunk(dialect, text.finish(done.generatedText), toOpenAiFinishReason(done.finishReason), first, logprobs && rest.length > 0 ? logprobs.render(rest) : null));
     if (extras.includeUsage) sendChunk([], { usage: toUsage(done) });
     events.send('data: [DONE]\n\n');
     record(done);

@@ -399,6 +399,11 @@ export class StopSafeText {
     return out;
   }
 
+  /** Characters sent so far (no stop can begin before them). */
+  get sentLength(): number {
+    return this.sent;
+  }
+
   /** The rest of the final text. */
   finish(finalText: string): string {
     return finalText.slice(Math.min(this.sent, finalText.length));

@@ -506,6 +506,20 @@ describe('IncrementalDecoder', () => {
 });
 
 describe('StopWindow', () => {
+  it('tells the token a matched stop starts in', () => {
+    const tokens: [string, string | null][] = [['ab', null], ['c', null], ['', '</s>'], ['W', null], ['x', null]];
+    const startOf = (stop: string): number | null => {
+      const window = new StopWindow([stop]);
+      for (const [piece, special] of tokens) if (window.push(piece, special) !== null) return window.stopToken;
+      return null;
+    };
+    expect(startOf('</s>W')).toBe(2);
+    expect(startOf('c</s>')).toBe(1);
+    expect(startOf('bc')).toBe(0);
+    expect(startOf('Wx')).toBe(3);
+    expect(startOf('zz')).toBeNull();
+  });
+
   it('cuts at a stop across pieces, however long the text before it', () => {
     const window = new StopWindow(['lo w', 'zz']);
     let text = '';

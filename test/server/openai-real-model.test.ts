@@ -13,7 +13,7 @@ import { createEngine } from '../../src/engine/engine.js';
 import type { Engine } from '../../src/engine/engine-types.js';
 import { generateModel } from '../../src/io/fixtures/generate-model.js';
 import type { SoppuServer } from '../../src/server/create-server.js';
-import { testServer } from './helpers.js';
+import { sseEvents, testServer } from './helpers.js';
 
 let root = '';
 let engine: Engine;
@@ -222,6 +222,42 @@ describe('OpenAI routes over a BPE model', () => {
     const plain: OpenAI.ChatCompletionChunk[] = [];
     for await (const chunk of await client.chat.completions.create({ ...args, stream: true })) plain.push(chunk);
     expect(plain.every((c) => c.usage === undefined && c.choices.length === 1)).toBe(true);
+  });
+
+  it("a stop's tokens are in neither the streamed nor the whole answer's logprobs, and the two agree (also around special tokens)", async () => {
+    type Logprobs = { tokens: string[]; text_offset: number[] };
+    const ask = async (stop: string[], stream: boolean): Promise<{ text: string; logprobs: Logprobs }> => {
+      const response = await fetch(`${base}/v1/completions`, {
+        method: 'POST', headers: { 'content-type': 'application/json' },
+        body: JSON.stringify({ model: '', prompt: "It's", max_tokens: 40, temperature: 0, logprobs: 1, stop, stream }),
+      });
+      if (!stream) {
+        const body = (await response.json()) as { choices: { text: string; logprobs: Logprobs }[] };
+        return body.choices[0]!;
+      }
+      const chunks = sseEvents(await response.text()).filter((c): c is { choices: { text: string; logprobs: Logprobs | null }[] } => c !== '[DONE]');
+      const logprobs: Logprobs = { tokens: [], text_offset: [] };
+      for (const chunk of chunks) {
+        const piece = chunk.choices[0]?.logprobs;
+        if (piece) {
+          logprobs.tokens.push(...piece.tokens);
+          logprobs.text_offset.push(...piece.text_offset);
+        }
+      }
+      return { text: chunks.map((c) => c.choices[0]?.text ?? '').join(''), logprobs };
+    };
+    const free = await ask([], false);
+    const special = free.logprobs.tokens.findIndex((t) => /^<\|.*\|>$/.test(t));
+    expect(special).toBeGreaterThan(2); // this fixture's greedy answer to "It's" holds a special token (not eos)
+    const next = free.logprobs.tokens[special + 1]!;
+    for (const stop of [`${free.logprobs.tokens[special]!}${next}`, free.logprobs.tokens[special - 1]!.slice(-1) + free.logprobs.tokens[special]!]) {
+      const whole = await ask([stop], false);
+      const streamed = await ask([stop], true);
+      expect(streamed.text, stop).toBe(whole.text);
+      expect(streamed.logprobs, stop).toEqual({ tokens: whole.logprobs.tokens, text_offset: whole.logprobs.text_offset });
+      expect(whole.logprobs.tokens, stop).not.toContain(free.logprobs.tokens[special]!); // the special token begins or ends the stop
+      expect(whole.logprobs.tokens.join('').startsWith(whole.text), stop).toBe(true);
+    }
   });
 
   it('refuses a prompt too long to fit before tokenizing it, on /generate and /tokenize alike', async () => {
