@@ -65,6 +65,8 @@ export type GenerateEvent =
       readonly type: 'token';
       readonly token: TokenInfo;
       readonly alternatives?: readonly TokenInfo[];
+      /** This token completes a stop sequence: the generated text ends at this index (the stop excluded). */
+      readonly stopCut?: number;
     }
   | {
       readonly type: 'done';

@@ -589,22 +589,23 @@ class SoppuEngine implements Engine {
     const piece = state.decoder.push(sampled.id);
     state.text += piece;
     const token: TokenInfo = { id: sampled.id, text: special ? this.tokenizer.decode([sampled.id], false) : piece, logprob: sampled.logprob, special };
+    const eos = !request.ignoreEos && this.eosIds.has(sampled.id);
+    // an eos ends the request first; else a stop that this token completes (its cut rides on the token's event)
+    const cut = !eos && state.stops.length > 0 ? state.stopWindow.push(piece, special ? token.text : null) : null;
     state.queue.push({
       type: 'token',
       token,
       ...(request.topAlternatives ? { alternatives: sampled.alternatives.map((a) => this.tokenInfo(a.id, a.logprob)) } : {}),
+      ...(cut !== null ? { stopCut: cut } : {}),
     });
-    if (!request.ignoreEos && this.eosIds.has(sampled.id)) {
+    if (eos) {
       this.finish(state, 'eos_token');
       return;
     }
-    if (state.stops.length > 0) {
-      const cut = state.stopWindow.push(piece, special ? token.text : null);
-      if (cut !== null) {
-        state.text = state.text.slice(0, cut);
-        this.finish(state, 'stop_sequence');
-        return;
-      }
+    if (cut !== null) {
+      state.text = state.text.slice(0, cut);
+      this.finish(state, 'stop_sequence');
+      return;
     }
     if (state.generated >= request.maxNewTokens) this.finish(state, 'length');
   }

@@ -174,7 +174,7 @@ async function streamOpenAi(context: ServerContext, request: FastifyRequest, rep
     for await (const event of eventsOf(prepared.started)) {
       if (event.type === 'token') {
         // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips
-        const piece = event.token.special ? text.push('', event.token.text) : text.push(event.token.text);
+        const piece = text.push(event.token.special ? '' : event.token.text, event.stopCut);
         if (logprobs && (!event.token.special || dialect === 'completion')) pending.push(logprobs.add(event.token, event.alternatives, generated));
         generated++;
         let ready = 0;

@@ -5,7 +5,6 @@
  */
 import type { FinishReason, GenerateEvent, SamplingParams, TokenInfo } from '../engine/engine-types.js';
 import { SoppuError } from '../errors/soppu-error.js';
-import { StopWindow } from '../engine/stop-window.js';
 import { MAX_CHOICES } from './request-schemas.js';
 
 /** A generation as the server sees it, whichever dialect it came in. */
@@ -376,23 +375,21 @@ export class StopSafeText {
   /** Where the final text ends once a stop completed (nothing after it is sent). */
   private cut: number | null = null;
   private readonly holdBack: number;
-  /** Stops matched as the engine matches them: on the text with special tokens' text kept. */
-  private readonly window: StopWindow | null;
 
   constructor(stop: readonly string[]) {
-    const stops = stop.filter((s) => s.length > 0);
     // the token that completes a stop sequence is still reported before 'done', so hold back a full stop length
-    this.holdBack = Math.max(0, ...stops.map((s) => s.length));
-    this.window = stops.length > 0 ? new StopWindow(stops) : null;
+    this.holdBack = Math.max(0, ...stop.map((s) => s.length));
   }
 
-  /** Adds a token: its decoded text ('' for a special token) and a special token's own text; returns what may be sent now. */
-  push(tokenText: string, specialText: string | null = null): string {
+  /**
+   * Adds a token's decoded text ('' for a special token) and, when it completes a stop sequence, the engine's
+   * cut (its event's stopCut: the engine matches stops with special tokens' text kept); returns what may be sent.
+   */
+  push(tokenText: string, stopCut?: number): string {
     if (this.cut !== null) return '';
     this.text += tokenText;
     let end = this.text.length - this.holdBack;
-    const cut = this.window?.push(tokenText, specialText) ?? null;
-    if (cut !== null) end = this.cut = cut;
+    if (stopCut !== undefined) end = this.cut = stopCut;
     const safe = Math.max(this.sent, end);
     const out = this.text.slice(this.sent, safe);
     this.sent = safe;

@@ -88,10 +88,12 @@ export class FakeEngine implements Engine {
             const ch = text[i] as string;
             generated += ch;
             const alternatives = request.topAlternatives ? [{ id: 1, text: 'z', logprob: -3, special: false }].slice(0, request.topAlternatives) : undefined;
-            yield { type: 'token', token: { id: ch.charCodeAt(0), text: ch, logprob: -0.5, special: false }, alternatives };
+            // as the engine: the token that completes a stop carries where the text is cut
             const stop = (request.stop ?? []).find((s) => generated.endsWith(s));
-            if (stop !== undefined) {
-              generated = generated.slice(0, generated.length - stop.length);
+            const stopCut = stop !== undefined ? generated.length - stop.length : undefined;
+            yield { type: 'token', token: { id: ch.charCodeAt(0), text: ch, logprob: -0.5, special: false }, alternatives, ...(stopCut !== undefined ? { stopCut } : {}) };
+            if (stopCut !== undefined) {
+              generated = generated.slice(0, stopCut);
               finishReason = 'stop_sequence';
               break;
             }

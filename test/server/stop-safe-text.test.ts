@@ -1,16 +1,21 @@
 /**
- * StopSafeText: what an OpenAI stream sends is always a prefix of the final text, and stops are recognised
- * on the same view the engine matches them on (special tokens' text kept), so the stream neither leaks a stop
- * nor stalls on text that only looks like one once special tokens are dropped.
+ * StopSafeText: what an OpenAI stream sends is always a prefix of the final text, and a stop is where the
+ * engine found it (special tokens' text kept; the completing token's event carries the cut), so the stream
+ * neither leaks a stop nor stalls on text that only looks like one once special tokens are dropped.
  */
 import { describe, expect, it } from 'vitest';
+import { StopWindow } from '../../src/engine/stop-window.js';
 import { StopSafeText } from '../../src/server/wire.js';
 
 type Token = readonly [text: string, special: string | null];
 
 function stream(stops: readonly string[], tokens: readonly Token[]): { sent: string[]; text: string } {
   const safe = new StopSafeText(stops);
-  const sent = tokens.map(([text, special]) => (special === null ? safe.push(text) : safe.push('', special)));
+  const engine = new StopWindow(stops); // the engine's matching: its cut rides on the completing token's event
+  const sent = tokens.map(([text, special]) => {
+    const piece = special === null ? text : '';
+    return safe.push(piece, engine.push(piece, special) ?? undefined);
+  });
   return { sent, text: sent.join('') };
 }
 
