@@ -53,6 +53,8 @@ export function inAnswer(entry: LogprobEntry, textEnd: number, stopToken?: numbe
 export class LogprobCollector {
   private offset: number;
   private readonly entries: LogprobEntry[] = [];
+  /** Generated tokens added so far, listed or not. */
+  private generated = 0;
 
   /** `startOffset`: where the answer starts in the returned text (the prompt's length when it is echoed). */
   /**
@@ -91,14 +93,14 @@ export class LogprobCollector {
   }
 
   /**
-   * Adds a generated token and returns its entry. A special one (eos) adds no text: it stands at the text's
-   * end under its own name (completions list it, as a loglikelihood client counts on; chat leaves it out).
+   * Adds the next generated token and returns its entry, numbered among the generated tokens. A special one (eos)
+   * adds no text: it stands at the text's end under its own name (completions list it, as a loglikelihood client
+   * counts on; chat leaves it out: null).
    */
-  add(token: TokenInfo, alternatives: readonly TokenInfo[] = [], generated?: number): LogprobEntry {
-    const entry: LogprobEntry = {
-      id: token.id, token: token.text, logprob: token.logprob, alternatives, offset: this.offset,
-      ...(token.special ? { special: true } : {}), ...(generated !== undefined ? { generated } : {}),
-    };
+  add(token: TokenInfo, alternatives: readonly TokenInfo[] = []): LogprobEntry | null {
+    const generated = this.generated++;
+    if (token.special && this.dialect === 'chat') return null;
+    const entry: LogprobEntry = { id: token.id, token: token.text, logprob: token.logprob, alternatives, offset: this.offset, generated, ...(token.special ? { special: true } : {}) };
     if (!token.special) this.offset += token.text.length;
     this.entries.push(entry);
     return entry;

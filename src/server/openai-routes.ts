@@ -62,12 +62,9 @@ async function collectChoice(prepared: Prepared, dialect: Dialect, extras: OpenA
   const answerStart = call.returnFullText ? call.prompt.length : 0;
   const logprobs = collectorFor(call, dialect, extras);
   let done: DoneEvent | null = null;
-  let generated = 0;
   for await (const event of eventsOf(prepared.started)) {
     if (event.type === 'done') done = event;
-    // completions list a special token (eos) too: a loglikelihood client counts the generated tokens
-    else if (logprobs && (!event.token.special || dialect === 'completion')) logprobs.add(event.token, event.alternatives, generated++);
-    else generated++;
+    else logprobs?.add(event.token, event.alternatives);
   }
   if (!done) throw toSoppuError(new Error('generation ended without a final event'));
   const text = fullText(call, done);
@@ -166,7 +163,6 @@ async function streamOpenAi(context: ServerContext, request: FastifyRequest, rep
       first = false;
     }
     let done: DoneEvent | null = null;
-    let generated = 0;
     // a token's logprobs go out once text from its start on has been sent: held back with the text that may begin
     // a stop (a stop's tokens are left out of the answer's logprobs, as its text is)
     const pending: LogprobEntry[] = [];
@@ -175,8 +171,8 @@ async function streamOpenAi(context: ServerContext, request: FastifyRequest, rep
       if (event.type === 'token') {
         // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips
         const piece = text.push(event.token.special ? '' : event.token.text, event.stopCut);
-        if (logprobs && (!event.token.special || dialect === 'completion')) pending.push(logprobs.add(event.token, event.alternatives, generated));
-        generated++;
+        const added = logprobs?.add(event.token, event.alternatives);
+        if (added) pending.push(added);
         let ready = 0;
         while (ready < pending.length && pending[ready]!.offset - answerStart < text.sentLength) ready++;
         const entry = logprobs && ready > 0 ? logprobs.render(pending.splice(0, ready)) : null;
