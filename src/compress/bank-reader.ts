@@ -83,13 +83,17 @@ export class Bank implements BankReader {
   basesOf(id: string): { key: string; elements: number }[] {
     const entry = this.adapterById.get(id);
     if (!entry) return [];
-    const basesFile = this.manifest.basesFiles[entry.cluster] ?? null;
     return Object.entries(entry.perSlot)
       .filter(([, part]) => part.storage === 'compressed')
       .map(([path, part]) => {
         const slot = this.slot(path);
-        return { key: basesKeyOf(entry.cluster, path, basesFile), elements: part.rank! * (slot.inFeatures + slot.outFeatures) };
+        return { key: this.basesKey(entry, path), elements: part.rank! * (slot.inFeatures + slot.outFeatures) };
       });
+  }
+
+  /** The key of the shared bases an adapter's slot multiplies, naming this version's bases file. */
+  private basesKey(entry: ManifestAdapter, path: string): string {
+    return basesKeyOf(entry.cluster, path, this.manifest.basesFiles[entry.cluster]);
   }
 
   /**
@@ -130,7 +134,7 @@ export class Bank implements BankReader {
       if (part.storage === 'compressed') {
         const diagonal = slot.method === 'jd-diag';
         const core = this.tensor(file, `${path}.core`, diagonal ? [rank] : [rank, rank]);
-        slots.set(path, { kind: 'compressed', path, basesKey: basesKeyOf(entry.cluster, path, this.manifest.basesFiles[entry.cluster]), rank, diagonal, core });
+        slots.set(path, { kind: 'compressed', path, basesKey: this.basesKey(entry, path), rank, diagonal, core });
         bytes += core.byteLength;
       } else {
         const a = this.tensor(file, `${path}.lora_A`, [rank, slot.inFeatures]);

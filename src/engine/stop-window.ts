@@ -40,8 +40,9 @@ export class StopWindow {
       if (found >= 0 && (at < 0 || found < at)) at = found;
     }
     if (at >= 0) {
-      this.stopToken = this.tokenAt(at);
-      return this.textIndexOf(at);
+      const { token: startToken, textIndex } = this.locate(at);
+      this.stopToken = startToken;
+      return textIndex;
     }
     // drop whole chunks while the rest still holds `keep` characters
     while (this.chunks.length > 0 && this.length - this.chunks[0]!.text.length >= this.keep) {
@@ -57,25 +58,18 @@ export class StopWindow {
     this.length += text.length;
   }
 
-  /** The token whose chunk holds window position `at`. */
-  private tokenAt(at: number): number {
+  /**
+   * Window position `at`: the token whose chunk holds it, and the generated text's index there (a position inside
+   * a special token's text is where that token stands).
+   */
+  private locate(at: number): { token: number; textIndex: number } {
+    let textIndex = this.textStart;
     let position = 0;
     for (const chunk of this.chunks) {
-      if (position + chunk.text.length > at) return chunk.token;
+      if (position + chunk.text.length > at) return { token: chunk.token, textIndex: chunk.special ? textIndex : textIndex + (at - position) };
+      if (!chunk.special) textIndex += chunk.text.length;
       position += chunk.text.length;
     }
-    return this.pushes - 1;
-  }
-
-  /** The generated text's index of window position `at`. */
-  private textIndexOf(at: number): number {
-    let index = this.textStart;
-    let position = 0;
-    for (const chunk of this.chunks) {
-      if (position + chunk.text.length > at) return chunk.special ? index : index + (at - position);
-      if (!chunk.special) index += chunk.text.length;
-      position += chunk.text.length;
-    }
-    return index;
+    return { token: this.pushes - 1, textIndex };
   }
 }
