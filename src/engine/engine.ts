@@ -712,8 +712,15 @@ class SoppuEngine implements Engine {
     const readers = [...this.cache.readersStillNeeded(), ...(this.bank ? [this.bank] : [])];
     const keep = readers.flatMap((reader) => (reader instanceof Bank ? [reader.manifest] : []));
     await write(keep);
-    this.bank = await this.openBank(bankDir);
-    this.cache.setBank(this.bank);
+    await this.reopenBank(bankDir);
+  }
+
+  /** Opens the bank in `bankDir` again and serves from it. */
+  private async reopenBank(bankDir: string): Promise<BankReader> {
+    const bank = await this.openBank(bankDir);
+    this.bank = bank;
+    this.cache.setBank(bank);
+    return bank;
   }
 
   /**
@@ -725,9 +732,7 @@ class SoppuEngine implements Engine {
     return this.inOrder(async () => {
       const bank = this.bank;
       if (!bank) throw new SoppuError('CONFIG', 'the engine serves no bank: there is none to reload', { field: 'bank' });
-      this.bank = await this.openBank(bank.dir);
-      this.cache.setBank(this.bank);
-      return { adapters: this.bank.ids().length };
+      return { adapters: (await this.reopenBank(bank.dir)).ids().length };
     });
   }
 
