@@ -68,6 +68,19 @@ export function register(program: Command): void {
       }
       const maxNewTokens = integer(options.maxNewTokens, 'max-new-tokens', 1)!;
       const temperature = number(options.temperature, 'temperature');
+      // every sampling flag checked before the model loads
+      const sampling = {
+        ...(temperature !== undefined ? { temperature, doSample: temperature > 0 } : {}),
+        ...(options.topK !== undefined ? { topK: integer(options.topK, 'top-k', 0)! } : {}),
+        ...(options.topP !== undefined ? { topP: number(options.topP, 'top-p')! } : {}),
+        ...(options.seed !== undefined ? { seed: integer(options.seed, 'seed', 0)! } : {}),
+      };
+      // (after each value's own check) greedy unless a temperature is given: a sampling flag alone would be ignored (--seed) or sample at 1 (--top-k/p)
+      if (temperature === undefined) {
+        for (const [flag, value] of [['top-k', options.topK], ['top-p', options.topP], ['seed', options.seed]] as const) {
+          if (value !== undefined) throw new SoppuError('CONFIG', `--${flag} is for sampling: give --temperature too (generate is greedy without one)`, { field: flag });
+        }
+      }
       const started = performance.now();
       const model = await loadLlamaModel(options.model);
       const maxTotalTokens = Math.min(4096, model.config.maxPositionEmbeddings);
@@ -90,21 +103,10 @@ export function register(program: Command): void {
         maxNewTokens,
         ...(options.adapter ? { adapterId: 'cli-adapter', adapterSource: 'local' as const, adapterPath: options.adapter } : {}),
         ...(options.adapterId ? { adapterId: options.adapterId, adapterSource: 'bank' as const } : {}),
-        sampling: {
-          ...(temperature !== undefined ? { temperature, doSample: temperature > 0 } : {}),
-          ...(options.topK !== undefined ? { topK: integer(options.topK, 'top-k', 0)! } : {}),
-          ...(options.topP !== undefined ? { topP: number(options.topP, 'top-p')! } : {}),
-          ...(options.seed !== undefined ? { seed: integer(options.seed, 'seed', 0)! } : {}),
-        },
+        sampling,
         ...(options.stop ? { stop: options.stop } : {}),
         ...(options.ignoreEos ? { ignoreEos: true } : {}),
       };
-      // (after each value's own check) greedy unless a temperature is given: a sampling flag alone would be ignored (--seed) or sample at 1 (--top-k/p)
-      if (temperature === undefined) {
-        for (const [flag, value] of [['top-k', options.topK], ['top-p', options.topP], ['seed', options.seed]] as const) {
-          if (value !== undefined) throw new SoppuError('CONFIG', `--${flag} is for sampling: give --temperature too (generate is greedy without one)`, { field: flag });
-        }
-      }
       let firstToken = 0;
       for await (const event of engine.generate(request)) {
         if (event.type === 'token') {
