@@ -162,11 +162,16 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
     // transformers v5's rope_parameters may hold only rope_theta: plain rope
     const type = s.rope_type ?? s.type ?? 'default';
     if (type === 'llama3') {
-      const factor = positiveNumber('factor', NaN, s, 'rope_scaling.');
-      const lowFreqFactor = positiveNumber('low_freq_factor', 1, s, 'rope_scaling.');
-      const highFreqFactor = positiveNumber('high_freq_factor', 4, s, 'rope_scaling.');
-      const originalMaxPositionEmbeddings = positiveNumber('original_max_position_embeddings', 8192, s, 'rope_scaling.');
-      if (highFreqFactor <= lowFreqFactor) fail('rope_scaling.high_freq_factor', `(${highFreqFactor}) must exceed low_freq_factor (${lowFreqFactor})`);
+      // every key required, as transformers' llama3 rope validation requires them (it has no defaults)
+      const required = (key: string): number => {
+        if (s[key] === undefined || s[key] === null) return fail(`${field}.${key}`, 'is required for rope_type "llama3"');
+        return positiveNumber(key, NaN, s, `${field}.`);
+      };
+      const factor = required('factor');
+      const lowFreqFactor = required('low_freq_factor');
+      const highFreqFactor = required('high_freq_factor');
+      const originalMaxPositionEmbeddings = required('original_max_position_embeddings');
+      if (highFreqFactor <= lowFreqFactor) fail(`${field}.high_freq_factor`, `(${highFreqFactor}) must exceed low_freq_factor (${lowFreqFactor})`);
       ropeScaling = { ropeType: 'llama3', factor, lowFreqFactor, highFreqFactor, originalMaxPositionEmbeddings };
     } else if (type === 'linear') {
       ropeScaling = { ropeType: 'linear', factor: positiveNumber('factor', NaN, s, `${field}.`) };
@@ -185,8 +190,10 @@ export function parseLlamaConfig(json: unknown, file = 'config.json'): LlamaConf
     maxPositionEmbeddings = Math.min(maxPositionEmbeddings, slidingWindow as number);
   }
 
-  const attentionBias = optionalBool('attention_bias', false);
-  const mlpBias = optionalBool('mlp_bias', false);
+  // Only Llama reads these flags: transformers' Mistral has no biases and Qwen2 has q/k/v biases alone,
+  // whatever the config says (a flag there would otherwise demand tensors the checkpoint need not hold)
+  const attentionBias = architecture === 'llama' && optionalBool('attention_bias', false);
+  const mlpBias = architecture === 'llama' && optionalBool('mlp_bias', false);
   const tieWordEmbeddings = optionalBool('tie_word_embeddings', false);
 
   const tokenId = (field: string, value: unknown): number => {

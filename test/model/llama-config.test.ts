@@ -68,6 +68,22 @@ describe('parseLlamaConfig', () => {
     expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: { rope_type: 'llama3' } })).toThrow(/rope_scaling.factor/);
   });
 
+  it('requires every llama3 rope scaling key, as transformers does, naming it', () => {
+    const full = { rope_type: 'llama3', factor: 8, low_freq_factor: 1, high_freq_factor: 4, original_max_position_embeddings: 8192 };
+    for (const key of ['factor', 'low_freq_factor', 'high_freq_factor', 'original_max_position_embeddings']) {
+      const { [key]: _, ...missing } = full as Record<string, unknown>;
+      expect(() => parseLlamaConfig({ ...LLAMA, rope_scaling: missing })).toThrow(new RegExp(`field "rope_scaling\\.${key}" is required for rope_type "llama3"`));
+      expect(() => parseLlamaConfig({ ...LLAMA, rope_parameters: { ...missing, rope_theta: 5e5 } })).toThrow(new RegExp(`field "rope_parameters\\.${key}" is required`));
+    }
+  });
+
+  it('reads bias flags for Llama only: Mistral has no biases and Qwen2 q/k/v biases alone, whatever the flags say', () => {
+    const flags = { attention_bias: true, mlp_bias: true };
+    expect(parseLlamaConfig({ ...LLAMA, ...flags })).toMatchObject({ qkvBias: true, oBias: true, mlpBias: true });
+    expect(parseLlamaConfig({ ...LLAMA, ...flags, architectures: ['MistralForCausalLM'], model_type: 'mistral' })).toMatchObject({ qkvBias: false, oBias: false, mlpBias: false });
+    expect(parseLlamaConfig({ ...LLAMA, ...flags, architectures: ['Qwen2ForCausalLM'], model_type: 'qwen2' })).toMatchObject({ qkvBias: true, oBias: false, mlpBias: false });
+  });
+
   it('reads Qwen2 (q/k/v biases, tied embeddings)', () => {
     const config = parseLlamaConfig({ ...LLAMA, architectures: ['Qwen2ForCausalLM'], model_type: 'qwen2', tie_word_embeddings: true, use_sliding_window: false, sliding_window: 32 });
     expect(config).toMatchObject({ architecture: 'qwen2', qkvBias: true, oBias: false, tieWordEmbeddings: true, maxPositionEmbeddings: 4096 });
