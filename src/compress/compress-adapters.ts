@@ -7,6 +7,7 @@ import { SoppuError } from '../errors/soppu-error.js';
 import { F32_MAX } from '../io/load-lora-adapter.js';
 import type { LoraAdapter, LoraModule } from '../io/lora-types.js';
 import { toF32, transpose } from '../linalg/index.js';
+import { compareStrings } from './bank-manifest.js';
 import { clusterAdapters, type ClusterSlot } from './cluster-adapters.js';
 import type {
   AdapterInfo, AdapterSlotResult, CompressOptions, CompressionResult, JdMethod, SlotBases, SlotResult,
@@ -45,7 +46,10 @@ interface SlotSource {
 }
 
 /** Compresses `inputs` jointly. Async so progress bars can repaint between slots. */
-export async function compressAdapters(inputs: readonly CompressInput[], options: CompressOptions): Promise<CompressionResult> {
+export async function compressAdapters(unordered: readonly CompressInput[], options: CompressOptions): Promise<CompressionResult> {
+  // by id: the fits and the k-means seeding walk adapters in order, so the same set in another order would
+  // give another bank (other clusters, or bases that differ in rounding)
+  const inputs = [...unordered].sort((p, q) => compareStrings(p.id, q.id));
   const resolved = resolveOptions(options, inputs.length);
   const sources = collectSlots(inputs);
   const fitOptions: JdFitOptions = { tolerance: resolved.tolerance, maxSweeps: resolved.maxSweeps, seed: resolved.seed };

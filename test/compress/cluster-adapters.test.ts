@@ -73,4 +73,19 @@ describe('clustering', () => {
       for (const entry of slot.adapters.values()) expect(entry.storage).toBe('compressed');
     }
   });
+
+  it('gives the same bank whatever the order of the inputs (clusters, bases and cores bit for bit)', async () => {
+    const inputs = twoFamilies();
+    const shuffled = [...inputs].reverse();
+    shuffled.push(shuffled.splice(3, 1)[0]!);
+    const options = { method: 'jd-full' as const, clusters: 3, maxError: 0.3, seed: 4 };
+    const [p, q] = [await compressAdapters(inputs, options), await compressAdapters(shuffled, options)];
+    const clusterOf = (r: typeof p) => Object.fromEntries(r.adapters.map((a) => [a.id, a.cluster]));
+    expect(clusterOf(q)).toEqual(clusterOf(p));
+    for (const [s, slot] of p.slots.entries()) {
+      const other = q.slots[s]!;
+      expect(other.bases).toEqual(slot.bases);
+      for (const [id, entry] of slot.adapters) expect(other.adapters.get(id)).toEqual(entry);
+    }
+  });
 });
