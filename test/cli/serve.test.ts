@@ -50,7 +50,7 @@ describe('soppu serve: --port, --host and listen failures', () => {
     for (const port of ['70000', '65536', 'abc', '1.5', '1e3', '']) {
       const r = await serve('--port', port);
       expect(r.code, port).toBe(1);
-      expect(configErrorLine(r.stderr), port).toContain(`--port must be an integer from 0 to 65535 (0 picks a free port), got '${port}'`);
+      expect(configErrorLine(r.stderr), port).toContain(`--port must be an integer from 0 to 65535 (0 picks a free port), got "${port}"`);
     }
   });
 
@@ -58,12 +58,19 @@ describe('soppu serve: --port, --host and listen failures', () => {
     for (const [flag, value] of [['--kv-memory-mb', '1e9'], ['--kv-memory-mb', '1000000000'], ['--adapter-memory-mb', '99999999999']] as const) {
       const r = await serve('--port', '0', flag, value);
       expect(r.code, `${flag} ${value}`).toBe(1);
-      expect(configErrorLine(r.stderr)).toContain(`${flag} must be an integer from ${flag === '--kv-memory-mb' ? 1 : 0} to 4194304, got '${value}'`);
+      expect(configErrorLine(r.stderr)).toContain(`${flag} must be an integer from ${flag === '--kv-memory-mb' ? 1 : 0} to 4194304, got "${value}"`);
     }
     // a drain deadline past what a Node timer holds (2^31 − 1 ms) fired at once, cancelling every request
     const drain = await serve('--port', '0', '--drain-deadline-s', '3000000');
     expect(drain.code).toBe(1);
-    expect(configErrorLine(drain.stderr)).toContain(`--drain-deadline-s must be an integer from 0 to 2147483, got '3000000'`);
+    expect(configErrorLine(drain.stderr)).toContain(`--drain-deadline-s must be an integer from 0 to 2147483, got "3000000"`);
+  });
+
+  it('--max-total-tokens past the model\'s context names the flag and the limit (the engine\'s check named its own field)', async () => {
+    const limit = (JSON.parse(readFileSync(path.join(modelDir, 'config.json'), 'utf8')) as { max_position_embeddings: number }).max_position_embeddings;
+    const r = await serve('--port', '0', '--max-total-tokens', String(limit + 1), '--kv-memory-mb', '64');
+    expect(r.code).toBe(1);
+    expect(configErrorLine(r.stderr)).toContain(`--max-total-tokens (${limit + 1}) is more than the model's context: ${limit} tokens`);
   });
 
   it('an --adapters folder that does not exist is a CONFIG error before the model loads', async () => {

@@ -59,8 +59,8 @@ describe('soppu fixtures model', () => {
     for (const [args, message] of [
       [['--shape', 'huge'], /--shape must be one of tiny, smollm-135m/],
       [['--dtype', 'f64'], /--dtype must be one of f32, bf16, f16/],
-      [['--seed', '-3'], /--seed must be an integer ≥ 0/],
-      [['--shards', '0'], /--shards must be an integer ≥ 1/],
+      [['--seed', '-3'], /--seed must be an integer from 0 to 9007199254740991, got "-3"/],
+      [['--shards', '0'], /--shards must be an integer from 1 to 9007199254740991, got "0"/],
     ] as const) {
       const result = await run(['fixtures', 'model', '--out', out, ...args]);
       expect(result.code).toBe(1);

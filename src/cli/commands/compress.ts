@@ -6,6 +6,7 @@ import { loadAdapterArguments } from '../../compress/bank-source.js';
 import type { BankManifest } from '../../compress/bank-manifest.js';
 import type { CompressOptions, JdMethod } from '../../compress/compression-types.js';
 import { bankStatistics, formatBytes, formatCount } from '../../compress/report-statistics.js';
+import { parseInteger } from '../parse-integer.js';
 
 /** A progress callback drawing a bar on stderr when it is a TTY (nothing otherwise), and its stop. */
 export function progressBar(label: string): { onProgress: (done: number, total: number, what: string) => void; stop: () => void } {
@@ -20,15 +21,6 @@ export function progressBar(label: string): { onProgress: (done: number, total: 
     },
     stop: () => { if (started) bar.stop(); },
   };
-}
-
-export function parseInteger(value: string | undefined, field: string, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
-  if (value === undefined) return undefined;
-  const n = Number(value);
-  if (!/^-?\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
-    throw new SoppuError('CONFIG', `--${field} must be an integer in [${min}, ${max}], got "${value}"`, { field, limit: `[${min}, ${max}]` });
-  }
-  return n;
 }
 
 export function parseError(value: string | undefined, field: string): number | undefined {

@@ -3,6 +3,7 @@ import { SoppuError } from '../../errors/soppu-error.js';
 import type { ModelArchName, ModelDtypeName, ModelShapeName } from '../../io/fixtures/generate-model.js';
 import { generateModel, MODEL_SHAPES } from '../../io/fixtures/generate-model.js';
 import { refuseNonEmptyOutput } from '../output-folder.js';
+import { parseInteger } from '../parse-integer.js';
 
 interface ModelOptions {
   out: string;
@@ -22,15 +23,6 @@ function choice<T extends string>(value: string, allowed: readonly T[], option: 
     throw new SoppuError('CONFIG', `--${option} must be one of ${allowed.join(', ')} (got "${value}")`, { field: option, limit: allowed.join(', ') });
   }
   return value as T;
-}
-
-function integer(value: string | undefined, option: string, min: number): number | undefined {
-  if (value === undefined) return undefined;
-  const parsed = Number(value);
-  if (!/^\d+$/.test(value) || !Number.isSafeInteger(parsed) || parsed < min) {
-    throw new SoppuError('CONFIG', `--${option} must be an integer ≥ ${min} (got "${value}")`, { field: option, limit: min });
-  }
-  return parsed;
 }
 
 /** `soppu fixtures model`: added to the `fixtures` group by fixtures.ts. */
@@ -56,10 +48,10 @@ export function addFixturesModelCommand(fixtures: Command): void {
         shape: choice(options.shape, Object.keys(MODEL_SHAPES) as ModelShapeName[], 'shape'),
         dtype: choice<ModelDtypeName>(options.dtype, ['f32', 'bf16', 'f16'], 'dtype'),
         arch: choice<ModelArchName>(options.arch, ['llama', 'qwen2', 'mistral'], 'arch'),
-        seed: integer(options.seed, 'seed', 0),
+        seed: parseInteger(options.seed, 'seed', 0),
         tied: options.tied,
-        shards: integer(options.shards, 'shards', 1),
-        numLayers: integer(options.layers, 'layers', 1),
+        shards: parseInteger(options.shards, 'shards', 1),
+        numLayers: parseInteger(options.layers, 'layers', 1),
       });
       if (options.json) {
         process.stdout.write(`${JSON.stringify({ dir: generated.dir, files: generated.files, weight_bytes: generated.weightBytes, config: generated.config }, null, 2)}\n`);

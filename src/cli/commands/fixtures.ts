@@ -6,21 +6,13 @@ import { writeGeneratedAdapters } from '../../io/fixtures/generate-adapters.js';
 import type { WeightDtype } from '../../tensor/dtype.js';
 import { addFixturesModelCommand } from './fixtures-model.js';
 import { refuseNonEmptyOutput } from '../output-folder.js';
+import { parseInteger } from '../parse-integer.js';
 
 function choice<T extends string>(value: string, allowed: readonly T[], option: string): T {
   if (!(allowed as readonly string[]).includes(value)) {
     throw new SoppuError('CONFIG', `--${option} must be one of ${allowed.join(', ')} (got "${value}")`, { field: option, limit: allowed.join(', ') });
   }
   return value as T;
-}
-
-function integer(value: string | undefined, option: string, min: number): number | undefined {
-  if (value === undefined) return undefined;
-  const parsed = Number(value);
-  if (!/^\d+$/.test(value) || !Number.isSafeInteger(parsed) || parsed < min) {
-    throw new SoppuError('CONFIG', `--${option} must be an integer ≥ ${min} (got "${value}")`, { field: option, limit: min });
-  }
-  return parsed;
 }
 
 function positive(value: string | undefined, option: string): number | undefined {
@@ -80,19 +72,19 @@ export function addFixturesAdaptersCommand(fixtures: Command): void {
       const base = options.model !== undefined
         ? await readBaseShapeFromModelDir(options.model)
         : BASE_SHAPES[choice(options.base ?? 'tiny', BASE_SHAPE_NAMES, 'base') as BaseShapeName];
-      const count = integer(options.count, 'count', 1)!;
+      const count = parseInteger(options.count, 'count', 1)!;
       const noise = options.noise === undefined ? undefined : Number(options.noise);
       if (noise !== undefined && !(noise >= 0 && noise <= 1)) throw new SoppuError('CONFIG', `--noise must be between 0 and 1 (got "${options.noise}")`, { field: 'noise' });
       const targets = options.targets?.split(',').map((t) => t.trim()).filter((t) => t.length > 0);
       const dtype = choice<WeightDtype>(options.dtype, ['f32', 'bf16', 'f16'], 'dtype');
       const dirs = await writeGeneratedAdapters(options.out, count, {
         base,
-        rank: integer(options.rank, 'rank', 1),
+        rank: parseInteger(options.rank, 'rank', 1),
         targets,
-        sharedRank: integer(options.sharedRank, 'shared-rank', 0),
+        sharedRank: parseInteger(options.sharedRank, 'shared-rank', 0),
         alpha: positive(options.alpha, 'alpha'),
-        seed: integer(options.seed, 'seed', 0),
-        layers: integer(options.layers, 'layers', 1),
+        seed: parseInteger(options.seed, 'seed', 0),
+        layers: parseInteger(options.layers, 'layers', 1),
         deltaStd: positive(options.deltaStd, 'delta-std'),
         noise,
         rslora: options.rslora ?? false,

@@ -3,6 +3,7 @@ import { SoppuError } from '../../errors/soppu-error.js';
 import { createEngine, parseLoraDtype } from '../../engine/engine.js';
 import { loadLlamaModel } from '../../model/llama-model.js';
 import type { GenerateRequest } from '../../engine/engine-types.js';
+import { parseInteger } from '../parse-integer.js';
 
 interface GenerateOptions {
   model: string;
@@ -18,14 +19,6 @@ interface GenerateOptions {
   ignoreEos?: boolean;
   stop?: string[];
   loraDtype: string;
-}
-
-function integer(value: string | undefined, field: string, min: number): number | undefined {
-  if (value === undefined) return undefined;
-  // decimal digits within 2^53: Number() also takes '1e30', '0x10', and rounds larger integers (a seed past 2^53 became another seed)
-  const n = /^\s*\d+\s*$/.test(value) ? Number(value) : Number.NaN;
-  if (!Number.isSafeInteger(n) || n < min) throw new SoppuError('CONFIG', `--${field} must be an integer from ${min} to ${Number.MAX_SAFE_INTEGER}, got "${value}"`, { field, limit: `>= ${min}` });
-  return n;
 }
 
 function number(value: string | undefined, field: string): number | undefined {
@@ -66,14 +59,14 @@ export function register(program: Command): void {
       if (Boolean(options.bank) !== Boolean(options.adapterId)) {
         throw new SoppuError('CONFIG', '--bank and --adapter-id go together', { field: options.bank ? 'adapter-id' : 'bank' });
       }
-      const maxNewTokens = integer(options.maxNewTokens, 'max-new-tokens', 1)!;
+      const maxNewTokens = parseInteger(options.maxNewTokens, 'max-new-tokens', 1)!;
       const temperature = number(options.temperature, 'temperature');
       // every sampling flag checked before the model loads
       const sampling = {
         ...(temperature !== undefined ? { temperature, doSample: temperature > 0 } : {}),
-        ...(options.topK !== undefined ? { topK: integer(options.topK, 'top-k', 0)! } : {}),
+        ...(options.topK !== undefined ? { topK: parseInteger(options.topK, 'top-k', 0)! } : {}),
         ...(options.topP !== undefined ? { topP: number(options.topP, 'top-p')! } : {}),
-        ...(options.seed !== undefined ? { seed: integer(options.seed, 'seed', 0)! } : {}),
+        ...(options.seed !== undefined ? { seed: parseInteger(options.seed, 'seed', 0)! } : {}),
       };
       // (after each value's own check) greedy unless a temperature is given: a sampling flag alone would be ignored (--seed) or sample at 1 (--top-k/p)
       if (temperature === undefined) {

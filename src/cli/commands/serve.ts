@@ -20,6 +20,7 @@ import { loadLlamaModel } from '../../model/llama-model.js';
 import { AccessControl } from '../../server/access-control.js';
 import { createServer } from '../../server/create-server.js';
 import { DEFAULT_SERVER_OPTIONS } from '../../server/server-options.js';
+import { parseInteger } from '../parse-integer.js';
 
 interface ServeOptions {
   model?: string;
@@ -43,14 +44,6 @@ interface ServeOptions {
   maxUploadMb: string;
 }
 
-function integer(value: string, name: string, min: number, max = Number.MAX_SAFE_INTEGER): number {
-  const n = Number(value);
-  if (!/^\d+$/.test(value.trim()) || !Number.isSafeInteger(n) || n < min || n > max) {
-    throw new SoppuError('CONFIG', `--${name} must be an integer from ${min} to ${max}, got '${value}'`, { field: name, limit: n > max ? max : min });
-  }
-  return n;
-}
-
 /** The most MiB a memory budget flag takes (4 TiB): beyond it is a typo, not a machine. */
 const MAX_MEMORY_MB = 4 * 1024 * 1024;
 
@@ -60,7 +53,7 @@ const MAX_PORT = 65535;
 function portNumber(value: string): number {
   const n = Number(value);
   if (!/^\d+$/.test(value) || n > MAX_PORT) {
-    throw new SoppuError('CONFIG', `--port must be an integer from 0 to ${MAX_PORT} (0 picks a free port), got '${value}'`, { field: 'port', limit: MAX_PORT });
+    throw new SoppuError('CONFIG', `--port must be an integer from 0 to ${MAX_PORT} (0 picks a free port), got "${value}"`, { field: 'port', limit: MAX_PORT });
   }
   return n;
 }
@@ -217,15 +210,18 @@ export function register(program: Command): void {
       }
       const model = await loadLlamaModel(modelDir as string);
       const modelLimit = model.config.maxPositionEmbeddings;
-      const kvMemoryMb = integer(options.kvMemoryMb, 'kv-memory-mb', 1, MAX_MEMORY_MB);
-      const blockSize = integer(options.blockSize, 'block-size', 1);
+      const kvMemoryMb = parseInteger(options.kvMemoryMb, 'kv-memory-mb', 1, MAX_MEMORY_MB);
+      const blockSize = parseInteger(options.blockSize, 'block-size', 1);
       const kvShape = { layers: model.config.numLayers, kvHeads: model.config.numKvHeads, headDim: model.config.headDim, blockSize };
       const kvTokens = kvBlocksForBudget(kvShape, kvMemoryMb * 1024 * 1024) * blockSize;
       if (kvTokens < 2) {
         throw new SoppuError('CONFIG', `--kv-memory-mb ${kvMemoryMb} holds ${kvTokens} tokens of this model (${kvBytesPerBlock(kvShape)} bytes per block of ${blockSize}); it needs room for at least 2`, { field: 'kv-memory-mb' });
       }
       // one request must fit in the KV cache: the default is what it holds when that is below 4096
-      const maxTotalTokens = options.maxTotalTokens ? integer(options.maxTotalTokens, 'max-total-tokens', 2) : Math.min(4096, modelLimit, kvTokens);
+      const maxTotalTokens = options.maxTotalTokens ? parseInteger(options.maxTotalTokens, 'max-total-tokens', 2) : Math.min(4096, modelLimit, kvTokens);
+      if (maxTotalTokens > modelLimit) {
+        throw new SoppuError('CONFIG', `--max-total-tokens (${maxTotalTokens}) is more than the model's context: ${modelLimit} tokens (config.json max_position_embeddings, or a Mistral/Qwen2 sliding window)`, { field: 'max-total-tokens', limit: modelLimit });
+      }
       if (maxTotalTokens > kvTokens) {
         throw new SoppuError(
           'CONFIG',
@@ -234,16 +230,16 @@ export function register(program: Command): void {
         );
       }
       if (!options.maxTotalTokens && kvTokens < Math.min(4096, modelLimit)) log(`max total tokens per request: ${maxTotalTokens}, what --kv-memory-mb ${kvMemoryMb} holds`);
-      const maxInputTokens = options.maxInputTokens ? integer(options.maxInputTokens, 'max-input-tokens', 1) : Math.min(4095, maxTotalTokens - 1);
+      const maxInputTokens = options.maxInputTokens ? parseInteger(options.maxInputTokens, 'max-input-tokens', 1) : Math.min(4095, maxTotalTokens - 1);
       if (maxInputTokens >= maxTotalTokens) {
         throw new SoppuError('CONFIG', `--max-input-tokens (${maxInputTokens}) must be below --max-total-tokens (${maxTotalTokens})`, { field: 'max-input-tokens', limit: maxTotalTokens });
       }
       const serverLimits = {
-        maxConcurrentRequests: integer(options.maxConcurrentRequests, 'max-concurrent-requests', 1),
-        maxStopSequences: integer(options.maxStopSequences, 'max-stop-sequences', 0),
-        maxUploadBytes: integer(options.maxUploadMb, 'max-upload-mb', 1) * 1024 * 1024,
+        maxConcurrentRequests: parseInteger(options.maxConcurrentRequests, 'max-concurrent-requests', 1),
+        maxStopSequences: parseInteger(options.maxStopSequences, 'max-stop-sequences', 0),
+        maxUploadBytes: parseInteger(options.maxUploadMb, 'max-upload-mb', 1) * 1024 * 1024,
         // a Node timer holds at most 2^31 − 1 ms (a longer one fires at once)
-        drainDeadlineMs: integer(options.drainDeadlineS, 'drain-deadline-s', 0, Math.floor((2 ** 31 - 1) / 1000)) * 1000,
+        drainDeadlineMs: parseInteger(options.drainDeadlineS, 'drain-deadline-s', 0, Math.floor((2 ** 31 - 1) / 1000)) * 1000,
       };
       const engine = await createEngine({
         modelDir: modelDir as string,
@@ -251,9 +247,9 @@ export function register(program: Command): void {
         modelId: demo ? 'soppu/demo-tiny' : path.basename(path.resolve(modelDir as string)),
         ...(bankDir ? { bankDir } : {}),
         kvBudgetBytes: kvMemoryMb * 1024 * 1024,
-        adapterBudgetBytes: integer(options.adapterMemoryMb, 'adapter-memory-mb', 0, MAX_MEMORY_MB) * 1024 * 1024,
-        maxBatchTokens: integer(options.maxBatchTokens, 'max-batch-tokens', 1),
-        maxRunningRequests: integer(options.maxRunningRequests, 'max-running-requests', 1),
+        adapterBudgetBytes: parseInteger(options.adapterMemoryMb, 'adapter-memory-mb', 0, MAX_MEMORY_MB) * 1024 * 1024,
+        maxBatchTokens: parseInteger(options.maxBatchTokens, 'max-batch-tokens', 1),
+        maxRunningRequests: parseInteger(options.maxRunningRequests, 'max-running-requests', 1),
         maxInputTokens,
         maxTotalTokens,
         blockSize,

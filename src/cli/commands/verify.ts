@@ -8,7 +8,8 @@ import type { Engine, GenerateEvent } from '../../engine/engine-types.js';
 import { argmax } from '../../engine/sampler.js';
 import type { LoraAdapter } from '../../io/lora-types.js';
 import { loadLlamaModel } from '../../model/llama-model.js';
-import { parseError, parseInteger } from './compress.js';
+import { parseInteger } from '../parse-integer.js';
+import { parseError } from './compress.js';
 
 function formatError(e: number): string {
   return Number.isFinite(e) ? e.toFixed(4) : 'inf';
