@@ -80,6 +80,11 @@ export type GenerateEvent =
       readonly queueMs?: number;
       /** With finishReason stop_sequence: the index of the generated token the stop starts in (it and later ones belong to the stop). */
       readonly stopToken?: number;
+      /**
+       * With finishReason stop_sequence: the generated text from the stop on (the stop, and any text of the tokens
+       * that completed it after it). generatedText + stopText is every generated token's text, which LoRAX returns.
+       */
+      readonly stopText?: string;
       readonly prefill?: readonly TokenInfo[];
       /** With prefillDetails and topAlternatives: each prompt token's top alternatives (none for the first). */
       readonly prefillAlternatives?: readonly (readonly TokenInfo[])[];

@@ -106,6 +106,8 @@ class RequestState implements ScheduledSequence {
   readonly stops: readonly string[];
   readonly stopWindow: StopWindow;
   text = '';
+  /** With a stop matched: the generated text from the stop on (cut off text). */
+  stopText = '';
   generated = 0;
   started = false;
   finished = false;
@@ -360,8 +362,8 @@ class SoppuEngine implements Engine {
     this.all.delete(state);
     if (reason) {
       const tail = state.decoder.flush();
-      let text = state.text + tail;
-      if (reason === 'stop_sequence') text = state.text;
+      const stopped = reason === 'stop_sequence';
+      const text = stopped ? state.text : state.text + tail;
       state.queue.push({
         type: 'done',
         finishReason: reason,
@@ -370,7 +372,8 @@ class SoppuEngine implements Engine {
         generatedTokens: state.generated,
         seed: state.sampler.settings.sample ? state.sampler.seed : null,
         queueMs: state.scheduledAt > 0 ? state.scheduledAt - state.submittedAt : 0,
-        ...(reason === 'stop_sequence' && state.stopWindow.stopToken !== null ? { stopToken: state.stopWindow.stopToken } : {}),
+        ...(stopped && state.stopWindow.stopToken !== null ? { stopToken: state.stopWindow.stopToken } : {}),
+        ...(stopped ? { stopText: state.stopText + tail } : {}),
         ...(state.prefill ? { prefill: state.prefill } : {}),
         ...(state.prefillAlternatives ? { prefillAlternatives: state.prefillAlternatives } : {}),
         ...(state.distributions ? { prefillDistributions: state.distributions } : {}),
@@ -603,6 +606,7 @@ class SoppuEngine implements Engine {
       return;
     }
     if (cut !== null) {
+      state.stopText = state.text.slice(cut);
       state.text = state.text.slice(0, cut);
       this.finish(state, 'stop_sequence');
       return;

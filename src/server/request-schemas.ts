@@ -23,9 +23,10 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
       api_token: { type: ['string', 'null'] },
       best_of: nullableInteger({ minimum: 1 }),
       max_new_tokens: nullableInteger({ exclusiveMinimum: 0, maximum: options.maxTotalTokens }),
-      temperature: nullableNumber({ minimum: 0 }),
+      // LoRAX refuses temperature 0 and top_p 1 here (greedy is do_sample false; 1 is top_p's unset value)
+      temperature: nullableNumber({ exclusiveMinimum: 0 }),
       top_k: nullableInteger({ exclusiveMinimum: 0 }),
-      top_p: nullableNumber({ exclusiveMinimum: 0, maximum: 1 }),
+      top_p: nullableNumber({ exclusiveMinimum: 0, exclusiveMaximum: 1 }),
       typical_p: nullableNumber({ exclusiveMinimum: 0, exclusiveMaximum: 1 }),
       repetition_penalty: nullableNumber({ exclusiveMinimum: 0 }),
       frequency_penalty: nullableNumber({ minimum: -2, maximum: 2 }),

@@ -146,7 +146,7 @@ export interface CollectedToken {
 
 /** LoRAX GenerateResponse. */
 export function toLoraxResponse(call: GenerationCall, done: DoneEvent, tokens: readonly CollectedToken[]): Record<string, unknown> {
-  const response: Record<string, unknown> = { generated_text: fullText(call, done) };
+  const response: Record<string, unknown> = { generated_text: loraxGeneratedText(call, done) };
   if (call.details) {
     response.details = {
       finish_reason: done.finishReason,
@@ -161,15 +161,25 @@ export function toLoraxResponse(call: GenerationCall, done: DoneEvent, tokens: r
   return response;
 }
 
+/** The answer's text on the OpenAI routes: the stop sequence excluded, after the prompt when echoed. */
 export function fullText(call: GenerationCall, done: DoneEvent): string {
   return call.returnFullText ? call.prompt + done.generatedText : done.generatedText;
+}
+
+/**
+ * LoRAX's generated_text: every generated token's text, a matched stop sequence included (a stop only ends the
+ * generation there, as in TGI), after the prompt with return_full_text.
+ */
+function loraxGeneratedText(call: GenerationCall, done: DoneEvent): string {
+  const generated = done.generatedText + (done.stopText ?? '');
+  return call.returnFullText ? call.prompt + generated : generated;
 }
 
 /** One LoRAX stream event for a token; the last one carries the text and (optionally) details. */
 export function toLoraxStreamEvent(call: GenerationCall, token: CollectedToken, done: DoneEvent | null): Record<string, unknown> {
   return {
     token: toWireToken(token.token, token.alternatives),
-    generated_text: done ? fullText(call, done) : null,
+    generated_text: done ? loraxGeneratedText(call, done) : null,
     details:
       done && call.details
         ? { finish_reason: done.finishReason, prompt_tokens: done.promptTokens, generated_tokens: done.generatedTokens, seed: done.seed }
@@ -253,9 +263,10 @@ function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: s
     adapterId: adapterFromModel(body.model, baseModelId),
     adapterSource: parseAdapterSource(body.adapter_source, 'adapter_source'),
     maxNewTokens: body.max_completion_tokens ?? body.max_tokens ?? undefined,
-    // OpenAI semantics: temperature 0 is greedy, anything else (the default 1 included) samples
+    // OpenAI semantics: temperature 0 is greedy, anything else (the default 1 included) samples. The 0 goes to the
+    // engine as it is, which then decodes greedily whatever else is set (dropped, a top_p or top_k sampled at 1)
     sampling: {
-      temperature: temperature === 0 ? undefined : temperature,
+      temperature,
       doSample: temperature !== 0,
       topP: body.top_p ?? undefined,
       topK: body.top_k ?? undefined,

@@ -204,6 +204,10 @@ describe('engine', () => {
     expect(stopped.finishReason).toBe('stop_sequence');
     expect(stopped.text).toBe(full.text.slice(0, cut));
     expect(stopped.tokens.length).toBeLessThan(20);
+    // the cut-off rest, for LoRAX's generated_text: with it, the text is every generated token's
+    expect(stopped.stopText!.startsWith(stop)).toBe(true);
+    expect(stopped.text + stopped.stopText).toBe(tokenizer.decode(stopped.tokens, true));
+    expect(full.stopText).toBeUndefined();
   });
 
   it('a stop sequence may be a special token\'s text (as LoRAX/TGI match it), and it cuts the text where it starts', async () => {

@@ -323,7 +323,7 @@ export function memoryLoader(adapters: Map<string, LoraAdapter>, corrupt: Readon
 }
 
 /** Collects a request's events. */
-export async function collect(events: AsyncIterable<import('../../src/engine/engine-types.js').GenerateEvent>): Promise<{ tokens: number[]; text: string; finishReason: string; seed: number | null; logprobs: number[] }> {
+export async function collect(events: AsyncIterable<import('../../src/engine/engine-types.js').GenerateEvent>): Promise<{ tokens: number[]; text: string; stopText?: string; finishReason: string; seed: number | null; logprobs: number[] }> {
   const tokens: number[] = [];
   const logprobs: number[] = [];
   for await (const event of events) {
@@ -331,7 +331,7 @@ export async function collect(events: AsyncIterable<import('../../src/engine/eng
       tokens.push(event.token.id);
       logprobs.push(event.token.logprob);
     } else {
-      return { tokens, text: event.generatedText, finishReason: event.finishReason, seed: event.seed, logprobs };
+      return { tokens, text: event.generatedText, ...(event.stopText !== undefined ? { stopText: event.stopText } : {}), finishReason: event.finishReason, seed: event.seed, logprobs };
     }
   }
   throw new Error('stream ended without a done event');

@@ -69,6 +69,7 @@ export class FakeEngine implements Engine {
         self.running += 1;
         self.kvBlocksUsed += 2;
         let generated = '';
+        let stopText: string | undefined;
         let finishReason: 'length' | 'eos_token' | 'stop_sequence' = 'length';
         let count = 0;
         try {
@@ -93,6 +94,7 @@ export class FakeEngine implements Engine {
             const stopCut = stop !== undefined ? generated.length - stop.length : undefined;
             yield { type: 'token', token: { id: ch.charCodeAt(0), text: ch, logprob: -0.5, special: false }, alternatives, ...(stopCut !== undefined ? { stopCut } : {}) };
             if (stopCut !== undefined) {
+              stopText = generated.slice(stopCut);
               generated = generated.slice(0, stopCut);
               finishReason = 'stop_sequence';
               break;
@@ -102,6 +104,7 @@ export class FakeEngine implements Engine {
             type: 'done',
             finishReason,
             generatedText: generated,
+            ...(stopText !== undefined ? { stopText } : {}),
             promptTokens,
             generatedTokens: count,
             seed: request.sampling?.seed ?? null,

@@ -71,7 +71,7 @@ describe('POST /generate', () => {
     expect(response.json().details.prompt_tokens).toBe(2);
   });
 
-  it('return_full_text prepends the prompt; stop sequences end with stop_sequence', async () => {
+  it('return_full_text prepends the prompt; a stop sequence ends with stop_sequence and stays in generated_text, as in LoRAX/TGI', async () => {
     const { engine, app } = setup();
     const text = engine.expectedText('hi', null, 20);
     const stop = text.slice(3, 5);
@@ -79,13 +79,19 @@ describe('POST /generate', () => {
     const body = response.json();
     expect(body.generated_text.startsWith('hi')).toBe(true);
     expect(body.details.finish_reason).toBe('stop_sequence');
-    expect(body.generated_text).toBe(`hi${text.slice(0, text.indexOf(stop))}`);
+    expect(body.generated_text).toBe(`hi${text.slice(0, text.indexOf(stop) + stop.length)}`);
+    expect(body.generated_text).toBe(`hi${body.details.tokens.map((t: { text: string }) => t.text).join('')}`);
+    const stream = await app.inject({ method: 'POST', url: '/generate_stream', payload: { inputs: 'hi', parameters: { max_new_tokens: 20, stop: [stop] } } });
+    const events = stream.body.split('\n').filter((line) => line.startsWith('data:')).map((line) => JSON.parse(line.slice(5)) as { generated_text: string | null });
+    expect(events.at(-1)!.generated_text).toBe(text.slice(0, text.indexOf(stop) + stop.length));
   });
 
   const invalid: [string, Record<string, unknown>, string][] = [
     ['empty inputs', { inputs: '' }, 'inputs'],
     ['missing inputs', { parameters: {} }, 'inputs'],
     ['temperature < 0', { inputs: 'a', parameters: { temperature: -1 } }, 'temperature'],
+    ['temperature = 0 (LoRAX: strictly positive)', { inputs: 'a', parameters: { temperature: 0 } }, 'temperature'],
+    ['top_p = 1 (LoRAX: below 1)', { inputs: 'a', parameters: { top_p: 1 } }, 'top_p'],
     ['top_k = 0', { inputs: 'a', parameters: { top_k: 0 } }, 'top_k'],
     ['top_p = 0', { inputs: 'a', parameters: { top_p: 0 } }, 'top_p'],
     ['top_p > 1', { inputs: 'a', parameters: { top_p: 1.5 } }, 'top_p'],

@@ -111,6 +111,17 @@ describe('OpenAI routes over a BPE model', () => {
     expect((await tokenize({ inputs: 'hi', add_special_tokens: false })).map((t) => t.id)).toEqual(engine.tokenize('hi', false).ids);
   });
 
+  it('temperature 0 decodes greedily whatever top_p, top_k or seed come with it (OpenAI clients send a top_p by default)', async () => {
+    const args = { model: '', prompt: 'The quick brown fox', max_tokens: 16, temperature: 0, ignore_eos_token: true } as OpenAI.CompletionCreateParamsNonStreaming;
+    const greedy = (await client.completions.create(args)).choices[0]!.text;
+    for (const extra of [{ top_p: 0.9, seed: 1 }, { top_p: 0.9, seed: 2 }, { top_k: 50, seed: 1 }] as const) {
+      expect((await client.completions.create({ ...args, ...extra } as OpenAI.CompletionCreateParamsNonStreaming)).choices[0]!.text, JSON.stringify(extra)).toBe(greedy);
+    }
+    const chat = { model: '', messages: CHAT, max_tokens: 12, temperature: 0, ignore_eos_token: true } as OpenAI.ChatCompletionCreateParamsNonStreaming;
+    const chatGreedy = (await client.chat.completions.create(chat)).choices[0]!.message.content;
+    expect((await client.chat.completions.create({ ...chat, top_p: 0.8, seed: 5 })).choices[0]!.message.content).toBe(chatGreedy);
+  });
+
   it('logprobs: completions {tokens, token_logprobs, top_logprobs, text_offset}; chat content entries with bytes; streamed per chunk', async () => {
     const args = { model: '', prompt: 'The quick brown fox', max_tokens: 12, temperature: 0, ignore_eos_token: true } as OpenAI.CompletionCreateParamsNonStreaming;
     const completion = (await client.completions.create({ ...args, logprobs: 2 })).choices[0]!;
