@@ -3,8 +3,8 @@
  *
  * Where each adapter's input comes from (decided per adapter, mode 'auto' by default):
  *  - its recorded source directory, when adapter_model.safetensors is still there with the sha256
- *    recorded when it entered the bank: errors are then measured against the original again
- *    (errorBasis "source");
+ *    recorded when it entered the bank and adapter_config.json still reads as recorded (it sets every
+ *    module's scale): errors are then measured against the original again (errorBasis "source");
  *  - otherwise the bank's own reconstruction (always available; exact for slots kept raw). Errors are
  *    then recorded as bounds, previous error + refit error (errorBasis "bound"): refitting a lossy
  *    reconstruction compounds its error, which is why an unchanged source is preferred.
@@ -15,7 +15,7 @@ import { resolve } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import { loadLoraAdapter } from '../io/load-lora-adapter.js';
 import type { LoraAdapter } from '../io/lora-types.js';
-import { adapterFromBank } from './bank-source.js';
+import { adapterConfigJsonOrNull, adapterFromBank } from './bank-source.js';
 import type { BankManifest, ManifestAdapter } from './bank-manifest.js';
 import { openBank } from './bank-reader.js';
 import { withBankLock } from './bank-lock.js';
@@ -36,14 +36,32 @@ export interface RefitResult {
   readonly fromBank: readonly string[];
 }
 
-/** Why the recorded source of `entry` cannot be used, or null when it can. */
-async function sourceProblem(entry: ManifestAdapter): Promise<string | null> {
-  if (!entry.source) return 'no source directory was recorded';
-  if (!entry.sourceSha256) return 'no checksum of the source was recorded';
+/** JSON text with object keys sorted, so two parses of one config compare equal whatever their key order. */
+function canonicalJson(value: unknown): string {
+  return JSON.stringify(value, (_key, v: unknown) =>
+    v !== null && typeof v === 'object' && !Array.isArray(v) ? Object.fromEntries(Object.entries(v).sort(([p], [q]) => (p < q ? -1 : p > q ? 1 : 0))) : v);
+}
+
+/**
+ * The recorded source of `entry` when it is as it entered the bank (weights with the recorded sha256 and the
+ * recorded adapter_config.json, which sets every module's scale), or why it cannot be used.
+ */
+async function unchangedSource(entry: ManifestAdapter): Promise<{ adapter: LoraAdapter } | { problem: string }> {
+  if (!entry.source) return { problem: 'no source directory was recorded' };
+  if (!entry.sourceSha256) return { problem: 'no checksum of the source was recorded' };
   const sha = await sourceWeightsSha256(resolve(entry.source));
-  if (sha === null) return `${entry.source}/adapter_model.safetensors is missing`;
-  if (sha !== entry.sourceSha256) return `${entry.source}/adapter_model.safetensors changed since it entered the bank`;
-  return null;
+  if (sha === null) return { problem: `${entry.source}/adapter_model.safetensors is missing` };
+  if (sha !== entry.sourceSha256) return { problem: `${entry.source}/adapter_model.safetensors changed since it entered the bank` };
+  let adapter: LoraAdapter;
+  try {
+    adapter = await loadLoraAdapter(resolve(entry.source));
+  } catch (e) {
+    return { problem: `${entry.source} could not be read: ${e instanceof Error ? e.message : String(e)}` };
+  }
+  if (entry.config !== null && canonicalJson(adapterConfigJsonOrNull(adapter)) !== canonicalJson(entry.config)) {
+    return { problem: `${entry.source}/adapter_config.json changed since it entered the bank` };
+  }
+  return { adapter };
 }
 
 export async function refitBank(dir: string, options: RefitOptions = {}): Promise<RefitResult> {
@@ -59,13 +77,14 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
     const fromSource: string[] = [];
     const fromBank: string[] = [];
     for (const entry of manifest.adapters) {
-      const problem = mode === 'bank' ? 'refit from the bank was asked for' : await sourceProblem(entry);
+      const source = mode === 'bank' ? { problem: 'refit from the bank was asked for' } : await unchangedSource(entry);
+      const problem = 'problem' in source ? source.problem : null;
       if (problem !== null && mode === 'sources') {
         throw new SoppuError('FILE_NOT_FOUND', `adapter ${entry.id}: cannot refit from its source: ${problem}`, { file: entry.source, field: 'source' });
       }
       let adapter: LoraAdapter;
-      if (problem === null) {
-        adapter = await loadLoraAdapter(resolve(entry.source));
+      if ('adapter' in source) {
+        adapter = source.adapter;
         errorBasis.set(entry.id, 'source');
         fromSource.push(entry.id);
       } else {

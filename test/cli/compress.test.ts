@@ -173,6 +173,18 @@ describe('soppu compress / bank / verify / export / report', () => {
     expect(auto.stdout).toMatch(/refitted 5 adapter\(s\) from their unchanged sources, 1 from the bank's reconstruction \(user-0003\)/);
     const entry = JSON.parse(await readFile(join(bank, 'manifest.json'), 'utf8')).adapters.find((x: { id: string }) => x.id === 'user-0003');
     expect(entry.errorBasis).toBe('bound');
+    // so is a source whose adapter_config.json changed (it sets every module's scale) or went away
+    const editedConfigFile = join(family[1]!, 'adapter_config.json');
+    const editedConfig = await readFile(editedConfigFile, 'utf8');
+    await writeFile(editedConfigFile, editedConfig.replace(/"lora_alpha":\s*([\d.]+)/, (_m, alpha: string) => `"lora_alpha": ${Number(alpha) * 10}`));
+    expect(await readFile(editedConfigFile, 'utf8')).not.toBe(editedConfig);
+    const edited = await runCli(['bank', 'refit', bank, '--from', 'sources']);
+    expect(edited.stderr).toMatch(/adapter user-0001: cannot refit from its source: .*adapter_config\.json changed since it entered the bank/);
+    await rm(editedConfigFile);
+    const gone = await runCli(['bank', 'refit', bank]);
+    expect(gone.code).toBe(0);
+    expect(gone.stdout).toMatch(/refitted 4 adapter\(s\) from their unchanged sources, 2 from the bank's reconstruction \(user-0001, user-0003\)/);
+    await writeFile(editedConfigFile, editedConfig);
   });
 
   it('verify --model compares next-token distributions (KL, top-1): an exact bank agrees, a lossy one does not', async () => {
