@@ -60,6 +60,9 @@ describe('soppu generate (generated tiny model and adapters on disk)', () => {
     const bad = await runCli(['generate', '--model', modelDir, '--prompt', 'abc', '--lora-dtype', 'f64']);
     expect(bad.code).not.toBe(0);
     expect(bad.stderr).toMatch(/--lora-dtype must be one of auto, f32, bf16, f16, got "f64"/);
+    // before the model loads: a bad model folder does not hide it
+    const badFirst = await runCli(['generate', '--model', join(modelDir, 'nope'), '--prompt', 'abc', '--lora-dtype', 'f64']);
+    expect(badFirst.stderr).toMatch(/--lora-dtype must be one of auto, f32, bf16, f16, got "f64"/);
   });
 
   it('serves a bank adapter with --bank and --adapter-id', async () => {

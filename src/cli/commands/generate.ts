@@ -74,6 +74,7 @@ export function register(program: Command): void {
           if (value !== undefined) throw new SoppuError('CONFIG', `--${flag} is for sampling: give --temperature too (generate is greedy without one)`, { field: flag });
         }
       }
+      const loraDtype = parseLoraDtype(options.loraDtype);
       const started = performance.now();
       const model = await loadLlamaModel(options.model);
       const maxTotalTokens = Math.min(4096, model.config.maxPositionEmbeddings);
@@ -88,7 +89,7 @@ export function register(program: Command): void {
         maxInputTokens: maxTotalTokens - 1,
         maxTotalTokens,
         blockSize: 16,
-        loraDtype: parseLoraDtype(options.loraDtype),
+        loraDtype,
       });
       const loaded = performance.now();
       const request: GenerateRequest = {
