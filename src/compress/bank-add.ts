@@ -92,6 +92,7 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
     for (const [path, result] of projection.slots) {
       const module = adapter.modules.get(path)!;
       let slot = slotByPath.get(path);
+      const inBank = slot !== undefined;
       if (!slot) {
         slot = { path, inFeatures: module.inFeatures, outFeatures: module.outFeatures, method: manifest.method, ranks: new Array<null>(manifest.clusters).fill(null), sweeps: 0 };
         newSlots.push(slot);
@@ -100,7 +101,7 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
       const rank = slot.ranks[projection.cluster] ?? null;
       perSlotResults.set(path, { slot: result, inFeatures: slot.inFeatures, outFeatures: slot.outFeatures, rank, diagonal: slot.method === 'jd-diag' });
       perSlot[path] = { ...manifestSlotEntry(result, rank), sourceRank: module.rank };
-      if (result.storage === 'raw') rawSlots.push({ path, reason: slotByPath.has(path) && rank !== null ? result.reason : 'slot-not-in-bank' });
+      if (result.storage === 'raw') rawSlots.push({ path, reason: inBank ? result.reason : 'slot-not-in-bank' });
       if (result.storage === 'zero') zeroSlots++;
     }
     const written = await writeAdapterFile(dir, id, adapterTensors(perSlotResults, adapter.passthrough));
@@ -114,6 +115,8 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
       sourceDtype: adapter.sourceDtype, flags: [...flags], rawParameters, addedBy: 'add', errorBasis: 'source',
       perSlot, file: written?.path ?? null, config: adapterConfigJsonOrNull(adapter),
       ...(sourceSha256 !== null ? { sourceSha256 } : {}),
+      // verify holds the adapter to the budget it was projected under, where that is not the bank's
+      ...(budget !== manifest.options.maxError ? { maxError: budget } : {}),
     };
     const adapters = [...manifest.adapters, entry];
     const reasons = refitReasonsOf(adapters);

@@ -73,6 +73,8 @@ export interface ManifestAdapter {
   readonly errorBasis: 'source' | 'bound';
   /** sha256 of the source's adapter_model.safetensors when it was read (a refit reloads an unchanged source). */
   readonly sourceSha256?: string;
+  /** The error budget the adapter was stored under, where it is not the bank's options.maxError (a `bank add --max-error`). */
+  readonly maxError?: number;
   readonly perSlot: Readonly<Record<string, ManifestAdapterSlot>>;
   /** Relative path of this adapter's data file; null when nothing is stored (all slots zero). */
   readonly file: string | null;
@@ -344,6 +346,7 @@ export function parseManifest(text: string, file: string): BankManifest {
       addedBy: c.oneOf(a.addedBy, `${field}.addedBy`, ['compress', 'add', 'refit'] as const),
       errorBasis: c.oneOf(a.errorBasis, `${field}.errorBasis`, ['source', 'bound'] as const),
       ...(a.sourceSha256 !== undefined ? { sourceSha256: c.string(a.sourceSha256, `${field}.sourceSha256`) } : {}),
+      ...(a.maxError !== undefined ? { maxError: c.finite(a.maxError, `${field}.maxError`, 0) } : {}),
       file: fileRef,
       config: a.config === null || a.config === undefined ? null : c.object(a.config, `${field}.config`),
     });

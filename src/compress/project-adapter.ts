@@ -80,7 +80,10 @@ export function projectAdapter(adapter: LoraAdapter, slots: ReadonlyMap<string, 
     const slot = slots.get(module.path);
     const bases = slot ? basesOf(module.path, cluster) : null;
     const stored = slot?.bases[cluster];
-    if (!slot || !bases || !stored) { results.set(module.path, rawResult(module, 'projection-over-budget')); continue; }
+    // a slot new to the bank is kept raw until a refit fits bases for it; a slot whose chosen cluster has no bases
+    // is raw there by the bank's own choice (cheaper than bases), which a refit would make again
+    if (!slot) { results.set(module.path, rawResult(module, 'projection-over-budget')); continue; }
+    if (!bases || !stored) { results.set(module.path, rawResult(module, 'cheaper-raw')); continue; }
     const diagonal = slot.method === 'jd-diag';
     const core = toF32(bestCoreOnBases(module, bases.u, bases.v, bases.rank, diagonal, normSquared).core);
     const error = relativeErrorOfPart(module, { u: stored.u, vt: stored.vt, rank: stored.rank, core, diagonal });

@@ -25,6 +25,8 @@ export interface VerifiedAdapter {
   readonly maxError: number;
   readonly meanError: number;
   readonly slots: readonly VerifiedSlot[];
+  /** The budget it is held to: the one given, else the one it was stored under (`bank add --max-error`), else the bank's. */
+  readonly budget: number | null;
   readonly overBudget: boolean;
   /** Filled by the optional model check (next-token distributions), when one is given. */
   readonly modelCheck?: ModelCheckResult;
@@ -61,7 +63,7 @@ export interface VerifyReport {
 export interface VerifyOptions {
   /** Original adapters keyed by bank id. */
   readonly sources?: ReadonlyMap<string, LoraAdapter>;
-  /** Error budget (default: the bank's recorded maxError; none: nothing is over budget). */
+  /** Error budget for every adapter (default: each adapter's own, else the bank's recorded maxError; none: nothing is over budget). */
   readonly maxError?: number;
   readonly modelCheck?: ModelCheck;
 }
@@ -107,7 +109,7 @@ export async function verifyBank(bank: Bank, options: VerifyOptions = {}): Promi
   for (const id of sources.keys()) {
     if (!bank.has(id)) throw new SoppuError('CONFIG', `--adapters: adapter id "${id}" is not in the bank ${bank.dir} (ids pair by directory name, or id=dir)`, { field: 'adapters' });
   }
-  const budget = options.maxError ?? bank.manifest.options.maxError ?? null;
+  const bankBudget = options.maxError ?? bank.manifest.options.maxError ?? null;
   const fileProblems = (await bank.verifyFiles()).map((e) => ({ file: String(e.context.file ?? bank.dir), message: e.message }));
   const brokenFiles = new Set(fileProblems.map((p) => p.file));
   const adapters: VerifiedAdapter[] = [];
@@ -143,12 +145,14 @@ export async function verifyBank(bank: Bank, options: VerifyOptions = {}): Promi
     const maxError = errors.length > 0 ? Math.max(...errors) : 0;
     const meanError = errors.length > 0 ? errors.reduce((x, y) => x + y, 0) / errors.length : 0;
     const modelCheck = options.modelCheck ? await options.modelCheck(bank, id, source) : undefined;
+    // the budget given, else the one the adapter was stored under (a `bank add --max-error`), else the bank's
+    const budget = options.maxError ?? entry.maxError ?? bankBudget;
     adapters.push({
-      id, cluster: entry.cluster, basis: source ? 'source' : 'recorded', maxError, meanError, slots,
+      id, cluster: entry.cluster, basis: source ? 'source' : 'recorded', maxError, meanError, slots, budget,
       overBudget: budget !== null && !(maxError <= budget * (1 + 1e-4)),
       ...(modelCheck ? { modelCheck } : {}),
     });
   }
   adapters.sort((x, y) => y.maxError - x.maxError || compareStrings(x.id, y.id));
-  return { dir: bank.dir, maxErrorBudget: budget, adapters, overBudget: adapters.filter((a) => a.overBudget).map((a) => a.id), fileProblems };
+  return { dir: bank.dir, maxErrorBudget: bankBudget, adapters, overBudget: adapters.filter((a) => a.overBudget).map((a) => a.id), fileProblems };
 }

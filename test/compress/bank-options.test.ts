@@ -12,6 +12,7 @@ import { compressIntoBank } from '../../src/compress/bank-compress.js';
 import { MANIFEST_NAME, parseManifest } from '../../src/compress/bank-manifest.js';
 import { openBank } from '../../src/compress/bank-reader.js';
 import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
+import { verifyBank } from '../../src/compress/verify-bank.js';
 
 const SLOTS = [{ path: 'model.layers.0.self_attn.q_proj', inFeatures: 16, outFeatures: 16 }];
 
@@ -57,6 +58,49 @@ describe('bank add into a bank fitted at a fixed rank (no recorded budget)', () 
     expect(added.budget).toBe(Math.max(0.1, membersLargest));
     expect(added.entry.perSlot[SLOTS[0]!.path]).toMatchObject({ storage: 'raw', relativeError: 0 });
     expect(added.rawSlots).toEqual([{ path: SLOTS[0]!.path, reason: expect.any(String) }]);
+    // the budget is recorded with the adapter, and verify holds it (and only it) to that budget
+    expect(added.entry.maxError).toBe(added.budget);
+    const [member] = syntheticAdapterSet({ slots: SLOTS, count: 1, rank: 4, sharedRank: 2, seed: 8, idPrefix: 'late-' });
+    await addToBank(dir, 'late', member!.adapter);
+    const report = await verifyBank(await openBank(dir));
+    expect(report.maxErrorBudget).toBeNull();
+    expect(report.adapters.find((a) => a.id === 'stranger')!.budget).toBe(added.budget);
+    expect(report.adapters.find((a) => a.id === members[0]!.id)!.budget).toBeNull();
+  });
+});
+
+describe('bank add --max-error', () => {
+  it('records the budget an adapter was projected under, which verify then holds it to instead of the bank\'s', async () => {
+    const members = syntheticAdapterSet({ slots: SLOTS, count: 4, rank: 4, sharedRank: 2, noise: 0.05, seed: 10 });
+    const dir = join(root, 'own-budget');
+    await compressIntoBank(members.slice(0, 3), dir, { compress: { method: 'jd-full', maxError: 0.05, seed: 2 } });
+    const [stranger] = syntheticAdapterSet({ slots: SLOTS, count: 1, rank: 4, sharedRank: 4, seed: 11, familySeed: 78, idPrefix: 'stranger-' });
+    const loose = await addToBank(dir, 'loose', stranger!.adapter, { maxError: 1 });
+    expect(loose.entry.perSlot[SLOTS[0]!.path]!.storage).toBe('compressed');
+    expect(loose.entry.perSlot[SLOTS[0]!.path]!.relativeError).toBeGreaterThan(0.05);
+    expect(loose.entry.maxError).toBe(1);
+    const same = await addToBank(dir, 'same', members[3]!.adapter);
+    expect(same.entry.maxError).toBeUndefined(); // the bank's budget: nothing to record
+    const report = await verifyBank(await openBank(dir));
+    expect(report.maxErrorBudget).toBe(0.05);
+    expect(report.overBudget).not.toContain('loose');
+    expect(report.adapters.find((a) => a.id === 'loose')!.budget).toBe(1);
+    // a budget given to verify applies to every adapter
+    expect((await verifyBank(await openBank(dir), { maxError: 0.05 })).overBudget).toContain('loose');
+  });
+});
+
+describe('bank add where the chosen cluster keeps the slot raw', () => {
+  it('stores it raw as the bank chose (cheaper-raw), with no refit advised: a refit would choose the same', async () => {
+    // three unrelated adapters: shared bases within 5 % would cost more than the raw factors
+    const strangers = [1, 2, 3].map((k) => syntheticAdapterSet({ slots: SLOTS, count: 1, rank: 4, sharedRank: 4, seed: 20 + k, familySeed: 90 + k, idPrefix: `s${k}-` })[0]!);
+    const dir = join(root, 'all-raw');
+    await compressIntoBank(strangers, dir, { compress: { method: 'jd-full', maxError: 0.05, seed: 2 } });
+    expect((await openBank(dir)).manifest.slots[0]!.ranks).toEqual([null]);
+    const added = await addToBank(dir, 'twin', strangers[0]!.adapter);
+    expect(added.entry.perSlot[SLOTS[0]!.path]).toMatchObject({ storage: 'raw', reason: 'cheaper-raw' });
+    expect(added.rawSlots).toEqual([{ path: SLOTS[0]!.path, reason: 'cheaper-raw' }]);
+    expect(added.manifest.refitAdvised).toBe(false);
   });
 });
 

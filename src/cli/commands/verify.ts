@@ -96,7 +96,7 @@ export function register(program: Command): void {
     .description('check a bank: checksums of every file, and per adapter and slot the relative weight error (against the original adapters when given, paired by id; else the recorded errors), worst first. Exit code 1 when an adapter exceeds the budget or a file is corrupt')
     .argument('<bank>', 'bank directory')
     .option('--adapters <dirs...>', 'original adapter directories (id = directory name, or id=dir)')
-    .option('--max-error <e>', 'error budget (default: the bank\'s)')
+    .option('--max-error <e>', 'error budget for every adapter (default: the bank\'s, or the one bank add --max-error stored an adapter under)')
     .option('--model <dir>', 'also compare next-token distributions, original vs bank, teacher-forced on the original\'s greedy continuation of fixed prompts: KL(original‖bank), top-1 agreement, |logprob gap| (needs --adapters)')
     .option('--tokens <n>', 'tokens generated per prompt by the model check', '16')
     .option('--json', 'print JSON')
@@ -134,7 +134,7 @@ export function register(program: Command): void {
           const check = a.modelCheck && a.modelCheck.tokens > 0
             ? `  model: KL mean ${a.modelCheck.meanKl.toExponential(2)} max ${a.modelCheck.maxKl.toExponential(2)}, top-1 agreement ${(100 * a.modelCheck.top1Agreement).toFixed(1)}%, |logprob gap| mean ${a.modelCheck.meanLogprobGap.toFixed(4)} max ${a.modelCheck.maxLogprobGap.toFixed(4)} over ${a.modelCheck.tokens} tokens`
             : '';
-          process.stdout.write(`${a.overBudget ? 'OVER' : 'ok  '} ${a.id}  cluster ${a.cluster}  max ${formatError(a.maxError)}  mean ${formatError(a.meanError)}  [${a.basis}]${check}\n`);
+          process.stdout.write(`${a.overBudget ? 'OVER' : 'ok  '} ${a.id}  cluster ${a.cluster}  max ${formatError(a.maxError)}  mean ${formatError(a.meanError)}  [${a.basis}]${a.budget !== report.maxErrorBudget ? `  (budget ${a.budget ?? 'none'})` : ''}${check}\n`);
           for (const s of [...a.slots].sort((x, y) => y.relativeError - x.relativeError).slice(0, a.overBudget ? a.slots.length : 3)) {
             process.stdout.write(`      ${s.path}  ${s.storage}  ${formatError(s.relativeError)}${s.recordedError !== null && a.basis === 'source' ? `  (recorded ${formatError(s.recordedError)})` : ''}\n`);
           }
