@@ -255,6 +255,10 @@ function fromOpenAiCommon(body: OpenAiCommonBody, prompt: string, baseModelId: s
   }
   // refused rather than ignored: the output would not be what the request asked for
   if (body.logit_bias && Object.keys(body.logit_bias).length > 0) throw validation('`logit_bias` is not supported by this server', 'logit_bias');
+  // as OpenAI and vLLM answer it: the options would be silently unused
+  if (body.stream_options !== undefined && body.stream_options !== null && body.stream !== true) {
+    throw validation('`stream_options` is only allowed when `stream` is true', 'stream_options');
+  }
   const temperature = body.temperature ?? 1;
   const stop = body.stop === undefined || body.stop === null ? [] : typeof body.stop === 'string' ? [body.stop] : body.stop;
   return {

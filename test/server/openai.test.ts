@@ -97,6 +97,7 @@ describe('OpenAI-compatible routes with the official client', () => {
     await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 17 })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
     await expect(client.completions.create({ model: 'alice-1', prompt: ['a', 'b', 'c'], n: 6 })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
     await expect(client.completions.create({ model: 'alice-1', prompt: 'x', n: 2, stream: true })).rejects.toMatchObject({ status: 400, error: { param: 'n' } });
+    await expect(client.chat.completions.create({ model: 'alice-1', messages: [{ role: 'user', content: 'x' }], stream_options: { include_usage: true } })).rejects.toMatchObject({ status: 400, error: { param: 'stream_options' } });
     const anonymous = new OpenAI({ baseURL: client.baseURL, apiKey: 'sk-nobody-000', maxRetries: 0 });
     await expect(anonymous.models.list()).rejects.toMatchObject({ status: 401 });
   });
