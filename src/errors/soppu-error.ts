@@ -24,6 +24,7 @@ export const ERROR_CODES = {
   BANK_CONFLICT: [409, 'validation', 'the bank already holds this id, or the change conflicts with it'],
   // --- requests ---
   VALIDATION: [422, 'validation', 'a request field is missing or out of range'],
+  PAYLOAD_TOO_LARGE: [413, 'validation', 'the request body is larger than the server accepts'],
   ADAPTER_NOT_FOUND: [404, 'not_found', 'no adapter with this id is available to the caller'],
   ADAPTER_LOAD: [424, 'generation', 'the adapter named by the request could not be loaded'],
   GENERATION: [424, 'generation', 'generation failed'],

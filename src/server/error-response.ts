@@ -22,7 +22,8 @@ export function toSoppuError(e: unknown): SoppuError {
     return new SoppuError('VALIDATION', `Input validation error: ${err.message ?? 'unsupported content type'}`, { field: 'content-type' });
   }
   if (err?.code === 'FST_ERR_CTP_BODY_TOO_LARGE') {
-    return new SoppuError('VALIDATION', `Input validation error: request body is larger than the configured limit`, { field: 'body' });
+    // 413, as LoRAX's router (axum's body limit) and OpenAI answer it
+    return new SoppuError('PAYLOAD_TOO_LARGE', `Input validation error: request body is larger than the configured limit`, { field: 'body' });
   }
   if (typeof err?.statusCode === 'number' && err.statusCode >= 400 && err.statusCode < 500) {
     // malformed JSON, empty JSON body and the like
@@ -50,6 +51,7 @@ const OPENAI_TYPES: Record<number, string> = {
   403: 'permission_error',
   404: 'not_found_error',
   409: 'invalid_request_error',
+  413: 'invalid_request_error',
   422: 'invalid_request_error',
   424: 'server_error',
   429: 'rate_limit_error',
@@ -88,6 +90,7 @@ export function failureLabel(err: SoppuError): string {
   switch (err.code) {
     case 'VALIDATION':
     case 'CONFIG':
+    case 'PAYLOAD_TOO_LARGE':
       return 'validation';
     case 'OVERLOADED':
       return 'overloaded';
