@@ -5,9 +5,9 @@
  */
 import type { Engine, GenerateEvent, GenerateRequest } from '../engine/engine-types.js';
 import { promptTail } from '../engine/prompt-tail.js';
-import { SoppuError } from '../errors/soppu-error.js';
+import { isSoppuError, SoppuError } from '../errors/soppu-error.js';
 import type { Caller } from './access-control.js';
-import { confineAdapterPath } from './path-confinement.js';
+import { confineAdapterPath, withoutRoots } from './path-confinement.js';
 import type { ServerOptions } from './server-options.js';
 import type { GenerationCall } from './wire.js';
 
@@ -148,7 +148,15 @@ export class GenerationService {
       return { request, first, iterator, timeToFirstEventMs: performance.now() - started, release };
     } catch (e) {
       release();
-      throw e;
+      throw request.adapterSource === 'local' ? this.withoutRoots(e) : e;
     }
+  }
+
+  /** A local adapter's load error naming its files below the adapter directory, as the request named the folder. */
+  private withoutRoots(e: unknown): unknown {
+    if (!isSoppuError(e)) return e;
+    const roots = this.options.adapterDirs;
+    const context = { ...e.context, ...(typeof e.context.file === 'string' ? { file: withoutRoots(e.context.file, roots) } : {}) };
+    return new SoppuError(e.code, withoutRoots(e.message, roots), context, { cause: e });
   }
 }

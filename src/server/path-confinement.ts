@@ -43,3 +43,22 @@ export function confineAdapterPath(requested: string, roots: readonly string[], 
   }
   throw notFound();
 }
+
+/**
+ * `text` with every adapter root's path (as configured, and as its real path) and the separator after it left
+ * out: a load error for a local adapter then names its files as the caller named the folder, not where the
+ * server keeps them.
+ */
+export function withoutRoots(text: string, roots: readonly string[]): string {
+  const prefixes = new Set<string>();
+  for (const root of roots) {
+    prefixes.add(path.resolve(root) + path.sep);
+    try {
+      prefixes.add(realpathSync(root) + path.sep);
+    } catch {
+      // a root that is gone: its configured path alone
+    }
+  }
+  // longest first, so a root inside another is taken whole
+  return [...prefixes].sort((p, q) => q.length - p.length).reduce((out, prefix) => out.split(prefix).join(''), text);
+}

@@ -1,4 +1,4 @@
-import { existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, readdirSync, realpathSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { gzipSync } from 'node:zlib';
@@ -124,6 +124,13 @@ describe('access control', () => {
       const response = await ask(bad);
       expect(response.statusCode, bad).toBe(404);
     }
+    // a folder that fails to load is named as the request named it, not where the server keeps it
+    mkdirSync(path.join(root, 'mine', 'broken-1'));
+    const failed = await ask('mine/broken-1');
+    expect(failed.statusCode).toBe(424);
+    expect(failed.json().error).toContain('could not be loaded from mine/broken-1: mine/broken-1/adapter_model.safetensors: header too long');
+    expect(failed.body).not.toContain(root);
+    expect(failed.body).not.toContain(realpathSync(root));
   });
 });
 

@@ -63,6 +63,11 @@ export class FakeEngine implements Engine {
           throw new SoppuError('ADAPTER_TENSORS', `adapter '${id}': adapter_model.safetensors: tensor lora_A has shape [3, 7], expected [4, 16]`, { file: 'adapter_model.safetensors' });
         }
         if (id && request.adapterSource !== 'local' && !self.adapters.has(id)) throw new SoppuError('ADAPTER_NOT_FOUND', `engine: no adapter '${id}'`);
+        // as the adapter cache words a local folder it cannot read: its absolute path, twice
+        if (request.adapterSource === 'local' && request.adapterPath?.includes('broken')) {
+          const file = `${request.adapterPath}/adapter_model.safetensors`;
+          throw new SoppuError('ADAPTER_LOAD', `adapter ${id} could not be loaded from ${request.adapterPath}: ${file}: header too long`, { file });
+        }
         const prompt = typeof request.prompt === 'string' ? request.prompt : String.fromCharCode(...request.prompt);
         const promptTokens = request.truncate ? Math.min(request.truncate, prompt.length) : prompt.length;
         const text = self.expectedText(prompt, id, request.maxNewTokens);
