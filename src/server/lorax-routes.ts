@@ -7,7 +7,7 @@ import { failureLabel, loraxErrorBody, toSoppuError } from './error-response.js'
 import { refuseUntokenizable, type StartedGeneration } from './generation-service.js';
 import { abortOnDisconnect, callerOf, closeGeneration, eventsOf, headerValue, openEventStream, recordSuccess, type EventStream, type ServerContext } from './server-context.js';
 import type { buildSchemas } from './request-schemas.js';
-import { fromLoraxBody, toLoraxResponse, toLoraxStreamEvent, type CollectedToken, type DoneEvent, type GenerationCall, type LoraxGenerateBody } from './wire.js';
+import { asLoraxDone, fromLoraxBody, toLoraxResponse, toLoraxStreamEvent, type CollectedToken, type DoneEvent, type GenerationCall, type LoraxGenerateBody } from './wire.js';
 
 type Schemas = ReturnType<typeof buildSchemas>;
 
@@ -76,7 +76,7 @@ async function generateJson(context: ServerContext, request: FastifyRequest, rep
     'x-skipped-tokens': 0,
     'x-total-tokens': done.promptTokens + done.generatedTokens,
   });
-  return toLoraxResponse(call, done, tokens);
+  return toLoraxResponse(call, asLoraxDone(done, prepared.started.request.maxNewTokens), tokens);
 }
 
 async function generateStream(context: ServerContext, request: FastifyRequest, reply: FastifyReply, call: GenerationCall): Promise<void> {
@@ -96,7 +96,8 @@ async function generateStream(context: ServerContext, request: FastifyRequest, r
       }
     }
     if (!done) throw toSoppuError(new Error('generation ended without a final event'));
-    const last = held ? toLoraxStreamEvent(call, held, done) : { ...toLoraxStreamEvent(call, { token: { id: 0, text: '', logprob: 0, special: true } }, done), token: null };
+    const final = asLoraxDone(done, prepared.started.request.maxNewTokens);
+    const last = held ? toLoraxStreamEvent(call, held, final) : { ...toLoraxStreamEvent(call, { token: { id: 0, text: '', logprob: 0, special: true } }, final), token: null };
     stream.send(`data:${JSON.stringify(last)}\n\n`);
     recordDone(context, prepared, done);
   } catch (e) {

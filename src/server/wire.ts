@@ -144,6 +144,15 @@ export interface CollectedToken {
   readonly alternatives?: readonly TokenInfo[];
 }
 
+/**
+ * The final event as LoRAX reports it: a request that made its max_new_tokens finishes with `length` even when
+ * its last token was eos or completed a stop (TGI's stopping criteria count the token first); the OpenAI
+ * routes keep the engine's reason there, as vLLM does.
+ */
+export function asLoraxDone(done: DoneEvent, maxNewTokens: number): DoneEvent {
+  return done.finishReason !== 'length' && done.generatedTokens >= maxNewTokens ? { ...done, finishReason: 'length' } : done;
+}
+
 /** LoRAX GenerateResponse. */
 export function toLoraxResponse(call: GenerationCall, done: DoneEvent, tokens: readonly CollectedToken[]): Record<string, unknown> {
   const response: Record<string, unknown> = { generated_text: loraxGeneratedText(call, done) };

@@ -86,6 +86,19 @@ describe('POST /generate', () => {
     expect(events.at(-1)!.generated_text).toBe(text.slice(0, text.indexOf(stop) + stop.length));
   });
 
+  it('a request that makes its max_new_tokens finishes with length, as LoRAX reports it, even when its last token was eos or completed a stop', async () => {
+    const { engine, app } = setup({ eosAfter: 3 });
+    const ask = async (parameters: Record<string, unknown>) => (await app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'hi', parameters: { details: true, ...parameters } } })).json().details.finish_reason;
+    expect(await ask({ max_new_tokens: 4 })).toBe('length'); // eos as the 4th token
+    expect(await ask({ max_new_tokens: 5 })).toBe('eos_token');
+    const text = engine.expectedText('hi', null, 3);
+    expect(await ask({ max_new_tokens: 3, stop: [text.slice(1, 3)] })).toBe('length'); // the stop completed by the 3rd token
+    expect(await ask({ max_new_tokens: 3, stop: [text.slice(0, 2)] })).toBe('stop_sequence');
+    const stream = await app.inject({ method: 'POST', url: '/generate_stream', payload: { inputs: 'hi', parameters: { max_new_tokens: 4, details: true } } });
+    const events = stream.body.split('\n').filter((line) => line.startsWith('data:')).map((line) => JSON.parse(line.slice(5)) as { details: { finish_reason: string } | null });
+    expect(events.at(-1)!.details!.finish_reason).toBe('length');
+  });
+
   const invalid: [string, Record<string, unknown>, string][] = [
     ['empty inputs', { inputs: '' }, 'inputs'],
     ['missing inputs', { parameters: {} }, 'inputs'],
