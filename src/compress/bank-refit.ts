@@ -100,7 +100,11 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
         : new Map(Object.entries(entry.perSlot).flatMap(([path, p]) => (p.sourceRank !== undefined ? [[path, p.sourceRank] as const] : [])));
       extras.set(entry.id, { passthrough: problem === null ? adapter.passthrough : await bank.loadPassthrough(entry.id), config: entry.config, sourceRanks });
     }
-    const result = await compressAdapters(inputs, { ...manifest.options, method: manifest.method, clusters: Math.min(manifest.clusters, inputs.length), ...(options.onProgress ? { onProgress: options.onProgress } : {}) });
+    // the cluster count asked for (the bank's options; its clusters are what it has now): a refit of fewer adapters
+    // than that fits fewer clusters, and one after adapters come back fits the asked count again
+    const asked = manifest.options.clusters ?? manifest.clusters;
+    const fitted = await compressAdapters(inputs, { ...manifest.options, method: manifest.method, clusters: Math.min(asked, inputs.length), ...(options.onProgress ? { onProgress: options.onProgress } : {}) });
+    const result = { ...fitted, options: { ...fitted.options, clusters: asked } };
     const byId = new Map(manifest.adapters.map((a) => [a.id, a]));
     // keep what the bank knew about each adapter's origin (a reconstruction has none of it)
     const adapters = result.adapters.map((info) => {

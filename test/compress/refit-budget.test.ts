@@ -6,9 +6,11 @@ import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { addToBank } from '../../src/compress/bank-add.js';
 import { compressIntoBank } from '../../src/compress/bank-compress.js';
 import { openBank } from '../../src/compress/bank-reader.js';
 import { refitBank } from '../../src/compress/bank-refit.js';
+import { removeFromBank } from '../../src/compress/bank-remove.js';
 import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
 import { verifyBank } from '../../src/compress/verify-bank.js';
 
@@ -62,5 +64,19 @@ describe('bank refit from the bank', () => {
     expect(compressedOf(before).length).toBeGreaterThan(0);
     const { manifest } = await refitBank(dir, { from: 'bank' });
     expect(compressedOf(manifest)).toEqual(compressedOf(before));
+  });
+});
+
+describe('bank refit and the cluster count', () => {
+  it('fits fewer clusters while the bank has fewer adapters than asked for, and the asked count once they come back', async () => {
+    const inputs = syntheticAdapterSet({ slots: SLOTS, count: 4, rank: 4, sharedRank: 2, noise: 0.1, seed: 7, familySeed: 3 });
+    const dir = join(root, 'clusters');
+    await compressIntoBank(inputs, dir, { compress: { method: 'jd-full', maxError: 0.3, clusters: 3, seed: 5 } });
+    for (const input of inputs.slice(0, 2)) await removeFromBank(dir, input.id);
+    const shrunk = (await refitBank(dir, { from: 'bank' })).manifest;
+    expect(shrunk.clusters).toBe(2);
+    expect(shrunk.options.clusters).toBe(3);
+    for (const input of inputs.slice(0, 2)) await addToBank(dir, input.id, input.adapter);
+    expect((await refitBank(dir, { from: 'bank' })).manifest.clusters).toBe(3);
   });
 });
