@@ -21,6 +21,7 @@ import { AccessControl } from '../../server/access-control.js';
 import { createServer } from '../../server/create-server.js';
 import { DEFAULT_SERVER_OPTIONS } from '../../server/server-options.js';
 import { parseInteger } from '../parse-integer.js';
+import { watchBank } from '../watch-bank.js';
 
 interface ServeOptions {
   model?: string;
@@ -41,6 +42,7 @@ interface ServeOptions {
   blockSize: string;
   loraDtype: string;
   drainDeadlineS: string;
+  bankWatchS: string;
   maxUploadMb: string;
 }
 
@@ -160,6 +162,7 @@ export function register(program: Command): void {
     .description('serve the model and its adapters over LoRAX- and OpenAI-compatible HTTP APIs')
     .option('--model <dir>', 'model directory (default: build and serve the demo)')
     .option('--bank <dir>', 'compressed adapter bank directory')
+    .option('--bank-watch-s <n>', 'read the bank again when its manifest.json changes on disk (soppu bank add/rm/refit), checked every n seconds; 0: only on POST /bank/reload or SIGHUP', '2')
     .option('--adapters <dir...>', 'directories that adapter_source=local paths and admin registrations must lie inside')
     .option('--auth <keys.json>', 'API keys file: {"<key>": {"role": "admin"|"user", "adapters": [ids or globs]}}')
     .option('--port <n>', 'port', '8080')
@@ -241,6 +244,7 @@ export function register(program: Command): void {
         // a Node timer holds at most 2^31 − 1 ms (a longer one fires at once)
         drainDeadlineMs: parseInteger(options.drainDeadlineS, 'drain-deadline-s', 0, Math.floor((2 ** 31 - 1) / 1000)) * 1000,
       };
+      const bankWatchMs = parseInteger(options.bankWatchS, 'bank-watch-s', 0, 86400) * 1000;
       const engine = await createEngine({
         modelDir: modelDir as string,
         model,
@@ -256,6 +260,7 @@ export function register(program: Command): void {
         loraDtype: parseLoraDtype(options.loraDtype),
       });
       if (bankDir && engine.reloadBank) reloadBank = engine.reloadBank.bind(engine);
+      const stopWatching = bankDir && reloadBank && bankWatchMs > 0 ? watchBank(bankDir, bankWatchMs, reloadBank, log) : () => undefined;
       const server = createServer(engine, {
         ...DEFAULT_SERVER_OPTIONS,
         ...serverLimits,
@@ -271,6 +276,7 @@ export function register(program: Command): void {
         const failure = listenFailure(e, host, port);
         await server.app.close().catch(() => undefined);
         await engine.close().catch(() => undefined);
+        stopWatching();
         throw failure ?? e;
       }
       const address = server.app.server.address();
@@ -286,6 +292,7 @@ export function register(program: Command): void {
       await new Promise<void>((resolve) => {
         const stop = (signal: string): void => {
           log(`${signal}: draining (deadline ${server.context.options.drainDeadlineMs / 1000} s)`);
+          stopWatching();
           server
             .drain()
             .then(() => engine.close())
