@@ -9,7 +9,10 @@ export interface EngineTokenizer {
   encode(text: string, addSpecialTokens: boolean): number[];
   /** Tokens of `text` with their [start, stop) offsets in it (for /tokenize). */
   tokenizeWithOffsets(text: string, addSpecialTokens: boolean): { id: number; text: string; start: number; stop: number }[];
-  /** Text of `ids`; special tokens dropped when `skipSpecialTokens`. */
+  /**
+   * Text of `ids` as the tokens spell it; special tokens dropped when `skipSpecialTokens`. No clean-up of spaces
+   * (" ." stays " ."): streamed text is cut from the growth of such decodes, which a rewrite would shift.
+   */
   decode(ids: readonly number[], skipSpecialTokens: boolean): string;
   isSpecial(id: number): boolean;
   /** The bytes of one token's text (a part of a UTF-8 character included), when the tokenizer knows them. */
@@ -31,7 +34,7 @@ export function engineTokenizerOf(tokenizer: ModelTokenizer): EngineTokenizer {
     encode: (text, addSpecialTokens) => tokenizer.encode(text, { addSpecialTokens }),
     tokenizeWithOffsets: (text, addSpecialTokens) =>
       tokenizer.tokenizeWithOffsets(text, { addSpecialTokens }).map((t) => ({ id: t.id, text: t.text, start: t.start, stop: t.stop })),
-    decode: (ids, skipSpecialTokens) => tokenizer.decode(ids, { skipSpecialTokens }),
+    decode: (ids, skipSpecialTokens) => tokenizer.decode(ids, { skipSpecialTokens, cleanUpTokenizationSpaces: false }),
     isSpecial: (id) => tokenizer.isSpecial(id),
     tokenBytes: (id) => tokenizer.tokenBytes(id),
     eosTokenIds: tokenizer.eosTokenIds,

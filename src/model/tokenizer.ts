@@ -223,10 +223,23 @@ export class ModelTokenizer {
     return this.tokenizer.encode(text, { add_special_tokens: options.addSpecialTokens ?? true }).ids;
   }
 
-  /** Text of `ids`. Special tokens are kept unless `skipSpecialTokens`. */
-  decode(ids: readonly number[], options: { skipSpecialTokens?: boolean } = {}): string {
+  /**
+   * Text of `ids`. Special tokens are kept unless `skipSpecialTokens`. `cleanUpTokenizationSpaces` (default:
+   * tokenizer_config.json's, true when absent, as transformers' decode) rewrites " ." as ".", " 's" as "'s" and
+   * the like. Streaming and per-token texts pass false: a rewrite inside the decoded prefix shifts the text a
+   * window's growth is cut from, and characters were lost (vLLM's incremental detokenizer never cleans up).
+   */
+  decode(ids: readonly number[], options: { skipSpecialTokens?: boolean; cleanUpTokenizationSpaces?: boolean } = {}): string {
     if (ids.length === 0) return '';
-    return this.tokenizer.decode([...ids], { skip_special_tokens: options.skipSpecialTokens ?? false });
+    return this.tokenizer.decode([...ids], {
+      skip_special_tokens: options.skipSpecialTokens ?? false,
+      ...(options.cleanUpTokenizationSpaces !== undefined ? { clean_up_tokenization_spaces: options.cleanUpTokenizationSpaces } : {}),
+    });
+  }
+
+  /** One token's own text (or a window of them, for streaming): decoded without the spaces clean-up. */
+  private rawText(ids: readonly number[], skipSpecialTokens = false): string {
+    return this.decode(ids, { skipSpecialTokens, cleanUpTokenizationSpaces: false });
   }
 
   /** True for special (added) tokens such as bos, eos and chat role markers. */
@@ -246,7 +259,7 @@ export class ModelTokenizer {
         const bytes: number[] = [];
         for (const ch of entry) {
           const byte = BYTE_OF_CHAR.get(ch);
-          if (byte === undefined) return [...Buffer.from(this.decode([id]), 'utf8')]; // an added token's plain text
+          if (byte === undefined) return [...Buffer.from(this.rawText([id]), 'utf8')]; // an added token's plain text
           bytes.push(byte);
         }
         return bytes;
@@ -257,7 +270,7 @@ export class ModelTokenizer {
         return [...Buffer.from(entry.replace(/\u2581/g, ' '), 'utf8')];
       }
     }
-    return [...Buffer.from(this.decode([id]), 'utf8')];
+    return [...Buffer.from(this.rawText([id]), 'utf8')];
   }
 
   /** The token string of one id (vocabulary form, e.g. "Ġthe"), or undefined. */
@@ -283,7 +296,7 @@ export class ModelTokenizer {
     while (prefix + core.length <= full.length && !core.every((id, i) => full[prefix + i] === id)) prefix++;
     if (prefix + core.length > full.length) prefix = 0;
     const result: TokenWithOffsets[] = [];
-    const added = (id: number, at: number): TokenWithOffsets => ({ id, text: this.decode([id]), start: at, stop: at, special: true });
+    const added = (id: number, at: number): TokenWithOffsets => ({ id, text: this.rawText([id]), start: at, stop: at, special: true });
     for (let i = 0; i < prefix; i++) result.push(added(full[i]!, 0));
     const decoder = this.createStreamDecoder({ skipSpecialTokens: false });
     let position = 0;
@@ -348,7 +361,7 @@ export class StreamDecoder {
   /** Add one token; returns the newly completed text ('' while a character is incomplete). */
   push(id: number): string {
     this.ids.push(id);
-    const decode = (from: number, to: number): string => this.tokenizer.decode(this.ids.slice(from, to), { skipSpecialTokens: this.skipSpecialTokens });
+    const decode = (from: number, to: number): string => this.tokenizer.decode(this.ids.slice(from, to), { skipSpecialTokens: this.skipSpecialTokens, cleanUpTokenizationSpaces: false });
     const prefixText = decode(this.prefixOffset, this.readOffset);
     const newText = decode(this.prefixOffset, this.ids.length);
     if (newText.length > prefixText.length && !newText.endsWith('\uFFFD')) {
@@ -363,8 +376,9 @@ export class StreamDecoder {
 
   /** Text still held back at the end of the sequence (an incomplete character comes out as U+FFFD). */
   flush(): string {
-    const prefixText = this.tokenizer.decode(this.ids.slice(this.prefixOffset, this.readOffset), { skipSpecialTokens: this.skipSpecialTokens });
-    const rest = this.tokenizer.decode(this.ids.slice(this.prefixOffset), { skipSpecialTokens: this.skipSpecialTokens }).slice(prefixText.length);
+    const options = { skipSpecialTokens: this.skipSpecialTokens, cleanUpTokenizationSpaces: false };
+    const prefixText = this.tokenizer.decode(this.ids.slice(this.prefixOffset, this.readOffset), options);
+    const rest = this.tokenizer.decode(this.ids.slice(this.prefixOffset), options).slice(prefixText.length);
     this.prefixOffset = this.readOffset = this.ids.length;
     this.text += rest;
     return rest;

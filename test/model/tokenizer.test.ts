@@ -3,6 +3,7 @@ import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { generateTokenizer, SPECIAL_TOKENS } from '../../src/io/fixtures/generate-tokenizer.js';
 import { loadLlamaConfig } from '../../src/model/llama-config.js';
+import { engineTokenizerOf, IncrementalDecoder } from '../../src/engine/engine-tokenizer.js';
 import { loadTokenizer } from '../../src/model/tokenizer.js';
 import { modelDir, tempDir } from './model-helpers.js';
 
@@ -75,6 +76,31 @@ describe('generated tokenizer through @huggingface/tokenizers', () => {
     const ids = tokenizer.encodeChat([{ role: 'user', content: 'Hi!' }]);
     expect(ids.filter((id) => id === tokenizer.bosTokenId)).toHaveLength(1);
     expect(() => tokenizer.applyChatTemplate([{ role: 'tool', content: 'x' }])).toThrow(expect.objectContaining({ code: 'VALIDATION', message: expect.stringContaining('unsupported chat role: tool') }));
+  });
+
+  it('with clean_up_tokenization_spaces (Llama-3 ships it), streamed and per-token texts keep every character; decode cleans up as transformers does', async () => {
+    const dir = await tempDir('soppu-tok-');
+    const { tokenizerJson } = generateTokenizer(400);
+    await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    await writeFile(join(dir, 'tokenizer_config.json'), JSON.stringify({ bos_token: '<|begin_of_text|>', eos_token: '<|end|>', clean_up_tokenization_spaces: true }));
+    const tokenizer = await loadTokenizer(dir);
+    const text = "Hello , world . Done ? I ' m here , aren 't I ?";
+    const ids = tokenizer.encode(text, { addSpecialTokens: false });
+    expect(tokenizer.decode(ids)).toBe("Hello, world. Done? I'm here, aren 't I?"); // transformers' decode
+    const raw = tokenizer.decode(ids, { cleanUpTokenizationSpaces: false });
+    expect(raw).toBe(text);
+    const stream = tokenizer.createStreamDecoder();
+    const pieces = ids.map((id) => stream.push(id));
+    pieces.push(stream.flush());
+    expect(pieces.join('')).toBe(text);
+    const engineSide = engineTokenizerOf(tokenizer);
+    const incremental = new IncrementalDecoder(engineSide);
+    expect([...ids.map((id) => incremental.push(id)), incremental.flush()].join('')).toBe(text);
+    // /tokenize offsets point into the input
+    for (const token of tokenizer.tokenizeWithOffsets(text, { addSpecialTokens: false })) expect(text.slice(token.start, token.stop)).toBe(token.text);
+    // a token's own text: " ." stays " ."
+    const period = tokenizer.encode(' .', { addSpecialTokens: false });
+    expect(period.map((id) => engineSide.decode([id], false)).join('')).toBe(' .');
   });
 
   it('a Llama-class tokenizer adds bos/eos as add_bos_token/add_eos_token say (transformers rebuilds its post-processor)', async () => {
