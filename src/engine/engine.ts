@@ -361,7 +361,18 @@ class SoppuEngine implements Engine {
     this.scheduler.remove(state);
     this.all.delete(state);
     if (reason) {
-      const tail = state.decoder.flush();
+      let tail = state.decoder.flush();
+      // the text the decoder held back (an unfinished character at the end) is checked for stops too
+      if (reason !== 'stop_sequence' && tail !== '' && state.stops.length > 0) {
+        const cut = state.stopWindow.pushTail(tail);
+        if (cut !== null) {
+          state.text += tail;
+          tail = '';
+          state.stopText = state.text.slice(cut);
+          state.text = state.text.slice(0, cut);
+          reason = 'stop_sequence';
+        }
+      }
       const stopped = reason === 'stop_sequence';
       const text = stopped ? state.text : state.text + tail;
       state.queue.push({

@@ -28,8 +28,19 @@ export class StopWindow {
    * else null.
    */
   push(piece: string, specialText: string | null): number | null {
+    return this.append(piece, specialText, this.pushes++);
+  }
+
+  /**
+   * Appends text the detokenizer held back until the end (the last tokens' unfinished character, flushed):
+   * it belongs to the last token pushed. Returns a cut as push does.
+   */
+  pushTail(text: string): number | null {
+    return this.append(text, null, Math.max(0, this.pushes - 1));
+  }
+
+  private append(piece: string, specialText: string | null, token: number): number | null {
     const before = this.length;
-    const token = this.pushes++;
     if (piece.length > 0) this.add(piece, false, token);
     if (specialText !== null && specialText.length > 0) this.add(specialText, true, token);
     if (this.length === before) return null;

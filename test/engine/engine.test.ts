@@ -210,6 +210,30 @@ describe('engine', () => {
     expect(full.stopText).toBeUndefined();
   });
 
+  it('a stop in the text the detokenizer held back to the end (an unfinished character) still stops it', async () => {
+    // find a greedy run whose last token appears nowhere before it, then let that token spell "be" + a UTF-8 lead byte
+    let found: { prompt: string; last: number; tokens: number[] } | null = null;
+    const plain = await createEngine(options());
+    for (const prompt of [...PROMPTS, 'abc', 'xyz', 'once', 'hello there', 'qwerty']) {
+      const run = await collect(plain.generate({ prompt, maxNewTokens: 6, ignoreEos: true }));
+      const last = run.tokens.at(-1)!;
+      if (run.tokens.indexOf(last) === run.tokens.length - 1 && !tokenizer.isSpecial(last)) {
+        found = { prompt, last, tokens: run.tokens };
+        break;
+      }
+    }
+    expect(found).not.toBeNull();
+    const { prompt, last, tokens } = found!;
+    const bytesOf = (id: number): number[] => (id === last ? [0x62, 0x65, 0xe6] : [...Buffer.from(tokenizer.decode([id], true), 'utf8')]);
+    const partial = { ...tokenizer, decode: (ids: readonly number[], skip: boolean) => (ids.some((id) => id === last) ? Buffer.from(ids.flatMap(bytesOf)).toString('utf8') : tokenizer.decode(ids, skip)) };
+    const engine = await createEngine(options({ tokenizer: partial }));
+    const before = tokenizer.decode(tokens.slice(0, -1), true);
+    const free = await collect(engine.generate({ prompt, maxNewTokens: 6, ignoreEos: true }));
+    expect(free).toMatchObject({ finishReason: 'length', text: `${before}be\uFFFD` }); // the tail comes out at the end
+    const stopped = await collect(engine.generate({ prompt, maxNewTokens: 6, ignoreEos: true, stop: ['be'] }));
+    expect(stopped).toMatchObject({ finishReason: 'stop_sequence', text: before, stopText: 'be\uFFFD' });
+  });
+
   it('a stop sequence may be a special token\'s text (as LoRAX/TGI match it), and it cuts the text where it starts', async () => {
     const engine = await createEngine(options());
     // a prompt whose greedy run makes eos (id 1) while eos is ignored
