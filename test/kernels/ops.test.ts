@@ -151,6 +151,46 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s vs ref', (_
     expect(got).toEqual(want);
   });
 
+  it('softmax, logSumExp and siluMul agree with the reference on NaN, ±Inf and all −Inf rows, in the vector body and the tail', () => {
+    const special = (cols: number, at: number, value: number): Float32Array => {
+      const row = randomArray(rng, cols, 3);
+      row[at] = value;
+      return row;
+    };
+    const rows: [string, Float32Array][] = [];
+    for (const cols of [4, 32, 37]) {
+      for (const at of [0, Math.min(5, cols - 1), cols - 1]) {
+        rows.push([`NaN at ${at} of ${cols}`, special(cols, at, Number.NaN)], [`+Inf at ${at} of ${cols}`, special(cols, at, Infinity)], [`-Inf at ${at} of ${cols}`, special(cols, at, -Infinity)]);
+      }
+      rows.push([`all -Inf, ${cols}`, new Float32Array(cols).fill(-Infinity)]);
+    }
+    const same = (got: Float32Array, want: Float32Array, label: string): void => {
+      for (let i = 0; i < want.length; i++) {
+        const [g, w] = [got[i]!, want[i]!];
+        if (Number.isNaN(w) || !Number.isFinite(w)) expect(Object.is(g, w) || (Number.isNaN(g) && Number.isNaN(w)), `${label} [${i}]: ${g} vs ${w}`).toBe(true);
+        else expect(Math.abs(g - w), `${label} [${i}]: ${g} vs ${w}`).toBeLessThanOrEqual(TOLERANCE * Math.max(1, Math.abs(w)));
+      }
+    };
+    for (const [label, row] of rows) {
+      const want = row.slice();
+      refKernels.softmax(want, 1, row.length);
+      const got = offsetCopy(row);
+      native.softmax(got, 1, row.length);
+      same(got, want, `softmax ${label}`);
+      const lseWant = new Float32Array(1);
+      refKernels.logSumExp(lseWant, row, 1, row.length);
+      const lse = new Float32Array(1);
+      native.logSumExp(lse, offsetCopy(row), 1, row.length);
+      same(lse, lseWant, `logSumExp ${label}`);
+      const up = randomArray(rng, row.length);
+      const siluWant = new Float32Array(row.length);
+      refKernels.siluMul(siluWant, row, up, row.length);
+      const silu = new Float32Array(row.length);
+      native.siluMul(silu, offsetCopy(row), offsetCopy(up), row.length);
+      same(silu, siluWant, `siluMul ${label}`);
+    }
+  });
+
   it('embedding rejects a token id outside the vocabulary and leaves out untouched', () => {
     const table = weightMatrix('f32', 4, 3, randomArray(rng, 12));
     const out = new Float32Array(6).fill(7);
