@@ -274,7 +274,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
           if (!holdsDtype(w.dtype, w.data)) throw kernelError(op, `${name}weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`);
           let plan: unknown;
           if (segments) {
-            const built = planFor(op, n, k, segments, part.cores ?? []);
+            const built = planFor(op, n, k, segments, part.cores ?? NO_CORES); // one array: the plan cache keys on it
             if (built.rows > m) throw kernelError(op, `${name}segments reach row ${built.rows}, the batch has ${m} rows`, { limit: m });
             plan = built.plan;
           }
@@ -346,6 +346,9 @@ class IntScratch {
   }
 }
 
+/** The cores of a part given none (one frozen array, so a plan cached for its segments is found again). */
+const NO_CORES: readonly (LoraCore | null | undefined)[] = Object.freeze([]);
+
 /** Checks loraApply's segments and cores (everything but y and x) and flattens them for the addon. */
 function flattenApply(op: string, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number,
   ints: IntScratch): FlatApplyInput {
@@ -379,7 +382,11 @@ function flattenApply(op: string, segments: readonly LoraSegment[], cores: reado
   }
   const shrink: FlatSegments = { rows, starts, ends, ranks, dtypes: aDtypes, weights: aWeights };
   const expand: FlatSegments = { rows, starts, ends, ranks, dtypes: btDtypes, weights: btWeights };
-  const flatCores = flattenCores(op, cores, rows, MAX_APPLY_RANK, ints);
+  // only the cores of rows some segment covers: the reference never reads the others (a row outside every
+  // segment is the base model's, whatever its entry holds)
+  const covered = ints.take(rows);
+  for (let s = 0; s < count; s++) covered.fill(1, starts[s]!, ends[s]!);
+  const flatCores = flattenCores(op, cores, rows, MAX_APPLY_RANK, ints, covered);
   for (let s = 0; s < segments.length; s++) {
     const segment = segments[s]!;
     for (let r = segment.start; r < segment.end; r++) {
@@ -408,23 +415,25 @@ interface FlatCores {
  * core is the previous row's shares its entry (a request's prefill rows, or requests of one adapter:
  * the engine orders rows by adapter); any other row gets its own.
  */
-function flattenCores(op: string, cores: readonly (LoraCore | null | undefined)[], rows: number, maxRank: number,
-  ints?: IntScratch): FlatCores {
+function flattenCores(op: string, allCores: readonly (LoraCore | null | undefined)[], rows: number, maxRank: number,
+  ints?: IntScratch, covered?: Int32Array): FlatCores {
   const intArray = (length: number): Int32Array => (ints ? ints.take(length) : new Int32Array(length));
+  // `covered` given: a row it marks 0 counts as having no core
+  const cores = covered ? { length: rows, at: (r: number) => (covered[r] ? allCores[r] : undefined) } : { length: rows, at: (r: number) => allCores[r] };
   const coreOfRow = intArray(rows).fill(-1);
   let count = 0;
   for (let r = 0; r < rows; r++) {
-    const core = cores[r];
-    if (core && core !== cores[r - 1]) count++;
+    const core = cores.at(r);
+    if (core && (r === 0 || core !== cores.at(r - 1))) count++;
   }
   const data: (Float32Array | Uint16Array)[] = [];
   const ranks = intArray(count);
   const diagonal = intArray(count);
   const dtypes = intArray(count);
   for (let r = 0; r < rows; r++) {
-    const core = cores[r];
+    const core = cores.at(r);
     if (!core) continue;
-    if (r > 0 && core === cores[r - 1]) {
+    if (r > 0 && core === cores.at(r - 1)) {
       coreOfRow[r] = coreOfRow[r - 1]!;
       continue;
     }

@@ -499,6 +499,26 @@ describe.each(nativeSets.map((set) => [set.name, set] as const))('%s LoRA ops vs
     }
   });
 
+  it('a core on a row outside every segment is not read, as the reference does not (loraApply, matmulLora, matmulGroup)', () => {
+    const rng = new Random(23);
+    const [k, n, rank] = [24, 20, 4];
+    const segments: LoraSegment[] = [[0, 1], [2, 3]].map(([start, end]) => ({ start: start!, end: end!, a: f32Matrix(rng, rank, k, 0.3), bt: f32Matrix(rng, rank, n, 0.3) }));
+    const good = { rank, diagonal: false, data: randomArray(rng, rank * rank, 0.5) };
+    const cores = [good, { rank, diagonal: false, data: new Float32Array(3) }, good]; // row 1: malformed, in the gap
+    const x = randomArray(rng, 3 * k);
+    const want = new Float32Array(3 * n);
+    refKernels.loraApply(want, n, x, k, segments, cores);
+    const y = new Float32Array(3 * n);
+    native.loraApply(y, n, x, k, segments, cores);
+    expectClose(y, want, TOLERANCE, 'loraApply, a gap row with a core');
+    const w = f32Matrix(rng, n, k, 0.3);
+    const wantLinear = new Float32Array(3 * n);
+    refKernels.matmulLora(wantLinear, x, w, 3, segments, cores);
+    const linear = new Float32Array(3 * n);
+    native.matmulGroup(x, 3, [{ y: linear, w, segments, cores }]);
+    expectClose(linear, wantLinear, TOLERANCE, 'matmulGroup, a gap row with a core');
+  });
+
   it('loraApply rejects a core whose rank is not its segment rank, and factors of different ranks', () => {
     const rng = new Random(3);
     const a = f32Matrix(rng, 4, 10, 1);
