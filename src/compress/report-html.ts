@@ -8,6 +8,7 @@ import { writeFileAtomic } from '../io/safetensors.js';
 import type { BankManifest } from './bank-manifest.js';
 import { reportCharts } from './report-charts.js';
 import { bankStatistics, formatBytes, formatCount, type BankStatistics } from './report-statistics.js';
+import { jsonText } from '../io/snake-case-keys.js';
 
 export interface BankReport {
   readonly html: string;
@@ -101,6 +102,6 @@ export async function writeReport(manifest: BankManifest, htmlPath: string, titl
   }
   const report = await buildReport(manifest, title);
   await writeFileAtomic(htmlPath, [new TextEncoder().encode(report.html)]);
-  await writeFileAtomic(jsonPath, [new TextEncoder().encode(`${JSON.stringify(report.json, null, 2)}\n`)]);
+  await writeFileAtomic(jsonPath, [new TextEncoder().encode(jsonText(report.json))]);
   return { html: htmlPath, json: jsonPath };
 }

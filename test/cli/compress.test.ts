@@ -112,7 +112,7 @@ describe('soppu compress / bank / verify / export / report', () => {
     // swap two ids: the pairing is by id, so both are reported far over budget
     const swapped = await runCli(['verify', bank, '--adapters', `user-0000=${family[1]}`, `user-0001=${family[0]}`, '--json']);
     expect(swapped.code).toBe(1);
-    expect(JSON.parse(swapped.stdout).overBudget.sort()).toEqual(['user-0000', 'user-0001']);
+    expect(JSON.parse(swapped.stdout).over_budget.sort()).toEqual(['user-0000', 'user-0001']);
     process.exitCode = undefined; // main() reports process.exitCode; in process it outlives the command
 
     const out = join(root, 'exported');
@@ -163,8 +163,8 @@ describe('soppu compress / bank / verify / export / report', () => {
     expect(refit.stdout).not.toMatch(/refit advised/);
     const after = await runCli(['verify', bank, '--adapters', ...sources, '--json']);
     expect(after.code).toBe(0);
-    expect(JSON.parse(after.stdout).fileProblems).toEqual([]);
-    expect(JSON.parse(after.stdout).overBudget).toEqual([]);
+    expect(JSON.parse(after.stdout).file_problems).toEqual([]);
+    expect(JSON.parse(after.stdout).over_budget).toEqual([]);
     // a changed source is not trusted: --from sources refuses, auto falls back to the bank for that one
     await writeFile(join(family[3]!, 'adapter_model.safetensors'), await readFile(join(family[4]!, 'adapter_model.safetensors')));
     const strict = await runCli(['bank', 'refit', bank, '--from', 'sources']);
@@ -197,25 +197,25 @@ describe('soppu compress / bank / verify / export / report', () => {
     expect(checked.stderr).toBe('');
     expect(checked.code).toBe(0);
     const report = JSON.parse(checked.stdout);
-    const withCheck = report.adapters.filter((a: { modelCheck?: { tokens: number } }) => a.modelCheck && a.modelCheck.tokens > 0);
+    const withCheck = report.adapters.filter((a: { model_check?: { tokens: number } }) => a.model_check && a.model_check.tokens > 0);
     expect(withCheck.map((a: { id: string }) => a.id).sort()).toEqual(['user-0000', 'user-0001']);
     for (const a of withCheck) {
-      expect(a.modelCheck.tokens).toBe(18);
-      expect(a.modelCheck.top1Agreement).toBe(1);
-      expect(a.modelCheck.meanKl).toBeGreaterThanOrEqual(0);
-      expect(a.modelCheck.maxKl).toBeLessThan(1e-5);
-      expect(a.modelCheck.meanLogprobGap).toBeLessThan(1e-3);
-      expect(a.modelCheck.meanLogprobGap).toBeGreaterThanOrEqual(0); // a magnitude
+      expect(a.model_check.tokens).toBe(18);
+      expect(a.model_check.top1_agreement).toBe(1);
+      expect(a.model_check.mean_kl).toBeGreaterThanOrEqual(0);
+      expect(a.model_check.max_kl).toBeLessThan(1e-5);
+      expect(a.model_check.mean_logprob_gap).toBeLessThan(1e-3);
+      expect(a.model_check.mean_logprob_gap).toBeGreaterThanOrEqual(0); // a magnitude
     }
     const lossy = join(root, 'lossy-bank');
     expect((await runCli(['compress', ...family.slice(0, 3), '-o', lossy, '--rank', '1', '--seed', '1'])).code).toBe(0);
     const lossyReport = JSON.parse((await runCli(['verify', lossy, '--adapters', family[0]!, '--model', modelDir, '--tokens', '6', '--json'])).stdout);
-    const lossyCheck = lossyReport.adapters.find((a: { id: string }) => a.id === 'user-0000').modelCheck;
+    const lossyCheck = lossyReport.adapters.find((a: { id: string }) => a.id === 'user-0000').model_check;
     expect(lossyCheck.tokens).toBe(18);
-    expect(lossyCheck.meanKl).toBeGreaterThan(1e-3);
-    expect(lossyCheck.maxKl).toBeGreaterThanOrEqual(lossyCheck.meanKl);
-    expect(lossyCheck.meanLogprobGap).toBeGreaterThan(0.01);
-    expect(lossyCheck.maxLogprobGap).toBeGreaterThanOrEqual(lossyCheck.meanLogprobGap); // both |gap|: the mean cannot pass the max
-    expect(lossyCheck.top1Agreement).toBeLessThan(1);
+    expect(lossyCheck.mean_kl).toBeGreaterThan(1e-3);
+    expect(lossyCheck.max_kl).toBeGreaterThanOrEqual(lossyCheck.mean_kl);
+    expect(lossyCheck.mean_logprob_gap).toBeGreaterThan(0.01);
+    expect(lossyCheck.max_logprob_gap).toBeGreaterThanOrEqual(lossyCheck.mean_logprob_gap); // both |gap|: the mean cannot pass the max
+    expect(lossyCheck.top1_agreement).toBeLessThan(1);
   }, 60_000);
 });

@@ -96,8 +96,8 @@ describe('bank report', () => {
     const written = await writeReport(bank.manifest, join(root, 'out.html'), 'x');
     const json = JSON.parse(await readFile(written.json, 'utf8'));
     expect(written.json).toBe(join(root, 'out.json'));
-    expect(json.errorByRank).toEqual([{ path: PATH_0, points: [{ cluster: 0, rank: 1, maxError: 0.6, meanError: 0.4 }, { cluster: 0, rank: 2, maxError: 0.1, meanError: 0.05 }] }]);
-    expect(json.worstAdapters[0].id).toBe('b');
+    expect(json.error_by_rank).toEqual([{ path: PATH_0, points: [{ cluster: 0, rank: 1, max_error: 0.6, mean_error: 0.4 }, { cluster: 0, rank: 2, max_error: 0.1, mean_error: 0.05 }] }]);
+    expect(json.worst_adapters[0].id).toBe('b');
     // written again over its own files: fine; over files it did not write (a bank's manifest.json beside
     // manifest.html): refused unless forced; an output that is not .html: refused
     await writeReport(bank.manifest, join(root, 'out.html'), 'x');

@@ -9,6 +9,7 @@ import { parseAdapterArgument } from '../../compress/bank-source.js';
 import { bankStatistics } from '../../compress/report-statistics.js';
 import { loadLoraAdapter } from '../../io/load-lora-adapter.js';
 import { parseError, progressBar, summaryLines } from './compress.js';
+import { jsonText } from '../../io/snake-case-keys.js';
 
 /** `soppu bank add | rm | refit | ls`. */
 export function register(program: Command): void {
@@ -31,7 +32,7 @@ export function register(program: Command): void {
       const maxError = parseError(options.maxError, 'max-error');
       const result = await addToBank(dir, id, adapter, { ...(maxError !== undefined ? { maxError } : {}), replace: options.replace === true });
       if (options.json) {
-        process.stdout.write(`${JSON.stringify({ id, cluster: result.entry.cluster, max_error: result.maxError, budget: result.budget, raw_slots: result.rawSlots, per_slot: result.entry.perSlot, refit_advised: result.manifest.refitAdvised }, null, 2)}\n`);
+        process.stdout.write(jsonText({ id, cluster: result.entry.cluster, maxError: result.maxError, budget: result.budget, rawSlots: result.rawSlots, perSlot: result.entry.perSlot, refitAdvised: result.manifest.refitAdvised }));
         return;
       }
       const slots = Object.values(result.entry.perSlot);
@@ -78,10 +79,10 @@ export function register(program: Command): void {
       const manifest = opened.manifest;
       if (options.json) {
         const adapters = manifest.adapters.map((a) => ({
-          id: a.id, cluster: a.cluster, source: a.source, flags: a.flags, added_by: a.addedBy, error_basis: a.errorBasis,
-          slots: Object.entries(a.perSlot).map(([path, p]) => ({ path, storage: p.storage, rank: p.rank ?? null, relative_error: p.relativeError, ...(p.reason ? { reason: p.reason } : {}) })),
+          id: a.id, cluster: a.cluster, source: a.source, flags: a.flags, addedBy: a.addedBy, errorBasis: a.errorBasis,
+          slots: Object.entries(a.perSlot).map(([path, p]) => ({ path, storage: p.storage, rank: p.rank ?? null, relativeError: p.relativeError, ...(p.reason ? { reason: p.reason } : {}) })),
         }));
-        process.stdout.write(`${JSON.stringify({ dir, generation: manifest.generation, method: manifest.method, clusters: manifest.clusters, base_model: manifest.baseModel, refit_advised: manifest.refitAdvised, refit_reasons: manifest.refitReasons, slots: manifest.slots.map((s) => ({ path: s.path, in_features: s.inFeatures, out_features: s.outFeatures, ranks: s.ranks })), adapters }, null, 2)}\n`);
+        process.stdout.write(jsonText({ dir, generation: manifest.generation, method: manifest.method, clusters: manifest.clusters, baseModel: manifest.baseModel, refitAdvised: manifest.refitAdvised, refitReasons: manifest.refitReasons, slots: manifest.slots.map((s) => ({ path: s.path, inFeatures: s.inFeatures, outFeatures: s.outFeatures, ranks: s.ranks })), adapters }));
         return;
       }
       const stats = bankStatistics(manifest);

@@ -7,6 +7,7 @@ import type { BankManifest } from '../../compress/bank-manifest.js';
 import type { CompressOptions, JdMethod } from '../../compress/compression-types.js';
 import { bankStatistics, formatBytes, formatCount } from '../../compress/report-statistics.js';
 import { parseInteger } from '../parse-integer.js';
+import { jsonText } from '../../io/snake-case-keys.js';
 
 /** A progress callback drawing a bar on stderr when it is a TTY (nothing otherwise), and its stop. */
 export function progressBar(label: string): { onProgress: (done: number, total: number, what: string) => void; stop: () => void } {
@@ -100,7 +101,7 @@ export function register(program: Command): void {
         bar.stop();
       }
       if (options.json) {
-        process.stdout.write(`${JSON.stringify(bankStatistics(manifest), null, 2)}\n`);
+        process.stdout.write(jsonText(bankStatistics(manifest)));
         return;
       }
       for (const line of summaryLines(manifest, options.output)) process.stdout.write(`${line}\n`);

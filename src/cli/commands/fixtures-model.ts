@@ -4,6 +4,7 @@ import type { ModelArchName, ModelDtypeName, ModelShapeName } from '../../io/fix
 import { generateModel, MODEL_SHAPES } from '../../io/fixtures/generate-model.js';
 import { refuseNonEmptyOutput } from '../output-folder.js';
 import { parseInteger } from '../parse-integer.js';
+import { jsonText } from '../../io/snake-case-keys.js';
 
 interface ModelOptions {
   out: string;
@@ -54,7 +55,7 @@ export function addFixturesModelCommand(fixtures: Command): void {
         numLayers: parseInteger(options.layers, 'layers', 1),
       });
       if (options.json) {
-        process.stdout.write(`${JSON.stringify({ dir: generated.dir, files: generated.files, weight_bytes: generated.weightBytes, config: generated.config }, null, 2)}\n`);
+        process.stdout.write(jsonText({ dir: generated.dir, files: generated.files, weightBytes: generated.weightBytes, config: generated.config }));
         return;
       }
       process.stdout.write(`wrote ${generated.dir}: ${generated.files.join(', ')} (${(generated.weightBytes / 1024 ** 2).toFixed(1)} MiB of weights)\n`);

@@ -7,6 +7,7 @@ import type { WeightDtype } from '../../tensor/dtype.js';
 import { addFixturesModelCommand } from './fixtures-model.js';
 import { refuseNonEmptyOutput } from '../output-folder.js';
 import { parseInteger } from '../parse-integer.js';
+import { jsonText } from '../../io/snake-case-keys.js';
 
 function choice<T extends string>(value: string, allowed: readonly T[], option: string): T {
   if (!(allowed as readonly string[]).includes(value)) {
@@ -92,7 +93,7 @@ export function addFixturesAdaptersCommand(fixtures: Command): void {
         baseModelName: options.model === undefined ? undefined : path.resolve(options.model),
       }, { dtype, doubledPrefix: options.doubledPrefix ?? false, adapterName: options.adapterName });
       if (options.json) {
-        process.stdout.write(`${JSON.stringify({ base: base.name, count: dirs.length, dtype, dirs }, null, 2)}\n`);
+        process.stdout.write(jsonText({ base: base.name, count: dirs.length, dtype, dirs }));
         return;
       }
       process.stdout.write(`wrote ${dirs.length} adapters for ${base.name} to ${options.out} (${dirs[0]} … ${dirs[dirs.length - 1]})\n`);

@@ -1,5 +1,6 @@
 import type { Command } from 'commander';
 import { describeKernels } from '../../kernels/index.js';
+import { jsonText } from '../../io/snake-case-keys.js';
 
 /** `soppu info`: kernel variant, threads, CPU features. */
 export function register(program: Command): void {
@@ -10,7 +11,7 @@ export function register(program: Command): void {
     .action((options: { json?: boolean }) => {
       const description = describeKernels();
       if (options.json) {
-        process.stdout.write(`${JSON.stringify(description, null, 2)}\n`);
+        process.stdout.write(jsonText(description));
         return;
       }
       process.stdout.write(`kernel variant: ${description.chosen}\n`);

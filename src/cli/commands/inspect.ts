@@ -4,6 +4,7 @@ import { SoppuError } from '../../errors/soppu-error.js';
 import { describeAdapter, describeSafetensors, type AdapterSummary, type SafetensorsSummary } from '../../io/describe-adapter.js';
 import { loadLoraAdapter } from '../../io/load-lora-adapter.js';
 import { openSafetensors } from '../../io/safetensors.js';
+import { jsonText } from '../../io/snake-case-keys.js';
 
 /** Left-aligned text table. */
 function table(header: readonly string[], rows: ReadonlyArray<readonly string[]>): string {
@@ -75,7 +76,7 @@ export function register(program: Command): void {
           await file.close();
         }
       }
-      if (options.json) process.stdout.write(`${JSON.stringify(summary, null, 2)}\n`);
+      if (options.json) process.stdout.write(jsonText(summary));
       else if (summary.kind === 'adapter') printAdapter(summary);
       else printSafetensors(summary);
     });

@@ -10,6 +10,7 @@ import type { LoraAdapter } from '../../io/lora-types.js';
 import { loadLlamaModel } from '../../model/llama-model.js';
 import { parseInteger } from '../parse-integer.js';
 import { parseError } from './compress.js';
+import { jsonText } from '../../io/snake-case-keys.js';
 
 function formatError(e: number): string {
   return Number.isFinite(e) ? e.toFixed(4) : 'inf';
@@ -126,7 +127,7 @@ export function register(program: Command): void {
         await engine?.close();
       }
       if (options.json) {
-        process.stdout.write(`${JSON.stringify(report, (_k, v: unknown) => (typeof v === 'number' && !Number.isFinite(v) ? String(v) : v), 2)}\n`);
+        process.stdout.write(jsonText(report));
       } else {
         for (const problem of report.fileProblems) process.stdout.write(`CORRUPT ${problem.file}: ${problem.message}\n`);
         process.stdout.write(`${report.adapters.length} adapters, budget ${report.maxErrorBudget ?? 'none'}; errors ${sources.size > 0 ? `measured against ${sources.size} original(s)` : 'as recorded'} (worst first)\n`);
