@@ -107,21 +107,80 @@ export function hasNestedQuantifier(pattern: string): boolean {
   return false;
 }
 
-/** Refuses a config regex that is too long or can backtrack catastrophically, naming the field. */
+/** Backreferences and lookarounds: what V8's linear-time engine cannot run, so a runaway match has no fallback. */
+const NEEDS_BACKTRACKING = /\\[1-9]|\\k<|\(\?P=|\(\?<?[=!]/;
+
+/**
+ * Refuses a config regex that is too long or can backtrack catastrophically, naming the field. A repeated group
+ * holding a quantifier ((\w+\.)+, as PEFT configs write) runs in linear time once V8 falls back to its linear
+ * engine (the flag above); only with a backreference or lookaround, which that engine cannot run, is it refused.
+ */
 function checkPattern(pattern: string, field: string, file: string): void {
   if (pattern.length > MAX_PATTERN_LENGTH) {
     throw configError(file, field, `regular expression is ${pattern.length} characters (limit ${MAX_PATTERN_LENGTH})`, MAX_PATTERN_LENGTH);
   }
-  if (hasNestedQuantifier(pattern)) {
-    throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+ or (.*)*), which can take exponential time to match; write it without nested quantifiers`);
+  if (hasNestedQuantifier(pattern) && NEEDS_BACKTRACKING.test(pattern)) {
+    throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+ or (.*)*) and uses a backreference or lookaround, which can take exponential time to match; write it without one of them`);
   }
+}
+
+/** Escapes that mean the same in Python's re and JavaScript (outside and inside character classes). */
+const SHARED_ESCAPES = new Set([...'dDwWsSbBnrtfvxu0123456789']);
+
+/**
+ * A Python `re` pattern (as PEFT's configs are written) in JavaScript's syntax: \A and \Z (anchors in Python,
+ * plain letters to JavaScript) become ^ and $, (?P<name>…) and (?P=name) named groups; a letter escape that
+ * JavaScript would read as the bare letter where Python means something else (or refuses) is refused.
+ */
+function fromPythonRegex(pattern: string, field: string, file: string): string {
+  let out = '';
+  let inClass = false;
+  for (let i = 0; i < pattern.length; i++) {
+    const c = pattern[i]!;
+    if (c === '\\') {
+      const next = pattern[i + 1] ?? '';
+      i++;
+      if (!inClass && next === 'A') out += '^';
+      else if (!inClass && next === 'Z') out += '$';
+      else if (/[A-Za-z]/.test(next) && !SHARED_ESCAPES.has(next)) {
+        throw configError(file, field, `regular expression ${shown(pattern)} uses the escape \\${next}, which JavaScript reads as the letter ${next} (Python means something else by it, or refuses it)`);
+      } else out += `\\${next}`;
+      continue;
+    }
+    if (inClass) {
+      if (c === ']') inClass = false;
+      out += c;
+      continue;
+    }
+    if (c === '[') {
+      inClass = true;
+      out += c;
+      if (pattern[i + 1] === '^') out += pattern[++i];
+      if (pattern[i + 1] === ']') out += pattern[++i]; // a leading ] is a literal
+      continue;
+    }
+    if (pattern.startsWith('(?P<', i)) {
+      out += '(?<';
+      i += 3;
+      continue;
+    }
+    const reference = /^\(\?P=(\w+)\)/.exec(pattern.slice(i));
+    if (reference) {
+      out += `\\k<${reference[1]}>`;
+      i += reference[0].length - 1;
+      continue;
+    }
+    out += c;
+  }
+  return out;
 }
 
 function compilePattern(key: string, field: string, file: string): RegExp {
   checkPattern(key, field, file);
+  const source = fromPythonRegex(key, field, file);
   try {
     // PEFT: re.match(rf"(.*\.)?({key})$", module_path) — the key matches a dotted suffix of the path.
-    return new RegExp(`^(?:.*\\.)?(?:${key})$`);
+    return new RegExp(`^(?:.*\\.)?(?:${source})$`);
   } catch {
     throw configError(file, field, `is not a valid regular expression: ${shown(key)}`);
   }
@@ -130,8 +189,9 @@ function compilePattern(key: string, field: string, file: string): RegExp {
 /** A whole-path regex (PEFT's re.fullmatch), checked like every config regex. */
 function compileFullMatch(pattern: string, field: string, file: string): RegExp {
   checkPattern(pattern, field, file);
+  const source = fromPythonRegex(pattern, field, file);
   try {
-    return new RegExp(`^(?:${pattern})$`);
+    return new RegExp(`^(?:${source})$`);
   } catch {
     throw configError(file, field, `is not a valid regular expression: ${shown(pattern)}`);
   }
@@ -141,8 +201,9 @@ function compileFullMatch(pattern: string, field: string, file: string): RegExp 
 function compileLayerPattern(pattern: string | null, field: string, file: string): RegExp {
   if (pattern === null) return /^.*\.[^.]*\.(\d+)\./;
   checkPattern(pattern, field, file);
+  const source = fromPythonRegex(pattern, field, file);
   try {
-    return new RegExp(`^.*\\.(?:${pattern})\\.(\\d+)\\.`);
+    return new RegExp(`^.*\\.(?:${source})\\.(\\d+)\\.`);
   } catch {
     throw configError(file, field, `is not a valid regular expression: ${shown(pattern)}`);
   }
@@ -176,7 +237,9 @@ function modulesSelector(raw: Record<string, unknown>, field: string, file: stri
   const v = raw[field];
   if (v === undefined || v === null) return null;
   if (typeof v === 'string') {
-    if (v !== 'all-linear' || field !== 'target_modules') compileFullMatch(v, field, file);
+    // PEFT compares target_modules.lower() with "all-linear"
+    if (field === 'target_modules' && v.toLowerCase() === 'all-linear') return 'all-linear';
+    compileFullMatch(v, field, file);
     return v;
   }
   if (Array.isArray(v) && v.every((t) => typeof t === 'string')) return [...(v as string[])];
@@ -242,6 +305,16 @@ export function parseLoraConfig(json: unknown, file: string): LoraConfig {
   else if (Array.isArray(pattern) && pattern.every((p) => typeof p === 'string')) layersPattern = pattern.length === 0 ? null : [...(pattern as string[])];
   else if (pattern !== undefined && pattern !== null) throw configError(file, 'layers_pattern', 'must be a string or a list of strings');
   layersPattern?.forEach((p, i) => compileLayerPattern(p, `layers_pattern[${i}]`, file));
+  // as LoraConfig.__post_init__ refuses them ("all-linear" is a string there too)
+  if (typeof targetModules === 'string' && layers !== undefined && layers !== null) {
+    throw configError(file, 'layers_to_transform', 'cannot be used when target_modules is a string (a regular expression or "all-linear"), as PEFT refuses it');
+  }
+  if (typeof targetModules === 'string' && pattern !== undefined && pattern !== null) {
+    throw configError(file, 'layers_pattern', 'cannot be used when target_modules is a string (a regular expression or "all-linear"), as PEFT refuses it');
+  }
+  if (layersPattern !== null && (layersToTransform === null || layersToTransform.length === 0)) {
+    throw configError(file, 'layers_pattern', 'is given without layers_to_transform, which PEFT refuses');
+  }
 
   const save = raw['modules_to_save'];
   if (save !== undefined && save !== null && !(Array.isArray(save) && save.every((s) => typeof s === 'string'))) {

@@ -201,8 +201,9 @@ describe('PEFT config semantics', () => {
   });
 
   it('normalises defaults and refuses malformed fields', () => {
-    const c = parseLoraConfig({ peft_type: 'LORA', target_modules: 'model.*(q|v)_proj', layers_to_transform: 3 }, 'x.json');
-    expect([c.r, c.loraAlpha, c.useRslora, c.bias, c.layersToTransform, c.targetModules]).toEqual([8, 8, false, 'none', [3], 'model.*(q|v)_proj']);
+    const c = parseLoraConfig({ peft_type: 'LORA', target_modules: 'model.*(q|v)_proj' }, 'x.json');
+    expect([c.r, c.loraAlpha, c.useRslora, c.bias, c.layersToTransform, c.targetModules]).toEqual([8, 8, false, 'none', null, 'model.*(q|v)_proj']);
+    expect(parseLoraConfig({ peft_type: 'LORA', target_modules: ['q_proj'], layers_to_transform: 3 }, 'x.json').layersToTransform).toEqual([3]);
     expect(() => parseLoraConfig({ peft_type: 'LORA', r: 0 }, 'x.json')).toThrow(/x\.json: r: must be a positive integer/);
     expect(() => parseLoraConfig({ peft_type: 'LORA', target_modules: ['q_proj'], rank_pattern: { '(': 2 } }, 'x.json')).toThrow(/not a valid regular expression/);
     expect(() => parseLoraConfig({ r: 2 }, 'x.json')).toThrow(/peft_type: is missing/);

@@ -10,7 +10,7 @@ import { isSoppuError, type ErrorCode, type SoppuError } from '../../src/errors/
 import { BASE_SHAPES } from '../../src/io/fixtures/base-shapes.js';
 import { AdapterGenerator } from '../../src/io/fixtures/generate-adapters.js';
 import { loadLoraAdapter } from '../../src/io/load-lora-adapter.js';
-import { hasNestedQuantifier, moduleTargeting, parseLoraConfig } from '../../src/io/lora-config.js';
+import { hasNestedQuantifier, moduleRankAndAlpha, moduleTargeting, parseLoraConfig } from '../../src/io/lora-config.js';
 import type { LoraAdapter } from '../../src/io/lora-types.js';
 import { openSafetensors, writeSafetensors } from '../../src/io/safetensors.js';
 import type { TensorToWrite } from '../../src/io/safetensors-types.js';
@@ -95,14 +95,35 @@ describe('adapter_config.json bounds', () => {
 });
 
 describe('regular expressions in the config', () => {
-  it('refuses nested quantifiers (catastrophic backtracking) at once, naming the field', async () => {
+  it('takes nested quantifiers, which PEFT configs write ((\\w+\\.)+), and matches them in linear time', async () => {
+    const path = 'base_model.model.model.layers.10.self_attn.q_proj';
     const started = Date.now();
-    await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: '(.*)*X' }, factors()), 'ADAPTER_CONFIG', /target_modules: regular expression "\(\.\*\)\*X" repeats a group that itself holds a quantifier/);
+    for (const pattern of ['(.*)*X', '((q)+_proj)+', '(?:x*){2,}y', '(model\\.)?(layers\\.\\d+\\.)+self_attn\\.q_proj']) {
+      const config = parseLoraConfig({ ...baseConfig, target_modules: pattern }, 'x.json');
+      expect(moduleTargeting(config, path.repeat(3)).targeted, pattern).toBe(false);
+    }
+    expect(moduleTargeting(parseLoraConfig({ ...baseConfig, target_modules: '(?:\\w+\\.)+q_proj' }, 'x.json'), path).targeted).toBe(true);
+    expect(moduleRankAndAlpha(parseLoraConfig({ ...baseConfig, rank_pattern: { '(a+)+': 2 } }, 'x.json'), `${'a'.repeat(40)}!`).rank).toBe(baseConfig.r);
     expect(Date.now() - started).toBeLessThan(5000);
-    expect(() => parseLoraConfig({ ...baseConfig, rank_pattern: { '(a+)+': 2 } }, 'x.json')).toThrow(/rank_pattern\["\(a\+\)\+"\]: regular expression .* repeats a group/);
-    expect(() => parseLoraConfig({ ...baseConfig, alpha_pattern: { '(?:x*){2,}y': 2 } }, 'x.json')).toThrow(/alpha_pattern.*repeats a group/);
-    expect(() => parseLoraConfig({ ...baseConfig, exclude_modules: '((q)+_proj)+' }, 'x.json')).toThrow(/exclude_modules: regular expression/);
-    expect(() => parseLoraConfig({ ...baseConfig, layers_to_transform: [0], layers_pattern: '(h*)+' }, 'x.json')).toThrow(/layers_pattern\[0\]: regular expression/);
+  });
+
+  it('refuses nested quantifiers with a backreference or lookaround (no linear-time fallback for those) at once, naming the field', async () => {
+    const started = Date.now();
+    await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: '(?<g>a+)+\\k<g>' }, factors()), 'ADAPTER_CONFIG', /target_modules: regular expression .* repeats a group that itself holds a quantifier .* backreference or lookaround/);
+    expect(Date.now() - started).toBeLessThan(5000);
+    expect(() => parseLoraConfig({ ...baseConfig, rank_pattern: { '(a+)+\\1': 2 } }, 'x.json')).toThrow(/rank_pattern\["\(a\+\)\+\\\\1"\]: regular expression .* repeats a group/);
+    expect(() => parseLoraConfig({ ...baseConfig, exclude_modules: '((q)+_proj)+(?=x)' }, 'x.json')).toThrow(/exclude_modules: regular expression/);
+    expect(() => parseLoraConfig({ ...baseConfig, layers_to_transform: [0], layers_pattern: '(h*)+(?!y)' }, 'x.json')).toThrow(/layers_pattern\[0\]: regular expression/);
+  });
+
+  it('reads Python regex syntax as Python does: \\A and \\Z anchor, (?P<name>…) names a group; an escape JavaScript would read as a letter is refused', () => {
+    const q = 'base_model.model.model.layers.0.self_attn.q_proj';
+    const alpha = (pattern: Record<string, number>) => moduleRankAndAlpha(parseLoraConfig({ ...baseConfig, alpha_pattern: pattern }, 'x.json'), q).alpha;
+    expect(alpha({ 'q_proj\\Z': 32 })).toBe(32); // PEFT: re.match(r"(.*\.)?(q_proj\Z)$", path) matches
+    expect(alpha({ '\\Aq_proj': 32 })).toBe(baseConfig.lora_alpha); // the anchor: q_proj must start the matched suffix's group… and the path
+    expect(moduleTargeting(parseLoraConfig({ ...baseConfig, target_modules: '\\A.*(?P<kind>q|v)_proj\\Z' }, 'x.json'), q).targeted).toBe(true);
+    expect(moduleTargeting(parseLoraConfig({ ...baseConfig, target_modules: '.*(?P<k>[qv])_pro(?P=k)?j' }, 'x.json'), q).targeted).toBe(true);
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: '.*\\q_proj' }, 'x.json')).toThrow(/target_modules: regular expression .* uses the escape \\q, which JavaScript reads as the letter q/);
   });
 
   it('matches in linear time what backtracks without nested quantifiers (adjacent wildcards, overlapping alternatives)', () => {
@@ -145,13 +166,18 @@ describe('PEFT module selection', () => {
     expect(() => parseLoraConfig({ ...baseConfig, exclude_modules: [1] }, 'x.json')).toThrow(/exclude_modules: must be a list of module names or a regular expression/);
   });
 
-  it('layers_to_transform narrows only a suffix match, not a regex target_modules nor a list entry naming the whole path', async () => {
-    const regex = await loadLoraAdapter(await rawAdapter({ ...baseConfig, target_modules: '.*q_proj', layers_to_transform: [1] }, factors()));
-    expect([...regex.modules.keys()]).toEqual([Q]);
+  it('layers_to_transform narrows only a suffix match, not a list entry naming the whole path; with a string target_modules it is refused, as PEFT refuses it', async () => {
     const exact = await loadLoraAdapter(await rawAdapter({ ...baseConfig, target_modules: [Q], layers_to_transform: [1] }, factors()));
     expect([...exact.modules.keys()]).toEqual([Q]);
     await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: ['self_attn.q_proj'], layers_to_transform: [1] }, factors()), 'ADAPTER_CONFIG', /layer 0 is not in layers_to_transform \[1\]/);
-    await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: 'all-linear', layers_to_transform: [1] }, factors()), 'ADAPTER_CONFIG', /layer 0 is not in layers_to_transform \[1\]/);
+    // LoraConfig.__post_init__: a string target_modules (a regex, or "all-linear") takes neither layers_to_transform nor layers_pattern
+    for (const target of ['.*q_proj', 'all-linear', 'ALL-LINEAR']) {
+      await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: target, layers_to_transform: [1] }, factors()), 'ADAPTER_CONFIG', /layers_to_transform: cannot be used when target_modules is a string/);
+      await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: target, layers_pattern: 'layers' }, factors()), 'ADAPTER_CONFIG', /layers_pattern: cannot be used when target_modules is a string/);
+    }
+    await expectRefusal(await rawAdapter({ ...baseConfig, layers_pattern: 'layers' }, factors()), 'ADAPTER_CONFIG', /layers_pattern: is given without layers_to_transform/);
+    // "all-linear" in any case, as PEFT lowercases it
+    expect((await loadLoraAdapter(await rawAdapter({ ...baseConfig, target_modules: 'ALL-Linear' }, factors()))).config.targetModules).toBe('all-linear');
     // an empty list transforms every layer
     expect((await loadLoraAdapter(await rawAdapter({ ...baseConfig, layers_to_transform: [] }, factors()))).modules.size).toBe(1);
   });
@@ -166,8 +192,8 @@ describe('PEFT module selection', () => {
     expect(moduleTargeting(config({ layers_to_transform: [0], layers_pattern: 'h' }), moe)).toEqual({ targeted: false, field: 'layers_to_transform', layer: null });
   });
 
-  it('an adapter loaded with a regex target and layers_to_transform saves a config that reloads', async () => {
-    const loaded = await loadLoraAdapter(await rawAdapter({ ...baseConfig, target_modules: '.*q_proj', layers_to_transform: [1], layers_pattern: 'layers' }, factors()));
+  it('an adapter loaded with a regex target saves a config that reloads', async () => {
+    const loaded = await loadLoraAdapter(await rawAdapter({ ...baseConfig, target_modules: '.*q_proj' }, factors()));
     const dir = freshDir();
     await saveLoraAdapter(dir, loaded);
     const again = await loadLoraAdapter(dir);
