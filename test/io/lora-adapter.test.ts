@@ -309,6 +309,13 @@ describe('zero deltas and fan_in_fan_out', () => {
     expectSameModules(w, adapter);
     expect(w.flags).toEqual(['fan-in-fan-out-mismatch']);
   });
+
+  it('a Linear module whose factors fit PEFT\'s layout at another rank is refused by its rank, not read transposed', async () => {
+    // A [2, 4], B [4, 2] with r=4: PEFT's [r, in] / [out, r] at rank 2; transposed they would be a 2×2 layer of rank 4
+    const a = f32('base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight', [2, 4]);
+    const b = f32('base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight', [4, 2]);
+    await expectRefusal(await rawAdapter({ ...baseConfig, r: 4 }, [a, b]), 'ADAPTER_TENSORS', /q_proj has rank 2 \(A \[2, 4\], B \[4, 2\]\) but the config says r=4/);
+  });
 });
 
 describe('frobeniusNormOfDelta', () => {
