@@ -42,12 +42,17 @@ function checkId(id: unknown, field: string): string {
 
 export function registerAdminRoutes(app: FastifyInstance, context: ServerContext, schemas: Schemas): void {
   const { engine, options } = context;
+  // a change to what is served is refused once the server drains (before an upload's body is read): it would
+  // outlive the drain's deadline, and be applied to a server that is going away
+  const notWhileDraining = async (): Promise<void> => {
+    if (context.service.isDraining) throw new SoppuError('SHUTTING_DOWN', 'Server is shutting down and accepts no adapter changes');
+  };
 
   app.get('/adapters', { config: { admin: true } }, async () => ({ adapters: engine.listAdapters().map(toWireStatus) }));
 
   app.post<{ Body: unknown; Querystring: { id?: string; compress?: string } }>(
     '/adapters',
-    { config: { admin: true }, bodyLimit: options.maxUploadBytes },
+    { config: { admin: true }, bodyLimit: options.maxUploadBytes, onRequest: notWhileDraining },
     async (request, reply) => {
       let id: string;
       let dir: string;
@@ -104,7 +109,7 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
     },
   );
 
-  app.delete<{ Params: { '*': string } }>('/adapters/*', { config: { admin: true } }, async (request, reply) => {
+  app.delete<{ Params: { '*': string } }>('/adapters/*', { config: { admin: true }, onRequest: notWhileDraining }, async (request, reply) => {
     const id = checkId(request.params['*'], 'id');
     if (!engine.hasAdapter(id)) throw adapterNotFound(id);
     await engine.removeAdapter(id);
@@ -126,7 +131,7 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
   });
 
   // after `soppu bank add/rm/refit` changed the bank on disk (SIGHUP does the same)
-  app.post('/bank/reload', { config: { admin: true } }, async () => {
+  app.post('/bank/reload', { config: { admin: true }, onRequest: notWhileDraining }, async () => {
     if (!engine.reloadBank) throw new SoppuError('CONFIG', 'this engine cannot reload a bank', { field: 'bank' });
     return engine.reloadBank();
   });
@@ -136,6 +141,7 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
       route,
       {
         config: { admin: true },
+        onRequest: notWhileDraining,
         schema: { body: { type: 'object', required: ['id'], additionalProperties: false, properties: { id: { type: 'string', minLength: 1 } } } },
       },
       async (request) => {

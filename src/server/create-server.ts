@@ -126,10 +126,21 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
   let draining: Promise<void> | null = null;
   const drain = (deadlineMs = limits.drainDeadlineMs): Promise<void> => {
     draining ??= (async () => {
+      const started = Date.now();
       service.startDraining();
       // the listener stays open while running requests finish, so new ones get a 503 (not a refused connection)
       await engine.drain(deadlineMs);
-      await app.close();
+      // close waits for every handler still running (an admin upload begun before the drain) and then for their
+      // connections' keep-alive: held to what is left of the deadline, then every connection is closed
+      const closed = app.close();
+      let timer: NodeJS.Timeout | undefined;
+      const deadline = new Promise<'late'>((resolve) => {
+        timer = setTimeout(() => resolve('late'), Math.max(0, deadlineMs - (Date.now() - started)));
+      });
+      const outcome = await Promise.race([closed.then(() => 'closed' as const), deadline]);
+      clearTimeout(timer);
+      if (outcome === 'late') app.server.closeAllConnections();
+      await closed;
     })();
     return draining;
   };

@@ -361,6 +361,29 @@ describe('load', () => {
     expect(server.context.service.running).toBe(0);
   });
 
+  it('draining: adapter changes are 503; one begun before the drain does not hold it past its deadline', async () => {
+    server = testServer(new FakeEngine({ adapters: ['x'] }));
+    server.context.service.startDraining();
+    for (const [method, url, payload] of [['POST', '/adapters/pin', { id: 'x' }], ['POST', '/bank/reload', undefined], ['DELETE', '/adapters/x', undefined]] as const) {
+      const refused = await server.app.inject({ method, url, ...(payload ? { payload } : {}) });
+      expect(refused.statusCode, `${method} ${url}`).toBe(503);
+      expect(refused.json().error_type, `${method} ${url}`).toBe('unhealthy');
+    }
+    await server.app.close();
+
+    server = testServer(new FakeEngine({ registerDelayMs: 600 }), { drainDeadlineMs: 200 });
+    await server.app.listen({ port: 0, host: '127.0.0.1' });
+    const { port } = server.app.server.address() as { port: number };
+    const upload = fetch(`http://127.0.0.1:${port}/adapters?id=slow-1`, { method: 'POST', headers: { 'content-type': 'application/x-tar' }, body: tarOf({ 'adapter_config.json': '{}' }) })
+      .then((r) => r.status, () => 'closed');
+    await new Promise((r) => setTimeout(r, 100));
+    const started = Date.now();
+    await server.drain();
+    expect(Date.now() - started).toBeLessThan(3000); // was the 72 s keep-alive of the upload's connection
+    expect([201, 'closed']).toContain(await upload);
+    server = null;
+  });
+
   it('draining: new requests 503, /health 503, running ones finish', async () => {
     const engine = new FakeEngine({ tokenDelayMs: 10 });
     server = testServer(engine);

@@ -14,6 +14,8 @@ export interface FakeEngineOptions {
   adapters?: string[];
   failing?: string[];
   tokenDelayMs?: number;
+  /** Milliseconds registerAdapter takes (a large upload's load). */
+  registerDelayMs?: number;
   /** Produce EOS after this many tokens unless ignoreEos. */
   eosAfter?: number;
 }
@@ -23,6 +25,7 @@ export class FakeEngine implements Engine {
   readonly adapters = new Map<string, AdapterStatus & { version: number }>();
   readonly failing: Set<string>;
   tokenDelayMs: number;
+  registerDelayMs: number;
   eosAfter: number;
   running = 0;
   kvBlocksUsed = 0;
@@ -36,6 +39,7 @@ export class FakeEngine implements Engine {
     this.failing = new Set(options.failing ?? []);
     for (const id of this.failing) this.adapters.set(id, { id, source: 'bank', storage: 'raw', tier: 'disk', pinned: false, bytes: 10, version: 0 });
     this.tokenDelayMs = options.tokenDelayMs ?? 0;
+    this.registerDelayMs = options.registerDelayMs ?? 0;
     this.eosAfter = options.eosAfter ?? 1000;
   }
 
@@ -151,6 +155,7 @@ export class FakeEngine implements Engine {
   async registerAdapter(id: string, dir: string, options?: { compress?: boolean }): Promise<AdapterStatus> {
     const { existsSync } = await import('node:fs');
     if (!existsSync(`${dir}/adapter_config.json`)) throw new SoppuError('ADAPTER_CONFIG', `${dir}/adapter_config.json is missing`, { file: `${dir}/adapter_config.json` });
+    if (this.registerDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.registerDelayMs));
     const previous = this.adapters.get(id);
     const status = { id, source: 'local' as const, storage: options?.compress === false ? ('raw' as const) : ('compressed' as const), tier: 'disk' as const, pinned: previous?.pinned ?? false, bytes: 500, version: (previous?.version ?? 0) + 1 };
     this.adapters.set(id, status);
