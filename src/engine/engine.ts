@@ -692,10 +692,14 @@ class SoppuEngine implements Engine {
       if (!bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
       await this.changeBank(bank.dir, (keep) => addToBank(bank.dir, id, adapter, { replace: true, keep }));
       options.onRelease?.();
-      // the pin as it is now: a pin or unpin made while the bank was written holds
-      const pinned = this.cache.peek(id)?.pinned ?? false;
-      if (this.cache.peek(id)) this.cache.remove(id);
-      if (pinned) this.cache.pin(id, true);
+      // a local registration of the id would shadow the bank's new version: it goes, its pin (as it is now: one
+      // made while the bank was written holds) passing to the bank's entry. A bank entry needs nothing: the
+      // reopened bank made it stale and carried its pin (removing it too loaded the new version twice)
+      const entry = this.cache.peek(id);
+      if (entry?.spec.source === 'local') {
+        this.cache.remove(id);
+        if (entry.pinned) this.cache.pin(id, true);
+      }
       return this.statusOf(id);
     }
     const pinned = this.cache.peek(id)?.pinned ?? false;

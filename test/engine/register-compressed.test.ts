@@ -93,6 +93,31 @@ describe('registerAdapter with compress', () => {
     await engine.close();
   });
 
+  it('a pinned bank adapter registered again with compress loads its new version once, and stays pinned', async () => {
+    const bankDir = join(root, 'bank-pinned');
+    const adapters = [0, 1, 2].map((i) => ({ id: `pinned-${i}`, adapter: randomLora(model.config, 110 + i, 4, 8) }));
+    await compressIntoBank(adapters, bankDir, { compress: { method: 'jd-full', rank: 6, seed: 1 } });
+    const loads: string[] = [];
+    const counting = async (dir: string) => {
+      const bank = await openBank(dir);
+      const loadAdapter = bank.loadAdapter.bind(bank);
+      return Object.assign(bank, { loadAdapter: (id: string) => (loads.push(id), loadAdapter(id)) });
+    };
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7,
+    }, { openBank: counting });
+    await engine.pinAdapter('pinned-0', true);
+    while (engine.listAdapters().find((a) => a.id === 'pinned-0')?.tier !== 'resident') await new Promise((r) => setTimeout(r, 5));
+    expect(loads).toEqual(['pinned-0']);
+    await engine.registerAdapter('pinned-0', join(root, 'concurrent-0'), { compress: true });
+    while (engine.listAdapters().find((a) => a.id === 'pinned-0')?.tier !== 'resident') await new Promise((r) => setTimeout(r, 5));
+    await new Promise((r) => setTimeout(r, 50));
+    expect(loads).toEqual(['pinned-0', 'pinned-0']); // was three: the new version loaded, dropped and loaded again
+    expect(engine.listAdapters().find((a) => a.id === 'pinned-0')).toMatchObject({ pinned: true, source: 'bank' });
+    await engine.close();
+  });
+
   it('a request that holds a bank adapter still waiting to load finishes with it after the adapter is removed from the bank', async () => {
     const bankDir = join(root, 'bank-remove-held');
     const adapters = [0, 1, 2].map((i) => ({ id: `held-${i}`, adapter: randomLora(model.config, 90 + i, 4, 8) }));
