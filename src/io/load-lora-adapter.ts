@@ -27,7 +27,7 @@ export interface LoadLoraAdapterOptions {
 
 /** What one tensor key means once prefixes and adapter names are stripped. */
 type KeyKind =
-  | { kind: 'factor'; path: string; factor: 'A' | 'B'; doubledPrefix: boolean }
+  | { kind: 'factor'; path: string; factor: 'A' | 'B'; doubledPrefix: boolean; namedAdapter: boolean }
   | { kind: 'passthrough' };
 
 const FACTOR_KEY = /^(.+)\.lora_(A|B)(?:\.([^.]+))?\.(weight|bias)$/;
@@ -51,7 +51,9 @@ export function classifyAdapterKey(key: string, file: string): KeyKind {
   if (match[4] === 'bias') {
     throw new SoppuError('ADAPTER_UNSUPPORTED', `${file}: tensor "${key}" is a LoRA bias (lora_bias): not supported`, { file, tensor: key });
   }
-  return { kind: 'factor', path: match[1]!, factor: match[2] as 'A' | 'B', doubledPrefix: prefixes === 2 };
+  // "lora_A.default.weight": the adapter's name inside the key, as a PEFT model's state_dict has it; PEFT's own files
+  // leave it out, and PEFT loading such a file finds no factor (B stays 0). Taken, and flagged.
+  return { kind: 'factor', path: match[1]!, factor: match[2] as 'A' | 'B', doubledPrefix: prefixes === 2, namedAdapter: match[3] !== undefined };
 }
 
 function tensorsError(file: string, tensor: string, message: string, context: Record<string, unknown> = {}): SoppuError {
@@ -165,6 +167,7 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
   const pairs = new Map<string, FactorPair>();
   const passthroughInfos: TensorInfo[] = [];
   let doubledPrefix = false;
+  let namedAdapter = false;
   for (const info of file.tensors) {
     const kind = classifyAdapterKey(info.name, path);
     if (kind.kind === 'passthrough') {
@@ -172,6 +175,7 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
       continue;
     }
     doubledPrefix ||= kind.doubledPrefix;
+    namedAdapter ||= kind.namedAdapter;
     const pair = pairs.get(kind.path) ?? {};
     const slot = kind.factor === 'A' ? 'a' : 'b';
     const existing = pair[slot];
@@ -276,6 +280,7 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
   else if (zeroModules > 0) flags.push('zero-modules');
   if (fanInFanOutMismatch) flags.push('fan-in-fan-out-mismatch');
   if (doubledPrefix) flags.push('doubled-prefix');
+  if (namedAdapter) flags.push('adapter-name-in-keys');
   return {
     source: dir,
     config,

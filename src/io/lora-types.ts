@@ -54,7 +54,7 @@ export interface LoraConfig {
   readonly raw: Readonly<Record<string, unknown>>;
 }
 
-export type AdapterFlag = 'all-zero' | 'zero-modules' | 'fan-in-fan-out-mismatch' | 'doubled-prefix' | 'non-finite';
+export type AdapterFlag = 'all-zero' | 'zero-modules' | 'fan-in-fan-out-mismatch' | 'doubled-prefix' | 'adapter-name-in-keys' | 'non-finite';
 
 export interface LoraAdapter {
   /** Directory the adapter came from (or '' when built in memory). */

@@ -61,7 +61,7 @@ describe('soppu fixtures adapters', () => {
     const gpt2 = join(root, 'gpt2');
     expect((await runCli(['fixtures', 'adapters', '--base', 'gpt2', '--count', '1', '--out', gpt2, '--rank', '2', '--layers', '1', '--doubled-prefix', '--adapter-name', 'default', '--rslora'])).code).toBe(0);
     const loaded = await loadLoraAdapter(join(gpt2, 'user-0000'));
-    expect(loaded.flags).toEqual(['doubled-prefix']);
+    expect(loaded.flags).toEqual(['doubled-prefix', 'adapter-name-in-keys']);
     expect(loaded.modules.get('transformer.h.0.attn.c_attn')!.scale).toBeCloseTo(4 / Math.SQRT2, 12);
   });
 

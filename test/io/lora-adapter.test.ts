@@ -136,7 +136,7 @@ describe('PEFT adapter round trip', () => {
     await file.close();
     const loaded = await loadLoraAdapter(dir);
     expectSameModules(loaded, adapter);
-    expect(loaded.flags).toEqual(['doubled-prefix']);
+    expect(loaded.flags).toEqual(['doubled-prefix', 'adapter-name-in-keys']);
     expect(loaded.config.useRslora).toBe(true);
   });
 
@@ -278,6 +278,15 @@ describe('PEFT adapter refusals', () => {
 });
 
 describe('zero deltas and fan_in_fan_out', () => {
+  it('takes factor keys that name the adapter (lora_A.default.weight, a PEFT model\'s state_dict) and flags them: PEFT loading such a file finds no factor', async () => {
+    const a = f32('base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight', [2, 3]);
+    const b = f32('base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight', [4, 2]);
+    const named = await loadLoraAdapter(await rawAdapter(baseConfig, [a, b]));
+    expect(named.flags).toEqual(['adapter-name-in-keys']);
+    expect([...named.modules.keys()]).toEqual(['model.layers.0.self_attn.q_proj']);
+    expect((await loadLoraAdapter(await rawAdapter(baseConfig, [qA(), qB()]))).flags).toEqual([]);
+  });
+
   it('flags zero modules and all-zero adapters but loads them', async () => {
     const zeroB = f32('base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight', [4, 2], () => 0);
     const vA = f32('base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight', [2, 3]);
