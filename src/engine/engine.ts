@@ -661,7 +661,8 @@ class SoppuEngine implements Engine {
     return {
       id,
       source,
-      storage: entry?.resident?.storage ?? (source === 'local' ? 'raw' : 'compressed'),
+      // before it loads, a bank adapter's storage is what the bank holds of it: raw when no slot is compressed
+      storage: entry?.resident?.storage ?? (source === 'local' ? 'raw' : this.bank?.basesOf && this.bank.basesOf(id).length === 0 ? 'raw' : 'compressed'),
       tier,
       pinned: entry?.pinned ?? false,
       bytes: entry?.resident?.bytes ?? entry?.knownBytes ?? 0,

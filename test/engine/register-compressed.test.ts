@@ -93,6 +93,21 @@ describe('registerAdapter with compress', () => {
     await engine.close();
   });
 
+  it('lists a bank adapter the bank holds raw as raw before it loads (it was reported compressed until then)', async () => {
+    const bankDir = join(root, 'bank-raw');
+    // unrelated adapters within 1 %: shared bases would cost more than the raw factors, so every slot stays raw
+    const adapters = [0, 1, 2].map((i) => ({ id: `raw-${i}`, adapter: randomLora(model.config, 130 + i, 4, 8) }));
+    await compressIntoBank(adapters, bankDir, { compress: { method: 'jd-full', maxError: 0.01, seed: 1 } });
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7,
+    });
+    expect(engine.listAdapters().find((a) => a.id === 'raw-0')).toMatchObject({ tier: 'disk', storage: 'raw' });
+    await collect(engine.generate({ prompt: 'hi', maxNewTokens: 1, adapterId: 'raw-0' }));
+    expect(engine.listAdapters().find((a) => a.id === 'raw-0')).toMatchObject({ tier: 'resident', storage: 'raw' });
+    await engine.close();
+  });
+
   it('a pinned bank adapter registered again with compress loads its new version once, and stays pinned', async () => {
     const bankDir = join(root, 'bank-pinned');
     const adapters = [0, 1, 2].map((i) => ({ id: `pinned-${i}`, adapter: randomLora(model.config, 110 + i, 4, 8) }));
