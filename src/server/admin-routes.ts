@@ -86,7 +86,16 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         if (typeof body.path !== 'string' || body.path === '') throw new SoppuError('VALIDATION', 'Input validation error: `path` must be a non-empty string', { field: 'path' });
         if (body.compress !== undefined && typeof body.compress !== 'boolean') throw new SoppuError('VALIDATION', 'Input validation error: `compress` must be a boolean', { field: 'compress' });
         compress = body.compress ?? true;
-        dir = confinePath(body.path, options.adapterDirs, 'path');
+        // an admin is told why (a user's request names no such folder: it gets a 404 that reveals nothing)
+        if (options.adapterDirs.length === 0) {
+          throw new SoppuError('VALIDATION', 'Input validation error: `path` needs the server started with --adapters DIR: a registered path must lie inside one of those folders (or upload the adapter as a tar archive)', { field: 'path' });
+        }
+        try {
+          dir = confinePath(body.path, options.adapterDirs, 'path');
+        } catch (e) {
+          if (!isSoppuError(e, 'ADAPTER_NOT_FOUND')) throw e;
+          throw new SoppuError('VALIDATION', `Input validation error: \`path\` ${JSON.stringify(body.path)} is not a folder inside the --adapters directories (${options.adapterDirs.join(', ')})`, { field: 'path' });
+        }
       }
       // a folder this server unpacked goes once the engine is done with it: after a compress registration,
       // else once the registration is replaced or removed and no request that holds it still has to load it
@@ -100,7 +109,9 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         // what is wrong with an uploaded adapter is the caller's to fix (422), named by its place in the
         // archive, not by the folder the server unpacked it in
         if (unpacked && isSoppuError(e) && UPLOAD_CONTENT_ERRORS.has(e.code)) {
-          throw new SoppuError('VALIDATION', `Input validation error: upload for '${id}': ${e.message.split(unpacked + path.sep).join('').split(unpacked).join('.')}`, { field: 'body' });
+          // the archive's files by their names in it; a message about the adapter as a whole names the upload
+          const message = e.message.split(`${unpacked}: `).join('').split(unpacked + path.sep).join('').split(unpacked).join('.');
+          throw new SoppuError('VALIDATION', `Input validation error: upload for '${id}': ${message}`, { field: 'body' });
         }
         throw e;
       }

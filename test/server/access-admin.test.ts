@@ -269,8 +269,15 @@ describe('adapter management', () => {
     writeFileSync(path.join(root, 'p1', 'adapter_config.json'), '{}');
     const byPath = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-1', path: 'p1' }, headers: admin });
     expect(byPath.statusCode).toBe(201);
+    // an admin is told why a path is refused (a user never reaches this route)
     const escape = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: '/etc' }, headers: admin });
-    expect(escape.statusCode).toBe(404);
+    expect(escape.statusCode).toBe(422);
+    expect(escape.json().error).toContain('`path` "/etc" is not a folder inside the --adapters directories');
+    const noDirs = testServer(new FakeEngine(), { adapterDirs: [] });
+    const refused = await noDirs.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: 'p1' } });
+    expect(refused.statusCode).toBe(422);
+    expect(refused.json().error).toContain('`path` needs the server started with --adapters DIR');
+    await noDirs.app.close();
     const unknownField = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: 'p1', extra: 1 }, headers: admin });
     expect(unknownField.statusCode).toBe(422);
     const missingConfig = await server.app.inject({ method: 'POST', url: '/adapters?id=x1', payload: tarOf({ 'weights.bin': 'x' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
