@@ -121,6 +121,11 @@ function parseKeys(value: unknown, file: string): ParsedKeys {
     if (UNUSABLE_KEY_CHARACTER.test(key)) {
       throw new SoppuError('CONFIG', `${where}: API key contains whitespace or a control character, so no Authorization header can carry it`, { file, field: 'key' });
     }
+    // HTTP clients send headers as bytes: fetch and the openai client refuse a character past U+00FF outright, and
+    // one past U+007F arrives as other bytes than the file's UTF-8 (a pasted "sk-admin-…" never authenticated)
+    if (/[^\x21-\x7e]/.test(key)) {
+      throw new SoppuError('CONFIG', `${where}: API key has a character outside printable ASCII (${JSON.stringify(key.match(/[^\x21-\x7e]/)![0])}), which an Authorization header cannot carry as written`, { file, field: 'key' });
+    }
     if (entry === null || typeof entry !== 'object' || Array.isArray(entry)) throw new SoppuError('CONFIG', `${where}: expected {role, adapters}`, { file });
     const unknown = Object.keys(entry).filter((field) => !(ENTRY_FIELDS as readonly string[]).includes(field));
     if (unknown.length > 0) {

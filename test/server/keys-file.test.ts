@@ -46,6 +46,13 @@ describe('keys.json entries', () => {
     }
   });
 
+  it('a key with a character outside printable ASCII is refused, naming it (a pasted "sk-admin-…" could never authenticate)', () => {
+    for (const [key, shown] of [['sk-admin-\u2026', '"\u2026"'], ['sk-caf\u00e9-0123456789', '"\u00e9"']] as const) {
+      expect(configError({ 'sk-admin-0123456789': { role: 'admin' }, [key]: { role: 'user', adapters: ['bob-*'] } }))
+        .toBe(`keys.json: entry #2: API key has a character outside printable ASCII (${shown}), which an Authorization header cannot carry as written`);
+    }
+  });
+
   it('an empty or too-short key is refused as before', () => {
     expect(configError({ '': { role: 'admin' } })).toMatch(/^keys\.json: entry #1: API key must be at least 8 characters$/);
     expect(configError({ short: { role: 'admin' } })).toMatch(/entry #1: API key must be at least 8 characters/);
