@@ -11,7 +11,7 @@
  *
  *   npm run bench -- engine [--dtypes f32,bf16] [--batches 1,8,32,64] [--steps 8] [--rounds 3] [--layers N]
  *                           [--rank 8] [--targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]
- *                           [--bank-size 1000] [--clusters 4] [--shared-rank 16] [--rss-adapters 1000]
+ *                           [--bank-size 1000] [--clusters 4] [--shared-rank 16] [--rank-sweep 16,32,64] [--rss-adapters 1000]
  *                           [--rss-targets q_proj,v_proj] [--no-write]
  *
  * The compressed bank is synthesised in memory with the shapes the compressor writes (U, Σ, Vᵀ):
@@ -52,6 +52,8 @@ interface Args {
   bankSize: number;
   clusters: number;
   sharedRank: number;
+  /** Shared ranks of the batch-32 compressed sweep (0 entries: none). */
+  rankSweep: number[];
   rssAdapters: number;
   rssTargets: TargetModule[];
   write: boolean;
@@ -77,6 +79,7 @@ export function parseArgs(argv: readonly string[]): Args {
     bankSize: Number(value('bank-size') ?? 1000),
     clusters: Number(value('clusters') ?? 4),
     sharedRank: Number(value('shared-rank') ?? 16),
+    rankSweep: list('rank-sweep', '16,32,64').map(Number),
     rssAdapters: Number(value('rss-adapters') ?? 1000),
     rssTargets: list('rss-targets', 'q_proj,v_proj') as TargetModule[],
     write: !argv.includes('--no-write'),
@@ -104,8 +107,6 @@ export function rawLoader(config: LlamaConfig, args: Args): (dir: string) => Pro
 /** An in-memory bank with the compressor's shapes: per cluster and slot U [out,R], Vᵀ [R,in]; per adapter a full R×R core. */
 export function syntheticBank(config: LlamaConfig, args: Args): BankReader {
   const shape = slotShapeOf(config);
-  const random = new Random(5);
-  const bases = new Map<string, SharedBases>();
   const R = args.sharedRank;
   const slots: { path: string; layer: number; module: TargetModule }[] = [];
   for (let layer = 0; layer < config.numLayers; layer++) {
@@ -114,9 +115,12 @@ export function syntheticBank(config: LlamaConfig, args: Args): BankReader {
       slots.push({ path: `model.layers.${layer}.${block}.${module}`, layer, module });
     }
   }
+  // made on each load from the key's own seed, and not kept: a bank on disk holds no copy in memory either (the
+  // adapter cache keeps the one it loads), and a kept copy counted against compressed in the RSS figure
   const basesOf = (key: string): SharedBases => {
-    const found = bases.get(key);
-    if (found) return found;
+    let seed = 5;
+    for (let i = 0; i < key.length; i++) seed = Math.imul(seed ^ key.charCodeAt(i), 0x01000193) >>> 0;
+    const random = new Random(seed);
     const [cluster, path] = [key.slice(0, key.indexOf('/')), key.slice(key.indexOf('/') + 1)];
     const slot = slots.find((s) => s.path === path)!;
     const { inFeatures, outFeatures } = shape(slot.layer, slot.module)!;
@@ -130,7 +134,6 @@ export function syntheticBank(config: LlamaConfig, args: Args): BankReader {
       vt: random.fillNormal(new Float32Array(R * inFeatures), 1 / Math.sqrt(inFeatures)),
       bytes: (outFeatures + inFeatures) * R * 4,
     };
-    bases.set(key, made);
     return made;
   };
   const ids = Array.from({ length: args.bankSize }, (_, i) => `u${String(i).padStart(4, '0')}`);
@@ -231,8 +234,10 @@ async function rssChild(args: Args, mode: Mode): Promise<void> {
     if (i % 50 === 0) peak = Math.max(peak, process.memoryUsage().rss);
   }
   gc?.();
-  peak = Math.max(peak, process.memoryUsage().rss);
-  process.stdout.write(JSON.stringify({ mode, adapters: args.rssAdapters, rssGrowth: peak - before, cacheBytes: cache.bytesResident }) + '\n');
+  // settled: after a collection, what the resident adapters keep (the peak also holds the loads' transient buffers)
+  const settled = process.memoryUsage().rss;
+  peak = Math.max(peak, settled);
+  process.stdout.write(JSON.stringify({ mode, adapters: args.rssAdapters, rssGrowth: settled - before, peakGrowth: peak - before, cacheBytes: cache.bytesResident }) + '\n');
 }
 
 export async function run(argv: string[]): Promise<void> {
@@ -249,6 +254,7 @@ export async function run(argv: string[]): Promise<void> {
   log(`kernel ${kernels.name}; read bandwidth ${measuredBandwidth ? (measuredBandwidth / 1e9).toFixed(1) + ' GB/s' : 'not measurable (no native memoryReadSum)'}`);
   const table: string[] = ['| dtype | batch | base tok/s | raw tok/s | raw / base | compressed tok/s | compressed / base |', '|---|---|---|---|---|---|---|'];
   const roofline: string[] = [];
+  const sweep: string[] = [];
   for (const dtype of args.dtypes) {
     const dir = await modelDir(root, dtype, args.layers);
     const model: LlamaModel = await loadLlamaModel(dir);
@@ -269,7 +275,7 @@ export async function run(argv: string[]): Promise<void> {
     // warm-up: scratch buffers, JIT
     await decodeRate(engine, 'base', Math.max(...args.batches), 1, 0);
     for (const batch of args.batches) {
-      const rates: Record<Mode, number> = { base: 0, raw: 0, compressed: 0 };
+      const rates: Record<Mode, number[]> = { base: [], raw: [], compressed: [] };
       const ratios: Record<'raw' | 'compressed', number[]> = { raw: [], compressed: [] };
       // batch 1: each round's base step and the read bandwidth measured right after it
       const roundSteps: number[] = [];
@@ -277,7 +283,7 @@ export async function run(argv: string[]): Promise<void> {
       // a first short run per mode (adapters loaded, this batch size's buffers grown), so the timed runs measure
       // decode only: without one for base, round 0's base read ~15 % slower than the later rounds' (f32, batch 1)
       for (const mode of MODE_ORDER) await decodeRate(engine, mode, batch, 1, 0);
-      // modes interleaved over rounds (the machine is shared): the best rate of each mode, and each
+      // modes interleaved over rounds (the machine is shared): the median rate of each mode, and each
       // round's mode / base ratio (measured back to back, so a load drifting between rounds cancels; the
       // order reverses every round, so a drift within a round cancels over two: in a fixed order the
       // compressed / base ratio at batch 32 read 0.84-0.93 across runs of the same code)
@@ -286,7 +292,7 @@ export async function run(argv: string[]): Promise<void> {
         for (const mode of round % 2 === 0 ? MODE_ORDER : [...MODE_ORDER].reverse()) {
           const rate = await decodeRate(engine, mode, batch, args.steps, 0);
           thisRound[mode] = rate;
-          rates[mode] = Math.max(rates[mode], rate);
+          rates[mode].push(rate);
           log(`${dtype} batch ${batch} ${mode} round ${round}: ${rate.toFixed(2)} tok/s`);
         }
         ratios.raw.push(thisRound.raw / thisRound.base);
@@ -297,7 +303,9 @@ export async function run(argv: string[]): Promise<void> {
           log(`${dtype} batch 1 round ${round}: read bandwidth ${(roundBandwidths[roundBandwidths.length - 1]! / 1e9).toFixed(1)} GB/s`);
         }
       }
-      table.push(`| ${dtype} | ${batch} | ${fmt(rates.base)} | ${fmt(rates.raw)} | ${fmt(median(ratios.raw))} | ${fmt(rates.compressed)} | ${fmt(median(ratios.compressed))} |`);
+      const rateOf = (mode: Mode): string => `${fmt(median(rates[mode]))} (${fmt(Math.min(...rates[mode]))}–${fmt(Math.max(...rates[mode]))})`;
+      const ratioOf = (mode: 'raw' | 'compressed'): string => `${fmt(median(ratios[mode]))} (${fmt(Math.min(...ratios[mode]))}–${fmt(Math.max(...ratios[mode]))})`;
+      table.push(`| ${dtype} | ${batch} | ${rateOf('base')} | ${rateOf('raw')} | ${ratioOf('raw')} | ${rateOf('compressed')} | ${ratioOf('compressed')} |`);
       if (batch === 1) {
         const weightBytes = modelWeightBytes(model);
         const gbs = (bytesPerSecond: number): string => (bytesPerSecond / 1e9).toFixed(1);
@@ -308,11 +316,38 @@ export async function run(argv: string[]): Promise<void> {
             `${gbs(Math.min(...roundBandwidths))}–${gbs(Math.max(...roundBandwidths))} GB/s | ${fmt(weightBytes / median(roundBandwidths) * 1000)} ms | ` +
             `${fmt(median(perRound))} (${fmt(Math.min(...perRound))}–${fmt(Math.max(...perRound))}) |`);
         } else {
-          roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(1000 / rates.base)} ms | – | – | – |`);
+          roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(1000 / median(rates.base))} ms | – | – | – |`);
         }
       }
     }
     await engine.close();
+    // compressed / base at batch 32 as the bank's shared rank grows: the shared bases a step reads grow with
+    // rank × clusters (the adapters a real bank holds decide the rank; a bank of unrelated adapters needs a high one)
+    const sweepBatch = Math.min(32, Math.max(...args.batches));
+    for (const sharedRank of args.rankSweep) {
+      const swept = await createEngine({
+        modelDir: dir, model, bank: syntheticBank(model.config, { ...args, sharedRank }), kernels, kvBudgetBytes: 512 << 20,
+        adapterBudgetBytes: 4 * 2 ** 30, maxBatchTokens: 16 * sweepBatch, maxRunningRequests: sweepBatch, maxInputTokens: 64, maxTotalTokens: 256, blockSize: 16,
+      });
+      for (const mode of ['base', 'compressed'] as const) await decodeRate(swept, mode, sweepBatch, 1, 0);
+      const ratios: number[] = [];
+      for (let round = 0; round < args.rounds; round++) {
+        const order = round % 2 === 0 ? (['base', 'compressed'] as const) : (['compressed', 'base'] as const);
+        const rate: Record<string, number> = {};
+        for (const mode of order) rate[mode] = await decodeRate(swept, mode, sweepBatch, args.steps, 0);
+        ratios.push(rate.compressed! / rate.base!);
+      }
+      await swept.close();
+      const shape = slotShapeOf(model.config);
+      let features = 0;
+      for (let layer = 0; layer < model.config.numLayers; layer++) for (const module of args.targets) {
+        const slot = shape(layer, module);
+        if (slot) features += slot.inFeatures + slot.outFeatures;
+      }
+      const basesBytes = Math.min(args.clusters, sweepBatch) * features * sharedRank * (modelWeightDtype(model) === 'f32' ? 4 : 2);
+      sweep.push(`| ${dtype} | ${sharedRank} | ${fmt(basesBytes / 2 ** 20)} MiB | ${fmt(median(ratios))} (${fmt(Math.min(...ratios))}–${fmt(Math.max(...ratios))}) |`);
+      log(`sweep ${dtype} shared rank ${sharedRank}: compressed / base ${median(ratios).toFixed(3)}`);
+    }
   }
   // where a decode step's time goes, per mode (kernel calls timed one by one; robust to a shared machine)
   const breakdown: string[] = [];
@@ -369,11 +404,11 @@ export async function run(argv: string[]): Promise<void> {
   for (const mode of ['compressed', 'raw'] as const) {
     try {
       const out = execFileSync(process.execPath, ['--expose-gc', process.argv[1]!, 'engine', ...argv, '--rss-child', mode], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'], maxBuffer: 1 << 20 });
-      const result = JSON.parse(out.trim().split('\n').pop()!) as { rssGrowth: number; cacheBytes: number };
-      rss.push(`| ${mode} | ${args.rssAdapters} | ${(result.cacheBytes / 2 ** 20).toFixed(1)} MiB | ${(result.rssGrowth / 2 ** 20).toFixed(1)} MiB |`);
+      const result = JSON.parse(out.trim().split('\n').pop()!) as { rssGrowth: number; peakGrowth: number; cacheBytes: number };
+      rss.push(`| ${mode} | ${args.rssAdapters} | ${(result.cacheBytes / 2 ** 20).toFixed(1)} MiB | ${(result.rssGrowth / 2 ** 20).toFixed(1)} MiB | ${(result.peakGrowth / 2 ** 20).toFixed(1)} MiB |`);
       log(`rss ${mode}: ${(result.rssGrowth / 2 ** 20).toFixed(1)} MiB`);
     } catch (e) {
-      rss.push(`| ${mode} | ${args.rssAdapters} | – | failed: ${(e as Error).message.split('\n')[0]} |`);
+      rss.push(`| ${mode} | ${args.rssAdapters} | – | failed: ${(e as Error).message.split('\n')[0]} | – |`);
     }
   }
   // node-llama-cpp on the same weights (exported to GGUF) and the same raw adapters (as GGUF LoRA, one context each)
@@ -386,11 +421,15 @@ export async function run(argv: string[]): Promise<void> {
     `Model: SmolLM-135M shapes (generated weights${args.layers ? `, ${args.layers} layers` : ''}). Raw adapters: rank ${args.rank} on ${args.targets.join(', ')}, one distinct adapter per row. ` +
       `Compressed: a synthetic in-memory bank of ${args.bankSize} adapters, ${args.clusters} clusters, shared rank ${args.sharedRank}, full cores, one distinct adapter per row. ` +
       `Adapter factors (raw A, Bᵀ, the bank's bases and each adapter's core) are held in the model's dtype (the engine default, loraDtype auto: bf16 rows use bf16 factors and cores, f32 rows f32). ` +
-      `Decode tok/s = batch × ${args.steps} steps / time after every request's first token (prompts of 16 tokens), best of ${args.rounds} interleaved rounds; ` +
+      `Decode tok/s = batch × ${args.steps} steps / time after every request's first token (prompts of 16 tokens), the median (range) of ${args.rounds} interleaved rounds; ` +
       `a ratio is the median over the rounds of that round's mode / base (the three modes run back to back in each round, in reverse order every other round). Targets at batch 32: compressed ≥ 0.9× base, raw ≥ 0.7× base.`,
     '',
     ...table,
     '',
+    ...(sweep.length > 0
+      ? [`Compressed / base at batch ${Math.min(32, Math.max(...args.batches))} by the bank's shared rank (${args.clusters} clusters, full cores; the same rounds; "bases per step" is what one decode step reads of the clusters' shared U and Vᵀ):`,
+        '', '| dtype | shared rank | bases per step | compressed / base, median (range) |', '|---|---|---|---|', ...sweep, '']
+      : []),
     'Batch-1 decode step vs the roofline (weight bytes / read bandwidth; target within 1.3×). The bandwidth is measured after every round ' +
       '(best of three passes over 1 GiB): this machine moves between bandwidth modes over minutes, so each round\'s step is held against ' +
       'the bandwidth beside it:',
@@ -403,8 +442,8 @@ export async function run(argv: string[]): Promise<void> {
     '',
     `Resident-set growth with every adapter resident (each mode in a fresh process, bf16 model, so bf16 factors and cores; adapters on ${args.rssTargets.join(', ')}, raw rank ${args.rank}, compressed shared rank ${args.sharedRank}):`,
     '',
-    '| storage | adapters | cache bytes | RSS growth |',
-    '|---|---|---|---|',
+    '| storage | adapters | cache bytes | RSS growth after GC | peak RSS growth while loading |',
+    '|---|---|---|---|---|',
     ...rss,
     '',
     ...llamaCppLines,

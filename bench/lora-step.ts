@@ -11,7 +11,9 @@
  * order, so neither always follows the other); a mode's LoRA cost is the median over
  * iterations of (that iteration's mode time − its base time). base / (base + cost) is what the
  * engine's mode/base decode ratio would be if a step were its linears alone; the engine's step also
- * spends time on attention, norms and sampling that adapters do not change, so its ratio is higher.
+ * spends time on attention, norms and sampling that adapters do not change (which lifts its ratio), and
+ * on the step's adapter bookkeeping and the caches the factors evict (which lower it): read the engine
+ * bench for the served ratio.
  *
  *   npm run bench -- lora-step [--batch 32] [--iterations 30] [--dtypes bf16,f32] [--no-write]
  */
@@ -135,7 +137,8 @@ export async function run(args: string[]): Promise<void> {
     'adapter per row; factors and cores in the weights\' dtype. base = matmul alone; separate = matmul then loraApply; fused = matmulLora (the',
     'engine\'s path). Modes interleaved per iteration (base first, the other two in alternating order); LoRA ms = median over iterations of (mode − base) in that iteration. The last column',
     'is the mode/base ratio a step made of its linears alone would have; the engine\'s step also spends time on attention, norms and',
-    'sampling that adapters do not change, so its ratio is higher.',
+    'sampling that adapters do not change (which lifts its ratio), and on the step\'s adapter bookkeeping and the caches the factors',
+    'evict (which lower it): the engine table gives the served ratio.',
     '',
     ...lines,
   ].join('\n');
