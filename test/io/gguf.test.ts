@@ -294,6 +294,15 @@ describe('GGUF tokenizer metadata', () => {
       t.pre_tokenizer = { type: 'Sequence', pretokenizers: [{ type: 'Split', pattern: { Regex: '\\s+' }, behavior: 'Isolated' }, { ...t.pre_tokenizer, use_regex: false }] };
     });
     await expect(exportGgufModel({ modelDir: otherSplit, out: join(otherSplit, 'x.gguf') })).rejects.toThrow(/pre-tokenizer \(Split \+ ByteLevel\)/);
+    // llama.cpp's gpt-2 path applies no normalizer and adds no prefix space
+    const lowercased = await edited('tok-lower', (t) => {
+      t.normalizer = { type: 'Lowercase' };
+    });
+    await expect(exportGgufModel({ modelDir: lowercased, out: join(lowercased, 'x.gguf') })).rejects.toThrow(/has a normalizer \("Lowercase"\)/);
+    const prefixed = await edited('tok-prefix', (t) => {
+      t.pre_tokenizer = { ...t.pre_tokenizer, add_prefix_space: true };
+    });
+    await expect(exportGgufModel({ modelDir: prefixed, out: join(prefixed, 'x.gguf') })).rejects.toThrow(/adds a prefix space/);
   });
 
   it('adds BOS as the tokenizer does when the config does not say, and exports chat_template.jinja', async () => {

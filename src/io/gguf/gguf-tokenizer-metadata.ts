@@ -54,8 +54,13 @@ function preTokenizerName(tokenizer: Json, model: Json, file: string): string {
   if (model['byte_fallback'] === true) refuse('the BPE model uses byte_fallback (a SentencePiece-style vocabulary)');
   const decoder = tokenizer['decoder'] as Json | null | undefined;
   if (!decoder || decoder['type'] !== 'ByteLevel') refuse(`its decoder is ${JSON.stringify(decoder?.['type'] ?? null)}, not ByteLevel`);
+  // llama.cpp's named pre-tokenizers apply no normalizer and add no prefix space: a tokenizer that does either
+  // splits text its own way (convert_hf_to_gguf, hashing real output, would not recognise it)
+  const normalizer = tokenizer['normalizer'] as Json | null | undefined;
+  if (normalizer !== null && normalizer !== undefined) refuse(`it has a normalizer (${JSON.stringify(normalizer['type'] ?? null)}), which llama.cpp's byte-level pre-tokenizers do not apply`);
   const pre = tokenizer['pre_tokenizer'] as Json | null | undefined;
   const steps = pre?.['type'] === 'Sequence' && Array.isArray(pre['pretokenizers']) ? (pre['pretokenizers'] as Json[]) : pre ? [pre] : [];
+  if (steps.some((step) => step['type'] === 'ByteLevel' && step['add_prefix_space'] === true)) refuse('its ByteLevel pre-tokenizer adds a prefix space, which llama.cpp\'s do not');
   const [first, second] = steps;
   if (steps.length === 1 && first?.['type'] === 'ByteLevel' && first['use_regex'] !== false) return 'gpt-2';
   if (steps.length === 2 && first?.['type'] === 'Digits' && first['individual_digits'] === true && second?.['type'] === 'ByteLevel' && second['use_regex'] !== false) return 'smollm';
