@@ -24,7 +24,7 @@ function ggufHeader(bytes: Uint8Array): { magic: string; version: number; tensor
 describe('soppu export-gguf', () => {
   it('writes the model as GGUF in the requested type', async () => {
     const out = join(dir, 'model.gguf');
-    const result = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', out, '--type', 'f16']);
+    const result = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', out, '--dtype', 'f16']);
     expect(result.stderr).toBe('');
     expect(result.code).toBe(0);
     expect(result.stdout).toMatch(/21 tensors \(f16\)/);
@@ -40,10 +40,12 @@ describe('soppu export-gguf', () => {
     expect(ggufHeader(new Uint8Array(await readFile(out))).tensors).toBe(8);
   });
 
-  it('rejects a bad --type and a missing model with a coded error', async () => {
-    const bad = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', join(dir, 'x.gguf'), '--type', 'q4']);
+  it('rejects a bad --dtype (or its old name --type) and a missing model with a coded error', async () => {
+    const bad = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', join(dir, 'x.gguf'), '--dtype', 'q4']);
     expect(bad.code).toBe(1);
-    expect(bad.stderr).toMatch(/\[CONFIG\].*--type must be f32, f16 or bf16/);
+    expect(bad.stderr).toMatch(/\[CONFIG\].*--dtype must be f32, f16 or bf16/);
+    const old = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', join(dir, 'x.gguf'), '--type', 'q4']);
+    expect(old.stderr).toMatch(/\[CONFIG\].*--type must be f32, f16 or bf16/);
     const missing = await runCli(['export-gguf', '--model', join(dir, 'nope'), '-o', join(dir, 'y.gguf')]);
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/\[FILE_NOT_FOUND\].*nope/);

@@ -1,28 +1,32 @@
-import type { Command } from 'commander';
+import { Option, type Command } from 'commander';
 import { SoppuError } from '../../errors/soppu-error.js';
 import { exportGgufLora } from '../../io/gguf/export-gguf-lora.js';
 import { exportGgufModel, type GgufOutputType } from '../../io/gguf/export-gguf-model.js';
 
-/** `soppu export-gguf --model DIR -o model.gguf [--type bf16]`, or `--lora PEFT_DIR` for a GGUF LoRA adapter. */
+/** `soppu export-gguf --model DIR -o model.gguf [--dtype bf16]`, or `--lora PEFT_DIR` for a GGUF LoRA adapter. */
 export function register(program: Command): void {
   program
     .command('export-gguf')
     .description('write a Llama model folder (or, with --lora, a PEFT LoRA adapter of it) as a GGUF file llama.cpp loads')
     .requiredOption('--model <dir>', 'model directory (config.json, model.safetensors, tokenizer.json)')
     .requiredOption('-o, --output <file>', 'output .gguf file')
-    .option('--type <type>', 'matrix type of the model file: f32, f16 or bf16 (default: as stored)')
+    .option('--dtype <dtype>', 'matrix type of the model file: f32, f16 or bf16 (default: as stored)')
+    // the first name it had; --dtype as every other command spells it
+    .addOption(new Option('--type <dtype>').hideHelp())
     .option('--lora <dir>', 'export this PEFT adapter directory as a GGUF LoRA adapter instead of the model')
-    .action(async (options: { model: string; output: string; type?: string; lora?: string }) => {
-      if (options.type !== undefined && !['f32', 'f16', 'bf16'].includes(options.type)) {
-        throw new SoppuError('CONFIG', `--type must be f32, f16 or bf16, got "${options.type}"`, { field: 'type' });
+    .action(async (options: { model: string; output: string; dtype?: string; type?: string; lora?: string }) => {
+      const flag = options.dtype !== undefined ? '--dtype' : '--type';
+      const dtype = options.dtype ?? options.type;
+      if (dtype !== undefined && !['f32', 'f16', 'bf16'].includes(dtype)) {
+        throw new SoppuError('CONFIG', `${flag} must be f32, f16 or bf16, got "${dtype}"`, { field: flag.slice(2) });
       }
       if (options.lora !== undefined) {
-        if (options.type !== undefined) throw new SoppuError('CONFIG', '--type applies to the model file only (LoRA factors are written as f32)', { field: 'type' });
+        if (dtype !== undefined) throw new SoppuError('CONFIG', `${flag} applies to the model file only (LoRA factors are written as f32)`, { field: flag.slice(2) });
         const result = await exportGgufLora({ modelDir: options.model, adapterDir: options.lora, out: options.output });
         process.stdout.write(`wrote ${result.path}: GGUF LoRA adapter, ${result.tensors} tensors, ${result.bytes} bytes\n`);
         return;
       }
-      const result = await exportGgufModel({ modelDir: options.model, out: options.output, ...(options.type ? { type: options.type as GgufOutputType } : {}) });
+      const result = await exportGgufModel({ modelDir: options.model, out: options.output, ...(dtype ? { type: dtype as GgufOutputType } : {}) });
       process.stdout.write(`wrote ${result.path}: ${result.tensors} tensors (${result.type}), ${result.bytes} bytes\n`);
     });
 }
