@@ -11,6 +11,8 @@ import type { LoraConfig } from './lora-types.js';
 // below and took minutes on one module path (the event loop with them). Process-wide; it changes only how such
 // runaway matches run.
 setFlagsFromString('--enable-experimental-regexp-engine-on-excessive-backtracks');
+// and the 'l' flag, with which a pattern compiles only if that engine can run it (checkPattern asks it)
+setFlagsFromString('--enable-experimental-regexp-engine');
 
 /** PEFT's defaults when a field is absent. */
 const DEFAULT_R = 8;
@@ -107,20 +109,37 @@ export function hasNestedQuantifier(pattern: string): boolean {
   return false;
 }
 
-/** Backreferences and lookarounds: what V8's linear-time engine cannot run, so a runaway match has no fallback. */
-const NEEDS_BACKTRACKING = /\\[1-9]|\\k<|\(\?P=|\(\?<?[=!]/;
+/** Whether V8's linear-time engine runs `source` (the 'l' flag compiles only what it can run). */
+function runsInLinearTime(source: string): boolean {
+  try {
+    new RegExp(source, 'l');
+    return true;
+  } catch {
+    return !compiles(source); // an invalid pattern is refused as such when it is compiled
+  }
+}
+
+function compiles(source: string): boolean {
+  try {
+    new RegExp(source);
+    return true;
+  } catch {
+    return false;
+  }
+}
 
 /**
  * Refuses a config regex that is too long or can backtrack catastrophically, naming the field. A repeated group
- * holding a quantifier ((\w+\.)+, as PEFT configs write) runs in linear time once V8 falls back to its linear
- * engine (the flag above); only with a backreference or lookaround, which that engine cannot run, is it refused.
+ * holding a quantifier ((\w+\.)+, as PEFT configs write) is taken when V8's linear-time engine can run it: a match
+ * that backtracks too long falls back to that engine (the flag above). Where that engine cannot (a bounded repeat
+ * such as {1,20} inside the group, a backreference, a lookaround), there is no fallback, and it is refused.
  */
-function checkPattern(pattern: string, field: string, file: string): void {
+function checkPattern(pattern: string, source: string, field: string, file: string): void {
   if (pattern.length > MAX_PATTERN_LENGTH) {
     throw configError(file, field, `regular expression is ${pattern.length} characters (limit ${MAX_PATTERN_LENGTH})`, MAX_PATTERN_LENGTH);
   }
-  if (hasNestedQuantifier(pattern) && NEEDS_BACKTRACKING.test(pattern)) {
-    throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+ or (.*)*) and uses a backreference or lookaround, which can take exponential time to match; write it without one of them`);
+  if (hasNestedQuantifier(pattern) && !runsInLinearTime(source)) {
+    throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+) in a form V8's linear-time engine cannot run (a bounded repeat such as {1,20}, a backreference or a lookaround), which can take exponential time to match; write it without nesting the quantifiers`);
   }
 }
 
@@ -156,7 +175,10 @@ function fromPythonRegex(pattern: string, field: string, file: string): string {
       inClass = true;
       out += c;
       if (pattern[i + 1] === '^') out += pattern[++i];
-      if (pattern[i + 1] === ']') out += pattern[++i]; // a leading ] is a literal
+      if (pattern[i + 1] === ']') {
+        out += '\\]'; // a leading ] is a literal in Python; JavaScript would close the class on it
+        i++;
+      }
       continue;
     }
     if (pattern.startsWith('(?P<', i)) {
@@ -176,8 +198,8 @@ function fromPythonRegex(pattern: string, field: string, file: string): string {
 }
 
 function compilePattern(key: string, field: string, file: string): RegExp {
-  checkPattern(key, field, file);
   const source = fromPythonRegex(key, field, file);
+  checkPattern(key, `^(?:.*\\.)?(?:${source})$`, field, file);
   try {
     // PEFT: re.match(rf"(.*\.)?({key})$", module_path) — the key matches a dotted suffix of the path.
     return new RegExp(`^(?:.*\\.)?(?:${source})$`);
@@ -188,8 +210,8 @@ function compilePattern(key: string, field: string, file: string): RegExp {
 
 /** A whole-path regex (PEFT's re.fullmatch), checked like every config regex. */
 function compileFullMatch(pattern: string, field: string, file: string): RegExp {
-  checkPattern(pattern, field, file);
   const source = fromPythonRegex(pattern, field, file);
+  checkPattern(pattern, `^(?:${source})$`, field, file);
   try {
     return new RegExp(`^(?:${source})$`);
   } catch {
@@ -200,8 +222,8 @@ function compileFullMatch(pattern: string, field: string, file: string): RegExp 
 /** PEFT's layer index regex (`.*\.{layers_pattern}\.(\d+)\.`), checked; without a pattern any component. */
 function compileLayerPattern(pattern: string | null, field: string, file: string): RegExp {
   if (pattern === null) return /^.*\.[^.]*\.(\d+)\./;
-  checkPattern(pattern, field, file);
   const source = fromPythonRegex(pattern, field, file);
+  checkPattern(pattern, `^.*\\.(?:${source})\\.(\\d+)\\.`, field, file);
   try {
     return new RegExp(`^.*\\.(?:${source})\\.(\\d+)\\.`);
   } catch {

@@ -107,9 +107,12 @@ describe('regular expressions in the config', () => {
     expect(Date.now() - started).toBeLessThan(5000);
   });
 
-  it('refuses nested quantifiers with a backreference or lookaround (no linear-time fallback for those) at once, naming the field', async () => {
+  it('refuses nested quantifiers V8\'s linear-time engine cannot run (a bounded repeat, a backreference, a lookaround: no fallback for those) at once, naming the field', async () => {
     const started = Date.now();
-    await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: '(?<g>a+)+\\k<g>' }, factors()), 'ADAPTER_CONFIG', /target_modules: regular expression .* repeats a group that itself holds a quantifier .* backreference or lookaround/);
+    await expectRefusal(await rawAdapter({ ...baseConfig, target_modules: '(?P<g>a+)+(?P=g)' }, factors()), 'ADAPTER_CONFIG', /target_modules: regular expression .* repeats a group that itself holds a quantifier .* linear-time engine cannot run/);
+    // a bounded repeat inside a repeated group: 8 s on one module path, minutes on a longer one, before it was refused
+    expect(() => parseLoraConfig({ ...baseConfig, alpha_pattern: { '([\\w.]{1,20})+x': 32 } }, 'x.json')).toThrow(/alpha_pattern.*repeats a group .* bounded repeat/);
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: '(\\w{1,20})+q_proj' }, 'x.json')).toThrow(/target_modules: regular expression/);
     expect(Date.now() - started).toBeLessThan(5000);
     expect(() => parseLoraConfig({ ...baseConfig, rank_pattern: { '(a+)+\\1': 2 } }, 'x.json')).toThrow(/rank_pattern\["\(a\+\)\+\\\\1"\]: regular expression .* repeats a group/);
     expect(() => parseLoraConfig({ ...baseConfig, exclude_modules: '((q)+_proj)+(?=x)' }, 'x.json')).toThrow(/exclude_modules: regular expression/);
@@ -124,6 +127,9 @@ describe('regular expressions in the config', () => {
     expect(moduleTargeting(parseLoraConfig({ ...baseConfig, target_modules: '\\A.*(?P<kind>q|v)_proj\\Z' }, 'x.json'), q).targeted).toBe(true);
     expect(moduleTargeting(parseLoraConfig({ ...baseConfig, target_modules: '.*(?P<k>[qv])_pro(?P=k)?j' }, 'x.json'), q).targeted).toBe(true);
     expect(() => parseLoraConfig({ ...baseConfig, target_modules: '.*\\q_proj' }, 'x.json')).toThrow(/target_modules: regular expression .* uses the escape \\q, which JavaScript reads as the letter q/);
+    // a ] first in a class is a literal in Python (JavaScript read [] as an empty class and [^] as any character)
+    const bracket = (pattern: string, path: string) => moduleRankAndAlpha(parseLoraConfig({ ...baseConfig, alpha_pattern: { [pattern]: 32 } }, 'x.json'), path).alpha;
+    expect([bracket('q_proj[]x]', 'm.q_proj]'), bracket('q_proj[]x]', 'm.q_projx'), bracket('q_pro[^]]', 'm.q_proj'), bracket('q_pro[^]]', 'm.q_pro]')]).toEqual([32, 32, 32, baseConfig.lora_alpha]);
   });
 
   it('matches in linear time what backtracks without nested quantifiers (adjacent wildcards, overlapping alternatives)', () => {
