@@ -33,6 +33,7 @@ function camelKeys(value: unknown, at = '$'): string[] {
 
 describe('--json outputs', () => {
   it('snakeCaseKeys turns camelCase names into snake_case, keeps data keys and typed arrays, and spells non-finite numbers', () => {
+    expect(snakeCaseKeys({ metadata: { trainedBy: 'alice' }, config: { torchDtype: 'x' }, sizeBytes: 1 })).toEqual({ metadata: { trainedBy: 'alice' }, config: { torchDtype: 'x' }, size_bytes: 1 });
     expect(snakeCaseKeys({ maxError: 1, perSlot: { 'model.layers.0.self_attn.q_proj': { relativeError: Infinity } }, 'lora_A.weight': [{ top1Agreement: Number.NaN }], rawF32: 2, id: 'userA' }))
       .toEqual({ max_error: 1, per_slot: { 'model.layers.0.self_attn.q_proj': { relative_error: 'Infinity' } }, 'lora_A.weight': [{ top1_agreement: 'NaN' }], raw_f32: 2, id: 'userA' });
   });
