@@ -236,61 +236,77 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
   }
   let sweeps = 0;
   for (let cluster = 0; cluster < options.clusters; cluster++) {
-    const members = source.entries.filter((e) => assignments[e.adapterIndex] === cluster);
-    if (members.length === 0) { bases.push(null); continue; }
-    // No rank above the break-even one can be stored (compressed would exceed raw): cap the search there.
-    const breakEven = breakEvenRank(members, inFeatures, outFeatures, method);
-    if (breakEven < 1) {
-      for (const entry of members) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'cheaper-raw'));
-      bases.push(null);
-      continue;
+    let members = source.entries.filter((e) => assignments[e.adapterIndex] === cluster);
+    // Members that miss the budget even at the cap (unrelated to the rest) are stored raw, and the others fitted
+    // again without them: kept in, they made the cap the answer, and at the cap the rest cost more than raw too
+    // (20 adapters sharing a rank-2 subspace went raw beside 4 unrelated ones).
+    for (;;) {
+      if (members.length === 0) { bases.push(null); break; }
+      // No rank above the break-even one can be stored (compressed would exceed raw): cap the search there.
+      const breakEven = breakEvenRank(members, inFeatures, outFeatures, method);
+      if (breakEven < 1) {
+        for (const entry of members) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'cheaper-raw'));
+        bases.push(null);
+        break;
+      }
+      const problem = buildSlotProblem(members, inFeatures, outFeatures, options.weighting);
+      const cap = Math.max(1, Math.min(options.rank ?? Number.POSITIVE_INFINITY, inFeatures, outFeatures, problem.totalRank, breakEven));
+      const label = `${path}/cluster-${cluster}`;
+      let fit: SlotFit;
+      let points: readonly RankPoint[] = [];
+      let missed = false;
+      if (options.maxError !== undefined) {
+        // a member that already carries error (refit from the bank) has only the rest of the budget
+        const budgets = members.map((entry) => options.maxError! - (inputs[entry.adapterIndex]!.spentError?.[path] ?? 0));
+        const selection = selectRank(problem, method, budgets, cap, { ...fitOptions, label });
+        fit = selection.fit;
+        points = selection.errorByRank;
+        missed = !selection.withinBudget;
+      } else {
+        fit = fitSlot(problem, method, cap, { ...fitOptions, seed: deriveSeed(fitOptions.seed, label, cap) });
+      }
+      sweeps += fit.sweeps;
+      if (missed) {
+        const kept = members.filter((_, i) => fit.errors[i]! <= options.maxError! - (inputs[members[i]!.adapterIndex]!.spentError?.[path] ?? 0));
+        if (kept.length > 0 && kept.length < members.length) {
+          for (const entry of members) if (!kept.includes(entry)) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'over-budget'));
+          members = kept;
+          continue;
+        }
+      }
+      for (const point of points) errorByRank.push({ cluster, ...point });
+      const rank = fit.rank;
+      const u = toF32(fit.u);
+      const vt = toF32(transpose(fit.v, inFeatures, rank));
+      checkFinitePart(`cluster ${cluster} shared bases`, path, u);
+      checkFinitePart(`cluster ${cluster} shared bases`, path, vt);
+      // Per member: the stored (f32) part's error decides the budget.
+      const compressed: { entry: SlotEntry; core: Float32Array; error: number }[] = [];
+      for (let i = 0; i < members.length; i++) {
+        const entry = members[i]!;
+        const module = moduleOf.get(entry.adapterIndex)!;
+        const core = toF32(fit.cores[i]!);
+        const error = relativeErrorOfPart(module, { u, vt, rank, core, diagonal: method === 'jd-diag' });
+        const id = inputs[entry.adapterIndex]!.id;
+        checkFinitePart(`adapter ${JSON.stringify(id)}`, path, core, error);
+        const spent = inputs[entry.adapterIndex]!.spentError?.[path] ?? 0;
+        if (options.maxError !== undefined && !(error + spent <= options.maxError)) results.set(id, rawResult(module, 'over-budget'));
+        else compressed.push({ entry, core, error });
+      }
+      const coreSize = method === 'jd-full' ? rank * rank : rank;
+      const compressedCost = rank * (inFeatures + outFeatures) + compressed.length * coreSize;
+      const rawCost = compressed.reduce((sum, c) => sum + c.entry.rank * (inFeatures + outFeatures), 0);
+      if (compressed.length === 0 || compressedCost > rawCost) {
+        for (const { entry } of compressed) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'cheaper-raw'));
+        bases.push(null);
+        break;
+      }
+      for (const { entry, core, error } of compressed) {
+        results.set(inputs[entry.adapterIndex]!.id, { storage: 'compressed', core, relativeError: error });
+      }
+      bases.push({ rank, u, vt });
+      break;
     }
-    const problem = buildSlotProblem(members, inFeatures, outFeatures, options.weighting);
-    const cap = Math.max(1, Math.min(options.rank ?? Number.POSITIVE_INFINITY, inFeatures, outFeatures, problem.totalRank, breakEven));
-    const label = `${path}/cluster-${cluster}`;
-    let fit: SlotFit;
-    let points: readonly RankPoint[] = [];
-    if (options.maxError !== undefined) {
-      // a member that already carries error (refit from the bank) has only the rest of the budget
-      const budgets = members.map((entry) => options.maxError! - (inputs[entry.adapterIndex]!.spentError?.[path] ?? 0));
-      const selection = selectRank(problem, method, budgets, cap, { ...fitOptions, label });
-      fit = selection.fit;
-      points = selection.errorByRank;
-    } else {
-      fit = fitSlot(problem, method, cap, { ...fitOptions, seed: deriveSeed(fitOptions.seed, label, cap) });
-    }
-    sweeps += fit.sweeps;
-    for (const point of points) errorByRank.push({ cluster, ...point });
-    const rank = fit.rank;
-    const u = toF32(fit.u);
-    const vt = toF32(transpose(fit.v, inFeatures, rank));
-    checkFinitePart(`cluster ${cluster} shared bases`, path, u);
-    checkFinitePart(`cluster ${cluster} shared bases`, path, vt);
-    // Per member: the stored (f32) part's error decides the budget.
-    const compressed: { entry: SlotEntry; core: Float32Array; error: number }[] = [];
-    for (let i = 0; i < members.length; i++) {
-      const entry = members[i]!;
-      const module = moduleOf.get(entry.adapterIndex)!;
-      const core = toF32(fit.cores[i]!);
-      const error = relativeErrorOfPart(module, { u, vt, rank, core, diagonal: method === 'jd-diag' });
-      const id = inputs[entry.adapterIndex]!.id;
-      checkFinitePart(`adapter ${JSON.stringify(id)}`, path, core, error);
-      const spent = inputs[entry.adapterIndex]!.spentError?.[path] ?? 0;
-      if (options.maxError !== undefined && !(error + spent <= options.maxError)) results.set(id, rawResult(module, 'over-budget'));
-      else compressed.push({ entry, core, error });
-    }
-    const coreSize = method === 'jd-full' ? rank * rank : rank;
-    const compressedCost = rank * (inFeatures + outFeatures) + compressed.length * coreSize;
-    const rawCost = compressed.reduce((sum, c) => sum + c.entry.rank * (inFeatures + outFeatures), 0);
-    if (compressed.length === 0 || compressedCost > rawCost) {
-      for (const { entry } of compressed) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'cheaper-raw'));
-      bases.push(null);
-      continue;
-    }
-    for (const { entry, core, error } of compressed) {
-      results.set(inputs[entry.adapterIndex]!.id, { storage: 'compressed', core, relativeError: error });
-    }
-    bases.push({ rank, u, vt });
   }
   // Keep the adapters map in input order.
   const adapters = new Map<string, AdapterSlotResult>();

@@ -137,3 +137,17 @@ describe('compressAdapters', () => {
     expect(String((nanError as Error).message)).toMatch(/"nan".*q_proj/);
   });
 });
+
+describe('members that miss the budget at the cap', () => {
+  it('are stored raw, and the rest fitted again without them (a few unrelated adapters no longer send a whole slot raw)', async () => {
+    const slots = [{ path: 'model.layers.0.self_attn.q_proj', inFeatures: 40, outFeatures: 40 }];
+    const family = syntheticAdapterSet({ slots, count: 20, rank: 4, seed: 1, sharedRank: 2, noise: 0, idPrefix: 'fam' });
+    const outliers = syntheticAdapterSet({ slots, count: 4, rank: 8, seed: 2, sharedRank: 0, idPrefix: 'out' });
+    const result = await compressAdapters([...family, ...outliers], { method: 'jd-full', maxError: 0.1 });
+    const slot = result.slots[0]!;
+    expect(slot.bases.map((b) => b?.rank ?? null)).toEqual([2]);
+    for (const { id } of family) expect(slot.adapters.get(id)).toMatchObject({ storage: 'compressed' });
+    for (const { id } of family) expect(slot.adapters.get(id)!.relativeError).toBeLessThanOrEqual(0.1);
+    for (const { id } of outliers) expect(slot.adapters.get(id)).toMatchObject({ storage: 'raw', reason: 'over-budget' });
+  });
+});
