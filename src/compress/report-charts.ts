@@ -21,9 +21,19 @@ export async function renderVegaLite(spec: TopLevelSpec): Promise<string> {
 /** Dots are capped so a large bank's report stays a reasonable size; beyond it, the worst adapters only. */
 export const MAX_DOTS = 40_000;
 
-function slotLabel(path: string): string {
+function shortLabel(path: string): string {
   const match = /\.(\d+)\.(.+)$/.exec(path);
   return match ? `L${match[1]} ${match[2]}` : path;
+}
+
+/**
+ * Each slot's axis label: "L<layer> <module>", or its whole path where two slots would share that (an encoder's
+ * and a decoder's layer 0 q_proj): a shared label merged their bars into one stacked bar.
+ */
+function slotLabels(paths: readonly string[]): Map<string, string> {
+  const count = new Map<string, number>();
+  for (const path of paths) count.set(shortLabel(path), (count.get(shortLabel(path)) ?? 0) + 1);
+  return new Map(paths.map((path) => [path, count.get(shortLabel(path))! > 1 ? path : shortLabel(path)]));
 }
 
 export interface ReportCharts {
@@ -34,6 +44,8 @@ export interface ReportCharts {
 }
 
 export async function reportCharts(manifest: BankManifest, stats: BankStatistics): Promise<ReportCharts> {
+  const labels = slotLabels([...new Set([...stats.slots.map((s) => s.path), ...manifest.slots.map((s) => s.path)])]);
+  const slotLabel = (path: string): string => labels.get(path) ?? shortLabel(path);
   // per-slot errors: bars = mean over the adapters that have the slot; one dot per adapter (own error, own slot)
   const totalDots = stats.slots.reduce((n, s) => n + s.errors.length, 0);
   let dotIds: Set<string> | null = null;

@@ -109,6 +109,17 @@ describe('bank report', () => {
     await expect(writeReport(bank.manifest, join(root, 'r.json'), 'x')).rejects.toThrow('report output');
   });
 
+  it('gives two slots that share "L<layer> <module>" (an encoder\'s and a decoder\'s) their own bars, labelled by path', async () => {
+    const result = handResult();
+    const paths = ['model.encoder.layers.0.self_attn.q_proj', 'model.decoder.layers.0.self_attn.q_proj'];
+    const twin: CompressionResult = { ...result, slots: result.slots.map((slot, i) => ({ ...slot, path: paths[i]! })) };
+    const dir = join(root, 'twin-bank');
+    await writeBank(dir, twin, new Map());
+    const report = await buildReport((await openBank(dir)).manifest, 'twins');
+    for (const path of paths) expect(report.html).toContain(path);
+    expect(report.html).not.toContain('>L0 self_attn.q_proj<');
+  });
+
   it('renders vega-lite to SVG headless under Node', async () => {
     const svg = await renderVegaLite({ data: { values: [{ x: 'p', y: 1 }, { x: 'q', y: 3 }] }, mark: 'bar', encoding: { x: { field: 'x', type: 'nominal' }, y: { field: 'y', type: 'quantitative' } } });
     expect(svg.startsWith('<svg')).toBe(true);
