@@ -46,6 +46,18 @@ describe('soppu export-gguf', () => {
     expect(bad.stderr).toMatch(/\[CONFIG\].*--dtype must be f32, f16 or bf16/);
     const old = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', join(dir, 'x.gguf'), '--type', 'q4']);
     expect(old.stderr).toMatch(/\[CONFIG\].*--type must be f32, f16 or bf16/);
+    // an existing file is replaced only with --force (-o model/model.safetensors destroyed the model); the output is a .gguf
+    const weights = join(dir, 'model', 'model.safetensors');
+    const before = await readFile(weights);
+    const overwrite = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', weights]);
+    expect(overwrite.code).toBe(1);
+    expect(overwrite.stderr).toMatch(/\[CONFIG\].*the output must be a \.gguf file/);
+    expect(await readFile(weights)).toEqual(before);
+    const first = join(dir, 'twice.gguf');
+    expect((await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', first])).code).toBe(0);
+    const again = await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', first]);
+    expect(again.stderr).toMatch(/\[CONFIG\].*twice\.gguf exists: choose another name, or pass --force/);
+    expect((await runCli(['export-gguf', '--model', join(dir, 'model'), '-o', first, '--force'])).code).toBe(0);
     const missing = await runCli(['export-gguf', '--model', join(dir, 'nope'), '-o', join(dir, 'y.gguf')]);
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/\[FILE_NOT_FOUND\].*nope/);

@@ -1,3 +1,4 @@
+import { existsSync } from 'node:fs';
 import { Option, type Command } from 'commander';
 import { SoppuError } from '../../errors/soppu-error.js';
 import { exportGgufLora } from '../../io/gguf/export-gguf-lora.js';
@@ -14,7 +15,16 @@ export function register(program: Command): void {
     // the first name it had; --dtype as every other command spells it
     .addOption(new Option('--type <dtype>').hideHelp())
     .option('--lora <dir>', 'export this PEFT adapter directory as a GGUF LoRA adapter instead of the model')
-    .action(async (options: { model: string; output: string; dtype?: string; type?: string; lora?: string }) => {
+    .option('--force', 'replace an existing output file')
+    .action(async (options: { model: string; output: string; dtype?: string; type?: string; lora?: string; force?: boolean }) => {
+      // as export and report: an existing file is replaced only when asked (-o model/model.safetensors destroyed the
+      // model it was reading), and the output is a .gguf
+      if (!options.output.toLowerCase().endsWith('.gguf')) {
+        throw new SoppuError('CONFIG', `-o ${options.output}: the output must be a .gguf file`, { field: 'output', file: options.output });
+      }
+      if (existsSync(options.output) && !options.force) {
+        throw new SoppuError('CONFIG', `-o ${options.output} exists: choose another name, or pass --force to replace it`, { field: 'output', file: options.output });
+      }
       const flag = options.dtype !== undefined ? '--dtype' : '--type';
       const dtype = options.dtype ?? options.type;
       if (dtype !== undefined && !['f32', 'f16', 'bf16'].includes(dtype)) {
