@@ -58,6 +58,9 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
       let dir: string;
       let compress: boolean;
       let uploadedRoot: string | null = null;
+      // as the JSON form refuses an unknown field: a misspelled compress=false must not write into the bank
+      const unknownQuery = Object.keys(request.query).filter((key) => key !== 'id' && key !== 'compress');
+      if (unknownQuery.length > 0) throw new SoppuError('VALIDATION', `Input validation error: unknown query parameter \`${unknownQuery[0]}\` (an upload takes id and compress)`, { field: String(unknownQuery[0]) });
       if (Buffer.isBuffer(request.body)) {
         id = checkId(request.query.id, 'id');
         const compressText = request.query.compress ?? 'true';
@@ -108,6 +111,9 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         onRelease?.();
         // what is wrong with an uploaded adapter is the caller's to fix (422), named by its place in the
         // archive, not by the folder the server unpacked it in
+        if (!unpacked && isSoppuError(e) && UPLOAD_CONTENT_ERRORS.has(e.code)) {
+          throw new SoppuError('VALIDATION', `Input validation error: the adapter at \`path\`: ${e.message}`, { field: 'path' });
+        }
         if (unpacked && isSoppuError(e) && UPLOAD_CONTENT_ERRORS.has(e.code)) {
           // the archive's files by their names in it; a message about the adapter as a whole names the upload
           const message = e.message.split(`${unpacked}: `).join('').split(unpacked + path.sep).join('').split(unpacked).join('.');

@@ -34,15 +34,20 @@ export function toSoppuError(e: unknown): SoppuError {
 }
 
 /** The LoRAX-compatible message: validation and generation failures carry LoRAX's prefixes. */
-function loraxMessage(err: SoppuError): string {
+function loraxMessage(err: SoppuError, generation = true): string {
   const status = err.httpStatus;
-  if (status === 424 && !err.message.startsWith('Request failed during generation')) return `Request failed during generation: ${err.message}`;
+  if (generation && status === 424 && !err.message.startsWith('Request failed during generation')) return `Request failed during generation: ${err.message}`;
   if (status === 422 && !err.message.startsWith('Input validation error')) return `Input validation error: ${err.message}`;
   return err.message;
 }
 
-export function loraxErrorBody(err: SoppuError): { error: string; error_type: string } {
-  return { error: loraxMessage(err), error_type: err.errorType };
+export function loraxErrorBody(err: SoppuError, generation = true): { error: string; error_type: string } {
+  return { error: loraxMessage(err, generation), error_type: err.errorType };
+}
+
+/** The admin routes (adapter management, bank and keys reload): their failures are no generation's. */
+function isAdminPath(url: string): boolean {
+  return /^\/(adapters|bank|keys)(\/|\?|$)/.test(url);
 }
 
 const OPENAI_TYPES: Record<number, string> = {
@@ -65,8 +70,10 @@ export function openAiErrorBody(err: SoppuError, url = ''): { error: { message: 
   // token budget `max_tokens`
   const input = url.startsWith('/v1/chat/') ? 'messages' : 'prompt';
   const param = field === 'adapter_id' ? 'model' : field === 'inputs' ? input : field === 'max_new_tokens' ? 'max_tokens' : field;
+  // the message names the fields as this request does too (the token-budget checks are written in LoRAX's words)
+  const message = loraxMessage(err).split('`inputs`').join(`\`${input}\``).split('`max_new_tokens`').join('`max_tokens`');
   return {
-    error: { message: loraxMessage(err), type: OPENAI_TYPES[err.httpStatus] ?? 'server_error', code: err.code.toLowerCase(), param },
+    error: { message, type: OPENAI_TYPES[err.httpStatus] ?? 'server_error', code: err.code.toLowerCase(), param },
   };
 }
 
@@ -81,7 +88,7 @@ export function isOpenAiPath(url: string): boolean {
  */
 export function errorResponse(e: unknown, url: string): { status: number; body: unknown; error: SoppuError } {
   const error = toSoppuError(e);
-  if (!isOpenAiPath(url)) return { status: error.httpStatus, body: loraxErrorBody(error), error };
+  if (!isOpenAiPath(url)) return { status: error.httpStatus, body: loraxErrorBody(error, !isAdminPath(url)), error };
   return { status: error.httpStatus === 422 ? 400 : error.httpStatus, body: openAiErrorBody(error, url), error };
 }
 

@@ -71,6 +71,7 @@ export interface LoraxParameters {
   truncate?: number | null;
   ignore_eos_token?: boolean;
   watermark?: boolean;
+  apply_chat_template?: boolean;
   details?: boolean;
   decoder_input_details?: boolean;
   return_k_alternatives?: number | null;
@@ -97,6 +98,10 @@ export function fromLoraxBody(body: LoraxGenerateBody, stream: boolean, fullText
     throw validation(`\`parameters.best_of\` must be 1 (max_best_of is 1); got ${p.best_of}`, 'parameters.best_of');
   }
   if (p.watermark === true) throw validation('`parameters.watermark` is not supported by this server', 'parameters.watermark');
+  // refused rather than ignored (the prompt would go in without the template the request asked for)
+  if (p.apply_chat_template === true) {
+    throw validation('`parameters.apply_chat_template` is not supported by this server: send the messages to /v1/chat/completions, which applies the model\'s chat template', 'parameters.apply_chat_template');
+  }
   if (p.response_format !== undefined && p.response_format !== null && p.response_format.type !== 'text') {
     throw validation('`parameters.response_format` (constrained JSON decoding) is not supported by this server', 'parameters.response_format');
   }

@@ -258,6 +258,10 @@ describe('adapter management', () => {
     const first = (await ask()).json().generated_text;
     expect(first).toBe(engine.expectedText('hi', 'alice-9', 6));
     // hot reload: the next request sees the new version
+    // a misspelled query parameter is refused, not ignored (compres=false would have written into the bank)
+    const typo = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&compres=false', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
+    expect(typo.statusCode).toBe(422);
+    expect(typo.json().error).toContain('unknown query parameter `compres`');
     const again = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
     expect(again.statusCode).toBe(201);
     const second = (await ask()).json().generated_text;
@@ -270,6 +274,11 @@ describe('adapter management', () => {
     const byPath = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-1', path: 'p1' }, headers: admin });
     expect(byPath.statusCode).toBe(201);
     // an admin is told why a path is refused (a user never reaches this route)
+    // a folder whose adapter is bad: 422 naming it, as for an upload (it was a 424 "Request failed during generation")
+    mkdirSync(path.join(root, 'p2'));
+    const bad = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-3', path: 'p2' }, headers: admin });
+    expect(bad.statusCode).toBe(422);
+    expect(bad.json().error).toMatch(/^Input validation error: the adapter at `path`: .*adapter_config\.json is missing/);
     const escape = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: '/etc' }, headers: admin });
     expect(escape.statusCode).toBe(422);
     expect(escape.json().error).toContain('`path` "/etc" is not a folder inside the --adapters directories');

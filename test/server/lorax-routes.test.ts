@@ -125,6 +125,7 @@ describe('POST /generate', () => {
     ['s3 adapter_source', { inputs: 'a', parameters: { adapter_source: 'S3' } }, "'s3' is not supported"],
     ['pbase adapter_source', { inputs: 'a', parameters: { adapter_source: 'pbase' } }, "'pbase' is not supported"],
     ['merged_adapters', { inputs: 'a', parameters: { merged_adapters: { ids: ['a'], weights: [1] } } }, 'merged_adapters'],
+    ['apply_chat_template (accepted before, and ignored)', { inputs: 'a', parameters: { apply_chat_template: true } }, 'apply_chat_template'],
     ['unknown response_format type', { inputs: 'a', parameters: { response_format: { type: 'yaml' } } }, 'response_format'],
     ['json response_format', { inputs: 'a', parameters: { response_format: { type: 'json_object' } } }, 'response_format'],
     ['watermark', { inputs: 'a', parameters: { watermark: true } }, 'watermark'],

@@ -188,7 +188,7 @@ describe('OpenAI validation and keys file', () => {
   });
 
   it('a token budget error names max_tokens, as the OpenAI request calls it', async () => {
-    await expect(client.completions.create({ model: 'alice-1', prompt: 'hello world', max_tokens: 95 })).rejects.toMatchObject({ status: 400, error: { param: 'max_tokens', message: expect.stringContaining('tokens + `max_new_tokens` must be <= 96') } });
+    await expect(client.completions.create({ model: 'alice-1', prompt: 'hello world', max_tokens: 95 })).rejects.toMatchObject({ status: 400, error: { param: 'max_tokens', message: expect.stringContaining('`prompt` tokens + `max_tokens` must be <= 96') } });
   });
 
   it('a malformed keys file is a CONFIG error naming the file and entry, never the key', async () => {
