@@ -93,7 +93,7 @@ describe('soppu generate (generated tiny model and adapters on disk)', () => {
     expect(missing.code).toBe(1);
     expect(missing.stderr).toMatch(/\[ADAPTER_LOAD\].*nope/);
     // empty values are refused, not read as 0 or as "no adapter"
-    for (const [flag, message] of [['--temperature', /--temperature must be a number, got ""/], ['--seed', /--seed must be an integer from 0 to 9007199254740991, got ""/], ['--adapter', /--adapter is empty/]] as const) {
+    for (const [flag, message] of [['--temperature', /--temperature must be a number, got ""/], ['--seed', /--seed must be an integer from 0 to 9007199254740991, got ""/], ['--adapter', /--adapter is empty/], ['--stop', /--stop takes non-empty sequences/]] as const) {
       const empty = await runCli(['generate', '--model', modelDir, '--prompt', 'x', flag, '']);
       expect(empty.code, flag).toBe(1);
       expect(empty.stderr, flag).toMatch(message);

@@ -59,6 +59,8 @@ export function register(program: Command): void {
       if (Boolean(options.bank) !== Boolean(options.adapterId)) {
         throw new SoppuError('CONFIG', '--bank and --adapter-id go together', { field: options.bank ? 'adapter-id' : 'bank' });
       }
+      // an empty stop would match nowhere and be ignored (the HTTP routes refuse one too)
+      if (options.stop?.some((stop) => stop === '')) throw new SoppuError('CONFIG', '--stop takes non-empty sequences, got ""', { field: 'stop' });
       const maxNewTokens = parseInteger(options.maxNewTokens, 'max-new-tokens', 1)!;
       const temperature = number(options.temperature, 'temperature');
       // every sampling flag checked before the model loads
