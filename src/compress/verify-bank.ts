@@ -131,7 +131,15 @@ export async function verifyBank(bank: Bank, options: VerifyOptions = {}): Promi
         const module = source.modules.get(path);
         const rec = reconstruction.get(path) ?? null;
         let error: number;
-        if (module) error = relativeErrorVsSource(module, rec);
+        if (module) {
+          try {
+            error = relativeErrorVsSource(module, rec);
+          } catch (e) {
+            // which original it was (the slot alone named neither the adapter nor its folder)
+            if (e instanceof SoppuError) throw new SoppuError(e.code, `adapter ${id} (${source.source || 'in memory'}): ${e.message}`, { ...e.context, file: source.source }, { cause: e });
+            throw e;
+          }
+        }
         else error = rec ? Number.POSITIVE_INFINITY : 0;
         slots.push({ path, storage: recorded ? recorded.storage : 'missing', relativeError: error, recordedError: recorded?.relativeError ?? null });
       }

@@ -33,6 +33,17 @@ describe('verify', () => {
     expect(relativeErrorVsSource(m, null)).toBe(1);
   });
 
+  it('an original of another shape is refused naming the adapter and its folder, not the slot alone', async () => {
+    const root = await mkdtemp(join(tmpdir(), 'soppu-verify-'));
+    roots.push(root);
+    const set = syntheticAdapterSet({ slots: SLOTS, count: 2, rank: 3, sharedRank: 2, seed: 6 });
+    await compressIntoBank(set, join(root, 'bank'), { compress: { method: 'jd-full', maxError: 0.1, seed: 2 } });
+    const [big] = syntheticAdapterSet({ slots: [{ ...SLOTS[0]!, inFeatures: 40 }], count: 1, rank: 3, sharedRank: 0, seed: 7 });
+    const other = { ...big!.adapter, source: '/adapters/big-one' };
+    await expect(verifyBank(await openBank(join(root, 'bank')), { sources: new Map([[set[0]!.id, other]]) }))
+      .rejects.toThrow(new RegExp(`^adapter ${set[0]!.id} \\(/adapters/big-one\\): model\\.layers\\.0\\.self_attn\\.q_proj: source is \\[out 12, in 40\\]`));
+  });
+
   it('reports a slot the bank lost (1) and a slot the source lacks (inf), worst first', async () => {
     const root = await mkdtemp(join(tmpdir(), 'soppu-verify-'));
     roots.push(root);
