@@ -68,7 +68,9 @@ export async function loadLlamaConfig(modelDir: string): Promise<LlamaConfig> {
   try {
     text = await readFile(file, 'utf8');
   } catch (e) {
-    throw new SoppuError('FILE_NOT_FOUND', `model config ${file} could not be read: ${(e as Error).message}`, { file }, { cause: e });
+    // missing, or there but unreadable (permissions): two different fixes
+    const code = (e as NodeJS.ErrnoException).code === 'ENOENT' ? 'FILE_NOT_FOUND' : 'FILE_IO';
+    throw new SoppuError(code, `model config ${file} could not be read: ${(e as Error).message}`, { file }, { cause: e });
   }
   let json: unknown;
   try {

@@ -46,8 +46,10 @@ async function readJson(file: string, required: boolean): Promise<Json | null> {
   try {
     text = await readFile(file, 'utf8');
   } catch (e) {
-    if (!required) return null;
-    throw new SoppuError('FILE_NOT_FOUND', `tokenizer file ${file} could not be read: ${(e as Error).message}`, { file }, { cause: e });
+    const missing = (e as NodeJS.ErrnoException).code === 'ENOENT';
+    // an optional file may be absent; one that is there but unreadable is not silently left out
+    if (!required && missing) return null;
+    throw new SoppuError(missing ? 'FILE_NOT_FOUND' : 'FILE_IO', `tokenizer file ${file} could not be read: ${(e as Error).message}`, { file }, { cause: e });
   }
   try {
     const value: unknown = JSON.parse(text);

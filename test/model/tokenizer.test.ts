@@ -1,4 +1,4 @@
-import { rm, writeFile } from 'node:fs/promises';
+import { mkdir, rm, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { generateTokenizer, SPECIAL_TOKENS } from '../../src/io/fixtures/generate-tokenizer.js';
@@ -186,5 +186,17 @@ describe('generated tokenizer through @huggingface/tokenizers', () => {
     expect(Object.keys(model.vocab).length + SPECIAL_TOKENS.length).toBe(49152);
     expect(new Set(Object.values(model.vocab)).size).toBe(49152 - SPECIAL_TOKENS.length);
     expect(JSON.stringify(generateTokenizer(512))).toBe(JSON.stringify(generateTokenizer(512)));
+  });
+
+  it('an optional tokenizer file that is there but unreadable is an error naming it, not left out (a folder stands in for an unreadable file)', async () => {
+    const dir = await tempDir('soppu-tok-');
+    const { tokenizerJson } = generateTokenizer(300);
+    await writeFile(join(dir, 'tokenizer.json'), JSON.stringify(tokenizerJson));
+    await mkdir(join(dir, 'tokenizer_config.json'));
+    await expect(loadTokenizer(dir)).rejects.toMatchObject({ code: 'FILE_IO', message: expect.stringContaining(`tokenizer file ${join(dir, 'tokenizer_config.json')} could not be read`) });
+    await rm(join(dir, 'tokenizer_config.json'), { recursive: true });
+    await expect(loadTokenizer(dir)).resolves.toBeTruthy(); // absent: fine
+    await mkdir(join(dir, 'config.json'));
+    await expect(loadLlamaConfig(dir)).rejects.toMatchObject({ code: 'FILE_IO' });
   });
 });
