@@ -27,6 +27,8 @@ export interface AddToBankResult {
 }
 
 export interface AddToBankOptions {
+  /** Take an adapter whose base_model_name_or_path differs from the bank's (the same model under another name). */
+  readonly ignoreBaseModel?: boolean;
   /**
    * Error budget for the projection (default: the budget the bank was fitted with; for a bank fitted at a fixed
    * rank, which has none, DEFAULT_MAX_ERROR or its members' largest error, whichever is larger).
@@ -63,8 +65,8 @@ export async function addToBank(dir: string, id: string, adapter: LoraAdapter, o
     }
     // the replaced adapter leaves with this switch (its generation number is taken by the one below)
     const manifest = { ...manifestWithout(bank.manifest, id), generation: bank.manifest.generation };
-    if (manifest.baseModel !== null && adapter.config.baseModelNameOrPath !== null && adapter.config.baseModelNameOrPath !== manifest.baseModel) {
-      throw new SoppuError('ADAPTER_INCOMPATIBLE', `${adapter.source}: base model "${adapter.config.baseModelNameOrPath}" differs from the bank's "${manifest.baseModel}"`, { file: adapter.source, field: 'base_model_name_or_path' });
+    if (!options.ignoreBaseModel && manifest.baseModel !== null && adapter.config.baseModelNameOrPath !== null && adapter.config.baseModelNameOrPath !== manifest.baseModel) {
+      throw new SoppuError('ADAPTER_INCOMPATIBLE', `${adapter.source}: base model "${adapter.config.baseModelNameOrPath}" differs from the bank's "${manifest.baseModel}" (pass --ignore-base-model if both name the same model)`, { file: adapter.source, field: 'base_model_name_or_path' });
     }
     const slots = new Map<string, BankSlotBases>();
     for (const slot of manifest.slots) {

@@ -13,6 +13,8 @@ export interface CompressToBankOptions {
   readonly compress: CompressOptions;
   /** Replace an existing bank at the output. */
   readonly replace?: boolean;
+  /** Take adapters whose base_model_name_or_path differ (the same model under other names). */
+  readonly ignoreBaseModel?: boolean;
 }
 
 /** Per-adapter extras (passthrough tensors, config, source ranks) for the bank writer. */
@@ -28,7 +30,7 @@ export function extrasOf(inputs: readonly { id: string; adapter: LoraAdapter }[]
 export async function compressIntoBank(inputs: readonly { id: string; adapter: LoraAdapter }[], out: string, options: CompressToBankOptions): Promise<BankManifest> {
   if (inputs.length === 0) throw new SoppuError('CONFIG', 'no adapters to compress', { field: 'adapters' });
   await checkNewBankOutput(out, options.replace ?? false); // before the compression, which can take minutes
-  const result = await compressAdapters(inputs, options.compress);
+  const result = await compressAdapters(inputs, options.compress, { ignoreBaseModel: options.ignoreBaseModel ?? false });
   return writeBank(out, result, extrasOf(inputs), { replace: options.replace ?? false, addedBy: 'compress' });
 }
 

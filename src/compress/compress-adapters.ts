@@ -46,12 +46,12 @@ interface SlotSource {
 }
 
 /** Compresses `inputs` jointly. Async so progress bars can repaint between slots. */
-export async function compressAdapters(unordered: readonly CompressInput[], options: CompressOptions): Promise<CompressionResult> {
+export async function compressAdapters(unordered: readonly CompressInput[], options: CompressOptions, checks: { readonly ignoreBaseModel?: boolean } = {}): Promise<CompressionResult> {
   // by id: the fits and the k-means seeding walk adapters in order, so the same set in another order would
   // give another bank (other clusters, or bases that differ in rounding)
   const inputs = [...unordered].sort((p, q) => compareStrings(p.id, q.id));
   const resolved = resolveOptions(options, inputs.length);
-  const sources = collectSlots(inputs);
+  const sources = collectSlots(inputs, checks.ignoreBaseModel ?? false);
   const fitOptions: JdFitOptions = { tolerance: resolved.tolerance, maxSweeps: resolved.maxSweeps, seed: resolved.seed };
   const totalSteps = sources.length + (resolved.clusters > 1 ? 1 : 0);
   let done = 0;
@@ -143,14 +143,15 @@ function resolveOptions(options: CompressOptions, count: number): ResolvedOption
 }
 
 /** Validates the inputs and groups modules by slot, sorted by path. */
-function collectSlots(inputs: readonly CompressInput[]): SlotSource[] {
+function collectSlots(inputs: readonly CompressInput[], ignoreBaseModel: boolean): SlotSource[] {
   const ids = new Set<string>();
   let baseModelOwner: CompressInput | null = null;
   for (const input of inputs) {
     if (ids.has(input.id)) throw new SoppuError('CONFIG', `adapter id ${JSON.stringify(input.id)} is given twice`, { field: 'id' });
     ids.add(input.id);
     const baseModel = input.adapter.config.baseModelNameOrPath;
-    if (baseModel === null) continue;
+    // names are not always comparable (a local folder and a hub id for one model): the caller may vouch for them
+    if (baseModel === null || ignoreBaseModel) continue;
     if (baseModelOwner && baseModelOwner.adapter.config.baseModelNameOrPath !== baseModel) {
       throw new SoppuError('ADAPTER_INCOMPATIBLE',
         `adapters ${JSON.stringify(baseModelOwner.id)} and ${JSON.stringify(input.id)} were trained on different base models ` +

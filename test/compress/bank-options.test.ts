@@ -90,6 +90,22 @@ describe('bank add --max-error', () => {
   });
 });
 
+describe('bank add of an adapter naming another base model', () => {
+  it('is refused, pointing to --ignore-base-model, and taken with it', async () => {
+    const members = syntheticAdapterSet({ slots: SLOTS, count: 3, rank: 4, sharedRank: 2, seed: 12 });
+    const dir = join(root, 'named');
+    await compressIntoBank(members, dir, { compress: { method: 'jd-full', maxError: 0.2, seed: 2 } });
+    const bankBase = (await openBank(dir)).manifest.baseModel;
+    expect(bankBase).not.toBeNull();
+    const [late] = syntheticAdapterSet({ slots: SLOTS, count: 1, rank: 4, sharedRank: 2, seed: 12, idPrefix: 'late-' });
+    const renamed = { ...late!.adapter, config: { ...late!.adapter.config, baseModelNameOrPath: '/models/the-same-one' } };
+    await expect(addToBank(dir, 'late', renamed)).rejects.toThrow(/base model "\/models\/the-same-one" differs from the bank's .*pass --ignore-base-model/);
+    const added = await addToBank(dir, 'late', renamed, { ignoreBaseModel: true });
+    expect(added.entry.baseModel).toBe('/models/the-same-one');
+    expect(added.manifest.baseModel).toBe(bankBase);
+  });
+});
+
 describe('bank add where the chosen cluster keeps the slot raw', () => {
   it('stores it raw as the bank chose (cheaper-raw), with no refit advised: a refit would choose the same', async () => {
     // three unrelated adapters: shared bases within 5 % would cost more than the raw factors

@@ -124,6 +124,8 @@ describe('compressAdapters', () => {
     const baseError = await rejection(compressAdapters([...inputs, otherBase], { method: 'jd-full', rank: 2 }));
     expect(isSoppuError(baseError, 'ADAPTER_INCOMPATIBLE')).toBe(true);
     expect(String((baseError as Error).message)).toMatch(/"adapter-0" and "other"/);
+    // the caller may vouch that the names are one model (a folder and a hub id)
+    await expect(compressAdapters([...inputs, otherBase], { method: 'jd-full', rank: 2 }, { ignoreBaseModel: true })).resolves.toBeDefined();
     const unknownBase = { id: 'unknown', adapter: withModules(inputs[0]!.adapter, [...inputs[0]!.adapter.modules.values()], null) };
     await expect(compressAdapters([...inputs, unknownBase], { method: 'jd-full', rank: 2 })).resolves.toBeDefined();
     for (const bad of [{ rank: 0 }, { maxError: 0 }, { maxError: 1.5 }, { clusters: 3 }, { maxSweeps: 0 }]) {

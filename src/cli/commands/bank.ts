@@ -23,14 +23,15 @@ export function register(program: Command): void {
     .option('--id <name>', 'adapter id (default: the directory name)')
     .option('--max-error <e>', 'error budget for the projection (default: the bank\'s; for a bank fitted at a fixed --rank, 0.1 or its members\' largest error)')
     .option('--replace', 'replace the bank\'s adapter of the same id (default: refuse)')
+    .option('--ignore-base-model', 'take the adapter though its base_model_name_or_path differs from the bank\'s (the same model under another name: a folder and a hub id)')
     .option('--json', 'print the result as JSON')
-    .action(async (dir: string, adapterDir: string, options: { id?: string; maxError?: string; replace?: boolean; json?: boolean }) => {
+    .action(async (dir: string, adapterDir: string, options: { id?: string; maxError?: string; replace?: boolean; ignoreBaseModel?: boolean; json?: boolean }) => {
       // `id=dir` as compress and verify take it
       const argument = parseAdapterArgument(adapterDir);
       const id = options.id ?? argument.id;
       const adapter = await loadLoraAdapter(resolve(argument.dir));
       const maxError = parseError(options.maxError, 'max-error');
-      const result = await addToBank(dir, id, adapter, { ...(maxError !== undefined ? { maxError } : {}), replace: options.replace === true });
+      const result = await addToBank(dir, id, adapter, { ...(maxError !== undefined ? { maxError } : {}), replace: options.replace === true, ignoreBaseModel: options.ignoreBaseModel === true });
       if (options.json) {
         process.stdout.write(jsonText({ id, cluster: result.entry.cluster, maxError: result.maxError, budget: result.budget, rawSlots: result.rawSlots, perSlot: result.entry.perSlot, refitAdvised: result.manifest.refitAdvised }));
         return;

@@ -63,6 +63,7 @@ interface CompressCliOptions {
   weighting?: string;
   maxSweeps?: string;
   force?: boolean;
+  ignoreBaseModel?: boolean;
   json?: boolean;
 }
 
@@ -81,6 +82,7 @@ export function register(program: Command): void {
     .option('--weighting <w>', 'unit-norm (every adapter counts equally) or none')
     .option('--max-sweeps <n>', 'most alternating sweeps per fit')
     .option('--force', 'replace a bank that already exists at the output')
+    .option('--ignore-base-model', 'take adapters whose base_model_name_or_path differ (the same model under other names: a folder and a hub id)')
     .option('--json', 'print the manifest summary as JSON')
     .action(async (dirs: string[], options: CompressCliOptions) => {
       const compress: CompressOptions = {
@@ -96,7 +98,7 @@ export function register(program: Command): void {
       const bar = progressBar('compress');
       let manifest: BankManifest;
       try {
-        manifest = await compressIntoBank(inputs, options.output, { compress: { ...compress, onProgress: bar.onProgress }, replace: options.force ?? false });
+        manifest = await compressIntoBank(inputs, options.output, { compress: { ...compress, onProgress: bar.onProgress }, replace: options.force ?? false, ignoreBaseModel: options.ignoreBaseModel ?? false });
       } finally {
         bar.stop();
       }
