@@ -175,7 +175,7 @@ export interface Engine {
    * engine will not read `dir` again (after a compress registration; else once the registration is replaced
    * or removed and no request holds it).
    */
-  registerAdapter(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus>;
+  registerAdapter(id: string, dir: string, options?: { compress?: boolean; ignoreBaseModel?: boolean; onRelease?: () => void }): Promise<AdapterStatus>;
   /** Removes a registration, or else the bank's adapter of that id from the bank. */
   removeAdapter(id: string): Promise<void>;
   /** Reads the bank again from disk (changed by the CLI while serving); CONFIG without a bank. */

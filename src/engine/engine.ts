@@ -678,11 +678,11 @@ class SoppuEngine implements Engine {
    * else when the registration is removed or replaced and no request holds it (so the caller may then delete
    * the directory). It is not called when registration throws.
    */
-  async registerAdapter(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
+  async registerAdapter(id: string, dir: string, options?: { compress?: boolean; ignoreBaseModel?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
     return this.inOrder(() => this.registerNow(id, dir, options));
   }
 
-  private async registerNow(id: string, dir: string, options?: { compress?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
+  private async registerNow(id: string, dir: string, options?: { compress?: boolean; ignoreBaseModel?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
     if (id.length === 0) throw new SoppuError('VALIDATION', 'adapter id must not be empty', { field: 'adapter_id' });
     // load and check now, so a bad directory is reported to whoever registers it
     const adapter = await this.loadLocal(dir);
@@ -691,7 +691,7 @@ class SoppuEngine implements Engine {
       // projected onto the bank's shared bases and written into the bank, then served compressed
       const bank = this.bank;
       if (!bank) throw new SoppuError('CONFIG', `adapter ${id}: compress needs an open bank (the engine has none)`, { field: 'compress' });
-      await this.changeBank(bank.dir, (keep) => addToBank(bank.dir, id, adapter, { replace: true, keep }));
+      await this.changeBank(bank.dir, (keep) => addToBank(bank.dir, id, adapter, { replace: true, keep, ignoreBaseModel: options.ignoreBaseModel === true }));
       options.onRelease?.();
       // a local registration of the id would shadow the bank's new version: it goes, its pin (as it is now: one
       // made while the bank was written holds) passing to the bank's entry. A bank entry needs nothing: the

@@ -50,7 +50,7 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
 
   app.get('/adapters', { config: { admin: true } }, async () => ({ adapters: engine.listAdapters().map(toWireStatus) }));
 
-  app.post<{ Body: unknown; Querystring: { id?: string; compress?: string } }>(
+  app.post<{ Body: unknown; Querystring: { id?: string; compress?: string; ignore_base_model?: string } }>(
     '/adapters',
     { config: { admin: true }, bodyLimit: options.maxUploadBytes, onRequest: notWhileDraining },
     async (request, reply) => {
@@ -59,8 +59,14 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
       let compress: boolean;
       let uploadedRoot: string | null = null;
       // as the JSON form refuses an unknown field: a misspelled compress=false must not write into the bank
-      const unknownQuery = Object.keys(request.query).filter((key) => key !== 'id' && key !== 'compress');
-      if (unknownQuery.length > 0) throw new SoppuError('VALIDATION', `Input validation error: unknown query parameter \`${unknownQuery[0]}\` (an upload takes id and compress)`, { field: String(unknownQuery[0]) });
+      const unknownQuery = Object.keys(request.query).filter((key) => key !== 'id' && key !== 'compress' && key !== 'ignore_base_model');
+      if (unknownQuery.length > 0) throw new SoppuError('VALIDATION', `Input validation error: unknown query parameter \`${unknownQuery[0]}\` (an upload takes id, compress and ignore_base_model)`, { field: String(unknownQuery[0]) });
+      // as `bank add --ignore-base-model`: the adapter names the bank's model otherwise (a folder and a hub id)
+      const ignoreText = request.query.ignore_base_model ?? 'false';
+      if (ignoreText !== 'true' && ignoreText !== 'false') {
+        throw new SoppuError('VALIDATION', `Input validation error: \`ignore_base_model\` must be true or false; got '${ignoreText}'`, { field: 'ignore_base_model' });
+      }
+      const ignoreBaseModel = ignoreText === 'true';
       if (Buffer.isBuffer(request.body)) {
         id = checkId(request.query.id, 'id');
         const compressText = request.query.compress ?? 'true';
@@ -106,7 +112,7 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
       const onRelease = unpacked ? () => rmSync(unpacked, { recursive: true, force: true }) : undefined;
       let status: AdapterStatus;
       try {
-        status = await engine.registerAdapter(id, dir, { compress, ...(onRelease ? { onRelease } : {}) });
+        status = await engine.registerAdapter(id, dir, { compress, ...(ignoreBaseModel ? { ignoreBaseModel } : {}), ...(onRelease ? { onRelease } : {}) });
       } catch (e) {
         onRelease?.();
         // what is wrong with an uploaded adapter is the caller's to fix (422), named by its place in the

@@ -93,6 +93,20 @@ describe('registerAdapter with compress', () => {
     await engine.close();
   });
 
+  it('an adapter naming the bank\'s model otherwise is refused, and taken with ignoreBaseModel (the upload\'s ignore_base_model=true)', async () => {
+    const bankDir = join(root, 'bank-named');
+    const named = (seed: number, base: string) => { const adapter = randomLora(model.config, seed, 4, 8); return { ...adapter, config: { ...adapter.config, baseModelNameOrPath: base } }; };
+    await compressIntoBank([0, 1, 2].map((i) => ({ id: `named-${i}`, adapter: named(140 + i, 'org/tiny') })), bankDir, { compress: { method: 'jd-full', rank: 6, seed: 1 } });
+    await saveLoraAdapter(join(root, 'elsewhere'), named(150, '/models/tiny'));
+    const engine = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7,
+    });
+    await expect(engine.registerAdapter('elsewhere', join(root, 'elsewhere'), { compress: true })).rejects.toThrow(/base model "\/models\/tiny" differs from the bank's "org\/tiny"/);
+    await expect(engine.registerAdapter('elsewhere', join(root, 'elsewhere'), { compress: true, ignoreBaseModel: true })).resolves.toMatchObject({ id: 'elsewhere', source: 'bank' });
+    await engine.close();
+  });
+
   it('lists a bank adapter the bank holds raw as raw before it loads (it was reported compressed until then)', async () => {
     const bankDir = join(root, 'bank-raw');
     // unrelated adapters within 1 %: shared bases would cost more than the raw factors, so every slot stays raw

@@ -258,6 +258,12 @@ describe('adapter management', () => {
     const first = (await ask()).json().generated_text;
     expect(first).toBe(engine.expectedText('hi', 'alice-9', 6));
     // hot reload: the next request sees the new version
+    // ignore_base_model reaches the engine (as bank add --ignore-base-model); anything but true/false is refused
+    const vouched = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&ignore_base_model=true', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
+    expect(vouched.statusCode).toBe(201);
+    expect(engine.lastRegisterOptions).toMatchObject({ compress: true, ignoreBaseModel: true });
+    const maybe = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&ignore_base_model=maybe', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
+    expect(maybe.statusCode).toBe(422);
     // a misspelled query parameter is refused, not ignored (compres=false would have written into the bank)
     const typo = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&compres=false', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
     expect(typo.statusCode).toBe(422);

@@ -152,7 +152,11 @@ export class FakeEngine implements Engine {
     return this.adapters.has(id);
   }
 
-  async registerAdapter(id: string, dir: string, options?: { compress?: boolean }): Promise<AdapterStatus> {
+  /** The options of the last registerAdapter call. */
+  lastRegisterOptions: { compress?: boolean; ignoreBaseModel?: boolean } | undefined;
+
+  async registerAdapter(id: string, dir: string, options?: { compress?: boolean; ignoreBaseModel?: boolean }): Promise<AdapterStatus> {
+    this.lastRegisterOptions = options;
     const { existsSync } = await import('node:fs');
     if (!existsSync(`${dir}/adapter_config.json`)) throw new SoppuError('ADAPTER_CONFIG', `${dir}/adapter_config.json is missing`, { file: `${dir}/adapter_config.json` });
     if (this.registerDelayMs > 0) await new Promise((resolve) => setTimeout(resolve, this.registerDelayMs));
