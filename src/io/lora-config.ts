@@ -96,7 +96,11 @@ export function hasNestedQuantifier(pattern: string): boolean {
     closedQuantified = false;
     if (c === '\\') i++;
     else if (c === '[') {
-      for (i++; i < pattern.length && pattern[i] !== ']'; i++) if (pattern[i] === '\\') i++;
+      // a ] first in the class (after a ^) is a literal, not its end
+      i++;
+      if (pattern[i] === '^') i++;
+      if (pattern[i] === ']') i++;
+      for (; i < pattern.length && pattern[i] !== ']'; i++) if (pattern[i] === '\\') i++;
     } else if (c === '(') {
       open.push(false);
       if (pattern[i + 1] === '?') i++;
@@ -138,7 +142,7 @@ function checkPattern(pattern: string, source: string, field: string, file: stri
   if (pattern.length > MAX_PATTERN_LENGTH) {
     throw configError(file, field, `regular expression is ${pattern.length} characters (limit ${MAX_PATTERN_LENGTH})`, MAX_PATTERN_LENGTH);
   }
-  if (hasNestedQuantifier(pattern) && !runsInLinearTime(source)) {
+  if ((hasNestedQuantifier(pattern) || hasNestedQuantifier(source)) && !runsInLinearTime(source)) {
     throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+) in a form V8's linear-time engine cannot run (a bounded repeat such as {1,20}, a backreference or a lookaround), which can take exponential time to match; write it without nesting the quantifiers`);
   }
 }

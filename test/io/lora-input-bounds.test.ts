@@ -113,6 +113,9 @@ describe('regular expressions in the config', () => {
     // a bounded repeat inside a repeated group: 8 s on one module path, minutes on a longer one, before it was refused
     expect(() => parseLoraConfig({ ...baseConfig, alpha_pattern: { '([\\w.]{1,20})+x': 32 } }, 'x.json')).toThrow(/alpha_pattern.*repeats a group .* bounded repeat/);
     expect(() => parseLoraConfig({ ...baseConfig, target_modules: '(\\w{1,20})+q_proj' }, 'x.json')).toThrow(/target_modules: regular expression/);
+    // a ] first in a class does not end it: the ) inside is no group's end (the scan read this as no nesting; 60 s)
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: '([]).\\w]{1,20})+x' }, 'x.json')).toThrow(/target_modules: regular expression .* repeats a group/);
+    expect(hasNestedQuantifier('([]).\\w]{1,20})+x')).toBe(true);
     expect(Date.now() - started).toBeLessThan(5000);
     expect(() => parseLoraConfig({ ...baseConfig, rank_pattern: { '(a+)+\\1': 2 } }, 'x.json')).toThrow(/rank_pattern\["\(a\+\)\+\\\\1"\]: regular expression .* repeats a group/);
     expect(() => parseLoraConfig({ ...baseConfig, exclude_modules: '((q)+_proj)+(?=x)' }, 'x.json')).toThrow(/exclude_modules: regular expression/);
