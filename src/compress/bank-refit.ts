@@ -103,7 +103,8 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
     // the cluster count asked for (the bank's options; its clusters are what it has now): a refit of fewer adapters
     // than that fits fewer clusters, and one after adapters come back fits the asked count again
     const asked = manifest.options.clusters ?? manifest.clusters;
-    const fitted = await compressAdapters(inputs, { ...manifest.options, method: manifest.method, clusters: Math.min(asked, inputs.length), ...(options.onProgress ? { onProgress: options.onProgress } : {}) });
+    // the bank took its adapters already (some perhaps with --ignore-base-model): their names are not checked again
+    const fitted = await compressAdapters(inputs, { ...manifest.options, method: manifest.method, clusters: Math.min(asked, inputs.length), ...(options.onProgress ? { onProgress: options.onProgress } : {}) }, { ignoreBaseModel: true });
     const result = { ...fitted, options: { ...fitted.options, clusters: asked } };
     const byId = new Map(manifest.adapters.map((a) => [a.id, a]));
     // keep what the bank knew about each adapter's origin (a reconstruction has none of it)

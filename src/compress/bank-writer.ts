@@ -277,7 +277,11 @@ export async function writeBankLocked(dir: string, result: CompressionResult, ex
       options.onProgress?.(++done, total, info.id);
     }
     const now = new Date().toISOString();
-    const baseModels = [...new Set(result.adapters.map((a) => a.baseModel).filter((m): m is string => m !== null))];
+    // the name most of the adapters give (the first such in id order on a tie): with --ignore-base-model a bank holds
+    // adapters that name one model otherwise, and a null here would have let any later add in unchecked
+    const nameCounts = new Map<string, number>();
+    for (const a of result.adapters) if (a.baseModel !== null) nameCounts.set(a.baseModel, (nameCounts.get(a.baseModel) ?? 0) + 1);
+    const baseModel = [...nameCounts.entries()].reduce<[string, number] | null>((best, entry) => (best === null || entry[1] > best[1] ? entry : best), null)?.[0] ?? null;
     const reasons = refitReasonsOf(adapters);
     const manifest: BankManifest = {
       format: BANK_FORMAT,
@@ -285,7 +289,7 @@ export async function writeBankLocked(dir: string, result: CompressionResult, ex
       generation: previousGeneration + 1,
       createdAt: now,
       updatedAt: now,
-      baseModel: baseModels.length === 1 ? baseModels[0]! : null,
+      baseModel,
       method: result.method,
       clusters: result.clusters,
       options: result.options,

@@ -155,7 +155,7 @@ function collectSlots(inputs: readonly CompressInput[], ignoreBaseModel: boolean
     if (baseModelOwner && baseModelOwner.adapter.config.baseModelNameOrPath !== baseModel) {
       throw new SoppuError('ADAPTER_INCOMPATIBLE',
         `adapters ${JSON.stringify(baseModelOwner.id)} and ${JSON.stringify(input.id)} were trained on different base models ` +
-        `(${JSON.stringify(baseModelOwner.adapter.config.baseModelNameOrPath)} vs ${JSON.stringify(baseModel)})`,
+        `(${JSON.stringify(baseModelOwner.adapter.config.baseModelNameOrPath)} vs ${JSON.stringify(baseModel)}; pass --ignore-base-model if both name the same model)`,
         { field: 'base_model_name_or_path', adapters: [baseModelOwner.id, input.id] });
     }
     baseModelOwner ??= input;

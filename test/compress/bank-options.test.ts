@@ -11,6 +11,7 @@ import { addToBank } from '../../src/compress/bank-add.js';
 import { compressIntoBank } from '../../src/compress/bank-compress.js';
 import { MANIFEST_NAME, parseManifest } from '../../src/compress/bank-manifest.js';
 import { openBank } from '../../src/compress/bank-reader.js';
+import { refitBank } from '../../src/compress/bank-refit.js';
 import { syntheticAdapterSet } from '../../src/compress/synthetic-adapters.js';
 import { verifyBank } from '../../src/compress/verify-bank.js';
 
@@ -103,6 +104,12 @@ describe('bank add of an adapter naming another base model', () => {
     const added = await addToBank(dir, 'late', renamed, { ignoreBaseModel: true });
     expect(added.entry.baseModel).toBe('/models/the-same-one');
     expect(added.manifest.baseModel).toBe(bankBase);
+    // a refit takes what the bank holds (it failed on the two names), and keeps checking later adds against the
+    // name most adapters give (a null had let any name in)
+    const refitted = (await refitBank(dir, { from: 'bank' })).manifest;
+    expect(refitted.baseModel).toBe(bankBase);
+    const stranger = { ...late!.adapter, config: { ...late!.adapter.config, baseModelNameOrPath: 'meta-llama/Llama-3.1-70B' } };
+    await expect(addToBank(dir, 'stranger', stranger)).rejects.toThrow(/differs from the bank's/);
   });
 });
 
