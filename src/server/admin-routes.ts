@@ -58,15 +58,25 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
       let dir: string;
       let compress: boolean;
       let uploadedRoot: string | null = null;
-      // as the JSON form refuses an unknown field: a misspelled compress=false must not write into the bank
-      const unknownQuery = Object.keys(request.query).filter((key) => key !== 'id' && key !== 'compress' && key !== 'ignore_base_model');
-      if (unknownQuery.length > 0) throw new SoppuError('VALIDATION', `Input validation error: unknown query parameter \`${unknownQuery[0]}\` (an upload takes id, compress and ignore_base_model)`, { field: String(unknownQuery[0]) });
-      // as `bank add --ignore-base-model`: the adapter names the bank's model otherwise (a folder and a hub id)
-      const ignoreText = request.query.ignore_base_model ?? 'false';
-      if (ignoreText !== 'true' && ignoreText !== 'false') {
-        throw new SoppuError('VALIDATION', `Input validation error: \`ignore_base_model\` must be true or false; got '${ignoreText}'`, { field: 'ignore_base_model' });
+      // as the JSON form refuses an unknown field: a misspelled compress=false must not write into the bank; and a JSON
+      // registration takes its fields from the body only (a compress=false in its query was dropped)
+      const queryKeys = Object.keys(request.query);
+      const archive = Buffer.isBuffer(request.body);
+      const unknownQuery = archive ? queryKeys.filter((key) => key !== 'id' && key !== 'compress' && key !== 'ignore_base_model') : queryKeys;
+      if (unknownQuery.length > 0) {
+        throw new SoppuError('VALIDATION', archive
+          ? `Input validation error: unknown query parameter \`${unknownQuery[0]}\` (an upload takes id, compress and ignore_base_model)`
+          : `Input validation error: query parameter \`${unknownQuery[0]}\` on a JSON registration: give id, path, compress and ignore_base_model in the body`, { field: String(unknownQuery[0]) });
       }
-      const ignoreBaseModel = ignoreText === 'true';
+      let ignoreBaseModel = false;
+      if (archive) {
+        // as `bank add --ignore-base-model`: the adapter names the bank's model otherwise (a folder and a hub id)
+        const ignoreText = request.query.ignore_base_model ?? 'false';
+        if (ignoreText !== 'true' && ignoreText !== 'false') {
+          throw new SoppuError('VALIDATION', `Input validation error: \`ignore_base_model\` must be true or false; got '${ignoreText}'`, { field: 'ignore_base_model' });
+        }
+        ignoreBaseModel = ignoreText === 'true';
+      }
       if (Buffer.isBuffer(request.body)) {
         id = checkId(request.query.id, 'id');
         const compressText = request.query.compress ?? 'true';
@@ -85,7 +95,7 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
           throw e;
         }
       } else {
-        const body = request.body as { id?: unknown; path?: unknown; compress?: unknown } | null;
+        const body = request.body as { id?: unknown; path?: unknown; compress?: unknown; ignore_base_model?: unknown } | null;
         if (body === null || typeof body !== 'object' || Array.isArray(body)) {
           throw new SoppuError('VALIDATION', 'Input validation error: body must be a tar/tar.gz archive or {"id", "path", "compress"}', { field: 'body' });
         }
@@ -95,6 +105,8 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         if (typeof body.path !== 'string' || body.path === '') throw new SoppuError('VALIDATION', 'Input validation error: `path` must be a non-empty string', { field: 'path' });
         if (body.compress !== undefined && typeof body.compress !== 'boolean') throw new SoppuError('VALIDATION', 'Input validation error: `compress` must be a boolean', { field: 'compress' });
         compress = body.compress ?? true;
+        if (body.ignore_base_model !== undefined && typeof body.ignore_base_model !== 'boolean') throw new SoppuError('VALIDATION', 'Input validation error: `ignore_base_model` must be a boolean', { field: 'ignore_base_model' });
+        ignoreBaseModel = body.ignore_base_model === true;
         // an admin is told why (a user's request names no such folder: it gets a 404 that reveals nothing)
         if (options.adapterDirs.length === 0) {
           throw new SoppuError('VALIDATION', 'Input validation error: `path` needs the server started with --adapters DIR: a registered path must lie inside one of those folders (or upload the adapter as a tar archive)', { field: 'path' });

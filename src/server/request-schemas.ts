@@ -141,6 +141,7 @@ export function buildSchemas(options: Pick<ServerOptions, 'maxStopSequences' | '
       id: { type: 'string', minLength: 1, maxLength: 256, pattern: '^[A-Za-z0-9][A-Za-z0-9._/@:+-]*$' },
       path: { type: 'string', minLength: 1 },
       compress: { type: 'boolean' },
+      ignore_base_model: { type: 'boolean' },
     },
   };
   return { generate, compat, completions, chat, tokenize, registerAdapter };

@@ -293,6 +293,13 @@ describe('adapter management', () => {
     expect(refused.statusCode).toBe(422);
     expect(refused.json().error).toContain('`path` needs the server started with --adapters DIR');
     await noDirs.app.close();
+    // a JSON registration takes its fields from the body only: a compress=false in the query was dropped
+    const queried = await server.app.inject({ method: 'POST', url: '/adapters?compress=false', payload: { id: 'bob-1', path: 'p1' }, headers: admin });
+    expect(queried.statusCode).toBe(422);
+    expect(queried.json().error).toContain('query parameter `compress` on a JSON registration');
+    const vouchedByPath = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-1', path: 'p1', ignore_base_model: true }, headers: admin });
+    expect(vouchedByPath.statusCode).toBe(201);
+    expect(engine.lastRegisterOptions).toMatchObject({ ignoreBaseModel: true });
     const unknownField = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: 'p1', extra: 1 }, headers: admin });
     expect(unknownField.statusCode).toBe(422);
     const missingConfig = await server.app.inject({ method: 'POST', url: '/adapters?id=x1', payload: tarOf({ 'weights.bin': 'x' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
