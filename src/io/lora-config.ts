@@ -71,6 +71,8 @@ export const MAX_PATTERN_LENGTH = 1024;
  * shape that makes a backtracking engine take exponential time on a near-miss. Escapes and
  * character classes are skipped; a group's `(?:`, `(?=`, `(?<name>` prefix is not a quantifier.
  */
+const BOUND = /\{(\d+)(,(\d*))?\}/y;
+
 export function hasNestedQuantifier(pattern: string): boolean {
   const open: boolean[] = []; // per open group: does its body hold a quantifier so far?
   let closedQuantified = false; // the atom just before is a group whose body holds a quantifier
@@ -80,7 +82,8 @@ export function hasNestedQuantifier(pattern: string): boolean {
     if (c === '*' || c === '+') repeats = true;
     else if (c === '?') repeats = false;
     else if (c === '{') {
-      const bound = /^\{(\d+)(,(\d*))?\}/.exec(pattern.slice(i, i + 32));
+      BOUND.lastIndex = i; // the whole bound, however long its digits (a 32-character window missed {000…001,20})
+      const bound = BOUND.exec(pattern);
       if (bound) {
         repeats = bound[2] === undefined ? Number(bound[1]) > 1 : bound[3] === '' || Number(bound[3]) > 1;
         i += bound[0].length - 1;
@@ -113,6 +116,27 @@ export function hasNestedQuantifier(pattern: string): boolean {
   return false;
 }
 
+/** Unbounded repeats a pattern may hold (its wrapper's one included) where V8's linear-time engine cannot run it. */
+const MAX_UNBOUNDED_WITHOUT_LINEAR = 3;
+
+/** The unbounded quantifiers (*, +, {n,}) of a JavaScript pattern, outside character classes and escapes. */
+function unboundedQuantifiers(source: string): number {
+  let count = 0;
+  for (let i = 0; i < source.length; i++) {
+    const c = source[i]!;
+    if (c === '\\') i++;
+    else if (c === '[') {
+      for (i++; i < source.length && source[i] !== ']'; i++) if (source[i] === '\\') i++;
+    } else if (c === '*' || c === '+') count++;
+    else if (c === '{') {
+      BOUND.lastIndex = i;
+      const bound = BOUND.exec(source);
+      if (bound && bound[2] !== undefined && bound[3] === '') count++;
+    }
+  }
+  return count;
+}
+
 /** Whether V8's linear-time engine runs `source` (the 'l' flag compiles only what it can run). */
 function runsInLinearTime(source: string): boolean {
   try {
@@ -142,8 +166,13 @@ function checkPattern(pattern: string, source: string, field: string, file: stri
   if (pattern.length > MAX_PATTERN_LENGTH) {
     throw configError(file, field, `regular expression is ${pattern.length} characters (limit ${MAX_PATTERN_LENGTH})`, MAX_PATTERN_LENGTH);
   }
-  if ((hasNestedQuantifier(pattern) || hasNestedQuantifier(source)) && !runsInLinearTime(source)) {
+  if (runsInLinearTime(source)) return; // a runaway match falls back to that engine
+  if (hasNestedQuantifier(pattern) || hasNestedQuantifier(source)) {
     throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+) in a form V8's linear-time engine cannot run (a bounded repeat such as {1,20}, a backreference or a lookaround), which can take exponential time to match; write it without nesting the quantifiers`);
+  }
+  // without that engine, stacked wildcards backtrack polynomially: (?=b).*.*.*.*.*.*.*x took 1.2 s on a module path
+  if (unboundedQuantifiers(source) > MAX_UNBOUNDED_WITHOUT_LINEAR) {
+    throw configError(file, field, `regular expression ${shown(pattern)} has more than ${MAX_UNBOUNDED_WITHOUT_LINEAR} unbounded repeats (*, +, {n,}) beside a backreference, lookaround or bounded repeat, which can take very long to match; write it with fewer`, MAX_UNBOUNDED_WITHOUT_LINEAR);
   }
 }
 
@@ -188,6 +217,13 @@ function fromPythonRegex(pattern: string, field: string, file: string): string {
     if (pattern.startsWith('(?P<', i)) {
       out += '(?<';
       i += 3;
+      continue;
+    }
+    // Python's {,n} is a bound (0 to n); JavaScript reads it as text
+    const openBound = /^\{,(\d+)\}/.exec(pattern.slice(i, i + 24));
+    if (openBound) {
+      out += `{0,${openBound[1]}}`;
+      i += openBound[0].length - 1;
       continue;
     }
     const reference = /^\(\?P=(\w+)\)/.exec(pattern.slice(i));

@@ -116,6 +116,12 @@ describe('regular expressions in the config', () => {
     // a ] first in a class does not end it: the ) inside is no group's end (the scan read this as no nesting; 60 s)
     expect(() => parseLoraConfig({ ...baseConfig, target_modules: '([]).\\w]{1,20})+x' }, 'x.json')).toThrow(/target_modules: regular expression .* repeats a group/);
     expect(hasNestedQuantifier('([]).\\w]{1,20})+x')).toBe(true);
+    // a bound's digits however many (a 32-character window missed this one, which then hung)
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: `([\\w.]{${'0'.repeat(29)}1,20})+x` }, 'x.json')).toThrow(/target_modules: regular expression .* repeats a group/);
+    // stacked wildcards beside a lookaround (no linear-time fallback): polynomial, 1.2 s at seven
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: `(?=b)${'.*'.repeat(7)}x` }, 'x.json')).toThrow(/more than 3 unbounded repeats/);
+    const lookahead = parseLoraConfig({ ...baseConfig, target_modules: '^(?!.*vision).*(q_proj|v_proj)$' }, 'x.json');
+    expect(moduleTargeting(lookahead, 'base_model.model.model.layers.10.self_attn.q_proj').targeted).toBe(true);
     expect(Date.now() - started).toBeLessThan(5000);
     expect(() => parseLoraConfig({ ...baseConfig, rank_pattern: { '(a+)+\\1': 2 } }, 'x.json')).toThrow(/rank_pattern\["\(a\+\)\+\\\\1"\]: regular expression .* repeats a group/);
     expect(() => parseLoraConfig({ ...baseConfig, exclude_modules: '((q)+_proj)+(?=x)' }, 'x.json')).toThrow(/exclude_modules: regular expression/);
@@ -133,6 +139,8 @@ describe('regular expressions in the config', () => {
     // a ] first in a class is a literal in Python (JavaScript read [] as an empty class and [^] as any character)
     const bracket = (pattern: string, path: string) => moduleRankAndAlpha(parseLoraConfig({ ...baseConfig, alpha_pattern: { [pattern]: 32 } }, 'x.json'), path).alpha;
     expect([bracket('q_proj[]x]', 'm.q_proj]'), bracket('q_proj[]x]', 'm.q_projx'), bracket('q_pro[^]]', 'm.q_proj'), bracket('q_pro[^]]', 'm.q_pro]')]).toEqual([32, 32, 32, baseConfig.lora_alpha]);
+    // Python's {,n} is a bound from 0 (JavaScript read it as text)
+    expect([bracket('q_pro(j){,1}', 'm.q_proj'), bracket('q_pro(j){,1}', 'm.q_pro')]).toEqual([32, 32]);
   });
 
   it('matches in linear time what backtracks without nested quantifiers (adjacent wildcards, overlapping alternatives)', () => {
