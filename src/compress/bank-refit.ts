@@ -114,7 +114,7 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
       return { ...info, source: entry.source, baseModel: entry.baseModel, sourceDtype: entry.sourceDtype, flags, rawParameters: entry.rawParameters };
     });
     const keepHashes = new Map(fromBank.map((id) => [id, byId.get(id)!.sourceSha256 ?? null]));
-    const written = await writeBankLocked(dir, { ...result, adapters }, extras, { replace: true, addedBy: 'refit', errorBasis, previousErrors, sourceSha256: keepHashes });
+    const written = await writeBankLocked(dir, { ...result, adapters }, extras, { replace: true, addedBy: 'refit', errorBasis, previousErrors, sourceSha256: keepHashes, baseModel: manifest.baseModel });
     return { manifest: written, fromSource, fromBank };
   });
 }

@@ -146,6 +146,8 @@ export interface WriteBankOptions {
   readonly previousErrors?: ReadonlyMap<string, Readonly<Record<string, number>>>;
   /** Recorded source checksums to keep per adapter (refit from the bank must not re-hash a changed source). */
   readonly sourceSha256?: ReadonlyMap<string, string | null>;
+  /** The bank's base model (a refit keeps the one the bank has); default: the name most adapters give. */
+  readonly baseModel?: string | null;
   /** Called with (done, total, label) as files are written. */
   readonly onProgress?: (done: number, total: number, label: string) => void;
 }
@@ -277,11 +279,13 @@ export async function writeBankLocked(dir: string, result: CompressionResult, ex
       options.onProgress?.(++done, total, info.id);
     }
     const now = new Date().toISOString();
-    // the name most of the adapters give (the first such in id order on a tie): with --ignore-base-model a bank holds
-    // adapters that name one model otherwise, and a null here would have let any later add in unchecked
+    // the name most of the adapters give (the first such in the result's order on a tie; compress orders by id): with
+    // --ignore-base-model a bank holds adapters that name one model otherwise, and a null here would have let any
+    // later add in unchecked. A refit passes the bank's own (a majority of flagged adds must not take it over).
     const nameCounts = new Map<string, number>();
     for (const a of result.adapters) if (a.baseModel !== null) nameCounts.set(a.baseModel, (nameCounts.get(a.baseModel) ?? 0) + 1);
-    const baseModel = [...nameCounts.entries()].reduce<[string, number] | null>((best, entry) => (best === null || entry[1] > best[1] ? entry : best), null)?.[0] ?? null;
+    const majority = [...nameCounts.entries()].reduce<[string, number] | null>((best, entry) => (best === null || entry[1] > best[1] ? entry : best), null)?.[0] ?? null;
+    const baseModel = options.baseModel !== undefined ? options.baseModel : majority;
     const reasons = refitReasonsOf(adapters);
     const manifest: BankManifest = {
       format: BANK_FORMAT,

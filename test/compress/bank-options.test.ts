@@ -110,6 +110,10 @@ describe('bank add of an adapter naming another base model', () => {
     expect(refitted.baseModel).toBe(bankBase);
     const stranger = { ...late!.adapter, config: { ...late!.adapter.config, baseModelNameOrPath: 'meta-llama/Llama-3.1-70B' } };
     await expect(addToBank(dir, 'stranger', stranger)).rejects.toThrow(/differs from the bank's/);
+    // flagged adds that outnumber the bank's own adapters do not take the bank's model over at a refit
+    for (const k of [1, 2, 3]) await addToBank(dir, `late-${k}`, renamed, { ignoreBaseModel: true });
+    expect((await refitBank(dir, { from: 'bank' })).manifest.baseModel).toBe(bankBase);
+    await expect(addToBank(dir, 'own', members[0]!.adapter)).resolves.toBeTruthy();
   });
 });
 
