@@ -116,6 +116,26 @@ export function hasNestedQuantifier(pattern: string): boolean {
   return false;
 }
 
+/** Whether a group of a JavaScript pattern is repeated (*, + or a bound above 1 after its closing parenthesis). */
+function repeatsGroup(source: string): boolean {
+  for (let i = 0; i < source.length; i++) {
+    const c = source[i]!;
+    if (c === '\\') i++;
+    else if (c === '[') {
+      for (i++; i < source.length && source[i] !== ']'; i++) if (source[i] === '\\') i++;
+    } else if (c === ')') {
+      const next = source[i + 1];
+      if (next === '*' || next === '+') return true;
+      if (next === '{') {
+        BOUND.lastIndex = i + 1;
+        const bound = BOUND.exec(source);
+        if (bound && (bound[2] === undefined ? Number(bound[1]) > 1 : bound[3] === '' || Number(bound[3]) > 1)) return true;
+      }
+    }
+  }
+  return false;
+}
+
 /** Unbounded repeats a pattern may hold (its wrapper's one included) where V8's linear-time engine cannot run it. */
 const MAX_UNBOUNDED_WITHOUT_LINEAR = 3;
 
@@ -170,7 +190,12 @@ function checkPattern(pattern: string, source: string, field: string, file: stri
   if (hasNestedQuantifier(pattern) || hasNestedQuantifier(source)) {
     throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+) in a form V8's linear-time engine cannot run (a bounded repeat such as {1,20}, a backreference or a lookaround), which can take exponential time to match; write it without nesting the quantifiers`);
   }
-  // without that engine, stacked wildcards backtrack polynomially: (?=b).*.*.*.*.*.*.*x took 1.2 s on a module path
+  // without that engine, a repeated group can backtrack exponentially even without a quantifier inside it: its
+  // alternatives may overlap ((?=b)([\w.]|[\w.])*x never ended on a module path)
+  if (repeatsGroup(source)) {
+    throw configError(file, field, `regular expression ${shown(pattern)} repeats a group beside a backreference, lookaround or bounded repeat (which V8's linear-time engine cannot run), so a match can take exponential time; write it without repeating a group`);
+  }
+  // and stacked wildcards backtrack polynomially: (?=b).*.*.*.*.*.*.*x took 1.2 s on a module path
   if (unboundedQuantifiers(source) > MAX_UNBOUNDED_WITHOUT_LINEAR) {
     throw configError(file, field, `regular expression ${shown(pattern)} has more than ${MAX_UNBOUNDED_WITHOUT_LINEAR} unbounded repeats (*, +, {n,}) beside a backreference, lookaround or bounded repeat, which can take very long to match; write it with fewer`, MAX_UNBOUNDED_WITHOUT_LINEAR);
   }

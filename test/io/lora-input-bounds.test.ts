@@ -120,6 +120,8 @@ describe('regular expressions in the config', () => {
     expect(() => parseLoraConfig({ ...baseConfig, target_modules: `([\\w.]{${'0'.repeat(29)}1,20})+x` }, 'x.json')).toThrow(/target_modules: regular expression .* repeats a group/);
     // stacked wildcards beside a lookaround (no linear-time fallback): polynomial, 1.2 s at seven
     expect(() => parseLoraConfig({ ...baseConfig, target_modules: `(?=b)${'.*'.repeat(7)}x` }, 'x.json')).toThrow(/more than 3 unbounded repeats/);
+    // a repeated group whose alternatives overlap, beside a lookaround: exponential without a quantifier inside
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: '(?=b)([\\w.]|[\\w.])*x' }, 'x.json')).toThrow(/repeats a group beside a backreference, lookaround or bounded repeat/);
     const lookahead = parseLoraConfig({ ...baseConfig, target_modules: '^(?!.*vision).*(q_proj|v_proj)$' }, 'x.json');
     expect(moduleTargeting(lookahead, 'base_model.model.model.layers.10.self_attn.q_proj').targeted).toBe(true);
     expect(Date.now() - started).toBeLessThan(5000);
