@@ -136,22 +136,33 @@ function repeatsGroup(source: string): boolean {
   return false;
 }
 
-/** Unbounded repeats a pattern may hold (its wrapper's one included) where V8's linear-time engine cannot run it. */
-const MAX_UNBOUNDED_WITHOUT_LINEAR = 3;
+/**
+ * Quantifiers a pattern may hold where V8's linear-time engine cannot run it, the matching's own wrapper included
+ * (an alpha_pattern key is matched as ^(?:.*\.)?(?:key)$: two), so a search stays within a few powers of a path's length.
+ */
+const MAX_QUANTIFIERS_WITHOUT_LINEAR = 4;
 
-/** The unbounded quantifiers (*, +, {n,}) of a JavaScript pattern, outside character classes and escapes. */
-function unboundedQuantifiers(source: string): number {
+/** The quantifiers (*, +, ?, {…}; a lazy ? not counted again) of a JavaScript pattern, outside classes and escapes. */
+function quantifiers(source: string): number {
   let count = 0;
   for (let i = 0; i < source.length; i++) {
     const c = source[i]!;
     if (c === '\\') i++;
     else if (c === '[') {
       for (i++; i < source.length && source[i] !== ']'; i++) if (source[i] === '\\') i++;
-    } else if (c === '*' || c === '+') count++;
-    else if (c === '{') {
+    } else if (c === '(' && source[i + 1] === '?') {
+      i++; // a group's (?: (?= (?<name> is no quantifier
+    } else if (c === '*' || c === '+' || c === '?') {
+      count++;
+      if (source[i + 1] === '?') i++; // lazy
+    } else if (c === '{') {
       BOUND.lastIndex = i;
       const bound = BOUND.exec(source);
-      if (bound && bound[2] !== undefined && bound[3] === '') count++;
+      if (bound) {
+        count++;
+        i += bound[0].length - 1;
+        if (source[i + 1] === '?') i++;
+      }
     }
   }
   return count;
@@ -195,9 +206,10 @@ function checkPattern(pattern: string, source: string, field: string, file: stri
   if (repeatsGroup(source)) {
     throw configError(file, field, `regular expression ${shown(pattern)} repeats a group beside a backreference, lookaround or bounded repeat (which V8's linear-time engine cannot run), so a match can take exponential time; write it without repeating a group`);
   }
-  // and stacked wildcards backtrack polynomially: (?=b).*.*.*.*.*.*.*x took 1.2 s on a module path
-  if (unboundedQuantifiers(source) > MAX_UNBOUNDED_WITHOUT_LINEAR) {
-    throw configError(file, field, `regular expression ${shown(pattern)} has more than ${MAX_UNBOUNDED_WITHOUT_LINEAR} unbounded repeats (*, +, {n,}) beside a backreference, lookaround or bounded repeat, which can take very long to match; write it with fewer`, MAX_UNBOUNDED_WITHOUT_LINEAR);
+  // and each quantifier multiplies the ways to split the path: (?=b).*.*.*.*.*.*.*x took 1.2 s on a module path, and
+  // optional atoms (.?.?.? …) or bounded repeats grow the same way
+  if (quantifiers(source) > MAX_QUANTIFIERS_WITHOUT_LINEAR) {
+    throw configError(file, field, `regular expression ${shown(pattern)} has more than ${MAX_QUANTIFIERS_WITHOUT_LINEAR} quantifiers (*, +, ?, {…}; the matching's own included) beside a backreference, lookaround or bounded repeat, which can take very long to match; write it with fewer`, MAX_QUANTIFIERS_WITHOUT_LINEAR);
   }
 }
 

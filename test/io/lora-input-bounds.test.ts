@@ -119,7 +119,9 @@ describe('regular expressions in the config', () => {
     // a bound's digits however many (a 32-character window missed this one, which then hung)
     expect(() => parseLoraConfig({ ...baseConfig, target_modules: `([\\w.]{${'0'.repeat(29)}1,20})+x` }, 'x.json')).toThrow(/target_modules: regular expression .* repeats a group/);
     // stacked wildcards beside a lookaround (no linear-time fallback): polynomial, 1.2 s at seven
-    expect(() => parseLoraConfig({ ...baseConfig, target_modules: `(?=b)${'.*'.repeat(7)}x` }, 'x.json')).toThrow(/more than 3 unbounded repeats/);
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: `(?=b)${'.*'.repeat(7)}x` }, 'x.json')).toThrow(/more than 4 quantifiers/);
+    expect(() => parseLoraConfig({ ...baseConfig, target_modules: `(?=b)${'.?'.repeat(40)}x` }, 'x.json')).toThrow(/more than 4 quantifiers/);
+    expect(() => parseLoraConfig({ ...baseConfig, alpha_pattern: { '(?=q).*.*.*_proj': 8 } }, 'x.json')).toThrow(/alpha_pattern.*more than 4 quantifiers/);
     // a repeated group whose alternatives overlap, beside a lookaround: exponential without a quantifier inside
     expect(() => parseLoraConfig({ ...baseConfig, target_modules: '(?=b)([\\w.]|[\\w.])*x' }, 'x.json')).toThrow(/repeats a group beside a backreference, lookaround or bounded repeat/);
     const lookahead = parseLoraConfig({ ...baseConfig, target_modules: '^(?!.*vision).*(q_proj|v_proj)$' }, 'x.json');
