@@ -4,7 +4,7 @@
  * residency, load/evict counts, queue length, batch size and tokens/s, read from the engine at scrape.
  */
 import { Counter, Gauge, Histogram, Registry } from 'prom-client';
-import type { Engine } from '../engine/engine-types.js';
+import type { AdapterStatus, Engine } from '../engine/engine-types.js';
 import { TrailingRate } from './trailing-rate.js';
 
 const TIME_BUCKETS = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
@@ -147,6 +147,18 @@ export class ServerMetrics {
         this.set(tokenRate.perSecond());
       },
     });
+    // one listing per scrape for the four gauges below: prom-client calls every collect() in one synchronous
+    // pass, and a bank lists thousands of adapters
+    let listing: AdapterStatus[] | null = null;
+    const adapters = (): AdapterStatus[] => {
+      if (listing === null) {
+        listing = engine.listAdapters();
+        queueMicrotask(() => {
+          listing = null;
+        });
+      }
+      return listing;
+    };
     // per adapter, only what is in memory or pinned: a bank of thousands (and every folder ever named) would
     // otherwise be a series each, and state in a label makes a new series at every load and eviction
     new Gauge({
@@ -156,7 +168,7 @@ export class ServerMetrics {
       registers,
       collect() {
         const counts = new Map<string, number>([['resident', 0], ['loading', 0], ['disk', 0], ['failed', 0]]);
-        for (const adapter of engine.listAdapters()) counts.set(adapter.tier, (counts.get(adapter.tier) ?? 0) + 1);
+        for (const adapter of adapters()) counts.set(adapter.tier, (counts.get(adapter.tier) ?? 0) + 1);
         for (const [tier, count] of counts) this.set({ tier }, count);
       },
     });
@@ -167,7 +179,7 @@ export class ServerMetrics {
       registers,
       collect() {
         this.reset();
-        for (const adapter of engine.listAdapters()) if (adapter.tier === 'resident') this.set({ adapter_id: adapter.id, storage: adapter.storage }, 1);
+        for (const adapter of adapters()) if (adapter.tier === 'resident') this.set({ adapter_id: adapter.id, storage: adapter.storage }, 1);
       },
     });
     new Gauge({
@@ -177,7 +189,7 @@ export class ServerMetrics {
       registers,
       collect() {
         this.reset();
-        for (const adapter of engine.listAdapters()) if (adapter.pinned) this.set({ adapter_id: adapter.id }, 1);
+        for (const adapter of adapters()) if (adapter.pinned) this.set({ adapter_id: adapter.id }, 1);
       },
     });
     new Gauge({
@@ -187,7 +199,7 @@ export class ServerMetrics {
       registers,
       collect() {
         this.reset();
-        for (const adapter of engine.listAdapters()) if (adapter.tier === 'resident') this.set({ adapter_id: adapter.id }, adapter.bytes);
+        for (const adapter of adapters()) if (adapter.tier === 'resident') this.set({ adapter_id: adapter.id }, adapter.bytes);
       },
     });
   }

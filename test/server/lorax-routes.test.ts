@@ -1,4 +1,4 @@
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import type { SoppuServer } from '../../src/server/create-server.js';
 import { FakeEngine } from './fake-engine.js';
 import { sseEvents, testServer } from './helpers.js';
@@ -241,6 +241,14 @@ describe('auxiliary routes', () => {
     expect(pinned).toMatch(/^soppu_adapter_bytes\{adapter_id="alice-1"\} \d+$/m);
     expect(pinned).toMatch(/^soppu_adapters\{tier="resident"\} 1$/m);
     expect(pinned).not.toMatch(/adapter_id="bob-1"/);
+    // the adapter gauges share one listing per scrape (a bank lists thousands), and the next scrape lists again
+    const listings = vi.spyOn(server!.context.engine, 'listAdapters');
+    await app.inject({ method: 'GET', url: '/metrics' });
+    expect(listings).toHaveBeenCalledTimes(1);
+    await server!.context.engine.pinAdapter('alice-1', false);
+    expect((await app.inject({ method: 'GET', url: '/metrics' })).body).not.toMatch(/^soppu_adapter_pinned\{/m);
+    expect(listings).toHaveBeenCalledTimes(2);
+    listings.mockRestore();
     // a one-token reply has no time between tokens: not observed
     await app.inject({ method: 'POST', url: '/generate', payload: { inputs: 'a', parameters: { max_new_tokens: 1 } } });
     expect((await app.inject({ method: 'GET', url: '/metrics' })).body).toContain('lorax_request_mean_time_per_token_duration_count 1');
