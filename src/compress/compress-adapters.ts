@@ -235,6 +235,11 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
   for (const { adapterIndex } of source.modules) {
     if (!nonZero.has(adapterIndex)) results.set(inputs[adapterIndex]!.id, { storage: 'zero', relativeError: 0 });
   }
+  // error a member already carries in this slot (refit from the bank): only the rest of the budget is its own
+  const spentOf = (entry: SlotEntry): number => inputs[entry.adapterIndex]!.spentError?.[path] ?? 0;
+  const storeRaw = (entry: SlotEntry, reason: 'cheaper-raw' | 'over-budget'): void => {
+    results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, reason));
+  };
   let sweeps = 0;
   for (let cluster = 0; cluster < options.clusters; cluster++) {
     let members = source.entries.filter((e) => assignments[e.adapterIndex] === cluster);
@@ -246,7 +251,7 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
       // No rank above the break-even one can be stored (compressed would exceed raw): cap the search there.
       const breakEven = breakEvenRank(members, inFeatures, outFeatures, method);
       if (breakEven < 1) {
-        for (const entry of members) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'cheaper-raw'));
+        for (const entry of members) storeRaw(entry, 'cheaper-raw');
         bases.push(null);
         break;
       }
@@ -257,8 +262,7 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
       let points: readonly RankPoint[] = [];
       let missed = false;
       if (options.maxError !== undefined) {
-        // a member that already carries error (refit from the bank) has only the rest of the budget
-        const budgets = members.map((entry) => options.maxError! - (inputs[entry.adapterIndex]!.spentError?.[path] ?? 0));
+        const budgets = members.map((entry) => options.maxError! - spentOf(entry));
         const selection = selectRank(problem, method, budgets, cap, { ...fitOptions, label });
         fit = selection.fit;
         points = selection.errorByRank;
@@ -268,9 +272,9 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
       }
       sweeps += fit.sweeps;
       if (missed) {
-        const kept = members.filter((_, i) => fit.errors[i]! <= options.maxError! - (inputs[members[i]!.adapterIndex]!.spentError?.[path] ?? 0));
+        const kept = members.filter((entry, i) => fit.errors[i]! <= options.maxError! - spentOf(entry));
         if (kept.length > 0 && kept.length < members.length) {
-          for (const entry of members) if (!kept.includes(entry)) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'over-budget'));
+          for (const entry of members) if (!kept.includes(entry)) storeRaw(entry, 'over-budget');
           members = kept;
           continue;
         }
@@ -290,15 +294,14 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
         const error = relativeErrorOfPart(module, { u, vt, rank, core, diagonal: method === 'jd-diag' });
         const id = inputs[entry.adapterIndex]!.id;
         checkFinitePart(`adapter ${JSON.stringify(id)}`, path, core, error);
-        const spent = inputs[entry.adapterIndex]!.spentError?.[path] ?? 0;
-        if (options.maxError !== undefined && !(error + spent <= options.maxError)) results.set(id, rawResult(module, 'over-budget'));
+        if (options.maxError !== undefined && !(error + spentOf(entry) <= options.maxError)) storeRaw(entry, 'over-budget');
         else compressed.push({ entry, core, error });
       }
       const coreSize = method === 'jd-full' ? rank * rank : rank;
       const compressedCost = rank * (inFeatures + outFeatures) + compressed.length * coreSize;
       const rawCost = compressed.reduce((sum, c) => sum + c.entry.rank * (inFeatures + outFeatures), 0);
       if (compressed.length === 0 || compressedCost > rawCost) {
-        for (const { entry } of compressed) results.set(inputs[entry.adapterIndex]!.id, rawResult(moduleOf.get(entry.adapterIndex)!, 'cheaper-raw'));
+        for (const { entry } of compressed) storeRaw(entry, 'cheaper-raw');
         bases.push(null);
         break;
       }
