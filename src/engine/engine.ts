@@ -138,6 +138,12 @@ class RequestState implements ScheduledSequence {
     this.distributions = request.prefillDetails && request.prefillDistributions ? [] : null;
   }
 
+  /** Ends the generated text at `cut`, where a matched stop starts: the text from there on becomes stopText. */
+  cutAtStop(cut: number): void {
+    this.stopText = this.text.slice(cut);
+    this.text = this.text.slice(0, cut);
+  }
+
   ready(): boolean {
     return this.entry === null || this.entry.state === 'resident';
   }
@@ -368,8 +374,7 @@ class SoppuEngine implements Engine {
         if (cut !== null) {
           state.text += tail;
           tail = '';
-          state.stopText = state.text.slice(cut);
-          state.text = state.text.slice(0, cut);
+          state.cutAtStop(cut);
           reason = 'stop_sequence';
         }
       }
@@ -617,8 +622,7 @@ class SoppuEngine implements Engine {
       return;
     }
     if (cut !== null) {
-      state.stopText = state.text.slice(cut);
-      state.text = state.text.slice(0, cut);
+      state.cutAtStop(cut);
       this.finish(state, 'stop_sequence');
       return;
     }
