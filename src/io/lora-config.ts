@@ -66,13 +66,26 @@ function patternMap(raw: Record<string, unknown>, field: string, integer: boolea
 /** Longest regular expression accepted from a config (PEFT's are a few dozen characters). */
 export const MAX_PATTERN_LENGTH = 1024;
 
+/** A bound {n}, {n,} or {n,m} starting at lastIndex (sticky). */
+const BOUND = /\{(\d+)(,(\d*))?\}/y;
+
+/** Whether a bound BOUND matched allows more than one repetition. */
+function boundRepeats(bound: RegExpExecArray): boolean {
+  return bound[2] === undefined ? Number(bound[1]) > 1 : bound[3] === '' || Number(bound[3]) > 1;
+}
+
+/** The index of the `]` closing the character class of a JavaScript pattern that opens at `open` (escapes skipped). */
+function classEnd(source: string, open: number): number {
+  let i = open + 1;
+  for (; i < source.length && source[i] !== ']'; i++) if (source[i] === '\\') i++;
+  return i;
+}
+
 /**
  * True when a repeated group's body itself holds a quantifier — (a+)+, (.*)*, (x*){2,} — the
  * shape that makes a backtracking engine take exponential time on a near-miss. Escapes and
  * character classes are skipped; a group's `(?:`, `(?=`, `(?<name>` prefix is not a quantifier.
  */
-const BOUND = /\{(\d+)(,(\d*))?\}/y;
-
 export function hasNestedQuantifier(pattern: string): boolean {
   const open: boolean[] = []; // per open group: does its body hold a quantifier so far?
   let closedQuantified = false; // the atom just before is a group whose body holds a quantifier
@@ -85,7 +98,7 @@ export function hasNestedQuantifier(pattern: string): boolean {
       BOUND.lastIndex = i; // the whole bound, however long its digits (a 32-character window missed {000…001,20})
       const bound = BOUND.exec(pattern);
       if (bound) {
-        repeats = bound[2] === undefined ? Number(bound[1]) > 1 : bound[3] === '' || Number(bound[3]) > 1;
+        repeats = boundRepeats(bound);
         i += bound[0].length - 1;
       }
     }
@@ -120,16 +133,17 @@ export function hasNestedQuantifier(pattern: string): boolean {
 function repeatsGroup(source: string): boolean {
   for (let i = 0; i < source.length; i++) {
     const c = source[i]!;
-    if (c === '\\') i++;
-    else if (c === '[') {
-      for (i++; i < source.length && source[i] !== ']'; i++) if (source[i] === '\\') i++;
+    if (c === '\\') {
+      i++;
+    } else if (c === '[') {
+      i = classEnd(source, i);
     } else if (c === ')') {
       const next = source[i + 1];
       if (next === '*' || next === '+') return true;
       if (next === '{') {
         BOUND.lastIndex = i + 1;
         const bound = BOUND.exec(source);
-        if (bound && (bound[2] === undefined ? Number(bound[1]) > 1 : bound[3] === '' || Number(bound[3]) > 1)) return true;
+        if (bound && boundRepeats(bound)) return true;
       }
     }
   }
@@ -147,9 +161,10 @@ function quantifiers(source: string): number {
   let count = 0;
   for (let i = 0; i < source.length; i++) {
     const c = source[i]!;
-    if (c === '\\') i++;
-    else if (c === '[') {
-      for (i++; i < source.length && source[i] !== ']'; i++) if (source[i] === '\\') i++;
+    if (c === '\\') {
+      i++;
+    } else if (c === '[') {
+      i = classEnd(source, i);
     } else if (c === '(' && source[i + 1] === '?') {
       i++; // a group's (?: (?= (?<name> is no quantifier
     } else if (c === '*' || c === '+' || c === '?') {
