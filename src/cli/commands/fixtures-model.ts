@@ -1,8 +1,8 @@
 import type { Command } from 'commander';
-import { SoppuError } from '../../errors/soppu-error.js';
 import type { ModelArchName, ModelDtypeName, ModelShapeName } from '../../io/fixtures/generate-model.js';
 import { generateModel, MODEL_SHAPES } from '../../io/fixtures/generate-model.js';
 import { refuseNonEmptyOutput } from '../output-folder.js';
+import { parseChoice } from '../parse-choice.js';
 import { parseInteger } from '../parse-integer.js';
 import { jsonText } from '../../io/snake-case-keys.js';
 
@@ -17,13 +17,6 @@ interface ModelOptions {
   layers?: string;
   json?: boolean;
   force?: boolean;
-}
-
-function choice<T extends string>(value: string, allowed: readonly T[], option: string): T {
-  if (!(allowed as readonly string[]).includes(value)) {
-    throw new SoppuError('CONFIG', `--${option} must be one of ${allowed.join(', ')} (got "${value}")`, { field: option, limit: allowed.join(', ') });
-  }
-  return value as T;
 }
 
 /** `soppu fixtures model`: added to the `fixtures` group by fixtures.ts. */
@@ -46,9 +39,9 @@ export function addFixturesModelCommand(fixtures: Command): void {
       await refuseNonEmptyOutput(options.out, options.force === true, '--out');
       const generated = await generateModel({
         out: options.out,
-        shape: choice(options.shape, Object.keys(MODEL_SHAPES) as ModelShapeName[], 'shape'),
-        dtype: choice<ModelDtypeName>(options.dtype, ['f32', 'bf16', 'f16'], 'dtype'),
-        arch: choice<ModelArchName>(options.arch, ['llama', 'qwen2', 'mistral'], 'arch'),
+        shape: parseChoice(options.shape, Object.keys(MODEL_SHAPES) as ModelShapeName[], 'shape'),
+        dtype: parseChoice<ModelDtypeName>(options.dtype, ['f32', 'bf16', 'f16'], 'dtype'),
+        arch: parseChoice<ModelArchName>(options.arch, ['llama', 'qwen2', 'mistral'], 'arch'),
         seed: parseInteger(options.seed, 'seed', 0),
         tied: options.tied,
         shards: parseInteger(options.shards, 'shards', 1),

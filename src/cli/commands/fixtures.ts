@@ -6,15 +6,9 @@ import { writeGeneratedAdapters } from '../../io/fixtures/generate-adapters.js';
 import type { WeightDtype } from '../../tensor/dtype.js';
 import { addFixturesModelCommand } from './fixtures-model.js';
 import { refuseNonEmptyOutput } from '../output-folder.js';
+import { parseChoice } from '../parse-choice.js';
 import { parseInteger } from '../parse-integer.js';
 import { jsonText } from '../../io/snake-case-keys.js';
-
-function choice<T extends string>(value: string, allowed: readonly T[], option: string): T {
-  if (!(allowed as readonly string[]).includes(value)) {
-    throw new SoppuError('CONFIG', `--${option} must be one of ${allowed.join(', ')} (got "${value}")`, { field: option, limit: allowed.join(', ') });
-  }
-  return value as T;
-}
 
 function positive(value: string | undefined, option: string): number | undefined {
   if (value === undefined) return undefined;
@@ -72,12 +66,12 @@ export function addFixturesAdaptersCommand(fixtures: Command): void {
       await refuseNonEmptyOutput(options.out, options.force === true, '--out');
       const base = options.model !== undefined
         ? await readBaseShapeFromModelDir(options.model)
-        : BASE_SHAPES[choice(options.base ?? 'tiny', BASE_SHAPE_NAMES, 'base') as BaseShapeName];
+        : BASE_SHAPES[parseChoice(options.base ?? 'tiny', BASE_SHAPE_NAMES, 'base') as BaseShapeName];
       const count = parseInteger(options.count, 'count', 1)!;
       const noise = options.noise === undefined ? undefined : Number(options.noise);
       if (noise !== undefined && !(noise >= 0 && noise <= 1)) throw new SoppuError('CONFIG', `--noise must be between 0 and 1 (got "${options.noise}")`, { field: 'noise' });
       const targets = options.targets?.split(',').map((t) => t.trim()).filter((t) => t.length > 0);
-      const dtype = choice<WeightDtype>(options.dtype, ['f32', 'bf16', 'f16'], 'dtype');
+      const dtype = parseChoice<WeightDtype>(options.dtype, ['f32', 'bf16', 'f16'], 'dtype');
       const dirs = await writeGeneratedAdapters(options.out, count, {
         base,
         rank: parseInteger(options.rank, 'rank', 1),
