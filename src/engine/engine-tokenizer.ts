@@ -2,7 +2,7 @@
  * What the engine needs from a tokenizer. The model's tokenizer loader is adapted to this in
  * engine.ts; tests pass small in-memory implementations.
  */
-import type { ModelTokenizer } from '../model/tokenizer.js';
+import { StreamDecoder, type ModelTokenizer } from '../model/tokenizer.js';
 
 export interface EngineTokenizer {
   /** Token ids of `text`; BOS etc. added when `addSpecialTokens`. */
@@ -46,49 +46,9 @@ export function engineTokenizerOf(tokenizer: ModelTokenizer): EngineTokenizer {
 /** Prompt tokens an IncrementalDecoder decodes the first generated token after (as TGI's prefix offset). */
 export const DECODER_CONTEXT_TOKENS = 5;
 
-/**
- * Streaming detokenization (as TGI's decode_token): a token's text is the growth of the decoded
- * window, withheld while the window ends in an incomplete UTF-8 sequence.
- */
-export class IncrementalDecoder {
-  private prefixOffset = 0;
-  private readOffset = 0;
-  private readonly tokenizer: EngineTokenizer;
-  private readonly ids: number[] = [];
-
-  /**
-   * `context`: the prompt's last tokens. The first generated token is decoded after them, so a decoder that
-   * strips a leading space at the start of a text (SentencePiece's `Strip`) keeps the one before a word that
-   * continues the prompt. A context whose text ends inside a UTF-8 character is not used (its U+FFFD would
-   * shift the first token's text).
-   */
+/** A StreamDecoder over an engine tokenizer's text with special tokens skipped (`context`: the prompt's last tokens). */
+export class IncrementalDecoder extends StreamDecoder {
   constructor(tokenizer: EngineTokenizer, context: readonly number[] = []) {
-    this.tokenizer = tokenizer;
-    if (context.length > 0 && !tokenizer.decode(context, true).endsWith('\uFFFD')) {
-      this.ids.push(...context);
-      this.readOffset = context.length;
-    }
-  }
-
-  /** Appends `id`; returns the new text it completes (may be ''). */
-  push(id: number): string {
-    this.ids.push(id);
-    return this.pending(false);
-  }
-
-  /** Whatever text is still withheld (call once at the end). */
-  flush(): string {
-    return this.pending(true);
-  }
-
-  private pending(force: boolean): string {
-    const prefix = this.tokenizer.decode(this.ids.slice(this.prefixOffset, this.readOffset), true);
-    const full = this.tokenizer.decode(this.ids.slice(this.prefixOffset), true);
-    if (full.length > prefix.length && (force || !full.endsWith('\uFFFD'))) {
-      this.prefixOffset = this.readOffset;
-      this.readOffset = this.ids.length;
-      return full.slice(prefix.length);
-    }
-    return '';
+    super((ids) => tokenizer.decode(ids, true), context);
   }
 }

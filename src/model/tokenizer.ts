@@ -342,13 +342,14 @@ export class ModelTokenizer {
 
   /** An incremental decoder for streaming one sequence (special tokens skipped by default). */
   createStreamDecoder(options: { skipSpecialTokens?: boolean } = {}): StreamDecoder {
-    return new StreamDecoder(this, options.skipSpecialTokens ?? true);
+    const skipSpecialTokens = options.skipSpecialTokens ?? true;
+    return new StreamDecoder((ids) => this.decode(ids, { skipSpecialTokens, cleanUpTokenizationSpaces: false }));
   }
 }
 
 /**
- * Streaming detokenizer (the TGI scheme): decodes a short window of recent tokens and emits only the
- * text that is new and complete (no trailing U+FFFD from a partial UTF-8 sequence). The window keeps
+ * Streaming detokenizer (the TGI scheme, as its decode_token): decodes a short window of recent tokens and emits
+ * only the text that is new and complete (no trailing U+FFFD from a partial UTF-8 sequence). The window keeps
  * the tokenizer's context-dependent spacing (e.g. SentencePiece's leading-space rule) right.
  */
 export class StreamDecoder {
@@ -358,32 +359,42 @@ export class StreamDecoder {
   /** All text emitted so far. */
   text = '';
 
-  constructor(private readonly tokenizer: ModelTokenizer, private readonly skipSpecialTokens: boolean) {}
+  /**
+   * `decode`: the text of a window of ids, without the spaces clean-up (a rewrite inside the window shifts the
+   * text its growth is cut from). `context`: tokens before the first one pushed (a prompt's last ones), emitted
+   * never: the first token is decoded after them, so a decoder that strips a leading space at the start of a text
+   * (SentencePiece's `Strip`) keeps the one before a word that continues the prompt. A context whose text ends
+   * inside a UTF-8 character is not used (its U+FFFD would shift the first token's text).
+   */
+  constructor(private readonly decode: (ids: readonly number[]) => string, context: readonly number[] = []) {
+    if (context.length > 0 && !decode(context).endsWith('\uFFFD')) {
+      this.ids.push(...context);
+      this.readOffset = context.length;
+    }
+  }
 
   /** Add one token; returns the newly completed text ('' while a character is incomplete). */
   push(id: number): string {
     this.ids.push(id);
-    const decode = (from: number, to: number): string => this.tokenizer.decode(this.ids.slice(from, to), { skipSpecialTokens: this.skipSpecialTokens, cleanUpTokenizationSpaces: false });
-    const prefixText = decode(this.prefixOffset, this.readOffset);
-    const newText = decode(this.prefixOffset, this.ids.length);
-    if (newText.length > prefixText.length && !newText.endsWith('\uFFFD')) {
-      const delta = newText.slice(prefixText.length);
+    return this.pending(false);
+  }
+
+  /** Text still held back at the end of the sequence (an incomplete character comes out as U+FFFD). */
+  flush(): string {
+    return this.pending(true);
+  }
+
+  private pending(force: boolean): string {
+    const prefix = this.decode(this.ids.slice(this.prefixOffset, this.readOffset));
+    const full = this.decode(this.ids.slice(this.prefixOffset));
+    if (full.length > prefix.length && (force || !full.endsWith('\uFFFD'))) {
+      const delta = full.slice(prefix.length);
       this.prefixOffset = this.readOffset;
       this.readOffset = this.ids.length;
       this.text += delta;
       return delta;
     }
     return '';
-  }
-
-  /** Text still held back at the end of the sequence (an incomplete character comes out as U+FFFD). */
-  flush(): string {
-    const options = { skipSpecialTokens: this.skipSpecialTokens, cleanUpTokenizationSpaces: false };
-    const prefixText = this.tokenizer.decode(this.ids.slice(this.prefixOffset, this.readOffset), options);
-    const rest = this.tokenizer.decode(this.ids.slice(this.prefixOffset), options).slice(prefixText.length);
-    this.prefixOffset = this.readOffset = this.ids.length;
-    this.text += rest;
-    return rest;
   }
 }
 
