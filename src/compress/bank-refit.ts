@@ -16,7 +16,7 @@ import { SoppuError } from '../errors/soppu-error.js';
 import { loadLoraAdapter } from '../io/load-lora-adapter.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { adapterConfigJsonOrNull, adapterFromBank } from './bank-source.js';
-import type { BankManifest, ManifestAdapter } from './bank-manifest.js';
+import { compareStrings, type BankManifest, type ManifestAdapter } from './bank-manifest.js';
 import { openBank } from './bank-reader.js';
 import { withBankLock } from './bank-lock.js';
 import { sourceWeightsSha256, writeBankLocked, type AdapterExtras } from './bank-writer.js';
@@ -39,7 +39,7 @@ export interface RefitResult {
 /** JSON text with object keys sorted, so two parses of one config compare equal whatever their key order. */
 function canonicalJson(value: unknown): string {
   return JSON.stringify(value, (_key, v: unknown) =>
-    v !== null && typeof v === 'object' && !Array.isArray(v) ? Object.fromEntries(Object.entries(v).sort(([p], [q]) => (p < q ? -1 : p > q ? 1 : 0))) : v);
+    v !== null && typeof v === 'object' && !Array.isArray(v) ? Object.fromEntries(Object.entries(v).sort(([p], [q]) => compareStrings(p, q))) : v);
 }
 
 /**
