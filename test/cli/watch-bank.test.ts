@@ -15,16 +15,24 @@ async function writeManifest(dir: string, generation: number): Promise<void> {
   await rename(join(dir, 'manifest.tmp'), join(dir, 'manifest.json'));
 }
 
+/** A fresh bank folder holding a first manifest. */
+async function bankFolder(): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), 'soppu-watch-bank-'));
+  dirs.push(dir);
+  await writeManifest(dir, 1);
+  return dir;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
 const until = async (done: () => boolean, ms = 3000): Promise<void> => {
   const start = Date.now();
-  while (!done() && Date.now() - start < ms) await new Promise((resolve) => setTimeout(resolve, 10));
+  while (!done() && Date.now() - start < ms) await sleep(10);
 };
 
 describe('watchBank (serve --bank-watch-s)', () => {
   it('reloads once per change of manifest.json, one reload at a time, and stops when told', async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'soppu-watch-bank-'));
-    dirs.push(dir);
-    await writeManifest(dir, 1);
+    const dir = await bankFolder();
     const lines: string[] = [];
     let reloads = 0;
     let release: (() => void) | null = null;
@@ -33,7 +41,7 @@ describe('watchBank (serve --bank-watch-s)', () => {
       if (reloads === 2) await new Promise<void>((resolve) => { release = resolve; });
       return { adapters: reloads };
     }, (line) => lines.push(line));
-    await new Promise((resolve) => setTimeout(resolve, 150));
+    await sleep(150);
     expect(reloads).toBe(0); // nothing changed yet
     await writeManifest(dir, 2);
     await until(() => lines.length === 1);
@@ -42,21 +50,19 @@ describe('watchBank (serve --bank-watch-s)', () => {
     await writeManifest(dir, 3);
     await until(() => release !== null);
     await writeManifest(dir, 4);
-    await new Promise((resolve) => setTimeout(resolve, 150));
+    await sleep(150);
     expect(reloads).toBe(2);
     release!();
     await until(() => reloads === 3 && lines.length === 3);
     expect(lines.slice(1)).toEqual(['bank changed on disk: reloaded, 2 adapters', 'bank changed on disk: reloaded, 3 adapters']);
     stop();
     await writeManifest(dir, 5);
-    await new Promise((resolve) => setTimeout(resolve, 150));
+    await sleep(150);
     expect(reloads).toBe(3);
   });
 
   it('a failed reload is a log line, and the next change is reloaded again', async () => {
-    const dir = await mkdtemp(join(tmpdir(), 'soppu-watch-bank-'));
-    dirs.push(dir);
-    await writeManifest(dir, 1);
+    const dir = await bankFolder();
     const lines: string[] = [];
     let calls = 0;
     const stop = watchBank(dir, 20, async () => {
