@@ -36,7 +36,7 @@ import type { LlamaConfig } from '../src/model/llama-config.js';
 import { loadLlamaModel, modelWeightBytes, modelWeightDtype, type LlamaModel } from '../src/model/llama-model.js';
 import { Random } from '../src/tensor/random.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
-import { fmt, median } from './helpers/timing.js';
+import { fmt, median, medianRange } from './helpers/timing.js';
 import { llamaCppPeerSection } from './peers/llama-cpp.js';
 
 type Mode = 'base' | 'raw' | 'compressed';
@@ -303,9 +303,7 @@ export async function run(argv: string[]): Promise<void> {
           log(`${dtype} batch 1 round ${round}: read bandwidth ${(roundBandwidths[roundBandwidths.length - 1]! / 1e9).toFixed(1)} GB/s`);
         }
       }
-      const rateOf = (mode: Mode): string => `${fmt(median(rates[mode]))} (${fmt(Math.min(...rates[mode]))}–${fmt(Math.max(...rates[mode]))})`;
-      const ratioOf = (mode: 'raw' | 'compressed'): string => `${fmt(median(ratios[mode]))} (${fmt(Math.min(...ratios[mode]))}–${fmt(Math.max(...ratios[mode]))})`;
-      table.push(`| ${dtype} | ${batch} | ${rateOf('base')} | ${rateOf('raw')} | ${ratioOf('raw')} | ${rateOf('compressed')} | ${ratioOf('compressed')} |`);
+      table.push(`| ${dtype} | ${batch} | ${medianRange(rates.base)} | ${medianRange(rates.raw)} | ${medianRange(ratios.raw)} | ${medianRange(rates.compressed)} | ${medianRange(ratios.compressed)} |`);
       if (batch === 1) {
         const weightBytes = modelWeightBytes(model);
         const gbs = (bytesPerSecond: number): string => (bytesPerSecond / 1e9).toFixed(1);
@@ -314,7 +312,7 @@ export async function run(argv: string[]): Promise<void> {
           const perRound = roundSteps.map((step, i) => step / (weightBytes / roundBandwidths[i]!));
           roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(median(roundSteps) * 1000)} ms | ` +
             `${gbs(Math.min(...roundBandwidths))}–${gbs(Math.max(...roundBandwidths))} GB/s | ${fmt(weightBytes / median(roundBandwidths) * 1000)} ms | ` +
-            `${fmt(median(perRound))} (${fmt(Math.min(...perRound))}–${fmt(Math.max(...perRound))}) |`);
+            `${medianRange(perRound)} |`);
         } else {
           roofline.push(`| ${dtype} | ${(weightBytes / 2 ** 20).toFixed(0)} MiB | ${fmt(1000 / median(rates.base))} ms | – | – | – |`);
         }
@@ -345,7 +343,7 @@ export async function run(argv: string[]): Promise<void> {
         if (slot) features += slot.inFeatures + slot.outFeatures;
       }
       const basesBytes = Math.min(args.clusters, sweepBatch) * features * sharedRank * (modelWeightDtype(model) === 'f32' ? 4 : 2);
-      sweep.push(`| ${dtype} | ${sharedRank} | ${fmt(basesBytes / 2 ** 20)} MiB | ${fmt(median(ratios))} (${fmt(Math.min(...ratios))}–${fmt(Math.max(...ratios))}) |`);
+      sweep.push(`| ${dtype} | ${sharedRank} | ${fmt(basesBytes / 2 ** 20)} MiB | ${medianRange(ratios)} |`);
       log(`sweep ${dtype} shared rank ${sharedRank}: compressed / base ${median(ratios).toFixed(3)}`);
     }
   }

@@ -27,6 +27,11 @@ export function median(values: readonly number[]): number {
   return sorted[Math.floor(sorted.length / 2)]!;
 }
 
+/** "median (min–max)" of a list, each as fmt writes it: a table cell for a figure measured over rounds. */
+export function medianRange(values: readonly number[]): string {
+  return `${fmt(median(values))} (${fmt(Math.min(...values))}–${fmt(Math.max(...values))})`;
+}
+
 /** Format a number with a fixed count of significant digits for tables. */
 export function fmt(value: number | null | undefined, digits = 3): string {
   if (value === null || value === undefined || !Number.isFinite(value)) return '–';
