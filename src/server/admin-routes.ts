@@ -40,6 +40,20 @@ function checkId(id: unknown, field: string): string {
   return id;
 }
 
+/** A true/false query parameter of an upload, `fallback` when absent. */
+function queryBoolean(value: string | undefined, field: string, fallback: boolean): boolean {
+  if (value === undefined) return fallback;
+  if (value !== 'true' && value !== 'false') throw new SoppuError('VALIDATION', `Input validation error: \`${field}\` must be true or false; got '${value}'`, { field });
+  return value === 'true';
+}
+
+/** A boolean field of a JSON registration, `fallback` when absent. */
+function bodyBoolean(value: unknown, field: string, fallback: boolean): boolean {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'boolean') throw new SoppuError('VALIDATION', `Input validation error: \`${field}\` must be a boolean`, { field });
+  return value;
+}
+
 export function registerAdminRoutes(app: FastifyInstance, context: ServerContext, schemas: Schemas): void {
   const { engine, options } = context;
   // a change to what is served is refused once the server drains (before an upload's body is read): it would
@@ -68,22 +82,12 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
           ? `Input validation error: unknown query parameter \`${unknownQuery[0]}\` (an upload takes id, compress and ignore_base_model)`
           : `Input validation error: query parameter \`${unknownQuery[0]}\` on a JSON registration: give id, path, compress and ignore_base_model in the body`, { field: String(unknownQuery[0]) });
       }
-      let ignoreBaseModel = false;
-      if (archive) {
-        // as `bank add --ignore-base-model`: the adapter names the bank's model otherwise (a folder and a hub id)
-        const ignoreText = request.query.ignore_base_model ?? 'false';
-        if (ignoreText !== 'true' && ignoreText !== 'false') {
-          throw new SoppuError('VALIDATION', `Input validation error: \`ignore_base_model\` must be true or false; got '${ignoreText}'`, { field: 'ignore_base_model' });
-        }
-        ignoreBaseModel = ignoreText === 'true';
-      }
+      // as `bank add --ignore-base-model`: the adapter names the bank's model otherwise (a folder and a hub id)
+      let ignoreBaseModel: boolean;
       if (Buffer.isBuffer(request.body)) {
+        ignoreBaseModel = queryBoolean(request.query.ignore_base_model, 'ignore_base_model', false);
         id = checkId(request.query.id, 'id');
-        const compressText = request.query.compress ?? 'true';
-        if (compressText !== 'true' && compressText !== 'false') {
-          throw new SoppuError('VALIDATION', `Input validation error: \`compress\` must be true or false; got '${compressText}'`, { field: 'compress' });
-        }
-        compress = compressText === 'true';
+        compress = queryBoolean(request.query.compress, 'compress', true);
         const files = parseTar(request.body, { maxEntries: 64, maxTotalBytes: options.maxUploadBytes * 4 }, `upload for '${id}'`);
         mkdirSync(options.uploadDir, { recursive: true });
         // the id's first 64 characters name the folder (a 256-character id and mkdtemp's suffix pass the 255-byte limit)
@@ -103,10 +107,8 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         if (unknown.length > 0) throw new SoppuError('VALIDATION', `Input validation error: unknown field \`${unknown[0]}\``, { field: String(unknown[0]) });
         id = checkId(body.id, 'id');
         if (typeof body.path !== 'string' || body.path === '') throw new SoppuError('VALIDATION', 'Input validation error: `path` must be a non-empty string', { field: 'path' });
-        if (body.compress !== undefined && typeof body.compress !== 'boolean') throw new SoppuError('VALIDATION', 'Input validation error: `compress` must be a boolean', { field: 'compress' });
-        compress = body.compress ?? true;
-        if (body.ignore_base_model !== undefined && typeof body.ignore_base_model !== 'boolean') throw new SoppuError('VALIDATION', 'Input validation error: `ignore_base_model` must be a boolean', { field: 'ignore_base_model' });
-        ignoreBaseModel = body.ignore_base_model === true;
+        compress = bodyBoolean(body.compress, 'compress', true);
+        ignoreBaseModel = bodyBoolean(body.ignore_base_model, 'ignore_base_model', false);
         // an admin is told why (a user's request names no such folder: it gets a 404 that reveals nothing)
         if (options.adapterDirs.length === 0) {
           throw new SoppuError('VALIDATION', 'Input validation error: `path` needs the server started with --adapters DIR: a registered path must lie inside one of those folders (or upload the adapter as a tar archive)', { field: 'path' });

@@ -264,6 +264,10 @@ describe('adapter management', () => {
     expect(engine.lastRegisterOptions).toMatchObject({ compress: true, ignoreBaseModel: true });
     const maybe = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&ignore_base_model=maybe', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
     expect(maybe.statusCode).toBe(422);
+    expect(maybe.json().error).toBe("Input validation error: `ignore_base_model` must be true or false; got 'maybe'");
+    const compressNo = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&compress=no', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
+    expect(compressNo.statusCode).toBe(422);
+    expect(compressNo.json().error).toBe("Input validation error: `compress` must be true or false; got 'no'");
     // a misspelled query parameter is refused, not ignored (compres=false would have written into the bank)
     const typo = await server.app.inject({ method: 'POST', url: '/adapters?id=alice-9&compres=false', payload: tarOf({ 'adapter_config.json': '{}' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
     expect(typo.statusCode).toBe(422);
@@ -300,6 +304,11 @@ describe('adapter management', () => {
     const vouchedByPath = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-1', path: 'p1', ignore_base_model: true }, headers: admin });
     expect(vouchedByPath.statusCode).toBe(201);
     expect(engine.lastRegisterOptions).toMatchObject({ ignoreBaseModel: true });
+    for (const field of ['compress', 'ignore_base_model']) {
+      const notBoolean = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-1', path: 'p1', [field]: 'yes' }, headers: admin });
+      expect(notBoolean.statusCode).toBe(422);
+      expect(notBoolean.json().error).toBe(`Input validation error: \`${field}\` must be a boolean`);
+    }
     const unknownField = await server.app.inject({ method: 'POST', url: '/adapters', payload: { id: 'bob-2', path: 'p1', extra: 1 }, headers: admin });
     expect(unknownField.statusCode).toBe(422);
     const missingConfig = await server.app.inject({ method: 'POST', url: '/adapters?id=x1', payload: tarOf({ 'weights.bin': 'x' }), headers: { ...admin, 'content-type': 'application/x-tar' } });
