@@ -74,11 +74,16 @@ function boundRepeats(bound: RegExpExecArray): boolean {
   return bound[2] === undefined ? Number(bound[1]) > 1 : bound[3] === '' || Number(bound[3]) > 1;
 }
 
-/** The index of the `]` closing the character class of a JavaScript pattern that opens at `open` (escapes skipped). */
-function classEnd(source: string, open: number): number {
-  let i = open + 1;
-  for (; i < source.length && source[i] !== ']'; i++) if (source[i] === '\\') i++;
-  return i;
+/**
+ * Where the escape (\x) or character class ([…]) of a JavaScript pattern starting at `i` ends (its last
+ * character's index), or null when none starts there: their characters are no quantifiers or groups.
+ */
+function opaqueEnd(source: string, i: number): number | null {
+  if (source[i] === '\\') return i + 1;
+  if (source[i] !== '[') return null;
+  let end = i + 1;
+  for (; end < source.length && source[end] !== ']'; end++) if (source[end] === '\\') end++;
+  return end;
 }
 
 /**
@@ -132,12 +137,12 @@ export function hasNestedQuantifier(pattern: string): boolean {
 /** Whether a group of a JavaScript pattern is repeated (*, + or a bound above 1 after its closing parenthesis). */
 function repeatsGroup(source: string): boolean {
   for (let i = 0; i < source.length; i++) {
-    const c = source[i]!;
-    if (c === '\\') {
-      i++;
-    } else if (c === '[') {
-      i = classEnd(source, i);
-    } else if (c === ')') {
+    const skipped = opaqueEnd(source, i);
+    if (skipped !== null) {
+      i = skipped;
+      continue;
+    }
+    if (source[i] === ')') {
       const next = source[i + 1];
       if (next === '*' || next === '+') return true;
       if (next === '{') {
@@ -160,12 +165,13 @@ const MAX_QUANTIFIERS_WITHOUT_LINEAR = 4;
 function quantifiers(source: string): number {
   let count = 0;
   for (let i = 0; i < source.length; i++) {
+    const skipped = opaqueEnd(source, i);
+    if (skipped !== null) {
+      i = skipped;
+      continue;
+    }
     const c = source[i]!;
-    if (c === '\\') {
-      i++;
-    } else if (c === '[') {
-      i = classEnd(source, i);
-    } else if (c === '(' && source[i + 1] === '?') {
+    if (c === '(' && source[i + 1] === '?') {
       i++; // a group's (?: (?= (?<name> is no quantifier
     } else if (c === '*' || c === '+' || c === '?') {
       count++;
