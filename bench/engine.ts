@@ -23,7 +23,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { BankAdapterParts, BankReader, BankSlotPart, SharedBases } from '../src/compress/bank-reader-types.js';
 import { AdapterCache } from '../src/engine/adapter-cache.js';
-import { createEngine, slotShapeOf } from '../src/engine/engine.js';
+import { adapterDtypes, createEngine, slotShapeOf } from '../src/engine/engine.js';
 import type { Engine, GenerateRequest } from '../src/engine/engine-types.js';
 import { BASE_SHAPES } from '../src/io/fixtures/base-shapes.js';
 import { AdapterGenerator } from '../src/io/fixtures/generate-adapters.js';
@@ -216,9 +216,12 @@ async function rssChild(args: Args, mode: Mode): Promise<void> {
   const model = await loadLlamaModel(await modelDir(root, 'bf16', args.layers));
   const rssArgs = { ...args, bankSize: args.rssAdapters, targets: args.rssTargets };
   const bank = syntheticBank(model.config, rssArgs);
-  // factors in the model's dtype, as the engine's default loraDtype (auto) holds them
-  const factorDtype = modelWeightDtype(model);
-  const cache = new AdapterCache({ budgetBytes: Number.MAX_SAFE_INTEGER, bank, loadLocal: rawLoader(model.config, rssArgs), slotShape: slotShapeOf(model.config), factorDtype, maxConcurrentLoads: 1 });
+  // factors as the engine's default loraDtype (auto) holds them
+  const dtypes = adapterDtypes(modelWeightDtype(model));
+  const cache = new AdapterCache({
+    budgetBytes: Number.MAX_SAFE_INTEGER, bank, loadLocal: rawLoader(model.config, rssArgs), slotShape: slotShapeOf(model.config),
+    factorDtype: dtypes.local, bankFactorDtype: dtypes.bank, maxConcurrentLoads: 1,
+  });
   const gc = (globalThis as { gc?: () => void }).gc;
   gc?.();
   const before = process.memoryUsage().rss;
@@ -321,11 +324,14 @@ export async function run(argv: string[]): Promise<void> {
     await engine.close();
     // compressed / base at batch 32 as the bank's shared rank grows: the shared bases a step reads grow with
     // rank × clusters (the adapters a real bank holds decide the rank; a bank of unrelated adapters needs a high one)
+    // the f32 model's bank also held in f32 (loraDtype f32), beside the bf16 the engine's default holds it in
     const sweepBatch = Math.min(32, Math.max(...args.batches));
-    for (const sharedRank of args.rankSweep) {
+    const bankDtypes = [...new Set([adapterDtypes(modelWeightDtype(model)).bank, modelWeightDtype(model)])];
+    for (const bankDtype of bankDtypes) for (const sharedRank of args.rankSweep) {
       const swept = await createEngine({
         modelDir: dir, model, bank: syntheticBank(model.config, { ...args, sharedRank }), kernels, kvBudgetBytes: 512 << 20,
         adapterBudgetBytes: 4 * 2 ** 30, maxBatchTokens: 16 * sweepBatch, maxRunningRequests: sweepBatch, maxInputTokens: 64, maxTotalTokens: 256, blockSize: 16,
+        loraDtype: bankDtype,
       });
       for (const mode of ['base', 'compressed'] as const) await decodeRate(swept, mode, sweepBatch, 1, 0);
       const ratios: number[] = [];
@@ -342,9 +348,10 @@ export async function run(argv: string[]): Promise<void> {
         const slot = shape(layer, module);
         if (slot) features += slot.inFeatures + slot.outFeatures;
       }
-      const basesBytes = Math.min(args.clusters, sweepBatch) * features * sharedRank * (modelWeightDtype(model) === 'f32' ? 4 : 2);
-      sweep.push(`| ${dtype} | ${sharedRank} | ${fmt(basesBytes / 2 ** 20)} MiB | ${medianRange(ratios)} |`);
-      log(`sweep ${dtype} shared rank ${sharedRank}: compressed / base ${median(ratios).toFixed(3)}`);
+      const basesBytes = Math.min(args.clusters, sweepBatch) * features * sharedRank * (bankDtype === 'f32' ? 4 : 2);
+      const held = bankDtype === adapterDtypes(modelWeightDtype(model)).bank ? `${bankDtype} (default)` : `${bankDtype} (--lora-dtype ${bankDtype})`;
+      sweep.push(`| ${dtype} | ${held} | ${sharedRank} | ${fmt(basesBytes / 2 ** 20)} MiB | ${medianRange(ratios)} |`);
+      log(`sweep ${dtype} bank ${bankDtype} shared rank ${sharedRank}: compressed / base ${median(ratios).toFixed(3)}`);
     }
   }
   // where a decode step's time goes, per mode (kernel calls timed one by one; robust to a shared machine)
@@ -418,15 +425,15 @@ export async function run(argv: string[]): Promise<void> {
     `Command: \`${command}\` — ${new Date().toISOString().slice(0, 10)}, ${machineDescription()}, kernel ${kernels.name}.`,
     `Model: SmolLM-135M shapes (generated weights${args.layers ? `, ${args.layers} layers` : ''}). Raw adapters: rank ${args.rank} on ${args.targets.join(', ')}, one distinct adapter per row. ` +
       `Compressed: a synthetic in-memory bank of ${args.bankSize} adapters, ${args.clusters} clusters, shared rank ${args.sharedRank}, full cores, one distinct adapter per row. ` +
-      `Adapter factors (raw A, Bᵀ, the bank's bases and each adapter's core) are held in the model's dtype (the engine default, loraDtype auto: bf16 rows use bf16 factors and cores, f32 rows f32). ` +
+      `Adapters are held as the engine's default (loraDtype auto) holds them: raw PEFT adapters' A and Bᵀ in the model's dtype; the bank's shared bases and cores in the model's dtype when it is 16-bit, else bf16, so the f32 rows' compressed adapters are bf16 (a bank is a fit within an error budget, 10 % by default; one bf16 rounding adds ~0.3 %; the sweep below has the f32 model's bank held in f32 too). ` +
       `Decode tok/s = batch × ${args.steps} steps / time after every request's first token (prompts of 16 tokens), the median (range) of ${args.rounds} interleaved rounds; ` +
       `a ratio is the median over the rounds of that round's mode / base (the three modes run back to back in each round, in reverse order every other round). Targets at batch 32: compressed ≥ 0.9× base, raw ≥ 0.7× base.`,
     '',
     ...table,
     '',
     ...(sweep.length > 0
-      ? [`Compressed / base at batch ${Math.min(32, Math.max(...args.batches))} by the bank's shared rank (${args.clusters} clusters, full cores; the same rounds; "bases per step" is what one decode step reads of the clusters' shared U and Vᵀ):`,
-        '', '| dtype | shared rank | bases per step | compressed / base, median (range) |', '|---|---|---|---|', ...sweep, '']
+      ? [`Compressed / base at batch ${Math.min(32, Math.max(...args.batches))} by the bank's shared rank and the dtype it is held in (${args.clusters} clusters, full cores; the same rounds; "bases per step" is what one decode step reads of the clusters' shared U and Vᵀ):`,
+        '', '| model dtype | bank held in | shared rank | bases per step | compressed / base, median (range) |', '|---|---|---|---|---|', ...sweep, '']
       : []),
     'Batch-1 decode step vs the roofline (weight bytes / read bandwidth; target within 1.3×). The bandwidth is measured after every round ' +
       '(best of three passes over 1 GiB): this machine moves between bandwidth modes over minutes, so each round\'s step is held against ' +

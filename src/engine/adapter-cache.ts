@@ -21,8 +21,10 @@ export interface AdapterCacheOptions {
   /** Loads a PEFT directory (the io loader). */
   readonly loadLocal: (dir: string) => Promise<LoraAdapter>;
   readonly slotShape: SlotShape;
-  /** dtype of resident adapter factors, shared bases and cores (default f32). */
+  /** dtype of resident PEFT-directory adapters' factors (default f32). */
   readonly factorDtype?: WeightDtype;
+  /** dtype of resident bank adapters: shared bases, cores and raw factors (default factorDtype). */
+  readonly bankFactorDtype?: WeightDtype;
   /** Loads in flight at once (default 4). */
   readonly maxConcurrentLoads?: number;
   /** Called when a load finishes or fails, so the engine can schedule waiting requests. */
@@ -97,6 +99,10 @@ export class AdapterCache {
 
   get budgetBytes(): number {
     return this.options.budgetBytes;
+  }
+
+  private get bankDtype(): WeightDtype {
+    return this.options.bankFactorDtype ?? this.options.factorDtype ?? 'f32';
   }
 
   /** Bytes of resident adapter parts plus shared bases. */
@@ -305,7 +311,8 @@ export class AdapterCache {
    * or not yet: an in-flight load's bases are held before its adapter is).
    */
   private plannedBytes(candidate: AdapterEntry): number {
-    const bytesPerElement = (this.options.factorDtype ?? 'f32') === 'f32' ? 4 : 2;
+    // only a bank's adapters have shared bases
+    const bytesPerElement = this.bankDtype === 'f32' ? 4 : 2;
     let bytes = 0;
     const keys = new Set<string>();
     const addBases = (key: string, elements: number): void => {
@@ -360,7 +367,7 @@ export class AdapterCache {
           loaded.set(key, await this.holdBases(key, bank));
           heldBases.push(key);
         }
-        resident = residentFromBank(parts, loaded, this.options.slotShape, bank.dir, this.options.factorDtype);
+        resident = residentFromBank(parts, loaded, this.options.slotShape, bank.dir, this.bankDtype);
       }
       if (entry.stale && entry.users === 0) {
         // removed or replaced, and released, while it loaded: nobody will use it. Its load slot and
@@ -395,7 +402,7 @@ export class AdapterCache {
     }
     let pending = this.basesLoading.get(key);
     if (!pending) {
-      pending = bank.loadBases(key).then((bases) => residentBases(bases, this.options.factorDtype, bank.dir));
+      pending = bank.loadBases(key).then((bases) => residentBases(bases, this.bankDtype, bank.dir));
       this.basesLoading.set(key, pending);
       pending.then(
         () => this.basesLoading.delete(key),

@@ -135,8 +135,10 @@ export interface EngineStep {
 export interface EngineInfo {
   readonly modelId: string;
   readonly modelDtype: string;
-  /** dtype of resident adapter factors and shared bases (the engine's loraDtype, resolved). */
+  /** dtype of resident PEFT-directory adapters' factors (the engine's loraDtype, resolved: adapterDtypes). */
   readonly loraDtype: WeightDtype;
+  /** dtype of resident bank adapters' shared bases, cores and raw factors (adapterDtypes). */
+  readonly bankDtype: WeightDtype;
   readonly maxInputTokens: number;
   readonly maxTotalTokens: number;
   readonly maxBatchTokens: number;

@@ -65,9 +65,9 @@ export interface EngineOptions {
   /** Adapter loads in flight at once (default 4). */
   readonly maxConcurrentLoads?: number;
   /**
-   * dtype of resident adapter factors (LoRA A, Bᵀ, a bank's shared bases and cores). 'auto'
-   * (default) is the model's weight dtype, as vLLM's lora_dtype: 16-bit factors halve adapter memory and
-   * the LoRA kernels' memory traffic, at one rounding of each factor at load.
+   * dtype of resident adapter factors (LoRA A, Bᵀ, a bank's shared bases and cores). 16-bit factors halve
+   * adapter memory and the LoRA kernels' memory traffic, at one rounding of each factor at load. 'auto'
+   * (default): see adapterDtypes.
    */
   readonly loraDtype?: 'auto' | WeightDtype;
   /** Seeds the seeds chosen for requests that give none (default: time based). */
@@ -82,6 +82,20 @@ export function parseLoraDtype(value: string, field = 'lora-dtype'): 'auto' | We
     throw new SoppuError('CONFIG', `--${field} must be one of ${LORA_DTYPES.join(', ')}, got "${value}"`, { field });
   }
   return value as 'auto' | WeightDtype;
+}
+
+/**
+ * The dtypes resident adapters are held in: `local` for PEFT directories, `bank` for a bank's adapters
+ * (shared bases, cores, and the members it stores raw). A given loraDtype is both. 'auto': PEFT
+ * adapters in the model's dtype, as vLLM's lora_dtype; bank adapters in the model's dtype when it is
+ * 16-bit, else bf16. A bank is a fit within an error budget (10 % relative by default), and one bf16
+ * rounding of its bases and cores adds ~0.3 % to a slot's relative error (in quadrature: 10 % becomes
+ * 10.005 %), while halving the bytes every compressed row's step reads (f32 SmolLM-135M shapes, batch
+ * 32: compressed / base 0.89 → 0.94). See docs/architecture.md, "Adapters are data".
+ */
+export function adapterDtypes(modelDtype: WeightDtype, loraDtype: 'auto' | WeightDtype = 'auto'): { local: WeightDtype; bank: WeightDtype } {
+  if (loraDtype !== 'auto') return { local: loraDtype, bank: loraDtype };
+  return { local: modelDtype, bank: modelDtype === 'f32' ? 'bf16' : modelDtype };
 }
 
 /** Loaders that replace the defaults (the model layer's tokenizer, the io layer's PEFT loader, the bank reader). */
@@ -171,6 +185,7 @@ class SoppuEngine implements Engine {
   /** The last adapter registration or removal; the next one starts after it (inOrder). */
   private adapterChanges: Promise<unknown> = Promise.resolve();
   private readonly slotShape: SlotShape;
+  /** dtype of resident PEFT-directory adapters (the bank's: info.bankDtype). */
   private readonly loraDtype: WeightDtype;
   private readonly all = new Set<RequestState>();
   private nextId = 1;
@@ -201,13 +216,15 @@ class SoppuEngine implements Engine {
     this.scheduler = new Scheduler<RequestState>(this.pool, { maxBatchTokens: options.maxBatchTokens, maxRunningRequests: options.maxRunningRequests });
     this.slotShape = slotShapeOf(this.config);
     const modelDtype = modelWeightDtype(model);
-    this.loraDtype = !options.loraDtype || options.loraDtype === 'auto' ? modelDtype : options.loraDtype;
+    const dtypes = adapterDtypes(modelDtype, options.loraDtype);
+    this.loraDtype = dtypes.local;
     this.cache = new AdapterCache({
       budgetBytes: options.adapterBudgetBytes,
       bank: options.bank ?? null,
       loadLocal,
       slotShape: this.slotShape,
-      factorDtype: this.loraDtype,
+      factorDtype: dtypes.local,
+      bankFactorDtype: dtypes.bank,
       maxConcurrentLoads: options.maxConcurrentLoads,
       onSettled: () => this.onAdapterSettled(),
     });
@@ -222,7 +239,8 @@ class SoppuEngine implements Engine {
     this.info = {
       modelId: options.modelId ?? options.modelDir ?? 'model',
       modelDtype,
-      loraDtype: this.loraDtype,
+      loraDtype: dtypes.local,
+      bankDtype: dtypes.bank,
       maxInputTokens: options.maxInputTokens,
       maxTotalTokens: options.maxTotalTokens,
       maxBatchTokens: options.maxBatchTokens,

@@ -193,7 +193,8 @@ describe('soppu compress / bank / verify / export / report', () => {
     const bank = join(root, 'exact-bank');
     // shared rank 12 = 3 adapters × r 4: the bank is exact
     expect((await runCli(['compress', ...family.slice(0, 3), '-o', bank, '--rank', '12', '--seed', '1'])).code).toBe(0);
-    const checked = await runCli(['verify', bank, '--adapters', ...family.slice(0, 2), '--model', modelDir, '--tokens', '6', '--json']);
+    // f32 factors: the bank's math alone (auto would hold the bank in bf16 on this f32 model)
+    const checked = await runCli(['verify', bank, '--adapters', ...family.slice(0, 2), '--model', modelDir, '--tokens', '6', '--json', '--lora-dtype', 'f32']);
     expect(checked.stderr).toBe('');
     expect(checked.code).toBe(0);
     const report = JSON.parse(checked.stdout);
@@ -207,6 +208,16 @@ describe('soppu compress / bank / verify / export / report', () => {
       expect(a.model_check.mean_logprob_gap).toBeLessThan(1e-3);
       expect(a.model_check.mean_logprob_gap).toBeGreaterThanOrEqual(0); // a magnitude
     }
+    // auto, as serve holds it: one bf16 rounding of the exact bank, far below a lossy bank's gap (below)
+    const asServed = JSON.parse((await runCli(['verify', bank, '--adapters', family[0]!, '--model', modelDir, '--tokens', '6', '--json'])).stdout);
+    const servedCheck = asServed.adapters.find((a: { id: string }) => a.id === 'user-0000').model_check;
+    const exactGap = withCheck.find((a: { id: string }) => a.id === 'user-0000').model_check.mean_logprob_gap;
+    expect(servedCheck.mean_logprob_gap).not.toBe(exactGap); // held in bf16, not as the f32 run held it
+    expect(servedCheck.mean_logprob_gap).toBeLessThan(0.01);
+    expect(servedCheck.top1_agreement).toBe(1);
+    const refused = await runCli(['verify', bank, '--lora-dtype', 'bf16']);
+    expect(refused.code).not.toBe(0);
+    expect(refused.stderr).toMatch(/--lora-dtype sets how the model check holds adapters: give --model/);
     const lossy = join(root, 'lossy-bank');
     expect((await runCli(['compress', ...family.slice(0, 3), '-o', lossy, '--rank', '1', '--seed', '1'])).code).toBe(0);
     const lossyReport = JSON.parse((await runCli(['verify', lossy, '--adapters', family[0]!, '--model', modelDir, '--tokens', '6', '--json'])).stdout);

@@ -83,6 +83,7 @@ describe('bank served by the engine', () => {
     const engine = await createEngine({
       model, tokenizer: charTokenizer(), bank, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26, maxBatchTokens: 256,
       maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7,
+      loraDtype: 'f32', // the bank's math, not the bf16 rounding auto holds it with on an f32 model
     });
     try {
       const prompt = 'once upon a time';

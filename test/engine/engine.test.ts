@@ -69,7 +69,8 @@ describe('engine', () => {
   });
 
   it('compressed adapter output equals the same adapter exported raw', async () => {
-    const engine = await createEngine(options());
+    // f32 factors both ways: the math, not the bf16 rounding auto holds a bank with on an f32 model
+    const engine = await createEngine(options({ loraDtype: 'f32' }));
     const prompt = 'once upon a time';
     const compressed = await collect(engine.generate({ prompt, maxNewTokens: 10, ignoreEos: true, adapterId: 'c1-3' }));
     const raw = await collect(engine.generate({ prompt, maxNewTokens: 10, ignoreEos: true, adapterId: 'exported', adapterSource: 'local', adapterPath: '/adapters/export-c1-3' }));
@@ -78,11 +79,13 @@ describe('engine', () => {
     expect(engine.listAdapters().find((a) => a.id === 'c1-3')).toMatchObject({ storage: 'compressed', tier: 'resident', source: 'bank' });
   });
 
-  it('loraDtype: auto is the model dtype; bf16 factors and cores are the adapter rounded once, in half the bytes; f16 refuses what it cannot hold', async () => {
-    expect((await createEngine(options())).info.loraDtype).toBe('f32');
-    expect((await createEngine(options({}, bf16Copy(model)))).info.loraDtype).toBe('bf16');
+  it('loraDtype: auto is the model dtype (a bank in bf16 on an f32 model); bf16 factors and cores are the adapter rounded once, in half the bytes; f16 refuses what it cannot hold', async () => {
+    const auto = await createEngine(options());
+    expect(auto.info).toMatchObject({ modelDtype: 'f32', loraDtype: 'f32', bankDtype: 'bf16' });
+    expect((await createEngine(options({}, bf16Copy(model)))).info).toMatchObject({ loraDtype: 'bf16', bankDtype: 'bf16' });
     const half = await createEngine(options({ loraDtype: 'bf16' }));
-    expect(half.info).toMatchObject({ modelDtype: 'f32', loraDtype: 'bf16' });
+    expect(half.info).toMatchObject({ modelDtype: 'f32', loraDtype: 'bf16', bankDtype: 'bf16' });
+    expect((await createEngine(options({ loraDtype: 'f32' }))).info).toMatchObject({ loraDtype: 'f32', bankDtype: 'f32' });
     // the same adapter with A and s·B rounded to bf16 beforehand, served with f32 factors
     const adapter = rawAdapters.get('/adapters/raw-3')!;
     const roundedModules = new Map([...adapter.modules].map(([path, m]) => [path, {
@@ -101,8 +104,16 @@ describe('engine', () => {
     const compressed = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
     const exported = await collect(half.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'exported', adapterSource: 'local', adapterPath: '/adapters/export-c1-3' }));
     expect(compressed.tokens).toEqual(exported.tokens);
+    // auto on an f32 model: the bank's adapter as the bf16 engine serves it, a PEFT adapter as the f32 one does
+    const full = await createEngine(options({ loraDtype: 'f32' }));
+    const autoCompressed = await collect(auto.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
+    expect(autoCompressed.logprobs).toEqual(compressed.logprobs);
+    const fullCompressed = await collect(full.generate({ prompt, maxNewTokens: 6, ignoreEos: true, adapterId: 'c1-3' }));
+    expect(autoCompressed.logprobs).not.toEqual(fullCompressed.logprobs);
+    expect((await collect(auto.generate({ prompt, maxNewTokens: 12, ignoreEos: true, ...local(3) }))).logprobs)
+      .toEqual((await collect(full.generate({ prompt, maxNewTokens: 12, ignoreEos: true, ...local(3) }))).logprobs);
+    expect(auto.listAdapters().find((a) => a.id === 'c1-3')?.bytes).toBe(half.listAdapters().find((a) => a.id === 'c1-3')?.bytes);
     // a compressed adapter's own bytes are its cores: bf16 like the factors, half of f32
-    const full = await createEngine(options());
     await collect(full.generate({ prompt, maxNewTokens: 1, adapterId: 'c1-3' }));
     const coreBytes = full.listAdapters().find((a) => a.id === 'c1-3')!.bytes;
     expect(coreBytes).toBeGreaterThan(0);

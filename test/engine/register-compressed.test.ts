@@ -50,6 +50,7 @@ describe('registerAdapter with compress', () => {
     const engine = await createEngine({
       model, tokenizer: charTokenizer(), bankDir: join(root, 'bank'), kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
       maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7,
+      loraDtype: 'f32', // the projection's math, not the bf16 rounding auto holds a bank with on an f32 model
     });
     expect(engine.hasAdapter('fresh')).toBe(false);
     const status = await engine.registerAdapter('fresh', join(root, 'new-adapter'), { compress: true });

@@ -48,7 +48,7 @@ export function register(program: Command): void {
     .option('--seed <n>', 'sampling seed (with --temperature)')
     .option('--ignore-eos', 'keep generating past end-of-sequence')
     .option('--stop <text...>', 'stop sequences')
-    .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
+    .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype; a bank\'s adapters in bf16 for an f32 model), f32, bf16 or f16', 'auto')
     .action(async (options: GenerateOptions) => {
       for (const [flag, value] of [['adapter', options.adapter], ['bank', options.bank], ['adapter-id', options.adapterId]] as const) {
         if (value !== undefined && value.trim() === '') throw new SoppuError('CONFIG', `--${flag} is empty`, { field: flag });

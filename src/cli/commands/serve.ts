@@ -177,7 +177,7 @@ export function register(program: Command): void {
     .option('--kv-memory-mb <n>', 'KV-cache budget in MiB', '512')
     .option('--adapter-memory-mb <n>', 'resident adapter budget in MiB', '512')
     .option('--block-size <n>', 'KV-cache block size in positions', '16')
-    .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype), f32, bf16 or f16', 'auto')
+    .option('--lora-dtype <dtype>', 'adapter factors and cores in memory: auto (the model dtype; a bank\'s adapters in bf16 for an f32 model), f32, bf16 or f16', 'auto')
     .option('--drain-deadline-s <n>', 'on SIGTERM or SIGINT, seconds to let running requests finish', String(DEFAULT_SERVER_OPTIONS.drainDeadlineMs / 1000))
     .option('--max-upload-mb <n>', 'largest adapter upload in MiB', String(DEFAULT_SERVER_OPTIONS.maxUploadBytes / 1024 / 1024))
     .action(async (options: ServeOptions) => {
@@ -283,7 +283,7 @@ export function register(program: Command): void {
       const boundPort = address !== null && typeof address === 'object' ? address.port : port;
       if (!accessControl) log(`no --auth keys file: every caller is an admin; bound to ${host} only${host === '127.0.0.1' || host === 'localhost' ? '' : ' (WARNING: not loopback)'}`);
       const adapters = engine.listAdapters();
-      log(`model ${engine.info.modelId}, ${adapters.length} adapters, kernel ${engine.info.kernel}`);
+      log(`model ${engine.info.modelId} (${engine.info.modelDtype}), ${adapters.length} adapters held in ${engine.info.loraDtype}${engine.info.bankDtype !== engine.info.loraDtype ? ` (a bank's in ${engine.info.bankDtype})` : ''}, kernel ${engine.info.kernel}`);
       const example = adapters[0]?.id;
       process.stdout.write(`listening on http://${host}:${boundPort}\n`);
       process.stdout.write(

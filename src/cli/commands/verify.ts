@@ -3,7 +3,7 @@ import { openBank, type Bank } from '../../compress/bank-reader.js';
 import { SoppuError } from '../../errors/soppu-error.js';
 import { loadAdapterArguments } from '../../compress/bank-source.js';
 import { verifyBank, type ModelCheck, type ModelCheckResult } from '../../compress/verify-bank.js';
-import { createEngine } from '../../engine/engine.js';
+import { createEngine, parseLoraDtype } from '../../engine/engine.js';
 import type { Engine, GenerateEvent } from '../../engine/engine-types.js';
 import { argmax } from '../../engine/sampler.js';
 import type { LoraAdapter } from '../../io/lora-types.js';
@@ -87,10 +87,11 @@ interface VerifyCliOptions {
   maxError?: string;
   json?: boolean;
   model?: string;
+  loraDtype?: string;
   tokens: string;
 }
 
-/** `soppu verify bank/ [--adapters dirs...] [--max-error e] [--model dir]`; exit code 1 when any adapter is over budget or a file is bad. */
+/** `soppu verify bank/ [--adapters dirs...] [--max-error e] [--model dir [--lora-dtype d]]`; exit code 1 when any adapter is over budget or a file is bad. */
 export function register(program: Command): void {
   program
     .command('verify')
@@ -100,8 +101,11 @@ export function register(program: Command): void {
     .option('--max-error <e>', 'error budget for every adapter (default: the bank\'s, or the one bank add --max-error stored an adapter under)')
     .option('--model <dir>', 'also compare next-token distributions, original vs bank, teacher-forced on the original\'s greedy continuation of fixed prompts: KL(original‖bank), top-1 agreement, |logprob gap| (needs --adapters)')
     .option('--tokens <n>', 'tokens generated per prompt by the model check', '16')
+    .option('--lora-dtype <dtype>', 'with --model: adapters held as serve --lora-dtype holds them: auto (originals in the model dtype; the bank in the model dtype, bf16 for an f32 model), f32, bf16 or f16')
     .option('--json', 'print JSON')
     .action(async (dir: string, options: VerifyCliOptions) => {
+      const loraDtype = options.loraDtype === undefined ? 'auto' : parseLoraDtype(options.loraDtype);
+      if (options.loraDtype !== undefined && !options.model) throw new SoppuError('CONFIG', '--lora-dtype sets how the model check holds adapters: give --model', { field: 'lora-dtype' });
       const bank = await openBank(dir);
       const sources = new Map((await loadAdapterArguments(options.adapters ?? [])).map(({ id, adapter }) => [id, adapter]));
       const maxError = parseError(options.maxError, 'max-error');
@@ -113,7 +117,7 @@ export function register(program: Command): void {
         const maxTotalTokens = Math.min(1024, model.config.maxPositionEmbeddings);
         engine = await createEngine({
           modelDir: options.model, model, bank, kvBudgetBytes: 64 * 1024 * 1024, adapterBudgetBytes: 256 * 1024 * 1024,
-          maxBatchTokens: 512, maxRunningRequests: 1, maxInputTokens: maxTotalTokens - 1, maxTotalTokens, blockSize: 16, seed: 0,
+          maxBatchTokens: 512, maxRunningRequests: 1, maxInputTokens: maxTotalTokens - 1, maxTotalTokens, blockSize: 16, seed: 0, loraDtype,
         });
       }
       let report;
