@@ -34,6 +34,7 @@ import { loadNativeAddon } from '../src/kernels/native-addon.js';
 import { TARGET_MODULES, type TargetModule } from '../src/model/adapter-hook.js';
 import type { LlamaConfig } from '../src/model/llama-config.js';
 import { loadLlamaModel, modelWeightBytes, modelWeightDtype, type LlamaModel } from '../src/model/llama-model.js';
+import { WEIGHT_DTYPE_BYTES } from '../src/tensor/dtype.js';
 import { Random } from '../src/tensor/random.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
 import { fmt, median, medianRange } from './helpers/timing.js';
@@ -348,7 +349,7 @@ export async function run(argv: string[]): Promise<void> {
         const slot = shape(layer, module);
         if (slot) features += slot.inFeatures + slot.outFeatures;
       }
-      const basesBytes = Math.min(args.clusters, sweepBatch) * features * sharedRank * (bankDtype === 'f32' ? 4 : 2);
+      const basesBytes = Math.min(args.clusters, sweepBatch) * features * sharedRank * WEIGHT_DTYPE_BYTES[bankDtype];
       const held = bankDtype === adapterDtypes(modelWeightDtype(model)).bank ? `${bankDtype} (default)` : `${bankDtype} (--lora-dtype ${bankDtype})`;
       sweep.push(`| ${dtype} | ${held} | ${sharedRank} | ${fmt(basesBytes / 2 ** 20)} MiB | ${medianRange(ratios)} |`);
       log(`sweep ${dtype} bank ${bankDtype} shared rank ${sharedRank}: compressed / base ${median(ratios).toFixed(3)}`);

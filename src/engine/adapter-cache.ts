@@ -11,7 +11,7 @@ import type { BankReader } from '../compress/bank-reader-types.js';
 import { LOCAL_ADAPTER_PREFIX } from '../compress/bank-manifest.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
-import type { WeightDtype } from '../tensor/dtype.js';
+import { WEIGHT_DTYPE_BYTES, type WeightDtype } from '../tensor/dtype.js';
 
 export type AdapterSpec = { readonly source: 'bank' } | { readonly source: 'local'; readonly dir: string };
 
@@ -312,7 +312,7 @@ export class AdapterCache {
    */
   private plannedBytes(candidate: AdapterEntry): number {
     // only a bank's adapters have shared bases
-    const bytesPerElement = this.bankDtype === 'f32' ? 4 : 2;
+    const bytesPerElement = WEIGHT_DTYPE_BYTES[this.bankDtype];
     let bytes = 0;
     const keys = new Set<string>();
     const addBases = (key: string, elements: number): void => {

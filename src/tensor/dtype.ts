@@ -13,6 +13,9 @@ export const ST_DTYPE_BYTES: Readonly<Record<StDtype, number>> = {
   F64: 8, F32: 4, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1,
 };
 
+/** Bytes per element of each weight dtype. */
+export const WEIGHT_DTYPE_BYTES: Readonly<Record<WeightDtype, number>> = { f32: 4, bf16: 2, f16: 2 };
+
 const f32Scratch = new Float32Array(1);
 const u32Scratch = new Uint32Array(f32Scratch.buffer);
 
