@@ -91,7 +91,8 @@ export function parseLoraDtype(value: string, field = 'lora-dtype'): 'auto' | We
  * 16-bit, else bf16. A bank is a fit within an error budget (10 % relative by default), and one bf16
  * rounding of its bases and cores adds ~0.3 % to a slot's relative error (in quadrature: 10 % becomes
  * 10.005 %), while halving the bytes every compressed row's step reads (f32 SmolLM-135M shapes, batch
- * 32: compressed / base 0.89 → 0.94). See docs/architecture.md, "Adapters are data".
+ * 32, the engine bench's sweep: compressed / base 0.88–0.90 → 0.92). See docs/architecture.md,
+ * "Adapters are data".
  */
 export function adapterDtypes(modelDtype: WeightDtype, loraDtype: 'auto' | WeightDtype = 'auto'): { local: WeightDtype; bank: WeightDtype } {
   if (loraDtype !== 'auto') return { local: loraDtype, bank: loraDtype };
@@ -185,8 +186,10 @@ class SoppuEngine implements Engine {
   /** The last adapter registration or removal; the next one starts after it (inOrder). */
   private adapterChanges: Promise<unknown> = Promise.resolve();
   private readonly slotShape: SlotShape;
-  /** dtype of resident PEFT-directory adapters (the bank's: info.bankDtype). */
+  /** dtype of resident PEFT-directory adapters. */
   private readonly loraDtype: WeightDtype;
+  /** dtype of resident bank adapters (bases, cores, raw members). */
+  private readonly bankDtype: WeightDtype;
   private readonly all = new Set<RequestState>();
   private nextId = 1;
   private seedCounter: number;
@@ -218,6 +221,7 @@ class SoppuEngine implements Engine {
     const modelDtype = modelWeightDtype(model);
     const dtypes = adapterDtypes(modelDtype, options.loraDtype);
     this.loraDtype = dtypes.local;
+    this.bankDtype = dtypes.bank;
     this.cache = new AdapterCache({
       budgetBytes: options.adapterBudgetBytes,
       bank: options.bank ?? null,
@@ -706,9 +710,9 @@ class SoppuEngine implements Engine {
 
   private async registerNow(id: string, dir: string, options?: { compress?: boolean; ignoreBaseModel?: boolean; onRelease?: () => void }): Promise<AdapterStatus> {
     if (id.length === 0) throw new SoppuError('VALIDATION', 'adapter id must not be empty', { field: 'adapter_id' });
-    // load and check now, so a bad directory is reported to whoever registers it
+    // load and check now (in the dtype it will be served in), so a bad directory is reported to whoever registers it
     const adapter = await this.loadLocal(dir);
-    residentFromLora(id, adapter, this.slotShape, this.loraDtype);
+    residentFromLora(id, adapter, this.slotShape, options?.compress ? this.bankDtype : this.loraDtype);
     if (options?.compress) {
       // projected onto the bank's shared bases and written into the bank, then served compressed
       const bank = this.bank;

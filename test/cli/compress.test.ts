@@ -212,7 +212,7 @@ describe('soppu compress / bank / verify / export / report', () => {
     const asServed = JSON.parse((await runCli(['verify', bank, '--adapters', family[0]!, '--model', modelDir, '--tokens', '6', '--json'])).stdout);
     const servedCheck = asServed.adapters.find((a: { id: string }) => a.id === 'user-0000').model_check;
     const exactGap = withCheck.find((a: { id: string }) => a.id === 'user-0000').model_check.mean_logprob_gap;
-    expect(servedCheck.mean_logprob_gap).not.toBe(exactGap); // held in bf16, not as the f32 run held it
+    expect(servedCheck.mean_logprob_gap).toBeGreaterThan(exactGap); // the bank held in bf16 adds to the f32 fit's own gap
     expect(servedCheck.mean_logprob_gap).toBeLessThan(0.01);
     expect(servedCheck.top1_agreement).toBe(1);
     const refused = await runCli(['verify', bank, '--lora-dtype', 'bf16']);

@@ -1,3 +1,4 @@
+import type { WeightDtype } from '../../src/tensor/dtype.js';
 import { describe, expect, it } from 'vitest';
 import { AdapterCache } from '../../src/engine/adapter-cache.js';
 import { IncrementalDecoder, type EngineTokenizer } from '../../src/engine/engine-tokenizer.js';
@@ -141,8 +142,8 @@ describe('AdapterCache', () => {
   const bytes = residentFromLora('x', adapters.get('/a/0')!, slotShapeOf(config)).bytes;
   const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 5));
 
-  function cache(budget: number, bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 })) {
-    const c = new AdapterCache({ budgetBytes: budget, bank: bank.reader, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config) });
+  function cache(budget: number, bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 }), dtypes: { factorDtype?: WeightDtype; bankFactorDtype?: WeightDtype } = {}) {
+    const c = new AdapterCache({ budgetBytes: budget, bank: bank.reader, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config), ...dtypes });
     for (let i = 0; i < 6; i++) c.register(`l${i}`, { source: 'local', dir: `/a/${i}` });
     return { c, bank };
   }
@@ -341,13 +342,25 @@ describe('AdapterCache', () => {
     expect(loads.map((e) => e.state)).toEqual(['loading', 'loading', 'loading', 'loading']);
   });
 
-  it('counts the shared bases a load brings against the budget (other clusters wait instead of piling up)', async () => {
+  it.each([
+    ['f32 throughout', {}],
+    ['a bf16 bank beside f32 PEFT adapters', { factorDtype: 'f32', bankFactorDtype: 'bf16' }],
+  ] as const)('counts the shared bases a load brings against the budget, at the bank dtype’s size: %s', async (_, dtypes) => {
     const bank = handBank(config, { clusters: 5, perCluster: 2, rank: 6, seed: 3 });
-    const probe = cache(1 << 30, bank).c;
+    const probe = cache(1 << 30, bank, dtypes).c;
     probe.acquire('c0-0');
     await settle();
     const one = probe.bytesResident; // one adapter and its cluster's bases
-    const { c } = cache(Math.round(one * 1.5), bank);
+    // room for two: a second cluster loads beside a held one (bf16 bases sized as f32 made room for none)
+    const roomy = cache(Math.round(one * 2.2), bank, dtypes).c;
+    roomy.acquire('c0-0');
+    await settle();
+    const second = roomy.acquire('c1-0');
+    await settle();
+    await settle();
+    expect(second.state).toBe('resident');
+    // room for one and a half: other clusters wait instead of piling up
+    const { c } = cache(Math.round(one * 1.5), bank, dtypes);
     const held = [c.acquire('c0-0')];
     await settle();
     for (const id of ['c1-0', 'c2-0', 'c3-0', 'c4-0']) held.push(c.acquire(id));
@@ -363,6 +376,21 @@ describe('AdapterCache', () => {
       expect(held[i + 1]!.state, held[i + 1]!.id).toBe('resident');
       expect(c.bytesResident).toBeLessThanOrEqual(Math.round(one * 1.5));
     }
+  });
+
+  it('holds a bank’s adapters and bases in bankFactorDtype, PEFT adapters in factorDtype', async () => {
+    const bytesOf = async (dtypes: { factorDtype?: WeightDtype; bankFactorDtype?: WeightDtype }) => {
+      const { c } = cache(1 << 30, undefined, dtypes);
+      const bankEntry = c.acquire('c0-0');
+      const local = c.acquire('l0');
+      await settle();
+      await settle();
+      return { bank: bankEntry.resident!.bytes, bases: c.bytesResident - bankEntry.resident!.bytes - local.resident!.bytes, local: local.resident!.bytes };
+    };
+    const full = await bytesOf({});
+    const split = await bytesOf({ factorDtype: 'f32', bankFactorDtype: 'bf16' });
+    expect(split).toEqual({ bank: full.bank / 2, bases: full.bases / 2, local: full.local });
+    expect(await bytesOf({ factorDtype: 'bf16' })).toEqual({ bank: full.bank / 2, bases: full.bases / 2, local: full.local / 2 });
   });
 
   it('shares a cluster’s bases between its adapters and frees them with the last one', async () => {

@@ -120,6 +120,16 @@ describe('registerAdapter with compress', () => {
     expect(engine.listAdapters().find((a) => a.id === 'raw-0')).toMatchObject({ tier: 'disk', storage: 'raw' });
     await collect(engine.generate({ prompt: 'hi', maxNewTokens: 1, adapterId: 'raw-0' }));
     expect(engine.listAdapters().find((a) => a.id === 'raw-0')).toMatchObject({ tier: 'resident', storage: 'raw' });
+    // auto holds the bank's raw members in bf16 on this f32 model, as its compressed ones: half the f32 bytes
+    const f32 = await createEngine({
+      model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26,
+      maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7, loraDtype: 'f32',
+    });
+    await collect(f32.generate({ prompt: 'hi', maxNewTokens: 1, adapterId: 'raw-0' }));
+    const f32Bytes = f32.listAdapters().find((a) => a.id === 'raw-0')!.bytes;
+    expect(f32Bytes).toBeGreaterThan(0);
+    expect(engine.listAdapters().find((a) => a.id === 'raw-0')!.bytes).toBe(f32Bytes / 2);
+    await f32.close();
     await engine.close();
   });
 
@@ -159,6 +169,7 @@ describe('registerAdapter with compress', () => {
     const engine = await createEngine({
       model, tokenizer: charTokenizer(), bankDir, kvBudgetBytes: 256 * 2048, adapterBudgetBytes: 1 << 26, maxConcurrentLoads: 1,
       maxBatchTokens: 256, maxRunningRequests: 8, maxInputTokens: 128, maxTotalTokens: 256, blockSize: 8, seed: 7, loadLocalAdapter,
+      loraDtype: 'f32', // compared with its f32 export below: the bank's math, not auto's bf16 rounding of it
     });
     const prompt = 'hello world';
     await engine.registerAdapter('slow', join(root, 'concurrent-0'));

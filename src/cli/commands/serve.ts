@@ -283,7 +283,7 @@ export function register(program: Command): void {
       const boundPort = address !== null && typeof address === 'object' ? address.port : port;
       if (!accessControl) log(`no --auth keys file: every caller is an admin; bound to ${host} only${host === '127.0.0.1' || host === 'localhost' ? '' : ' (WARNING: not loopback)'}`);
       const adapters = engine.listAdapters();
-      log(`model ${engine.info.modelId} (${engine.info.modelDtype}), ${adapters.length} adapters held in ${engine.info.loraDtype}${engine.info.bankDtype !== engine.info.loraDtype ? ` (a bank's in ${engine.info.bankDtype})` : ''}, kernel ${engine.info.kernel}`);
+      log(`model ${engine.info.modelId} (${engine.info.modelDtype}), ${adapters.length} adapters (PEFT folders held in ${engine.info.loraDtype}, a bank's in ${engine.info.bankDtype}), kernel ${engine.info.kernel}`);
       const example = adapters[0]?.id;
       process.stdout.write(`listening on http://${host}:${boundPort}\n`);
       process.stdout.write(
