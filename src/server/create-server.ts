@@ -109,6 +109,9 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
     docker_label: null,
     request_logger_url: null,
     kernel: engine.info.kernel,
+    // not LoRAX's: the dtypes resident adapters are held in (PEFT folders; a bank's), as --lora-dtype resolved
+    lora_dtype: engine.info.loraDtype,
+    bank_dtype: engine.info.bankDtype,
     auth: limits.accessControl ? 'api_keys' : 'none',
   }));
 

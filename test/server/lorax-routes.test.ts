@@ -209,6 +209,7 @@ describe('auxiliary routes', () => {
     expect((await app.inject({ method: 'GET', url: '/health' })).statusCode).toBe(200);
     const info = (await app.inject({ method: 'GET', url: '/info' })).json();
     expect(info).toMatchObject({ model_id: 'fake/tiny', max_input_length: 64, max_total_tokens: 96, max_stop_sequences: 4, max_best_of: 1, model_device_type: 'cpu' });
+    expect(info).toMatchObject({ model_dtype: 'f32', lora_dtype: 'f32', bank_dtype: 'bf16' });
     // LoRAX's Info fields that typed clients read as numbers
     for (const field of ['waiting_served_ratio', 'max_waiting_tokens', 'max_batch_total_tokens', 'max_concurrent_requests']) expect(typeof info[field], field).toBe('number');
     const tokens = (await app.inject({ method: 'POST', url: '/tokenize', payload: { inputs: 'ab' } })).json();
