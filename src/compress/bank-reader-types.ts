@@ -68,6 +68,8 @@ export interface BankReader {
   fingerprint?(id: string): string | null;
   /** The shared bases `id` multiplies (its compressed slots'), with their element counts, before loading any. */
   basesOf?(id: string): readonly { readonly key: string; readonly elements: number }[];
+  /** Whether any of `id`'s slots is compressed (basesOf would list bases), without building that list. */
+  hasCompressedSlots?(id: string): boolean;
   /** The linear layers the bank's adapters adapt, with their shapes (to check a bank against a model up front). */
   readonly slotShapes?: readonly { readonly path: string; readonly inFeatures: number; readonly outFeatures: number }[];
 }

@@ -80,6 +80,11 @@ export class Bank implements BankReader {
     return this.adapterById.has(id);
   }
 
+  hasCompressedSlots(id: string): boolean {
+    const entry = this.adapterById.get(id);
+    return entry !== undefined && Object.values(entry.perSlot).some((part) => part.storage === 'compressed');
+  }
+
   basesOf(id: string): { key: string; elements: number }[] {
     const entry = this.adapterById.get(id);
     if (!entry) return [];

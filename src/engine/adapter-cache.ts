@@ -259,7 +259,7 @@ export class AdapterCache {
 
   /** True when the bank tells which shared bases `entry` brings (their sizes then plan its load, cold or not). */
   private knowsBasesOf(entry: AdapterEntry): boolean {
-    return entry.spec.source === 'bank' && (entry.bank?.basesOf?.(entry.id).length ?? 0) > 0;
+    return entry.spec.source === 'bank' && entry.bank?.hasCompressedSlots?.(entry.id) === true;
   }
 
   /**
@@ -293,7 +293,11 @@ export class AdapterCache {
   }
 
   private ownEstimate(entry: AdapterEntry): number {
-    if (entry.knownBytes > 0) return entry.knownBytes;
+    return entry.knownBytes > 0 ? entry.knownBytes : this.averageKnownBytes();
+  }
+
+  /** The mean size of the adapters whose size is known (0 when none is). */
+  private averageKnownBytes(): number {
     let total = 0;
     let count = 0;
     for (const e of this.entries.values()) {
@@ -324,8 +328,9 @@ export class AdapterCache {
       bytes += resident.bytes;
       for (const key of resident.basesKeys) addBases(key, 0);
     };
+    let average: number | undefined; // a scan of every entry: once per call, however many loads are unsized
     const addPlanned = (entry: AdapterEntry): void => {
-      bytes += this.ownEstimate(entry);
+      bytes += entry.knownBytes > 0 ? entry.knownBytes : (average ??= this.averageKnownBytes());
       if (entry.spec.source === 'bank' && entry.bank?.basesOf) for (const { key, elements } of entry.bank.basesOf(entry.id)) addBases(key, elements);
     };
     for (const e of this.entries.values()) {

@@ -186,10 +186,6 @@ class SoppuEngine implements Engine {
   /** The last adapter registration or removal; the next one starts after it (inOrder). */
   private adapterChanges: Promise<unknown> = Promise.resolve();
   private readonly slotShape: SlotShape;
-  /** dtype of resident PEFT-directory adapters. */
-  private readonly loraDtype: WeightDtype;
-  /** dtype of resident bank adapters (bases, cores, raw members). */
-  private readonly bankDtype: WeightDtype;
   private readonly all = new Set<RequestState>();
   private nextId = 1;
   private seedCounter: number;
@@ -220,8 +216,6 @@ class SoppuEngine implements Engine {
     this.slotShape = slotShapeOf(this.config);
     const modelDtype = modelWeightDtype(model);
     const dtypes = adapterDtypes(modelDtype, options.loraDtype);
-    this.loraDtype = dtypes.local;
-    this.bankDtype = dtypes.bank;
     this.cache = new AdapterCache({
       budgetBytes: options.adapterBudgetBytes,
       bank: options.bank ?? null,
@@ -688,7 +682,7 @@ class SoppuEngine implements Engine {
       id,
       source,
       // before it loads, a bank adapter's storage is what the bank holds of it: raw when no slot is compressed
-      storage: entry?.resident?.storage ?? (source === 'local' ? 'raw' : this.bank?.basesOf && this.bank.basesOf(id).length === 0 ? 'raw' : 'compressed'),
+      storage: entry?.resident?.storage ?? (source === 'local' ? 'raw' : this.bank?.hasCompressedSlots && !this.bank.hasCompressedSlots(id) ? 'raw' : 'compressed'),
       tier,
       pinned: entry?.pinned ?? false,
       bytes: entry?.resident?.bytes ?? entry?.knownBytes ?? 0,
@@ -712,7 +706,7 @@ class SoppuEngine implements Engine {
     if (id.length === 0) throw new SoppuError('VALIDATION', 'adapter id must not be empty', { field: 'adapter_id' });
     // load and check now (in the dtype it will be served in), so a bad directory is reported to whoever registers it
     const adapter = await this.loadLocal(dir);
-    residentFromLora(id, adapter, this.slotShape, options?.compress ? this.bankDtype : this.loraDtype);
+    residentFromLora(id, adapter, this.slotShape, options?.compress ? this.info.bankDtype : this.info.loraDtype);
     if (options?.compress) {
       // projected onto the bank's shared bases and written into the bank, then served compressed
       const bank = this.bank;

@@ -219,7 +219,8 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
     // every step whose batch is unchanged, and reading ~40 arrays per call cost more than a small slot's kernel.
     const applyCache = new WeakMap<readonly LoraSegment[], FlatApply>();
     const ints = new IntScratch();
-    const planFor = (op: string, n: number, k: number, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[]): FlatApply => {
+    const planFor = (op: string, n: number, k: number, segments: readonly LoraSegment[], given: readonly (LoraCore | null | undefined)[]): FlatApply => {
+      const cores = coresKey(given);
       let flat = applyCache.get(segments);
       if (!flat || flat.coresSource !== cores || flat.n !== n || flat.k !== k) {
         ints.reset();
@@ -247,12 +248,12 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
         checkNotShared('loraRows', 'rowOf', rowOf);
         const derived = refLoraRows(segments, cores, rowOf, added);
         const flat = applyCache.get(segments);
-        if (flat && flat.coresSource === cores && derived.segments.length > 0) {
+        if (flat && flat.coresSource === coresKey(cores) && derived.segments.length > 0) {
           // the added work is checked as any new work is (only its own factors and cores are read)
           const addedPlan = added && added.segments.length > 0 ? planFor('loraRows', flat.n, flat.k, added.segments, added.cores).plan : undefined;
           const plan = call('loraRows', loraPlanRows, flat.plan, rowOf, addedPlan);
           const rows = derived.segments.reduce((most, segment) => Math.max(most, segment.end), 0);
-          applyCache.set(derived.segments, { n: flat.n, k: flat.k, rows, coresSource: derived.cores, plan });
+          applyCache.set(derived.segments, { n: flat.n, k: flat.k, rows, coresSource: coresKey(derived.cores), plan });
         }
         return derived;
       };
@@ -274,7 +275,7 @@ export function nativeOps(addon: NativeAddon, variantIndex: number): Partial<Nat
           if (!holdsDtype(w.dtype, w.data)) throw kernelError(op, `${name}weight dtype ${w.dtype} does not match its ${w.data.constructor.name} data`);
           let plan: unknown;
           if (segments) {
-            const built = planFor(op, n, k, segments, part.cores ?? NO_CORES); // one array: the plan cache keys on it
+            const built = planFor(op, n, k, segments, part.cores ?? NO_CORES);
             if (built.rows > m) throw kernelError(op, `${name}segments reach row ${built.rows}, the batch has ${m} rows`, { limit: m });
             plan = built.plan;
           }
@@ -346,8 +347,16 @@ class IntScratch {
   }
 }
 
-/** The cores of a part given none (one frozen array, so a plan cached for its segments is found again). */
+/** No cores (one frozen array: see coresKey). */
 const NO_CORES: readonly (LoraCore | null | undefined)[] = Object.freeze([]);
+
+/**
+ * The cores array a cached plan is keyed on: every empty one is NO_CORES, so a caller passing a fresh `[]` per
+ * call (a part without cores) finds the plan cached for its segments instead of rebuilding it.
+ */
+function coresKey(cores: readonly (LoraCore | null | undefined)[]): readonly (LoraCore | null | undefined)[] {
+  return cores.length === 0 ? NO_CORES : cores;
+}
 
 /** Checks loraApply's segments and cores (everything but y and x) and flattens them for the addon. */
 function flattenApply(op: string, segments: readonly LoraSegment[], cores: readonly (LoraCore | null | undefined)[], n: number, k: number,
@@ -418,22 +427,22 @@ interface FlatCores {
 function flattenCores(op: string, allCores: readonly (LoraCore | null | undefined)[], rows: number, maxRank: number,
   ints?: IntScratch, covered?: Int32Array): FlatCores {
   const intArray = (length: number): Int32Array => (ints ? ints.take(length) : new Int32Array(length));
-  // `covered` given: a row it marks 0 counts as having no core
-  const cores = covered ? { length: rows, at: (r: number) => (covered[r] ? allCores[r] : undefined) } : { length: rows, at: (r: number) => allCores[r] };
+  // `covered` given: a row it marks 0 counts as having no core (row −1 has none either)
+  const coreAt = (r: number): LoraCore | null | undefined => (covered && !covered[r] ? undefined : allCores[r]);
   const coreOfRow = intArray(rows).fill(-1);
   let count = 0;
   for (let r = 0; r < rows; r++) {
-    const core = cores.at(r);
-    if (core && (r === 0 || core !== cores.at(r - 1))) count++;
+    const core = coreAt(r);
+    if (core && core !== coreAt(r - 1)) count++;
   }
   const data: (Float32Array | Uint16Array)[] = [];
   const ranks = intArray(count);
   const diagonal = intArray(count);
   const dtypes = intArray(count);
   for (let r = 0; r < rows; r++) {
-    const core = cores.at(r);
+    const core = coreAt(r);
     if (!core) continue;
-    if (r > 0 && core === cores.at(r - 1)) {
+    if (core === coreAt(r - 1)) {
       coreOfRow[r] = coreOfRow[r - 1]!;
       continue;
     }

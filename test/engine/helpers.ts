@@ -275,6 +275,9 @@ export function handBank(config: LlamaConfig, options: { clusters: number; perCl
       if (!parts) throw new SoppuError('ADAPTER_NOT_FOUND', `adapter ${id} is not in the bank`);
       return parts;
     },
+    hasCompressedSlots(id) {
+      return [...(adapters.get(id)?.slots.values() ?? [])].some((part) => part.kind === 'compressed');
+    },
     basesOf(id) {
       const parts = adapters.get(id);
       if (!parts) return [];
