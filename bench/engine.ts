@@ -21,7 +21,7 @@ import { execFileSync } from 'node:child_process';
 import { existsSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { BankAdapterParts, BankReader, BankSlotPart, SharedBases } from '../src/compress/bank-reader-types.js';
+import type { BankReader } from '../src/compress/bank-reader-types.js';
 import { AdapterCache } from '../src/engine/adapter-cache.js';
 import { adapterDtypes, createEngine, slotShapeOf } from '../src/engine/engine.js';
 import type { Engine, GenerateRequest } from '../src/engine/engine-types.js';
@@ -35,8 +35,8 @@ import { TARGET_MODULES, type TargetModule } from '../src/model/adapter-hook.js'
 import type { LlamaConfig } from '../src/model/llama-config.js';
 import { loadLlamaModel, modelWeightBytes, modelWeightDtype, type LlamaModel } from '../src/model/llama-model.js';
 import { WEIGHT_DTYPE_BYTES } from '../src/tensor/dtype.js';
-import { Random } from '../src/tensor/random.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
+import { syntheticBank, syntheticBankId } from './helpers/synthetic-bank.js';
 import { fmt, median, medianRange } from './helpers/timing.js';
 import { llamaCppPeerSection } from './peers/llama-cpp.js';
 
@@ -105,66 +105,15 @@ export function rawLoader(config: LlamaConfig, args: Args): (dir: string) => Pro
   return async (dir) => generator.adapter(Number(dir.slice(dir.lastIndexOf('-') + 1)));
 }
 
-/** An in-memory bank with the compressor's shapes: per cluster and slot U [out,R], Vᵀ [R,in]; per adapter a full R×R core. */
-export function syntheticBank(config: LlamaConfig, args: Args): BankReader {
-  const shape = slotShapeOf(config);
-  const R = args.sharedRank;
-  const slots: { path: string; layer: number; module: TargetModule }[] = [];
-  for (let layer = 0; layer < config.numLayers; layer++) {
-    for (const module of args.targets) {
-      const block = ['gate_proj', 'up_proj', 'down_proj'].includes(module) ? 'mlp' : 'self_attn';
-      slots.push({ path: `model.layers.${layer}.${block}.${module}`, layer, module });
-    }
-  }
-  // made on each load from the key's own seed, and not kept: a bank on disk holds no copy in memory either (the
-  // adapter cache keeps the one it loads), and a kept copy counted against compressed in the RSS figure
-  const basesOf = (key: string): SharedBases => {
-    let seed = 5;
-    for (let i = 0; i < key.length; i++) seed = Math.imul(seed ^ key.charCodeAt(i), 0x01000193) >>> 0;
-    const random = new Random(seed);
-    const [cluster, path] = [key.slice(0, key.indexOf('/')), key.slice(key.indexOf('/') + 1)];
-    const slot = slots.find((s) => s.path === path)!;
-    const { inFeatures, outFeatures } = shape(slot.layer, slot.module)!;
-    const made: SharedBases = {
-      key,
-      path: `${cluster}/${path}`,
-      rank: R,
-      inFeatures,
-      outFeatures,
-      u: random.fillNormal(new Float32Array(outFeatures * R), 1 / Math.sqrt(outFeatures)),
-      vt: random.fillNormal(new Float32Array(R * inFeatures), 1 / Math.sqrt(inFeatures)),
-      bytes: (outFeatures + inFeatures) * R * 4,
-    };
-    return made;
-  };
-  const ids = Array.from({ length: args.bankSize }, (_, i) => `u${String(i).padStart(4, '0')}`);
-  const idSet = new Set(ids);
-  return {
-    dir: 'memory:synthetic-bank',
-    baseModel: null,
-    ids: () => ids,
-    has: (id) => idSet.has(id),
-    async loadAdapter(id): Promise<BankAdapterParts> {
-      const index = Number(id.slice(1));
-      const cluster = index % args.clusters;
-      const adapterRandom = new Random(1000 + index);
-      const parts = new Map<string, BankSlotPart>();
-      for (const slot of slots) {
-        const core = adapterRandom.fillNormal(new Float32Array(R * R), 0.01);
-        parts.set(slot.path, { kind: 'compressed', path: slot.path, basesKey: `c${cluster}/${slot.path}`, rank: R, diagonal: false, core });
-      }
-      return { id, cluster, slots: parts, bytes: slots.length * R * R * 4 };
-    },
-    async loadBases(key) {
-      return basesOf(key);
-    },
-  };
+/** The engine bench's bank: adapters u0000… */
+function benchBank(config: LlamaConfig, args: Pick<Args, 'targets' | 'sharedRank' | 'clusters' | 'bankSize'>): BankReader {
+  return syntheticBank(config, { ...args, idPrefix: 'u' });
 }
 
 function requestFor(mode: Mode, index: number, maxNewTokens: number): GenerateRequest {
   const prompt = Array.from({ length: 16 }, (_, i) => 100 + ((index * 31 + i * 7) % 1000));
   const adapter: Partial<GenerateRequest> =
-    mode === 'raw' ? { adapterId: `raw-${index}`, adapterSource: 'local', adapterPath: `mem:raw-${index}` } : mode === 'compressed' ? { adapterId: `u${String(index).padStart(4, '0')}` } : {};
+    mode === 'raw' ? { adapterId: `raw-${index}`, adapterSource: 'local', adapterPath: `mem:raw-${index}` } : mode === 'compressed' ? { adapterId: syntheticBankId('u', index) } : {};
   return { prompt, maxNewTokens, ignoreEos: true, ...adapter };
 }
 
@@ -216,7 +165,7 @@ async function rssChild(args: Args, mode: Mode): Promise<void> {
   const root = repositoryRoot(here);
   const model = await loadLlamaModel(await modelDir(root, 'bf16', args.layers));
   const rssArgs = { ...args, bankSize: args.rssAdapters, targets: args.rssTargets };
-  const bank = syntheticBank(model.config, rssArgs);
+  const bank = benchBank(model.config, rssArgs);
   // factors as the engine's default loraDtype (auto) holds them
   const dtypes = adapterDtypes(modelWeightDtype(model));
   const cache = new AdapterCache({
@@ -228,7 +177,7 @@ async function rssChild(args: Args, mode: Mode): Promise<void> {
   const before = process.memoryUsage().rss;
   let peak = before;
   for (let i = 0; i < args.rssAdapters; i++) {
-    const id = mode === 'raw' ? `raw-${i}` : `u${String(i).padStart(4, '0')}`;
+    const id = mode === 'raw' ? `raw-${i}` : syntheticBankId('u', i);
     if (mode === 'raw') cache.register(id, { source: 'local', dir: `mem:raw-${i}` });
     const entry = cache.acquire(id);
     while (entry.state !== 'resident') {
@@ -259,13 +208,14 @@ export async function run(argv: string[]): Promise<void> {
   const table: string[] = ['| dtype | batch | base tok/s | raw tok/s | raw / base | compressed tok/s | compressed / base |', '|---|---|---|---|---|---|---|'];
   const roofline: string[] = [];
   const sweep: string[] = [];
+  const sweepBatch = Math.min(32, Math.max(...args.batches));
   for (const dtype of args.dtypes) {
     const dir = await modelDir(root, dtype, args.layers);
     const model: LlamaModel = await loadLlamaModel(dir);
     const engine = await createEngine({
       modelDir: dir,
       model,
-      bank: syntheticBank(model.config, args),
+      bank: benchBank(model.config, args),
       loadLocalAdapter: rawLoader(model.config, args),
       kernels,
       kvBudgetBytes: 512 << 20,
@@ -326,11 +276,18 @@ export async function run(argv: string[]): Promise<void> {
     // compressed / base at batch 32 as the bank's shared rank grows: the shared bases a step reads grow with
     // rank × clusters (the adapters a real bank holds decide the rank; a bank of unrelated adapters needs a high one)
     // the f32 model's bank also held in f32 (loraDtype f32), beside the bf16 the engine's default holds it in
-    const sweepBatch = Math.min(32, Math.max(...args.batches));
-    const bankDtypes = [...new Set([adapterDtypes(modelWeightDtype(model)).bank, modelWeightDtype(model)])];
+    const defaultBankDtype = adapterDtypes(modelWeightDtype(model)).bank;
+    const bankDtypes = [...new Set([defaultBankDtype, modelWeightDtype(model)])];
+    // per shared rank and byte, what the clusters' bases of one step hold: Σ over slots of (in + out)
+    const shape = slotShapeOf(model.config);
+    let features = 0;
+    for (let layer = 0; layer < model.config.numLayers; layer++) for (const module of args.targets) {
+      const slot = shape(layer, module);
+      if (slot) features += slot.inFeatures + slot.outFeatures;
+    }
     for (const bankDtype of bankDtypes) for (const sharedRank of args.rankSweep) {
       const swept = await createEngine({
-        modelDir: dir, model, bank: syntheticBank(model.config, { ...args, sharedRank }), kernels, kvBudgetBytes: 512 << 20,
+        modelDir: dir, model, bank: benchBank(model.config, { ...args, sharedRank }), kernels, kvBudgetBytes: 512 << 20,
         adapterBudgetBytes: 4 * 2 ** 30, maxBatchTokens: 16 * sweepBatch, maxRunningRequests: sweepBatch, maxInputTokens: 64, maxTotalTokens: 256, blockSize: 16,
         loraDtype: bankDtype,
       });
@@ -343,14 +300,8 @@ export async function run(argv: string[]): Promise<void> {
         ratios.push(rate.compressed! / rate.base!);
       }
       await swept.close();
-      const shape = slotShapeOf(model.config);
-      let features = 0;
-      for (let layer = 0; layer < model.config.numLayers; layer++) for (const module of args.targets) {
-        const slot = shape(layer, module);
-        if (slot) features += slot.inFeatures + slot.outFeatures;
-      }
       const basesBytes = Math.min(args.clusters, sweepBatch) * features * sharedRank * WEIGHT_DTYPE_BYTES[bankDtype];
-      const held = bankDtype === adapterDtypes(modelWeightDtype(model)).bank ? `${bankDtype} (default)` : `${bankDtype} (--lora-dtype ${bankDtype})`;
+      const held = bankDtype === defaultBankDtype ? `${bankDtype} (default)` : `${bankDtype} (--lora-dtype ${bankDtype})`;
       sweep.push(`| ${dtype} | ${held} | ${sharedRank} | ${fmt(basesBytes / 2 ** 20)} MiB | ${medianRange(ratios)} |`);
       log(`sweep ${dtype} bank ${bankDtype} shared rank ${sharedRank}: compressed / base ${median(ratios).toFixed(3)}`);
     }
@@ -379,7 +330,7 @@ export async function run(argv: string[]): Promise<void> {
     wrap('matmul', 'lmHead');
     wrap('attention', 'attention');
     const engine = await createEngine({
-      modelDir: dir, model, bank: syntheticBank(model.config, args), loadLocalAdapter: rawLoader(model.config, args),
+      modelDir: dir, model, bank: benchBank(model.config, args), loadLocalAdapter: rawLoader(model.config, args),
       kernels: timed as unknown as typeof kernels, kvBudgetBytes: 512 << 20, adapterBudgetBytes: 4 * 2 ** 30,
       maxBatchTokens: 16 * batch, maxRunningRequests: batch, maxInputTokens: 64, maxTotalTokens: 256, blockSize: 16,
     });
@@ -452,7 +403,7 @@ export async function run(argv: string[]): Promise<void> {
     ...table,
     '',
     ...(sweep.length > 0
-      ? [`Compressed / base at batch ${Math.min(32, Math.max(...args.batches))} by the bank's shared rank and the dtype it is held in (${args.clusters} clusters, full cores; the same rounds; "bases per step" is what one decode step reads of the clusters' shared U and Vᵀ):`,
+      ? [`Compressed / base at batch ${sweepBatch} by the bank's shared rank and the dtype it is held in (${args.clusters} clusters, full cores; the same rounds; "bases per step" is what one decode step reads of the clusters' shared U and Vᵀ):`,
         '', '| model dtype | bank held in | shared rank | bases per step | compressed / base, median (range) |', '|---|---|---|---|---|', ...sweep, '']
       : []),
     'Batch-1 decode step vs the roofline (weight bytes / read bandwidth; target within 1.3×). The bandwidth is measured after every round ' +

@@ -19,16 +19,14 @@ import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import type { BankAdapterParts, BankReader, BankSlotPart, SharedBases } from '../src/compress/bank-reader-types.js';
-import { createEngine, slotShapeOf } from '../src/engine/engine.js';
+import { createEngine } from '../src/engine/engine.js';
 import { generateModel } from '../src/io/fixtures/generate-model.js';
 import { TARGET_MODULES, type TargetModule } from '../src/model/adapter-hook.js';
-import type { LlamaConfig } from '../src/model/llama-config.js';
 import { loadLlamaModel } from '../src/model/llama-model.js';
 import { createServer } from '../src/server/create-server.js';
 import { DEFAULT_SERVER_OPTIONS } from '../src/server/server-options.js';
-import { Random } from '../src/tensor/random.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
+import { syntheticBank, syntheticBankId } from './helpers/synthetic-bank.js';
 import { fmt } from './helpers/timing.js';
 
 interface Args {
@@ -63,57 +61,6 @@ function parseArgs(argv: readonly string[]): Args {
     targets: targets as TargetModule[],
     admitted: Number(value('admitted') ?? 32),
     write: !argv.includes('--no-write'),
-  };
-}
-
-/** In-memory bank with the compressor's shapes (values do not affect speed). */
-function syntheticBank(config: LlamaConfig, args: Args): BankReader {
-  const shape = slotShapeOf(config);
-  const random = new Random(5);
-  const R = args.sharedRank;
-  const slots: { path: string; layer: number; module: TargetModule }[] = [];
-  for (let layer = 0; layer < config.numLayers; layer++) {
-    for (const module of args.targets) {
-      const block = ['gate_proj', 'up_proj', 'down_proj'].includes(module) ? 'mlp' : 'self_attn';
-      slots.push({ path: `model.layers.${layer}.${block}.${module}`, layer, module });
-    }
-  }
-  const bases = new Map<string, SharedBases>();
-  const ids = Array.from({ length: args.bankSize }, (_, i) => `user-${String(i).padStart(4, '0')}`);
-  const idSet = new Set(ids);
-  return {
-    dir: 'memory:synthetic-bank',
-    baseModel: null,
-    ids: () => ids,
-    has: (id) => idSet.has(id),
-    async loadAdapter(id): Promise<BankAdapterParts> {
-      const index = Number(id.slice(5));
-      const adapterRandom = new Random(1000 + index);
-      const parts = new Map<string, BankSlotPart>();
-      for (const slot of slots) {
-        parts.set(slot.path, { kind: 'compressed', path: slot.path, basesKey: `c${index % args.clusters}/${slot.path}`, rank: R, diagonal: false, core: adapterRandom.fillNormal(new Float32Array(R * R), 0.01) });
-      }
-      return { id, cluster: index % args.clusters, slots: parts, bytes: slots.length * R * R * 4 };
-    },
-    async loadBases(key) {
-      const found = bases.get(key);
-      if (found) return found;
-      const path = key.slice(key.indexOf('/') + 1);
-      const slot = slots.find((s) => s.path === path)!;
-      const { inFeatures, outFeatures } = shape(slot.layer, slot.module)!;
-      const made: SharedBases = {
-        key,
-        path: key,
-        rank: R,
-        inFeatures,
-        outFeatures,
-        u: random.fillNormal(new Float32Array(outFeatures * R), 1 / Math.sqrt(outFeatures)),
-        vt: random.fillNormal(new Float32Array(R * inFeatures), 1 / Math.sqrt(inFeatures)),
-        bytes: (outFeatures + inFeatures) * R * 4,
-      };
-      bases.set(key, made);
-      return made;
-    },
   };
 }
 
@@ -215,7 +162,7 @@ export async function run(argv: string[]): Promise<void> {
     modelDir: dir,
     model,
     modelId: 'smollm-135m-shapes',
-    bank: syntheticBank(model.config, args),
+    bank: syntheticBank(model.config, { ...args, idPrefix: 'user-' }),
     kvBudgetBytes: 512 * 1024 * 1024,
     adapterBudgetBytes: 256 * 1024 * 1024,
     maxBatchTokens: 2048,
@@ -242,7 +189,7 @@ export async function run(argv: string[]): Promise<void> {
   let adapterCursor = 0;
   for (const clients of args.clients) {
     for (const mode of ['base', 'compressed'] as const) {
-      const result = await load(base, clients, args.requestsPerClient, args.maxNewTokens, () => (mode === 'base' ? null : `user-${String(adapterCursor++ % args.bankSize).padStart(4, '0')}`));
+      const result = await load(base, clients, args.requestsPerClient, args.maxNewTokens, () => (mode === 'base' ? null : syntheticBankId('user-', adapterCursor++ % args.bankSize)));
       const failures = [...result.statuses].filter(([s]) => s !== 200).map(([s, n]) => `${n}×${s}`).join(' ') || '0';
       rows.push(`| ${clients} | ${mode} | ${fmt(result.requestsPerSecond)} | ${fmt(result.tokensPerSecond)} | ${fmt(result.ttft50)} | ${fmt(result.ttft95)} | ${fmt(result.tpot50)} | ${fmt(result.tpot95)} | ${failures} |`);
       process.stderr.write(`${rows.at(-1)}\n`);
@@ -254,7 +201,7 @@ export async function run(argv: string[]): Promise<void> {
   const limitedBase = await limited.app.listen({ port: 0, host: '127.0.0.1' });
   const overloadRows: string[] = [];
   for (let runIndex = 1; runIndex <= 3; runIndex++) {
-    const result = await load(limitedBase, args.admitted * 2, args.requestsPerClient, args.maxNewTokens, (i) => `user-${String(i % args.bankSize).padStart(4, '0')}`);
+    const result = await load(limitedBase, args.admitted * 2, args.requestsPerClient, args.maxNewTokens, (i) => syntheticBankId('user-', i % args.bankSize));
     (globalThis as { gc?: () => void }).gc?.();
     const rss = process.memoryUsage().rss / 1024 / 1024;
     const ok = result.statuses.get(200) ?? 0;
