@@ -113,7 +113,9 @@ export async function refitBank(dir: string, options: RefitOptions = {}): Promis
       const flags = [...new Set([...entry.flags, ...info.flags])];
       return { ...info, source: entry.source, baseModel: entry.baseModel, sourceDtype: entry.sourceDtype, flags, rawParameters: entry.rawParameters };
     });
-    const keepHashes = new Map(fromBank.map((id) => [id, byId.get(id)!.sourceSha256 ?? null]));
+    // every adapter keeps its recorded checksum: a reconstruction's source was not read, and an unchanged
+    // source's weights were just hashed against it (hashed again by the writer, each was read three times)
+    const keepHashes = new Map(manifest.adapters.map((a) => [a.id, a.sourceSha256 ?? null]));
     const written = await writeBankLocked(dir, { ...result, adapters }, extras, { replace: true, addedBy: 'refit', errorBasis, previousErrors, sourceSha256: keepHashes, baseModel: manifest.baseModel });
     return { manifest: written, fromSource, fromBank };
   });

@@ -261,8 +261,9 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
       let fit: SlotFit;
       let points: readonly RankPoint[] = [];
       let missed = false;
-      if (options.maxError !== undefined) {
-        const budgets = members.map((entry) => options.maxError! - spentOf(entry));
+      // each member's budget: the bank's, less what an earlier fit already spent of it
+      const budgets = options.maxError !== undefined ? members.map((entry) => options.maxError! - spentOf(entry)) : null;
+      if (budgets) {
         const selection = selectRank(problem, method, budgets, cap, { ...fitOptions, label });
         fit = selection.fit;
         points = selection.errorByRank;
@@ -271,11 +272,12 @@ function compressSlot(source: SlotSource, inputs: readonly CompressInput[], assi
         fit = fitSlot(problem, method, cap, { ...fitOptions, seed: deriveSeed(fitOptions.seed, label, cap) });
       }
       sweeps += fit.sweeps;
-      if (missed) {
-        const kept = members.filter((entry, i) => fit.errors[i]! <= options.maxError! - spentOf(entry));
-        if (kept.length > 0 && kept.length < members.length) {
-          for (const entry of members) if (!kept.includes(entry)) storeRaw(entry, 'over-budget');
-          members = kept;
+      if (missed && budgets) {
+        const within = members.map((_, i) => fit.errors[i]! <= budgets[i]!);
+        const keptCount = within.filter(Boolean).length;
+        if (keptCount > 0 && keptCount < members.length) {
+          members.forEach((entry, i) => { if (!within[i]) storeRaw(entry, 'over-budget'); });
+          members = members.filter((_, i) => within[i]);
           continue;
         }
       }

@@ -56,15 +56,13 @@ export function fitJdDiag(problem: SlotProblem, full: JdFullFit, options: JdFitO
     normaliseColumns(v, inFeatures, rank);
     state = sigmaStep(problem, u, v, rank);
     state = reviveAll(problem, u, v, state, rank, random);
-    sweeps++;
-    history.push(state.totalError);
     // the error never increases: a sweep that raised it (a revive's re-seed can) is undone and ends the fit
     if (state.totalError > previous) {
       ({ u, v, state } = before);
-      history.pop();
-      sweeps--;
       break;
     }
+    sweeps++;
+    history.push(state.totalError);
     const total = problem.normSquared.reduce((a, b) => a + b, 0);
     if ((previous - state.totalError) / Math.max(total, Number.MIN_VALUE) < tolerance) break;
   }

@@ -67,7 +67,7 @@ describe('JD-Diag', () => {
     for (const seed of [1, 2, 3, 4, 5]) {
       const set = syntheticAdapterSet({ slots: [{ path: 'm.q', inFeatures: 24, outFeatures: 20 }], count: 6, rank: 4, sharedRank: 3, seed });
       const modules = set.map(({ adapter }) => adapter.modules.get('m.q')!);
-      const slotProblem = buildSlotProblem(modules.map((m, adapterIndex) => ({ adapterIndex, rank: m.rank, scale: m.scale, a: m.a, b: m.b, normSquared: factoredNormSquared(m.a, m.b, m.rank, 24, 20, m.scale) })), 24, 20, 'unit-norm');
+      const slotProblem = buildSlotProblem(entriesOf(modules), 24, 20, 'unit-norm');
       const swept = fitJdDiag(slotProblem, fitJdFull(slotProblem, 3, { seed }), { seed, maxSweeps: 200, tolerance: 0 });
       expect(swept.errorHistory.length, `seed ${seed}`).toBe(swept.sweeps + 1);
       for (let k = 1; k < swept.errorHistory.length; k++) expect(swept.errorHistory[k]!, `seed ${seed}`).toBeLessThanOrEqual(swept.errorHistory[k - 1]!);
