@@ -26,6 +26,8 @@ const ENTRY_FIELDS = ['role', 'adapters'] as const;
 
 /** Whitespace or control characters: the Authorization parser (`Bearer <\S+>`) could never match such a key. */
 const UNUSABLE_KEY_CHARACTER = /[\s\p{Cc}]/u;
+/** What an API key may hold: printable ASCII, no space. */
+const NOT_PRINTABLE_ASCII = /[^\x21-\x7e]/;
 
 export class AccessControl {
   private byDigest: Map<string, Caller>;
@@ -118,13 +120,15 @@ function parseKeys(value: unknown, file: string): ParsedKeys {
   for (const [key, entry] of Object.entries(value as Record<string, unknown>)) {
     const where = `${file}: entry #${index + 1}`;
     if (key.length < 8) throw new SoppuError('CONFIG', `${where}: API key must be at least 8 characters`, { file, field: 'key', limit: 8 });
-    if (UNUSABLE_KEY_CHARACTER.test(key)) {
-      throw new SoppuError('CONFIG', `${where}: API key contains whitespace or a control character, so no Authorization header can carry it`, { file, field: 'key' });
-    }
     // HTTP clients send headers as bytes: fetch and the openai client refuse a character past U+00FF outright, and
     // one past U+007F arrives as other bytes than the file's UTF-8 (a pasted "sk-admin-…" never authenticated)
-    if (/[^\x21-\x7e]/.test(key)) {
-      throw new SoppuError('CONFIG', `${where}: API key has a character outside printable ASCII (${JSON.stringify(key.match(/[^\x21-\x7e]/)![0])}), which an Authorization header cannot carry as written`, { file, field: 'key' });
+    const outside = NOT_PRINTABLE_ASCII.exec(key);
+    if (outside) {
+      // whitespace and control characters are outside it too: they get the message that says so
+      if (UNUSABLE_KEY_CHARACTER.test(key)) {
+        throw new SoppuError('CONFIG', `${where}: API key contains whitespace or a control character, so no Authorization header can carry it`, { file, field: 'key' });
+      }
+      throw new SoppuError('CONFIG', `${where}: API key has a character outside printable ASCII (${JSON.stringify(outside[0])}), which an Authorization header cannot carry as written`, { file, field: 'key' });
     }
     if (entry === null || typeof entry !== 'object' || Array.isArray(entry)) throw new SoppuError('CONFIG', `${where}: expected {role, adapters}`, { file });
     const unknown = Object.keys(entry).filter((field) => !(ENTRY_FIELDS as readonly string[]).includes(field));

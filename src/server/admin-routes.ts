@@ -131,10 +131,8 @@ export function registerAdminRoutes(app: FastifyInstance, context: ServerContext
         onRelease?.();
         // what is wrong with an uploaded adapter is the caller's to fix (422), named by its place in the
         // archive, not by the folder the server unpacked it in
-        if (!unpacked && isSoppuError(e) && UPLOAD_CONTENT_ERRORS.has(e.code)) {
-          throw new SoppuError('VALIDATION', `Input validation error: the adapter at \`path\`: ${e.message}`, { field: 'path' });
-        }
-        if (unpacked && isSoppuError(e) && UPLOAD_CONTENT_ERRORS.has(e.code)) {
+        if (isSoppuError(e) && UPLOAD_CONTENT_ERRORS.has(e.code)) {
+          if (!unpacked) throw new SoppuError('VALIDATION', `Input validation error: the adapter at \`path\`: ${e.message}`, { field: 'path' });
           // the archive's files by their names in it; a message about the adapter as a whole names the upload
           const message = e.message.split(`${unpacked}: `).join('').split(unpacked + path.sep).join('').split(unpacked).join('.');
           throw new SoppuError('VALIDATION', `Input validation error: upload for '${id}': ${message}`, { field: 'body' });

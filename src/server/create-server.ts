@@ -70,7 +70,7 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
   });
 
   app.setErrorHandler((error, request, reply) => {
-    const { status, body, error: soppuError } = errorResponse(error, request.url);
+    const { status, body, error: soppuError } = errorResponse(error, request.url, request.routeOptions.config.admin === true);
     if (request.routeOptions.config.generation === true) metrics.requestFailure.inc({ err: failureLabel(soppuError) });
     if (status >= 500 && logger) request.log.error(error);
     void reply.code(status).send(body);
@@ -135,15 +135,12 @@ export function createServer(engine: Engine, options: ServerOptions, logger = fa
       await engine.drain(deadlineMs);
       // close waits for every handler still running (an admin upload begun before the drain) and then for their
       // connections' keep-alive: held to what is left of the deadline, then every connection is closed
-      const closed = app.close();
-      let timer: NodeJS.Timeout | undefined;
-      const deadline = new Promise<'late'>((resolve) => {
-        timer = setTimeout(() => resolve('late'), Math.max(0, deadlineMs - (Date.now() - started)));
-      });
-      const outcome = await Promise.race([closed.then(() => 'closed' as const), deadline]);
-      clearTimeout(timer);
-      if (outcome === 'late') app.server.closeAllConnections();
-      await closed;
+      const late = setTimeout(() => app.server.closeAllConnections(), Math.max(0, deadlineMs - (Date.now() - started)));
+      try {
+        await app.close();
+      } finally {
+        clearTimeout(late);
+      }
     })();
     return draining;
   };

@@ -45,11 +45,6 @@ export function loraxErrorBody(err: SoppuError, generation = true): { error: str
   return { error: loraxMessage(err, generation), error_type: err.errorType };
 }
 
-/** The admin routes (adapter management, bank and keys reload): their failures are no generation's. */
-function isAdminPath(url: string): boolean {
-  return /^\/(adapters|bank|keys)(\/|\?|$)/.test(url);
-}
-
 const OPENAI_TYPES: Record<number, string> = {
   400: 'invalid_request_error',
   401: 'authentication_error',
@@ -84,11 +79,12 @@ export function isOpenAiPath(url: string): boolean {
 
 /**
  * Status + body for `e` in the dialect of `url`. OpenAI answers a request it refuses as invalid with 400
- * (its clients raise BadRequestError) where LoRAX answers 422.
+ * (its clients raise BadRequestError) where LoRAX answers 422. `adminRoute`: the route is an admin one (its
+ * config says so), whose failures are no generation's.
  */
-export function errorResponse(e: unknown, url: string): { status: number; body: unknown; error: SoppuError } {
+export function errorResponse(e: unknown, url: string, adminRoute = false): { status: number; body: unknown; error: SoppuError } {
   const error = toSoppuError(e);
-  if (!isOpenAiPath(url)) return { status: error.httpStatus, body: loraxErrorBody(error, !isAdminPath(url)), error };
+  if (!isOpenAiPath(url)) return { status: error.httpStatus, body: loraxErrorBody(error, !adminRoute), error };
   return { status: error.httpStatus === 422 ? 400 : error.httpStatus, body: openAiErrorBody(error, url), error };
 }
 

@@ -50,16 +50,21 @@ interface OpenAiExtras {
   readonly tokenBytes?: (id: number) => readonly number[];
 }
 
+/** Where a request's answer starts in its text: after the prompt when it is echoed. */
+function answerStartOf(call: GenerationCall): number {
+  return call.returnFullText ? call.prompt.length : 0;
+}
+
 /** The logprob collector a request asks for (null: none), its answer starting after an echoed prompt. */
 function collectorFor(call: GenerationCall, dialect: Dialect, extras: OpenAiExtras): LogprobCollector | null {
-  return extras.logprobs === null ? null : new LogprobCollector(dialect, call.returnFullText ? call.prompt.length : 0, extras.tokenBytes);
+  return extras.logprobs === null ? null : new LogprobCollector(dialect, answerStartOf(call), extras.tokenBytes);
 }
 
 /** The choice one finished generation makes (without its index), and its final event. */
 async function collectChoice(prepared: Prepared, dialect: Dialect, extras: OpenAiExtras): Promise<{ choice: Record<string, unknown>; done: DoneEvent }> {
   const call = prepared.call;
   // echoed prompt text comes before the answer's tokens
-  const answerStart = call.returnFullText ? call.prompt.length : 0;
+  const answerStart = answerStartOf(call);
   const logprobs = collectorFor(call, dialect, extras);
   let done: DoneEvent | null = null;
   for await (const event of eventsOf(prepared.started)) {
@@ -166,7 +171,7 @@ async function streamOpenAi(context: ServerContext, request: FastifyRequest, rep
     // a token's logprobs go out once text from its start on has been sent: held back with the text that may begin
     // a stop (a stop's tokens are left out of the answer's logprobs, as its text is)
     const pending: LogprobEntry[] = [];
-    const answerStart = call.returnFullText ? call.prompt.length : 0;
+    const answerStart = answerStartOf(call);
     for await (const event of eventsOf(prepared.started)) {
       if (event.type === 'token') {
         // the decoded text only: a special token's text is its raw form (<|end_of_text|>), which the final text skips

@@ -14,6 +14,17 @@ export function confinePath(requested: string, roots: readonly string[], field: 
   return confineAdapterPath(requested, roots, field).path;
 }
 
+/** The real paths of the roots that exist (a root that is gone has none). */
+function realPaths(roots: readonly string[]): string[] {
+  return roots.flatMap((root) => {
+    try {
+      return [realpathSync(root)];
+    } catch {
+      return [];
+    }
+  });
+}
+
 /**
  * confinePath, and the adapter id the real path stands for: its path below the root that holds it, with
  * '/' separators. Access is decided on that id, since the requested text may reach the same folder by
@@ -23,13 +34,7 @@ export function confineAdapterPath(requested: string, roots: readonly string[], 
   const notFound = (): SoppuError =>
     new SoppuError('ADAPTER_NOT_FOUND', `Adapter '${requested}' not found`, { field });
   if (roots.length === 0 || requested.length === 0 || requested.includes('\0')) throw notFound();
-  const realRoots = roots.flatMap((root) => {
-    try {
-      return [realpathSync(root)];
-    } catch {
-      return [];
-    }
-  });
+  const realRoots = realPaths(roots);
   const candidates = path.isAbsolute(requested) ? [requested] : realRoots.map((root) => path.join(root, requested));
   for (const candidate of candidates) {
     let real: string;
@@ -50,15 +55,8 @@ export function confineAdapterPath(requested: string, roots: readonly string[], 
  * server keeps them.
  */
 export function withoutRoots(text: string, roots: readonly string[]): string {
-  const prefixes = new Set<string>();
-  for (const root of roots) {
-    prefixes.add(path.resolve(root) + path.sep);
-    try {
-      prefixes.add(realpathSync(root) + path.sep);
-    } catch {
-      // a root that is gone: its configured path alone
-    }
-  }
+  // a root that is gone: its configured path alone
+  const prefixes = new Set([...roots.map((root) => path.resolve(root)), ...realPaths(roots)].map((root) => root + path.sep));
   // longest first, so a root inside another is taken whole
   return [...prefixes].sort((p, q) => q.length - p.length).reduce((out, prefix) => out.split(prefix).join(''), text);
 }

@@ -24,6 +24,8 @@ export class FakeEngine implements Engine {
   readonly info = { modelId: 'fake/tiny', modelDtype: 'f32', loraDtype: 'f32' as const, bankDtype: 'bf16' as const, maxInputTokens: 64, maxTotalTokens: 96, maxBatchTokens: 512, kvCapacityTokens: 4096, eosTokenIds: [EOS], kernel: 'fake' };
   readonly adapters = new Map<string, AdapterStatus & { version: number }>();
   readonly failing: Set<string>;
+  /** Set by a test that reloads a bank (absent: the engine cannot, as an engine without a bank). */
+  reloadBank?: () => Promise<{ adapters: number }>;
   tokenDelayMs: number;
   registerDelayMs: number;
   eosAfter: number;
