@@ -189,19 +189,10 @@ function quantifiers(source: string): number {
   return count;
 }
 
-/** Whether V8's linear-time engine runs `source` (the 'l' flag compiles only what it can run). */
+/** Whether V8's linear-time engine runs `source`, a valid pattern (the 'l' flag compiles only what it can run). */
 function runsInLinearTime(source: string): boolean {
   try {
     new RegExp(source, 'l');
-    return true;
-  } catch {
-    return !compiles(source); // an invalid pattern is refused as such when it is compiled
-  }
-}
-
-function compiles(source: string): boolean {
-  try {
-    new RegExp(source);
     return true;
   } catch {
     return false;
@@ -209,15 +200,12 @@ function compiles(source: string): boolean {
 }
 
 /**
- * Refuses a config regex that is too long or can backtrack catastrophically, naming the field. A repeated group
- * holding a quantifier ((\w+\.)+, as PEFT configs write) is taken when V8's linear-time engine can run it: a match
- * that backtracks too long falls back to that engine (the flag above). Where that engine cannot (a bounded repeat
- * such as {1,20} inside the group, a backreference, a lookaround), there is no fallback, and it is refused.
+ * Refuses a valid config regex that can backtrack catastrophically, naming the field. A repeated group holding a
+ * quantifier ((\w+\.)+, as PEFT configs write) is taken when V8's linear-time engine can run it: a match that
+ * backtracks too long falls back to that engine (the flag above). Where that engine cannot (a bounded repeat such
+ * as {1,20} inside the group, a backreference, a lookaround), there is no fallback, and it is refused.
  */
 function checkPattern(pattern: string, source: string, field: string, file: string): void {
-  if (pattern.length > MAX_PATTERN_LENGTH) {
-    throw configError(file, field, `regular expression is ${pattern.length} characters (limit ${MAX_PATTERN_LENGTH})`, MAX_PATTERN_LENGTH);
-  }
   if (runsInLinearTime(source)) return; // a runaway match falls back to that engine
   if (hasNestedQuantifier(pattern) || hasNestedQuantifier(source)) {
     throw configError(file, field, `regular expression ${shown(pattern)} repeats a group that itself holds a quantifier (like (a+)+) in a form V8's linear-time engine cannot run (a bounded repeat such as {1,20}, a backreference or a lookaround), which can take exponential time to match; write it without nesting the quantifiers`);
@@ -236,6 +224,10 @@ function checkPattern(pattern: string, source: string, field: string, file: stri
 
 /** Escapes that mean the same in Python's re and JavaScript (outside and inside character classes). */
 const SHARED_ESCAPES = new Set([...'dDwWsSbBnrtfvxu0123456789']);
+/** Python's {,n} at lastIndex, however long its digits (JavaScript reads it as text). */
+const OPEN_BOUND = /\{,(\d+)\}/y;
+/** Python's (?P=name) at lastIndex. */
+const NAMED_REFERENCE = /\(\?P=(\w+)\)/y;
 
 /**
  * A Python `re` pattern (as PEFT's configs are written) in JavaScript's syntax: \A and \Z (anchors in Python,
@@ -278,13 +270,15 @@ function fromPythonRegex(pattern: string, field: string, file: string): string {
       continue;
     }
     // Python's {,n} is a bound (0 to n); JavaScript reads it as text
-    const openBound = /^\{,(\d+)\}/.exec(pattern.slice(i, i + 24));
+    OPEN_BOUND.lastIndex = i;
+    const openBound = OPEN_BOUND.exec(pattern);
     if (openBound) {
       out += `{0,${openBound[1]}}`;
       i += openBound[0].length - 1;
       continue;
     }
-    const reference = /^\(\?P=(\w+)\)/.exec(pattern.slice(i));
+    NAMED_REFERENCE.lastIndex = i;
+    const reference = NAMED_REFERENCE.exec(pattern);
     if (reference) {
       out += `\\k<${reference[1]}>`;
       i += reference[0].length - 1;
@@ -295,38 +289,49 @@ function fromPythonRegex(pattern: string, field: string, file: string): string {
   return out;
 }
 
-function compilePattern(key: string, field: string, file: string): RegExp {
-  const source = fromPythonRegex(key, field, file);
-  checkPattern(key, `^(?:.*\\.)?(?:${source})$`, field, file);
-  try {
-    // PEFT: re.match(rf"(.*\.)?({key})$", module_path) — the key matches a dotted suffix of the path.
-    return new RegExp(`^(?:.*\\.)?(?:${source})$`);
-  } catch {
-    throw configError(file, field, `is not a valid regular expression: ${shown(key)}`);
+/** Config regexes already checked and compiled, by wrapper and Python text (matching reuses them per module). */
+const checkedRegexes = new Map<string, RegExp>();
+/** Most regexes kept (the cache starts over past it: configs come from callers). */
+const MAX_CHECKED_REGEXES = 1024;
+
+/**
+ * `pattern` (Python syntax) translated, placed in `wrap`, and compiled once, after its checks: its length, that
+ * it compiles, and checkPattern. Errors name `field` in `file`.
+ */
+function compileChecked(pattern: string, wrap: (source: string) => string, kind: string, field: string, file: string): RegExp {
+  const key = `${kind}\0${pattern}`;
+  const cached = checkedRegexes.get(key);
+  if (cached) return cached;
+  const source = wrap(fromPythonRegex(pattern, field, file));
+  if (pattern.length > MAX_PATTERN_LENGTH) {
+    throw configError(file, field, `regular expression is ${pattern.length} characters (limit ${MAX_PATTERN_LENGTH})`, MAX_PATTERN_LENGTH);
   }
+  let regex: RegExp;
+  try {
+    regex = new RegExp(source);
+  } catch {
+    throw configError(file, field, `is not a valid regular expression: ${shown(pattern)}`);
+  }
+  checkPattern(pattern, source, field, file);
+  if (checkedRegexes.size >= MAX_CHECKED_REGEXES) checkedRegexes.clear();
+  checkedRegexes.set(key, regex);
+  return regex;
+}
+
+/** PEFT: re.match(rf"(.*\.)?({key})$", module_path) — the key matches a dotted suffix of the path. */
+function compilePattern(key: string, field: string, file: string): RegExp {
+  return compileChecked(key, (source) => `^(?:.*\\.)?(?:${source})$`, 'suffix', field, file);
 }
 
 /** A whole-path regex (PEFT's re.fullmatch), checked like every config regex. */
 function compileFullMatch(pattern: string, field: string, file: string): RegExp {
-  const source = fromPythonRegex(pattern, field, file);
-  checkPattern(pattern, `^(?:${source})$`, field, file);
-  try {
-    return new RegExp(`^(?:${source})$`);
-  } catch {
-    throw configError(file, field, `is not a valid regular expression: ${shown(pattern)}`);
-  }
+  return compileChecked(pattern, (source) => `^(?:${source})$`, 'full', field, file);
 }
 
 /** PEFT's layer index regex (`.*\.{layers_pattern}\.(\d+)\.`), checked; without a pattern any component. */
 function compileLayerPattern(pattern: string | null, field: string, file: string): RegExp {
   if (pattern === null) return /^.*\.[^.]*\.(\d+)\./;
-  const source = fromPythonRegex(pattern, field, file);
-  checkPattern(pattern, `^.*\\.(?:${source})\\.(\\d+)\\.`, field, file);
-  try {
-    return new RegExp(`^.*\\.(?:${source})\\.(\\d+)\\.`);
-  } catch {
-    throw configError(file, field, `is not a valid regular expression: ${shown(pattern)}`);
-  }
+  return compileChecked(pattern, (source) => `^.*\\.(?:${source})\\.(\\d+)\\.`, 'layer', field, file);
 }
 
 /** Deepest nesting accepted in adapter_config.json (PEFT writes 3 levels). */

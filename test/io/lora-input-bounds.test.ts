@@ -145,6 +145,8 @@ describe('regular expressions in the config', () => {
     expect([bracket('q_proj[]x]', 'm.q_proj]'), bracket('q_proj[]x]', 'm.q_projx'), bracket('q_pro[^]]', 'm.q_proj'), bracket('q_pro[^]]', 'm.q_pro]')]).toEqual([32, 32, 32, baseConfig.lora_alpha]);
     // Python's {,n} is a bound from 0 (JavaScript read it as text)
     expect([bracket('q_pro(j){,1}', 'm.q_proj'), bracket('q_pro(j){,1}', 'm.q_pro')]).toEqual([32, 32]);
+    // however long its digits (a 24-character window left {,0000…01} as text)
+    expect([bracket(`q_pro(j){,${'0'.repeat(25)}1}`, 'm.q_proj'), bracket(`q_pro(j){,${'0'.repeat(25)}1}`, 'm.q_pro')]).toEqual([32, 32]);
   });
 
   it('matches in linear time what backtracks without nested quantifiers (adjacent wildcards, overlapping alternatives)', () => {
