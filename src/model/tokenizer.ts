@@ -41,7 +41,11 @@ export async function readChatTemplateFile(modelDir: string): Promise<string | n
   });
 }
 
-async function readJson(file: string, required: boolean): Promise<Json | null> {
+/**
+ * A tokenizer file's JSON object; null for an absent file that is not `required`. A missing file is
+ * FILE_NOT_FOUND, one that is there but unreadable FILE_IO, one that is no JSON object MODEL_CONFIG.
+ */
+export async function readTokenizerJson(file: string, required: boolean): Promise<Record<string, unknown> | null> {
   let text: string;
   try {
     text = await readFile(file, 'utf8');
@@ -197,13 +201,13 @@ export class ModelTokenizer {
   static async load(modelDir: string, config?: LlamaConfig): Promise<ModelTokenizer> {
     const tokenizerFile = join(modelDir, 'tokenizer.json');
     const configFile = join(modelDir, 'tokenizer_config.json');
-    const tokenizerJson = (await readJson(tokenizerFile, true))!;
+    const tokenizerJson = (await readTokenizerJson(tokenizerFile, true))!;
     // special_tokens_map.json fills what tokenizer_config.json leaves out (bos/eos tokens), as transformers merges it
-    const specialTokensMap = (await readJson(join(modelDir, 'special_tokens_map.json'), false)) ?? {};
-    const tokenizerConfig: Json = { ...specialTokensMap, ...(await readJson(configFile, false)) };
+    const specialTokensMap = (await readTokenizerJson(join(modelDir, 'special_tokens_map.json'), false)) ?? {};
+    const tokenizerConfig: Json = { ...specialTokensMap, ...(await readTokenizerJson(configFile, false)) };
     const templateText = await readChatTemplateFile(modelDir);
     if (templateText !== null) tokenizerConfig.chat_template = templateText;
-    const generationConfig = await readJson(join(modelDir, 'generation_config.json'), false);
+    const generationConfig = await readTokenizerJson(join(modelDir, 'generation_config.json'), false);
     // as transformers loads a Llama-class tokenizer: its add_bos_token/add_eos_token decide the special tokens
     const postProcessor = flagTemplatedPostProcessor(tokenizerJson, tokenizerConfig);
     let tokenizer: Tokenizer;
@@ -343,7 +347,7 @@ export class ModelTokenizer {
   /** An incremental decoder for streaming one sequence (special tokens skipped by default). */
   createStreamDecoder(options: { skipSpecialTokens?: boolean } = {}): StreamDecoder {
     const skipSpecialTokens = options.skipSpecialTokens ?? true;
-    return new StreamDecoder((ids) => this.decode(ids, { skipSpecialTokens, cleanUpTokenizationSpaces: false }));
+    return new StreamDecoder((ids) => this.rawText(ids, skipSpecialTokens));
   }
 }
 

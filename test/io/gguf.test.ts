@@ -1,4 +1,4 @@
-import { mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
+import { mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -314,6 +314,14 @@ describe('GGUF tokenizer metadata', () => {
     const file = await exported(noFlag);
     expect(meta(file, 'tokenizer.ggml.add_bos_token')).toBe(true);
     expect(meta(file, 'tokenizer.chat_template')).toBe('{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}');
+  });
+
+  it('reads the tokenizer files as the tokenizer does: one there but unreadable is FILE_IO, not "not found"', async () => {
+    const modelDir = await edited('tok-unreadable', () => undefined);
+    await rm(join(modelDir, 'tokenizer_config.json'));
+    await mkdir(join(modelDir, 'tokenizer_config.json')); // a folder stands in for an unreadable file
+    await expect(exportGgufModel({ modelDir, out: join(modelDir, 'x.gguf') }))
+      .rejects.toMatchObject({ code: 'FILE_IO', message: expect.stringContaining(`tokenizer file ${join(modelDir, 'tokenizer_config.json')} could not be read`) });
   });
 });
 

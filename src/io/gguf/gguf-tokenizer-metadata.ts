@@ -2,34 +2,15 @@
  * GGUF tokenizer metadata (tokenizer.ggml.*) from a Hugging Face byte-level BPE tokenizer.json and
  * tokenizer_config.json, the way convert_hf_to_gguf writes a "gpt2"-model vocabulary.
  */
-import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { SoppuError } from '../../errors/soppu-error.js';
-import { readChatTemplateFile } from '../../model/tokenizer.js';
+import { readChatTemplateFile, readTokenizerJson } from '../../model/tokenizer.js';
 import type { GgufValue } from './gguf-writer.js';
 
 /** llama_token_type values. */
 const TOKEN_TYPE = { NORMAL: 1, CONTROL: 3, USER_DEFINED: 4, UNUSED: 5 } as const;
 
 type Json = Record<string, unknown>;
-
-async function readJson(file: string, required: boolean): Promise<Json | null> {
-  let text: string;
-  try {
-    text = await readFile(file, 'utf8');
-  } catch (e) {
-    if (!required && (e as NodeJS.ErrnoException).code === 'ENOENT') return null;
-    throw new SoppuError('FILE_NOT_FOUND', `${file}: cannot read (${(e as Error).message})`, { file }, { cause: e });
-  }
-  let json: unknown;
-  try {
-    json = JSON.parse(text);
-  } catch (e) {
-    throw new SoppuError('MODEL_CONFIG', `${file}: not valid JSON (${(e as Error).message})`, { file });
-  }
-  if (json === null || typeof json !== 'object' || Array.isArray(json)) throw new SoppuError('MODEL_CONFIG', `${file}: must be a JSON object`, { file });
-  return json as Json;
-}
 
 /** A special token given as a string or as {content}. */
 function tokenContent(value: unknown): string | null {
@@ -92,10 +73,10 @@ export interface TokenizerIds {
  */
 export async function ggufTokenizerMetadata(modelDir: string, vocabSize: number, ids: TokenizerIds): Promise<Map<string, GgufValue>> {
   const file = join(modelDir, 'tokenizer.json');
-  const tokenizer = (await readJson(file, true))!;
+  const tokenizer = (await readTokenizerJson(file, true))!;
   // special_tokens_map.json fills what tokenizer_config.json leaves out, as transformers merges them
-  const specialTokensMap = await readJson(join(modelDir, 'special_tokens_map.json'), false);
-  const configOnly = await readJson(join(modelDir, 'tokenizer_config.json'), false);
+  const specialTokensMap = await readTokenizerJson(join(modelDir, 'special_tokens_map.json'), false);
+  const configOnly = await readTokenizerJson(join(modelDir, 'tokenizer_config.json'), false);
   const tokenizerConfig: Json | null = configOnly || specialTokensMap ? { ...specialTokensMap, ...configOnly } : null;
   const model = tokenizer['model'] as Json | undefined;
   if (!model || model['type'] !== 'BPE') throw new SoppuError('MODEL_CONFIG', `${file}: field "model.type" must be "BPE" (a byte-level BPE); got ${JSON.stringify(model?.['type'])}`, { file, field: 'model.type' });
