@@ -219,12 +219,14 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
     const { rank, alpha } = moduleRankAndAlpha(config, modulePath);
     const [a0, a1] = aInfo.shape as [number, number];
     const [b0, b1] = bInfo.shape as [number, number];
+    const moduleName = moduleNameOfPath(modulePath);
+    const conv1d = CONV1D_MODULE_NAMES.has(moduleName);
     let transposed: boolean;
     if (a0 === rank && b1 === rank) transposed = false;
     // factors stored [in, r] and [r, out]: only where PEFT's own layout cannot hold them (its A and B disagree on
     // the rank), for a GPT-2 Conv1D module, or with fan_in_fan_out; else A [4, 16], B [16, 4] with r=16 was read
     // as a 4×4 layer of rank 16, where PEFT refuses the rank
-    else if (a1 === rank && b0 === rank && (a0 !== b1 || config.fanInFanOut || CONV1D_MODULE_NAMES.has(moduleNameOfPath(modulePath)))) transposed = true;
+    else if (a1 === rank && b0 === rank && (a0 !== b1 || config.fanInFanOut || conv1d)) transposed = true;
     else if (a0 === b1 || a1 === b0) {
       const found = a0 === b1 ? a0 : a1;
       throw tensorsError(path, aInfo.name, `module ${modulePath} has rank ${found} (A [${a0}, ${a1}], B [${b0}, ${b1}]) but the config says r=${rank}${rank !== config.r ? ' (from rank_pattern)' : ''}`, { limit: rank });
@@ -233,8 +235,7 @@ async function readAdapter(dir: string, config: LoraConfig, file: SafetensorsFil
     }
     const inFeatures = transposed ? a0 : a1;
     const outFeatures = transposed ? b1 : b0;
-    const moduleName = moduleNameOfPath(modulePath);
-    const expectFanInFanOut = transposed || CONV1D_MODULE_NAMES.has(moduleName);
+    const expectFanInFanOut = transposed || conv1d;
     if (config.fanInFanOut !== expectFanInFanOut) fanInFanOutMismatch = true;
 
     let a = await file.readF32(aInfo.name);
