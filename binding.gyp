@@ -10,7 +10,8 @@
         "native/src/gemm.cc",
         "native/src/ops.cc",
         "native/src/attention.cc",
-        "native/src/lora.cc"
+        "native/src/lora.cc",
+        "native/src/large-pages.cc"
       ],
       "include_dirs": ["<!@(node -p \"require('node-addon-api').include\")"],
       "defines": ["NAPI_VERSION=8", "NAPI_DISABLE_CPP_EXCEPTIONS"],

@@ -8,6 +8,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   RegisterOps(env, exports);
   RegisterAttention(env, exports);
   RegisterLora(env, exports);
+  RegisterLargePages(env, exports);
   return exports;
 }
 }  // namespace soppu

@@ -43,5 +43,6 @@ void RegisterGemm(Napi::Env env, Napi::Object exports);
 void RegisterOps(Napi::Env env, Napi::Object exports);
 void RegisterAttention(Napi::Env env, Napi::Object exports);
 void RegisterLora(Napi::Env env, Napi::Object exports);
+void RegisterLargePages(Napi::Env env, Napi::Object exports);
 
 }  // namespace soppu

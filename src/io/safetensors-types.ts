@@ -23,6 +23,8 @@ export interface SafetensorsFile {
   get(name: string): TensorInfo | undefined;
   /** Reads one tensor's bytes into a fresh, aligned typed array of its dtype. */
   read(name: string): Promise<TensorData>;
+  /** Reads one tensor's bytes into `target`, which must be exactly their length (a caller's own memory). */
+  readInto(name: string, target: Uint8Array): Promise<void>;
   /** Reads one tensor and widens F32/F16/BF16/F64 to a Float32Array. */
   readF32(name: string): Promise<Float32Array>;
   close(): Promise<void>;

@@ -343,20 +343,32 @@ class LazySafetensorsFile implements SafetensorsFile {
   }
 
   async read(name: string): Promise<TensorData> {
-    const info = this.byName.get(name);
-    if (!info) throw new SoppuError('SAFETENSORS_TENSOR', `${this.path}: no tensor named "${printableName(name)}"`, { file: this.path, tensor: name });
-    if (!this.handle) throw new SoppuError('FILE_IO', `${this.path}: read of "${name}" after close`, { file: this.path, tensor: name });
+    const info = this.infoOf(name);
     const [begin, end] = info.dataOffsets;
     const buffer = new ArrayBuffer(end - begin);
-    if (end > begin) {
-      try {
-        await readFully(this.handle, new Uint8Array(buffer), this.dataStart + begin, this.path, `tensor "${name}"`);
-      } catch (e) {
-        if (e instanceof SoppuError) throw e;
-        throw ioError(this.path, `read tensor "${name}"`, e);
-      }
-    }
+    await this.readInto(name, new Uint8Array(buffer));
     return typedArrayOf(info.dtype, buffer);
+  }
+
+  async readInto(name: string, target: Uint8Array): Promise<void> {
+    const [begin, end] = this.infoOf(name).dataOffsets;
+    if (target.byteLength !== end - begin) {
+      throw new SoppuError('INTERNAL', `${this.path}: tensor "${printableName(name)}" has ${end - begin} bytes, its target ${target.byteLength}`, { file: this.path, tensor: name });
+    }
+    if (!this.handle) throw new SoppuError('FILE_IO', `${this.path}: read of "${name}" after close`, { file: this.path, tensor: name });
+    if (end === begin) return;
+    try {
+      await readFully(this.handle, target, this.dataStart + begin, this.path, `tensor "${name}"`);
+    } catch (e) {
+      if (e instanceof SoppuError) throw e;
+      throw ioError(this.path, `read tensor "${name}"`, e);
+    }
+  }
+
+  private infoOf(name: string): TensorInfo {
+    const info = this.byName.get(name);
+    if (!info) throw new SoppuError('SAFETENSORS_TENSOR', `${this.path}: no tensor named "${printableName(name)}"`, { file: this.path, tensor: name });
+    return info;
   }
 
   async readF32(name: string): Promise<Float32Array> {

@@ -1,6 +1,7 @@
 /**
  * A loaded Llama-family model: config + weights + the rotary inverse frequencies. What `forward` takes.
  */
+import { largePageBuffer } from '../kernels/large-page-buffer.js';
 import { ropeInvFreq } from '../kernels/ref/rope-inv-freq.js';
 import type { LlamaConfig } from './llama-config.js';
 import { loadLlamaConfig } from './llama-config.js';
@@ -20,10 +21,10 @@ export function createLlamaModel(config: LlamaConfig, weights: LlamaWeights): Ll
   return { config, weights, invFreq: ropeInvFreq(config.headDim, config.ropeTheta, config.ropeScaling) };
 }
 
-/** Load config.json and the safetensors weights of `modelDir`. */
+/** Load config.json and the safetensors weights of `modelDir` (the matrices in one huge-page buffer where possible). */
 export async function loadLlamaModel(modelDir: string): Promise<LlamaModel> {
   const config = await loadLlamaConfig(modelDir);
-  const weights = await loadLlamaWeights(modelDir, config);
+  const weights = await loadLlamaWeights(modelDir, config, { allocate: largePageBuffer });
   return createLlamaModel(config, weights);
 }
 

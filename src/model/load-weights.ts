@@ -8,7 +8,7 @@ import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import { openSafetensors } from '../io/safetensors.js';
 import type { SafetensorsFile } from '../io/safetensors-types.js';
-import type { WeightDtype } from '../tensor/dtype.js';
+import { WEIGHT_DTYPE_BYTES, type WeightDtype } from '../tensor/dtype.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import { weightMatrix } from '../tensor/weight-matrix.js';
 import type { LlamaConfig } from './llama-config.js';
@@ -126,14 +126,31 @@ async function locateTensors(modelDir: string): Promise<{ files: string[]; fileO
   return { files: [single], fileOf: () => single };
 }
 
-/** Load and check every weight of `config` from `modelDir`. */
-export async function loadLlamaWeights(modelDir: string, config: LlamaConfig): Promise<LlamaWeights> {
+/** How loadLlamaWeights places the matrices. */
+export interface LoadWeightsOptions {
+  /**
+   * Memory for every matrix at once (one buffer of `bytes`, zeroed and not yet touched), such as the addon's
+   * huge-page buffer; default a plain ArrayBuffer.
+   */
+  readonly allocate?: (bytes: number) => ArrayBuffer;
+}
+
+/** Matrices start on cache-line boundaries in the shared buffer (and so on their element size). */
+const MATRIX_ALIGN = 64;
+
+/**
+ * Load and check every weight of `config` from `modelDir`. The matrices share one buffer from
+ * `options.allocate`, each a view at its own aligned offset (a step then reads one mapping).
+ */
+export async function loadLlamaWeights(modelDir: string, config: LlamaConfig, options: LoadWeightsOptions = {}): Promise<LlamaWeights> {
   const { files, fileOf } = await locateTensors(modelDir);
   const opened = new Map<string, SafetensorsFile>();
   try {
     for (const file of files) opened.set(file, await openSafetensors(file));
     const matrices = new Map<string, WeightMatrix>();
     const vectors = new Map<string, Float32Array>();
+    const pending: { expected: ExpectedTensor; st: SafetensorsFile; dtype: WeightDtype; bytes: number; offset: number }[] = [];
+    let arenaBytes = 0;
     for (const expected of expectedTensors(config)) {
       const file = fileOf(expected.name);
       const st = file === undefined ? undefined : opened.get(file);
@@ -152,9 +169,17 @@ export async function loadLlamaWeights(modelDir: string, config: LlamaConfig): P
       if (expected.kind === 'vector') {
         vectors.set(expected.name, await st.readF32(expected.name));
       } else {
-        const data = await st.read(expected.name);
-        matrices.set(expected.name, weightMatrix(dtype, expected.shape[0]!, expected.shape[1]!, data as Float32Array | Uint16Array));
+        const bytes = info.dataOffsets[1] - info.dataOffsets[0];
+        pending.push({ expected, st, dtype, bytes, offset: arenaBytes });
+        arenaBytes += Math.ceil(bytes / MATRIX_ALIGN) * MATRIX_ALIGN;
       }
+    }
+    const arena = options.allocate ? options.allocate(arenaBytes) : new ArrayBuffer(arenaBytes);
+    for (const { expected, st, dtype, bytes, offset } of pending) {
+      await st.readInto(expected.name, new Uint8Array(arena, offset, bytes));
+      const elements = bytes / WEIGHT_DTYPE_BYTES[dtype];
+      const data = dtype === 'f32' ? new Float32Array(arena, offset, elements) : new Uint16Array(arena, offset, elements);
+      matrices.set(expected.name, weightMatrix(dtype, expected.shape[0]!, expected.shape[1]!, data));
     }
     const matrix = (name: string): WeightMatrix => matrices.get(name)!;
     const vector = (name: string): Float32Array => vectors.get(name)!;

@@ -136,6 +136,20 @@ describe('safetensors write/read', () => {
     await file.close();
   });
 
+  it('readInto fills a caller\'s memory with exactly the tensor\'s bytes, and refuses a target of another length', async () => {
+    const path = join(dir, 'into.safetensors');
+    await writeSafetensors(path, [{ name: 'w', dtype: 'BF16', shape: [3], data: Uint16Array.from([1, 2, 0xffff]) }]);
+    const file = await openSafetensors(path);
+    const arena = new ArrayBuffer(16);
+    await file.readInto('w', new Uint8Array(arena, 8, 6));
+    expect(Array.from(new Uint16Array(arena, 8, 3))).toEqual([1, 2, 0xffff]);
+    expect(Array.from(new Uint8Array(arena, 0, 8)).every((b) => b === 0)).toBe(true);
+    await expect(file.readInto('w', new Uint8Array(5))).rejects.toMatchObject({ code: 'INTERNAL', message: expect.stringMatching(/tensor "w" has 6 bytes, its target 5/) });
+    await expect(file.readInto('nope', new Uint8Array(6))).rejects.toMatchObject({ code: 'SAFETENSORS_TENSOR' });
+    await file.close();
+    await expect(file.readInto('w', new Uint8Array(6))).rejects.toMatchObject({ code: 'FILE_IO', message: expect.stringMatching(/after close/) });
+  });
+
   it('reports missing files as FILE_NOT_FOUND', async () => {
     await expect(openSafetensors(join(dir, 'absent.safetensors'))).rejects.toMatchObject({ code: 'FILE_NOT_FOUND' });
   });

@@ -5,7 +5,9 @@ import { generateModel } from '../../src/io/fixtures/generate-model.js';
 import { openSafetensors, writeSafetensors } from '../../src/io/safetensors.js';
 import type { TensorToWrite } from '../../src/io/safetensors-types.js';
 import { refKernels } from '../../src/kernels/index.js';
+import { loadLlamaConfig } from '../../src/model/llama-config.js';
 import { loadLlamaModel, modelWeightBytes } from '../../src/model/llama-model.js';
+import { loadLlamaWeights } from '../../src/model/load-weights.js';
 import { maxAbsDiff, modelDir, runSequence, tempDir } from './model-helpers.js';
 
 /** Copy a generated model, rewriting its tensors with `edit`. */
@@ -67,6 +69,33 @@ describe('loadLlamaWeights', () => {
     const f16 = await loadLlamaModel(await modelDir({ dtype: 'f16' }));
     expect(f16.weights.layers[1]!.down.weight.dtype).toBe('f16');
     expect(f16.weights.lmHead).not.toBe(f16.weights.embedding);
+  });
+
+  it('places every matrix in one buffer from the allocator, each at a 64-byte boundary, with the file\'s bytes', async () => {
+    const dir = await modelDir({ dtype: 'bf16', arch: 'qwen2' });
+    const config = await loadLlamaConfig(dir);
+    const requests: number[] = [];
+    const weights = await loadLlamaWeights(dir, config, { allocate: (bytes) => (requests.push(bytes), new ArrayBuffer(bytes)) });
+    expect(requests).toHaveLength(1);
+    const matrices = [weights.embedding, weights.lmHead, ...weights.layers.flatMap((l) => [l.q, l.k, l.v, l.o, l.gate, l.up, l.down].map((linear) => linear.weight))];
+    const arena = weights.embedding.data.buffer;
+    expect(arena.byteLength).toBe(requests[0]);
+    const file = await openSafetensors(join(dir, 'model.safetensors'));
+    try {
+      for (const [i, matrix] of matrices.entries()) {
+        expect(matrix.data.buffer, `matrix ${i}`).toBe(arena);
+        expect(matrix.data.byteOffset % 64, `matrix ${i}`).toBe(0);
+      }
+      // views do not overlap: sorted by offset, each ends before the next starts
+      const spans = matrices.map((m) => [m.data.byteOffset, m.data.byteOffset + m.data.byteLength] as const).sort((a, b) => a[0] - b[0]);
+      for (let i = 1; i < spans.length; i++) expect(spans[i]![0]).toBeGreaterThanOrEqual(spans[i - 1]![1]);
+      expect(Array.from(weights.layers[1]!.down.weight.data)).toEqual(Array.from((await file.read('model.layers.1.mlp.down_proj.weight')) as Uint16Array));
+      expect(Array.from(weights.lmHead.data)).toEqual(Array.from((await file.read('lm_head.weight')) as Uint16Array));
+      // biases and norms stay apart, widened to f32
+      expect(weights.layers[0]!.q.bias!.buffer).not.toBe(arena);
+    } finally {
+      await file.close();
+    }
   });
 
   it('names a missing tensor and its expected shape', async () => {
