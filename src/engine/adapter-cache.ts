@@ -10,7 +10,7 @@ import { SoppuError, isSoppuError } from '../errors/soppu-error.js';
 import type { BankReader } from '../compress/bank-reader-types.js';
 import { LOCAL_ADAPTER_PREFIX } from '../compress/bank-manifest.js';
 import type { LoraAdapter } from '../io/lora-types.js';
-import { residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
+import { basesInOneBuffer, residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
 import { WEIGHT_DTYPE_BYTES, type WeightDtype } from '../tensor/dtype.js';
 
 export type AdapterSpec = { readonly source: 'bank' } | { readonly source: 'local'; readonly dir: string };
@@ -25,6 +25,11 @@ export interface AdapterCacheOptions {
   readonly factorDtype?: WeightDtype;
   /** dtype of resident bank adapters: shared bases, cores and raw factors (default factorDtype). */
   readonly bankFactorDtype?: WeightDtype;
+  /**
+   * Memory for the shared bases one adapter load brings in (its cluster's, in one buffer; the engine passes the
+   * addon's huge-page buffer). Default: each factor its own array.
+   */
+  readonly allocateBases?: (bytes: number) => ArrayBuffer;
   /** Loads in flight at once (default 4). */
   readonly maxConcurrentLoads?: number;
   /** Called when a load finishes or fails, so the engine can schedule waiting requests. */
@@ -356,6 +361,7 @@ export class AdapterCache {
     entry.state = 'loading';
     this.loading++;
     const heldBases: string[] = [];
+    let startedBases: string[] = [];
     try {
       let resident: ResidentAdapter;
       if (entry.spec.source === 'local') {
@@ -368,6 +374,8 @@ export class AdapterCache {
         const keys = new Set<string>();
         for (const part of parts.slots.values()) if (part.kind === 'compressed') keys.add(part.basesKey);
         const loaded = new Map<string, ResidentBases>();
+        startedBases = [...keys];
+        this.startBasesLoads(startedBases, bank);
         for (const key of keys) {
           loaded.set(key, await this.holdBases(key, bank));
           heldBases.push(key);
@@ -388,6 +396,7 @@ export class AdapterCache {
       }
     } catch (e) {
       for (const key of heldBases) this.releaseBases(key);
+      this.dropUnheldLoads(startedBases);
       entry.state = 'failed';
       entry.error = loadError(entry, e, this.options.bank?.dir);
     } finally {
@@ -399,22 +408,53 @@ export class AdapterCache {
     this.options.onSettled?.();
   }
 
+  /**
+   * Starts loading the bases among `keys` that are neither held nor loading. With allocateBases they then move
+   * into one buffer together (one adapter's missing bases are its cluster's, which load and go together); if
+   * any of them fails, the others are served from their own arrays, so a bad file fails only its own key.
+   */
+  private startBasesLoads(keys: readonly string[], bank: BankReader): void {
+    const fresh = keys.filter((key) => !this.bases.has(key) && !this.basesLoading.has(key));
+    if (fresh.length === 0) return;
+    const allocate = this.options.allocateBases;
+    const loads = fresh.map((key) => bank.loadBases(key).then((bases) => residentBases(bases, this.bankDtype, bank.dir)));
+    const pooled = allocate ? Promise.all(loads).then((resident) => basesInOneBuffer(resident, allocate)) : null;
+    fresh.forEach((key, i) => {
+      const own = loads[i]!;
+      const pending = pooled ? pooled.then((resident) => resident[i]!, () => own) : own;
+      // listed until holdBases takes it into `bases`, or a failed load drops it (dropUnheldLoads): another load of
+      // the cluster, or this one reaching the key later, waits for it instead of reading it again. Its failure is
+      // handled by whoever awaits it; the no-op keeps it from reading as unhandled until then.
+      this.basesLoading.set(key, pending);
+      pending.catch(() => undefined);
+    });
+  }
+
+  /**
+   * After a failed load: bases it started that nobody holds once they settle leave the loading list (a load that
+   * awaits one holds it first: its continuation was queued earlier), so they are not kept unaccounted.
+   */
+  private dropUnheldLoads(keys: readonly string[]): void {
+    for (const key of keys) {
+      const pending = this.basesLoading.get(key);
+      if (!pending) continue;
+      const drop = (): void => {
+        if (this.basesLoading.get(key) === pending) this.basesLoading.delete(key);
+      };
+      pending.then(drop, drop);
+    }
+  }
+
   private async holdBases(key: string, bank: BankReader): Promise<ResidentBases> {
     const held = this.bases.get(key);
     if (held) {
       held.refs++;
       return held.bases;
     }
-    let pending = this.basesLoading.get(key);
-    if (!pending) {
-      pending = bank.loadBases(key).then((bases) => residentBases(bases, this.bankDtype, bank.dir));
-      this.basesLoading.set(key, pending);
-      pending.then(
-        () => this.basesLoading.delete(key),
-        () => this.basesLoading.delete(key),
-      );
-    }
+    if (!this.basesLoading.has(key)) this.startBasesLoads([key], bank);
+    const pending = this.basesLoading.get(key)!;
     const bases = await pending;
+    if (this.basesLoading.get(key) === pending) this.basesLoading.delete(key);
     const now = this.bases.get(key);
     if (now) {
       now.refs++;

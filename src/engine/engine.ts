@@ -7,6 +7,7 @@ import { SoppuError, isSoppuError } from '../errors/soppu-error.js';
 import type { BankReader } from '../compress/bank-reader-types.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { getKernels } from '../kernels/index.js';
+import { largePageBuffer } from '../kernels/large-page-buffer.js';
 import type { KernelSet } from '../kernels/kernel-set.js';
 import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
 import type { ForwardBatch } from '../model/forward-batch.js';
@@ -223,6 +224,7 @@ class SoppuEngine implements Engine {
       slotShape: this.slotShape,
       factorDtype: dtypes.local,
       bankFactorDtype: dtypes.bank,
+      allocateBases: largePageBuffer,
       maxConcurrentLoads: options.maxConcurrentLoads,
       onSettled: () => this.onAdapterSettled(),
     });

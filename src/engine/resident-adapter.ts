@@ -174,6 +174,28 @@ export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', fi
   return { key: bases.key, rank: bases.rank, a, bt, bytes: bytesOf(a) + bytesOf(bt) };
 }
 
+/** Factors start on cache-line boundaries in a shared buffer (and so on their element size). */
+const FACTOR_ALIGN = 64;
+
+/**
+ * The same bases with every factor copied into one buffer from `allocate`, each at a 64-byte boundary: a cluster's
+ * bases then share one mapping (huge pages, when the allocator gives them, so a step's short reads of many factors
+ * walk fewer page tables). The buffer lives while any of the returned bases does.
+ */
+export function basesInOneBuffer(list: readonly ResidentBases[], allocate: (bytes: number) => ArrayBuffer): ResidentBases[] {
+  const padded = (matrix: WeightMatrix): number => Math.ceil(matrix.data.byteLength / FACTOR_ALIGN) * FACTOR_ALIGN;
+  const buffer = allocate(list.reduce((sum, bases) => sum + padded(bases.a) + padded(bases.bt), 0));
+  let offset = 0;
+  const moved = (matrix: WeightMatrix): WeightMatrix => {
+    const { data } = matrix;
+    const view = data instanceof Float32Array ? new Float32Array(buffer, offset, data.length) : new Uint16Array(buffer, offset, data.length);
+    view.set(data);
+    offset += padded(matrix);
+    return weightMatrix(matrix.dtype, matrix.rows, matrix.cols, view);
+  };
+  return list.map((bases) => ({ ...bases, a: moved(bases.a), bt: moved(bases.bt) }));
+}
+
 /**
  * A bank adapter: compressed slots reference the already loaded shared bases in `bases`; raw factors
  * and cores stored as `dtype`. Refuses (ADAPTER_UNSUPPORTED) an adapter with passthrough tensors.

@@ -1,6 +1,7 @@
 import type { WeightDtype } from '../../src/tensor/dtype.js';
 import { describe, expect, it } from 'vitest';
 import { AdapterCache } from '../../src/engine/adapter-cache.js';
+import { SoppuError } from '../../src/errors/soppu-error.js';
 import { IncrementalDecoder, type EngineTokenizer } from '../../src/engine/engine-tokenizer.js';
 import { StopWindow } from '../../src/engine/stop-window.js';
 import { slotShapeOf } from '../../src/engine/engine.js';
@@ -142,7 +143,11 @@ describe('AdapterCache', () => {
   const bytes = residentFromLora('x', adapters.get('/a/0')!, slotShapeOf(config)).bytes;
   const settle = (): Promise<void> => new Promise((resolve) => setTimeout(resolve, 5));
 
-  function cache(budget: number, bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 }), dtypes: { factorDtype?: WeightDtype; bankFactorDtype?: WeightDtype } = {}) {
+  function cache(
+    budget: number,
+    bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 }),
+    dtypes: { factorDtype?: WeightDtype; bankFactorDtype?: WeightDtype; allocateBases?: (bytes: number) => ArrayBuffer } = {},
+  ) {
     const c = new AdapterCache({ budgetBytes: budget, bank: bank.reader, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config), ...dtypes });
     for (let i = 0; i < 6; i++) c.register(`l${i}`, { source: 'local', dir: `/a/${i}` });
     return { c, bank };
@@ -405,6 +410,79 @@ describe('AdapterCache', () => {
     for (const e of held) c.release(e);
     for (const id of ['c0-0', 'c0-1', 'c0-2']) c.remove(id);
     expect(c.bytesResident).toBe(0);
+  });
+
+  it('with allocateBases, the bases one load brings in share one buffer: each factor at a 64-byte boundary, the same values', async () => {
+    const buffers: ArrayBuffer[] = [];
+    const allocateBases = (n: number): ArrayBuffer => {
+      const buffer = new ArrayBuffer(n);
+      buffers.push(buffer);
+      return buffer;
+    };
+    const grouped = cache(1 << 30, undefined, { allocateBases }).c;
+    const apart = cache(1 << 30).c;
+    const [held, twin] = [grouped.acquire('c0-0'), apart.acquire('c0-0')];
+    const sibling = grouped.acquire('c0-1');
+    await settle();
+    await settle();
+    expect([held.state, twin.state, sibling.state]).toEqual(['resident', 'resident', 'resident']);
+    // one buffer for the cluster's bases: the sibling's load found them loading or held
+    expect(buffers).toHaveLength(1);
+    let compressed = 0;
+    for (const [key, slot] of held.resident!.slots) {
+      if (slot.kind !== 'compressed') continue;
+      compressed++;
+      const other = twin.resident!.slots.get(key);
+      if (other?.kind !== 'compressed') throw new Error(`slot ${key} is not compressed in the ungrouped cache`);
+      for (const factor of ['a', 'bt'] as const) {
+        const data = slot.bases[factor].data;
+        expect(data.buffer, `${key} ${factor}`).toBe(buffers[0]);
+        expect(data.byteOffset % 64, `${key} ${factor}`).toBe(0);
+        expect(Array.from(data), `${key} ${factor}`).toEqual(Array.from(other.bases[factor].data));
+      }
+      expect(sibling.resident!.slots.get(key)).toMatchObject({ bases: slot.bases });
+    }
+    expect(compressed).toBe(config.numLayers * 7);
+    expect(grouped.bytesResident).toBe(apart.bytesResident + sibling.resident!.bytes);
+  });
+
+  it('with allocateBases, one bad bases file fails its own key only, and a retry reads the cluster again into one buffer', async () => {
+    const bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 });
+    const badKey = 'c0/model.layers.1.mlp.up_proj';
+    let broken = true;
+    const reader = {
+      ...bank.reader,
+      loadBases: async (key: string) => {
+        const bases = await bank.reader.loadBases(key);
+        if (broken && key === badKey) throw new SoppuError('BANK_CORRUPT', `bases ${key}: checksum mismatch`);
+        return bases;
+      },
+    };
+    const buffers: ArrayBuffer[] = [];
+    const c = new AdapterCache({
+      budgetBytes: 1 << 30, bank: reader, loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config),
+      allocateBases: (n) => (buffers.push(new ArrayBuffer(n)), buffers[buffers.length - 1]!),
+    });
+    const first = c.acquire('c0-0');
+    await settle();
+    await settle();
+    expect(first.state).toBe('failed');
+    expect(first.error?.message).toMatch(/bases c0\/model\.layers\.1\.mlp\.up_proj: checksum mismatch/);
+    expect(buffers).toHaveLength(0);
+    c.release(first);
+    expect(c.bytesResident).toBe(0);
+    expect(bank.calls.bases).toBe(config.numLayers * 7);
+    broken = false;
+    const retry = c.acquire('c0-0');
+    await settle();
+    await settle();
+    expect(retry.state).toBe('resident');
+    // every key read again (none kept, unaccounted, from the failed load), into one buffer
+    expect(bank.calls.bases).toBe(2 * config.numLayers * 7);
+    expect(buffers).toHaveLength(1);
+    for (const slot of retry.resident!.slots.values()) if (slot.kind === 'compressed') expect(slot.bases.a.data.buffer).toBe(buffers[0]);
+    const basesBytes = [...new Set([...retry.resident!.slots.values()].flatMap((slot) => (slot.kind === 'compressed' ? [slot.bases] : [])))].reduce((n, b) => n + b.bytes, 0);
+    expect(c.bytesResident).toBe(retry.resident!.bytes + basesBytes);
   });
 
   it('hot reload: re-registering an id serves the new directory, the old copy is freed after its last user', async () => {
