@@ -32,13 +32,13 @@ import { loadNativeAddon } from '../src/kernels/native-addon.js';
 const SLOT_SHAPES: readonly [number, number][] = [[576, 576], [576, 192], [576, 192], [576, 576], [576, 1536], [576, 1536], [1536, 576]];
 const LAYERS = 30;
 
-interface Slot {
+export interface Slot {
   readonly w: WeightMatrix;
   readonly segments: readonly LoraSegment[];
   readonly cores: readonly (LoraCore | undefined)[];
 }
 
-type Dtype = 'f32' | 'bf16';
+export type Dtype = 'f32' | 'bf16';
 
 function option(args: string[], name: string): string | undefined {
   const index = args.indexOf(`--${name}`);
@@ -46,7 +46,7 @@ function option(args: string[], name: string): string | undefined {
 }
 
 /** Every slot of a step with its own weights, and adapters of one kind over `batch` rows. */
-function buildSlots(kind: 'compressed' | 'raw', dtype: Dtype, batch: number, rng: Random): Slot[] {
+export function buildSlots(kind: 'compressed' | 'raw', dtype: Dtype, batch: number, rng: Random): Slot[] {
   const matrix = (rows: number, cols: number, std: number): WeightMatrix => {
     const values = rng.fillNormal(new Float32Array(rows * cols), std);
     return dtype === 'f32' ? weightMatrix('f32', rows, cols, values) : weightMatrix('bf16', rows, cols, f32ArrayToBf16(values));
@@ -76,7 +76,7 @@ function buildSlots(kind: 'compressed' | 'raw', dtype: Dtype, batch: number, rng
 
 type Mode = 'base' | 'separate' | 'fused';
 
-function runStep(kernels: KernelSet, mode: Mode, slots: readonly Slot[], x: Float32Array, y: Float32Array, batch: number): void {
+export function runStep(kernels: KernelSet, mode: Mode, slots: readonly Slot[], x: Float32Array, y: Float32Array, batch: number): void {
   for (const { w, segments, cores } of slots) {
     // y: [batch, n]; x: [batch, k] (one buffer wide enough for every slot)
     if (mode === 'fused') {
@@ -88,14 +88,18 @@ function runStep(kernels: KernelSet, mode: Mode, slots: readonly Slot[], x: Floa
   }
 }
 
-export async function run(args: string[]): Promise<void> {
+/** A step bench's arguments (--batch, --iterations, --dtypes), its kernels and their thread count. */
+export function stepBenchSetup(args: string[], defaultIterations: number): { batch: number; iterations: number; dtypes: Dtype[]; kernels: KernelSet; threads: number } {
   const batch = Number(option(args, 'batch') ?? 32);
-  const iterations = Number(option(args, 'iterations') ?? 30);
+  const iterations = Number(option(args, 'iterations') ?? defaultIterations);
   const dtypes = (option(args, 'dtypes') ?? 'bf16,f32').split(',') as Dtype[];
   if (!Number.isInteger(batch) || batch < 4 || batch % 4 !== 0) throw new Error(`--batch must be a multiple of 4 (got ${batch})`);
-  const kernels = getKernels();
   const { addon } = loadNativeAddon();
-  const threads = addon ? addon.numThreads() : 1;
+  return { batch, iterations, dtypes, kernels: getKernels(), threads: addon ? addon.numThreads() : 1 };
+}
+
+export async function run(args: string[]): Promise<void> {
+  const { batch, iterations, dtypes, kernels, threads } = stepBenchSetup(args, 30);
   const rng = new Random(7);
   const x = rng.fillNormal(new Float32Array(batch * 1536), 1);
   const y = new Float32Array(batch * 1536);
