@@ -10,7 +10,7 @@ import { SoppuError, isSoppuError } from '../errors/soppu-error.js';
 import type { BankReader } from '../compress/bank-reader-types.js';
 import { LOCAL_ADAPTER_PREFIX } from '../compress/bank-manifest.js';
 import type { LoraAdapter } from '../io/lora-types.js';
-import { basesInOneBuffer, residentBases, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
+import { residentBases, residentBasesInOneBuffer, residentFromBank, residentFromLora, type ResidentAdapter, type ResidentBases, type SlotShape } from './resident-adapter.js';
 import { WEIGHT_DTYPE_BYTES, type WeightDtype } from '../tensor/dtype.js';
 
 export type AdapterSpec = { readonly source: 'bank' } | { readonly source: 'local'; readonly dir: string };
@@ -417,11 +417,12 @@ export class AdapterCache {
     const fresh = keys.filter((key) => !this.bases.has(key) && !this.basesLoading.has(key));
     if (fresh.length === 0) return;
     const allocate = this.options.allocateBases;
-    const loads = fresh.map((key) => bank.loadBases(key).then((bases) => residentBases(bases, this.bankDtype, bank.dir)));
-    const pooled = allocate ? Promise.all(loads).then((resident) => basesInOneBuffer(resident, allocate)) : null;
+    const dtype = this.bankDtype;
+    const loads = fresh.map((key) => bank.loadBases(key));
+    const pooled = allocate ? Promise.all(loads).then((all) => residentBasesInOneBuffer(all, dtype, bank.dir, allocate)) : null;
     fresh.forEach((key, i) => {
-      const own = loads[i]!;
-      const pending = pooled ? pooled.then((resident) => resident[i]!, () => own) : own;
+      const own = (): Promise<ResidentBases> => loads[i]!.then((bases) => residentBases(bases, dtype, bank.dir));
+      const pending = pooled ? pooled.then((resident) => resident[i]!, own) : own();
       // listed until holdBases takes it into `bases`, or a failed load drops it (dropUnheldLoads): another load of
       // the cluster, or this one reaching the key later, waits for it instead of reading it again. Its failure is
       // handled by whoever awaits it; the no-op keeps it from reading as unhandled until then.

@@ -12,7 +12,7 @@ import type { BankAdapterParts, SharedBases } from '../compress/bank-reader-type
 import { F32_MAX } from '../io/load-lora-adapter.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
-import { F16_MAX, narrowFinite, type WeightDtype } from '../tensor/dtype.js';
+import { F16_MAX, WEIGHT_DTYPE_BYTES, narrowFinite, type WeightDtype } from '../tensor/dtype.js';
 import { weightMatrix, type WeightMatrix } from '../tensor/weight-matrix.js';
 
 /** A cluster's shared bases for one slot, as kernel operands. */
@@ -122,9 +122,14 @@ function refusePassthrough(id: string, file: string, names: readonly string[]): 
  * An f32 factor [rows, cols] as a kernel operand of `dtype` (rounded to nearest even when 16-bit).
  * f16 cannot hold a magnitude above 65504: such a factor is refused (it would serve infinities).
  */
-function factor(dtype: WeightDtype, rows: number, cols: number, data: Float32Array, tensor: string, file: string): WeightMatrix {
-  if (dtype === 'f32') return weightMatrix('f32', rows, cols, data);
-  const narrowed = narrowFinite(data, dtype);
+function factor(dtype: WeightDtype, rows: number, cols: number, data: Float32Array, tensor: string, file: string, place?: FactorPlacer): WeightMatrix {
+  if (dtype === 'f32') {
+    if (!place) return weightMatrix('f32', rows, cols, data);
+    const placed = place(rows * cols, dtype) as Float32Array;
+    placed.set(data);
+    return weightMatrix('f32', rows, cols, placed);
+  }
+  const narrowed = narrowFinite(data, dtype, place?.(rows * cols, dtype) as Uint16Array | undefined);
   if ('bits' in narrowed) return weightMatrix(dtype, rows, cols, narrowed.bits);
   const i = narrowed.overflowAt;
   if (dtype === 'bf16') throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the bf16 range; serve adapters as f32 (lora dtype)`, { file, tensor });
@@ -167,10 +172,13 @@ export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotSh
   return { id, source: 'local', storage: 'raw', cluster: -1, slots, bytes, basesKeys: [] };
 }
 
-/** Shared bases as kernel operands of `dtype`. */
-export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', file = ''): ResidentBases {
-  const a = factor(dtype, bases.rank, bases.inFeatures, bases.vt, `${bases.path}.Vt`, file);
-  const bt = factor(dtype, bases.rank, bases.outFeatures, transposed(bases.u, bases.outFeatures, bases.rank), `${bases.path}.U`, file);
+/** Where a factor of `elements` values of `dtype` is written: a view into a shared buffer. */
+type FactorPlacer = (elements: number, dtype: WeightDtype) => Float32Array | Uint16Array;
+
+/** Shared bases as kernel operands of `dtype` (each factor a fresh array, or where `place` puts it). */
+export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', file = '', place?: FactorPlacer): ResidentBases {
+  const a = factor(dtype, bases.rank, bases.inFeatures, bases.vt, `${bases.path}.Vt`, file, place);
+  const bt = factor(dtype, bases.rank, bases.outFeatures, transposed(bases.u, bases.outFeatures, bases.rank), `${bases.path}.U`, file, place);
   return { key: bases.key, rank: bases.rank, a, bt, bytes: bytesOf(a) + bytesOf(bt) };
 }
 
@@ -178,22 +186,20 @@ export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', fi
 const FACTOR_ALIGN = 64;
 
 /**
- * The same bases with every factor copied into one buffer from `allocate`, each at a 64-byte boundary: a cluster's
- * bases then share one mapping (huge pages, when the allocator gives them, so a step's short reads of many factors
- * walk fewer page tables). The buffer lives while any of the returned bases does.
+ * Several shared bases as kernel operands of `dtype`, every factor written into one buffer from `allocate`, each
+ * at a 64-byte boundary: a cluster's bases then share one mapping (huge pages, when the allocator gives them, so a
+ * step's short reads of many factors walk fewer page tables). The buffer lives while any of the returned bases does.
  */
-export function basesInOneBuffer(list: readonly ResidentBases[], allocate: (bytes: number) => ArrayBuffer): ResidentBases[] {
-  const padded = (matrix: WeightMatrix): number => Math.ceil(matrix.data.byteLength / FACTOR_ALIGN) * FACTOR_ALIGN;
-  const buffer = allocate(list.reduce((sum, bases) => sum + padded(bases.a) + padded(bases.bt), 0));
+export function residentBasesInOneBuffer(list: readonly SharedBases[], dtype: WeightDtype, file: string, allocate: (bytes: number) => ArrayBuffer): ResidentBases[] {
+  const padded = (elements: number): number => Math.ceil((elements * WEIGHT_DTYPE_BYTES[dtype]) / FACTOR_ALIGN) * FACTOR_ALIGN;
+  const buffer = allocate(list.reduce((sum, bases) => sum + padded(bases.rank * bases.inFeatures) + padded(bases.rank * bases.outFeatures), 0));
   let offset = 0;
-  const moved = (matrix: WeightMatrix): WeightMatrix => {
-    const { data } = matrix;
-    const view = data instanceof Float32Array ? new Float32Array(buffer, offset, data.length) : new Uint16Array(buffer, offset, data.length);
-    view.set(data);
-    offset += padded(matrix);
-    return weightMatrix(matrix.dtype, matrix.rows, matrix.cols, view);
+  const place: FactorPlacer = (elements) => {
+    const view = dtype === 'f32' ? new Float32Array(buffer, offset, elements) : new Uint16Array(buffer, offset, elements);
+    offset += padded(elements);
+    return view;
   };
-  return list.map((bases) => ({ ...bases, a: moved(bases.a), bt: moved(bases.bt) }));
+  return list.map((bases) => residentBases(bases, dtype, file, place));
 }
 
 /**

@@ -108,9 +108,10 @@ export const F16_MAX = 65504;
 /**
  * `data` narrowed to `dtype` bits, or the index of the first value that would not stay finite there: f16
  * refuses magnitudes beyond 65504; bf16 only values within half an ulp of the f32 maximum, which round to ±∞.
+ * The bits go to `dst` when given (its length must be data's).
  */
-export function narrowFinite(data: Float32Array, dtype: 'bf16' | 'f16'): { bits: Uint16Array } | { overflowAt: number } {
-  const bits = dtype === 'f16' ? f32ArrayToF16(data) : f32ArrayToBf16(data);
+export function narrowFinite(data: Float32Array, dtype: 'bf16' | 'f16', dst?: Uint16Array): { bits: Uint16Array } | { overflowAt: number } {
+  const bits = dtype === 'f16' ? f32ArrayToF16(data, dst) : f32ArrayToBf16(data, dst);
   // a finite value that rounds to ±Infinity (f16 from 65520 on: 65504 < |x| < 65520 round to 65504)
   const infinity = dtype === 'f16' ? 0x7c00 : 0x7f80;
   for (let i = 0; i < bits.length; i++) if ((bits[i]! & 0x7fff) === infinity && Number.isFinite(data[i]!)) return { overflowAt: i };
