@@ -129,18 +129,22 @@ async function locateTensors(modelDir: string): Promise<{ files: string[]; fileO
 /** How loadLlamaWeights places the matrices. */
 export interface LoadWeightsOptions {
   /**
-   * Memory for every matrix at once (one buffer of `bytes`, zeroed and not yet touched), such as the addon's
-   * huge-page buffer; default a plain ArrayBuffer.
+   * Memory for the matrices (a buffer of `bytes`, zeroed and not yet touched), such as the addon's huge-page
+   * buffer; default a plain ArrayBuffer.
    */
   readonly allocate?: (bytes: number) => ArrayBuffer;
+  /** The most bytes one buffer holds (default 1 GiB): matrices fill buffers in order; a larger matrix gets its own. */
+  readonly maxBufferBytes?: number;
 }
+
+const DEFAULT_MAX_BUFFER_BYTES = 2 ** 30;
 
 /** Matrices start on cache-line boundaries in the shared buffer (and so on their element size). */
 const MATRIX_ALIGN = 64;
 
 /**
- * Load and check every weight of `config` from `modelDir`. The matrices share one buffer from
- * `options.allocate`, each a view at its own aligned offset (a step then reads one mapping).
+ * Load and check every weight of `config` from `modelDir`. The matrices share buffers from `options.allocate`
+ * (one for a small model), each a view at its own aligned offset: a step then reads a few large mappings.
  */
 export async function loadLlamaWeights(modelDir: string, config: LlamaConfig, options: LoadWeightsOptions = {}): Promise<LlamaWeights> {
   const { files, fileOf } = await locateTensors(modelDir);
@@ -149,8 +153,10 @@ export async function loadLlamaWeights(modelDir: string, config: LlamaConfig, op
     for (const file of files) opened.set(file, await openSafetensors(file));
     const matrices = new Map<string, WeightMatrix>();
     const vectors = new Map<string, Float32Array>();
-    const pending: { expected: ExpectedTensor; st: SafetensorsFile; dtype: WeightDtype; bytes: number; offset: number }[] = [];
-    let arenaBytes = 0;
+    const maxBufferBytes = options.maxBufferBytes ?? DEFAULT_MAX_BUFFER_BYTES;
+    // buffers[b] holds the matrices of pending whose buffer is b, at their offsets
+    const pending: { expected: ExpectedTensor; st: SafetensorsFile; dtype: WeightDtype; bytes: number; buffer: number; offset: number }[] = [];
+    const bufferBytes: number[] = [];
     for (const expected of expectedTensors(config)) {
       const file = fileOf(expected.name);
       const st = file === undefined ? undefined : opened.get(file);
@@ -170,12 +176,17 @@ export async function loadLlamaWeights(modelDir: string, config: LlamaConfig, op
         vectors.set(expected.name, await st.readF32(expected.name));
       } else {
         const bytes = info.dataOffsets[1] - info.dataOffsets[0];
-        pending.push({ expected, st, dtype, bytes, offset: arenaBytes });
-        arenaBytes += Math.ceil(bytes / MATRIX_ALIGN) * MATRIX_ALIGN;
+        const padded = Math.ceil(bytes / MATRIX_ALIGN) * MATRIX_ALIGN;
+        const last = bufferBytes.length - 1;
+        if (last < 0 || bufferBytes[last]! + padded > maxBufferBytes) bufferBytes.push(0);
+        const buffer = bufferBytes.length - 1;
+        pending.push({ expected, st, dtype, bytes, buffer, offset: bufferBytes[buffer]! });
+        bufferBytes[buffer]! += padded;
       }
     }
-    const arena = options.allocate ? options.allocate(arenaBytes) : new ArrayBuffer(arenaBytes);
-    for (const { expected, st, dtype, bytes, offset } of pending) {
+    const buffers = bufferBytes.map((bytes) => (options.allocate ? options.allocate(bytes) : new ArrayBuffer(bytes)));
+    for (const { expected, st, dtype, bytes, buffer, offset } of pending) {
+      const arena = buffers[buffer]!;
       await st.readInto(expected.name, new Uint8Array(arena, offset, bytes));
       const elements = bytes / WEIGHT_DTYPE_BYTES[dtype];
       const data = dtype === 'f32' ? new Float32Array(arena, offset, elements) : new Uint16Array(arena, offset, elements);

@@ -93,6 +93,21 @@ describe('loadLlamaWeights', () => {
       expect(Array.from(weights.lmHead.data)).toEqual(Array.from((await file.read('lm_head.weight')) as Uint16Array));
       // biases and norms stay apart, widened to f32
       expect(weights.layers[0]!.q.bias!.buffer).not.toBe(arena);
+      // with a cap per buffer: the matrices fill buffers in file order, none over the cap unless one matrix is
+      const cap = 10_000;
+      const capped: ArrayBuffer[] = [];
+      const split = await loadLlamaWeights(dir, config, { maxBufferBytes: cap, allocate: (bytes) => (capped.push(new ArrayBuffer(bytes)), capped.at(-1)!) });
+      const splitMatrices = [split.embedding, split.lmHead, ...split.layers.flatMap((l) => [l.q, l.k, l.v, l.o, l.gate, l.up, l.down].map((linear) => linear.weight))];
+      expect(capped.length).toBeGreaterThan(2);
+      for (const buffer of capped) {
+        const inside = splitMatrices.filter((m) => m.data.buffer === buffer);
+        expect(inside.length).toBeGreaterThan(0);
+        if (inside.length > 1) expect(buffer.byteLength).toBeLessThanOrEqual(cap);
+      }
+      splitMatrices.forEach((m, i) => {
+        expect(capped.includes(m.data.buffer as ArrayBuffer), `matrix ${i}`).toBe(true);
+        expect(Array.from(m.data), `matrix ${i}`).toEqual(Array.from(matrices[i]!.data));
+      });
     } finally {
       await file.close();
     }
