@@ -75,6 +75,19 @@ export class AdapterEntry {
   }
 }
 
+/**
+ * What holding (+1) or letting go of (−1) one key's bases changes in the bytes resident: its own bytes, or for bases
+ * in a shared buffer, the whole buffer when the first of its keys is held and when the last is let go (the buffer
+ * lives while any of them does).
+ */
+function heldBytesOf(bases: ResidentBases, change: 1 | -1): number {
+  const group = bases.group;
+  if (!group) return bases.bytes;
+  const before = group.held;
+  group.held += change;
+  return before === 0 || group.held === 0 ? group.bytes : 0;
+}
+
 export interface AdapterCacheCounts {
   hits: number;
   misses: number;
@@ -410,8 +423,9 @@ export class AdapterCache {
 
   /**
    * Starts loading the bases among `keys` that are neither held nor loading. With allocateBases they then move
-   * into one buffer together (one adapter's missing bases are its cluster's, which load and go together); if
-   * any of them fails, the others are served from their own arrays, so a bad file fails only its own key.
+   * into one buffer together (one adapter's missing bases are its cluster's, which load and go together), counted
+   * whole while any of them is held; if any of them fails, the others are served from their own arrays, so a bad
+   * file fails only its own key.
    */
   private startBasesLoads(keys: readonly string[], bank: BankReader): void {
     const fresh = keys.filter((key) => !this.bases.has(key) && !this.basesLoading.has(key));
@@ -432,8 +446,9 @@ export class AdapterCache {
   }
 
   /**
-   * After a failed load: bases it started that nobody holds once they settle leave the loading list (a load that
-   * awaits one holds it first: its continuation was queued earlier), so they are not kept unaccounted.
+   * After a failed load: bases it started that nobody holds once they settle leave the loading list, so they are not
+   * kept unaccounted (a load awaiting one of them right now holds it first: its continuation was queued earlier; a
+   * load of the same cluster that reaches one later reads it again).
    */
   private dropUnheldLoads(keys: readonly string[]): void {
     for (const key of keys) {
@@ -462,7 +477,7 @@ export class AdapterCache {
       return now.bases;
     }
     this.bases.set(key, { bases, refs: 1 });
-    this.basesBytes += bases.bytes;
+    this.basesBytes += heldBytesOf(bases, +1);
     return bases;
   }
 
@@ -472,7 +487,7 @@ export class AdapterCache {
     held.refs--;
     if (held.refs === 0) {
       this.bases.delete(key);
-      this.basesBytes -= held.bases.bytes;
+      this.basesBytes -= heldBytesOf(held.bases, -1);
     }
   }
 

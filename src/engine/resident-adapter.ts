@@ -15,6 +15,12 @@ import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
 import { F16_MAX, WEIGHT_DTYPE_BYTES, narrowFinite, type WeightDtype } from '../tensor/dtype.js';
 import { weightMatrix, type WeightMatrix } from '../tensor/weight-matrix.js';
 
+/** A buffer several keys' bases share (residentBasesInOneBuffer): its size, and how many of its keys are held. */
+export interface BasesGroup {
+  readonly bytes: number;
+  held: number;
+}
+
 /** A cluster's shared bases for one slot, as kernel operands. */
 export interface ResidentBases {
   readonly key: string;
@@ -24,6 +30,8 @@ export interface ResidentBases {
   /** Uᵀ: [R, N] — the shared expand. */
   readonly bt: WeightMatrix;
   readonly bytes: number;
+  /** The buffer these bases share with others, when they do. */
+  readonly group?: BasesGroup;
 }
 
 export type ResidentSlot =
@@ -199,7 +207,8 @@ export function residentBasesInOneBuffer(list: readonly SharedBases[], dtype: We
     offset += padded(elements);
     return view;
   };
-  return list.map((bases) => residentBases(bases, dtype, file, place));
+  const group: BasesGroup = { bytes: buffer.byteLength, held: 0 };
+  return list.map((bases) => ({ ...residentBases(bases, dtype, file, place), group }));
 }
 
 /**

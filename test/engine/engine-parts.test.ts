@@ -2,6 +2,7 @@ import type { WeightDtype } from '../../src/tensor/dtype.js';
 import { describe, expect, it } from 'vitest';
 import { AdapterCache } from '../../src/engine/adapter-cache.js';
 import { SoppuError } from '../../src/errors/soppu-error.js';
+import type { BankReader } from '../../src/compress/bank-reader-types.js';
 import { IncrementalDecoder, type EngineTokenizer } from '../../src/engine/engine-tokenizer.js';
 import { StopWindow } from '../../src/engine/stop-window.js';
 import { slotShapeOf } from '../../src/engine/engine.js';
@@ -135,6 +136,20 @@ describe('Sampler', () => {
     expect(() => resolveSampling({ topK: 1.5 })).toThrow(/top_k/);
   });
 });
+
+/** The bank with adapter `id` stripped of its slot at `path` (a member that keeps that slot out of the fit). */
+function withoutSlot(reader: BankReader, id: string, path: string): BankReader {
+  return {
+    ...reader,
+    async loadAdapter(adapterId) {
+      const parts = await reader.loadAdapter(adapterId);
+      if (adapterId !== id) return parts;
+      const slots = new Map(parts.slots);
+      slots.delete(path);
+      return { ...parts, slots };
+    },
+  };
+}
 
 describe('AdapterCache', () => {
   const config = tinyConfig();
@@ -446,12 +461,36 @@ describe('AdapterCache', () => {
     expect(grouped.bytesResident).toBe(apart.bytesResident + sibling.resident!.bytes);
   });
 
+  it('with allocateBases, a shared buffer counts whole while any of its keys is held', async () => {
+    const bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 });
+    const buffers: ArrayBuffer[] = [];
+    const c = new AdapterCache({
+      budgetBytes: 1 << 30, bank: withoutSlot(bank.reader, 'c0-1', 'model.layers.0.self_attn.q_proj'), loadLocal: memoryLoader(adapters), slotShape: slotShapeOf(config),
+      allocateBases: (n) => (buffers.push(new ArrayBuffer(n)), buffers[buffers.length - 1]!),
+    });
+    const whole = c.acquire('c0-0');
+    await settle();
+    await settle();
+    expect(buffers).toHaveLength(1);
+    expect(c.bytesResident).toBe(whole.resident!.bytes + buffers[0]!.byteLength);
+    const partial = c.acquire('c0-1');
+    await settle();
+    expect(partial.state).toBe('resident');
+    // c0-0 goes; c0-1 still holds every key but one, and with them the whole buffer
+    c.release(whole);
+    c.remove('c0-0');
+    expect(c.bytesResident).toBe(partial.resident!.bytes + buffers[0]!.byteLength);
+    c.release(partial);
+    c.remove('c0-1');
+    expect(c.bytesResident).toBe(0);
+  });
+
   it('with allocateBases, one bad bases file fails its own key only, and a retry reads the cluster again into one buffer', async () => {
     const bank = handBank(config, { clusters: 1, perCluster: 3, rank: 2, seed: 1 });
     const badKey = 'c0/model.layers.1.mlp.up_proj';
     let broken = true;
     const reader = {
-      ...bank.reader,
+      ...withoutSlot(bank.reader, 'c0-1', 'model.layers.1.mlp.up_proj'),
       loadBases: async (key: string) => {
         const bases = await bank.reader.loadBases(key);
         if (broken && key === badKey) throw new SoppuError('BANK_CORRUPT', `bases ${key}: checksum mismatch`);
@@ -464,12 +503,17 @@ describe('AdapterCache', () => {
       allocateBases: (n) => (buffers.push(new ArrayBuffer(n)), buffers[buffers.length - 1]!),
     });
     const first = c.acquire('c0-0');
+    // a member of the cluster that does not use the bad key, loading at the same time, is not touched by it
+    const unaffected = c.acquire('c0-1');
     await settle();
     await settle();
     expect(first.state).toBe('failed');
     expect(first.error?.message).toMatch(/bases c0\/model\.layers\.1\.mlp\.up_proj: checksum mismatch/);
+    expect(unaffected.state).toBe('resident');
     expect(buffers).toHaveLength(0);
     c.release(first);
+    c.release(unaffected);
+    c.remove('c0-1');
     expect(c.bytesResident).toBe(0);
     expect(bank.calls.bases).toBe(config.numLayers * 7);
     broken = false;
