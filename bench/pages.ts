@@ -13,23 +13,19 @@ import { dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { HUGE_PAGE_BYTES, largePageBuffer } from '../src/kernels/large-page-buffer.js';
 import type { KernelSet, LoraSegment } from '../src/kernels/kernel-set.js';
+import { alignedBytes, alignedViews } from '../src/tensor/aligned-views.js';
 import { Random } from '../src/tensor/random.js';
 import { weightMatrix, type WeightMatrix } from '../src/tensor/weight-matrix.js';
 import { machineDescription, repositoryRoot, writeBenchmarkSection } from './helpers/benchmarks-md.js';
 import { fmt, median } from './helpers/timing.js';
 import { buildSlots, runStep, stepBenchSetup, type Slot } from './lora-step.js';
 
-const ALIGN = 64;
-
-/** Copies matrices into one buffer from `allocate`, each at a 64-byte boundary. */
+/** Copies matrices (in the order given) into one huge-page buffer, each at a 64-byte boundary. */
 function packer(matrices: readonly WeightMatrix[]): (matrix: WeightMatrix) => WeightMatrix {
-  const buffer = largePageBuffer(Math.max(HUGE_PAGE_BYTES, matrices.reduce((sum, m) => sum + Math.ceil(m.data.byteLength / ALIGN) * ALIGN, 0)));
-  let offset = 0;
+  const views = alignedViews(largePageBuffer(Math.max(HUGE_PAGE_BYTES, matrices.reduce((sum, m) => sum + alignedBytes(m.data.byteLength), 0))));
   return (matrix) => {
-    const { data } = matrix;
-    const view = data instanceof Float32Array ? new Float32Array(buffer, offset, data.length) : new Uint16Array(buffer, offset, data.length);
-    view.set(data);
-    offset += Math.ceil(data.byteLength / ALIGN) * ALIGN;
+    const view = views(matrix.dtype, matrix.data.length);
+    view.set(matrix.data);
     return weightMatrix(matrix.dtype, matrix.rows, matrix.cols, view);
   };
 }

@@ -13,6 +13,7 @@ import { F32_MAX } from '../io/load-lora-adapter.js';
 import type { LoraAdapter } from '../io/lora-types.js';
 import { TARGET_MODULES, type TargetModule } from '../model/adapter-hook.js';
 import { F16_MAX, WEIGHT_DTYPE_BYTES, narrowFinite, type WeightDtype } from '../tensor/dtype.js';
+import { alignedBytes, alignedViews } from '../tensor/aligned-views.js';
 import { weightMatrix, type WeightMatrix } from '../tensor/weight-matrix.js';
 
 /** A buffer several keys' bases share (residentBasesInOneBuffer): its size, and how many of its keys are held. */
@@ -133,11 +134,11 @@ function refusePassthrough(id: string, file: string, names: readonly string[]): 
 function factor(dtype: WeightDtype, rows: number, cols: number, data: Float32Array, tensor: string, file: string, place?: FactorPlacer): WeightMatrix {
   if (dtype === 'f32') {
     if (!place) return weightMatrix('f32', rows, cols, data);
-    const placed = place(rows * cols, dtype) as Float32Array;
+    const placed = place(rows * cols) as Float32Array;
     placed.set(data);
     return weightMatrix('f32', rows, cols, placed);
   }
-  const narrowed = narrowFinite(data, dtype, place?.(rows * cols, dtype) as Uint16Array | undefined);
+  const narrowed = narrowFinite(data, dtype, place?.(rows * cols) as Uint16Array | undefined);
   if ('bits' in narrowed) return weightMatrix(dtype, rows, cols, narrowed.bits);
   const i = narrowed.overflowAt;
   if (dtype === 'bf16') throw new SoppuError('ADAPTER_TENSORS', `${tensor}: value ${data[i]} at element ${i} is beyond the bf16 range; serve adapters as f32 (lora dtype)`, { file, tensor });
@@ -180,8 +181,8 @@ export function residentFromLora(id: string, adapter: LoraAdapter, shape: SlotSh
   return { id, source: 'local', storage: 'raw', cluster: -1, slots, bytes, basesKeys: [] };
 }
 
-/** Where a factor of `elements` values of `dtype` is written: a view into a shared buffer. */
-type FactorPlacer = (elements: number, dtype: WeightDtype) => Float32Array | Uint16Array;
+/** Where a factor of `elements` values (of the dtype being built) is written: a view into a shared buffer. */
+type FactorPlacer = (elements: number) => Float32Array | Uint16Array;
 
 /** Shared bases as kernel operands of `dtype` (each factor a fresh array, or where `place` puts it). */
 export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', file = '', place?: FactorPlacer): ResidentBases {
@@ -190,23 +191,16 @@ export function residentBases(bases: SharedBases, dtype: WeightDtype = 'f32', fi
   return { key: bases.key, rank: bases.rank, a, bt, bytes: bytesOf(a) + bytesOf(bt) };
 }
 
-/** Factors start on cache-line boundaries in a shared buffer (and so on their element size). */
-const FACTOR_ALIGN = 64;
-
 /**
  * Several shared bases as kernel operands of `dtype`, every factor written into one buffer from `allocate`, each
  * at a 64-byte boundary: a cluster's bases then share one mapping (huge pages, when the allocator gives them, so a
  * step's short reads of many factors walk fewer page tables). The buffer lives while any of the returned bases does.
  */
 export function residentBasesInOneBuffer(list: readonly SharedBases[], dtype: WeightDtype, file: string, allocate: (bytes: number) => ArrayBuffer): ResidentBases[] {
-  const padded = (elements: number): number => Math.ceil((elements * WEIGHT_DTYPE_BYTES[dtype]) / FACTOR_ALIGN) * FACTOR_ALIGN;
+  const padded = (elements: number): number => alignedBytes(elements * WEIGHT_DTYPE_BYTES[dtype]);
   const buffer = allocate(list.reduce((sum, bases) => sum + padded(bases.rank * bases.inFeatures) + padded(bases.rank * bases.outFeatures), 0));
-  let offset = 0;
-  const place: FactorPlacer = (elements) => {
-    const view = dtype === 'f32' ? new Float32Array(buffer, offset, elements) : new Uint16Array(buffer, offset, elements);
-    offset += padded(elements);
-    return view;
-  };
+  const views = alignedViews(buffer);
+  const place: FactorPlacer = (elements) => views(dtype, elements);
   const group: BasesGroup = { bytes: buffer.byteLength, held: 0 };
   return list.map((bases) => ({ ...residentBases(bases, dtype, file, place), group }));
 }

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { SoppuError } from '../errors/soppu-error.js';
 import { openSafetensors } from '../io/safetensors.js';
 import type { SafetensorsFile } from '../io/safetensors-types.js';
+import { alignedBytes, alignedViews } from '../tensor/aligned-views.js';
 import { WEIGHT_DTYPE_BYTES, type WeightDtype } from '../tensor/dtype.js';
 import type { WeightMatrix } from '../tensor/weight-matrix.js';
 import { weightMatrix } from '../tensor/weight-matrix.js';
@@ -139,9 +140,6 @@ export interface LoadWeightsOptions {
 
 const DEFAULT_MAX_BUFFER_BYTES = 2 ** 30;
 
-/** Matrices start on cache-line boundaries in the shared buffer (and so on their element size). */
-const MATRIX_ALIGN = 64;
-
 /**
  * Load and check every weight of `config` from `modelDir`. The matrices share buffers from `options.allocate`
  * (one for a small model), each a view at its own aligned offset: a step then reads a few large mappings.
@@ -154,8 +152,8 @@ export async function loadLlamaWeights(modelDir: string, config: LlamaConfig, op
     const matrices = new Map<string, WeightMatrix>();
     const vectors = new Map<string, Float32Array>();
     const maxBufferBytes = options.maxBufferBytes ?? DEFAULT_MAX_BUFFER_BYTES;
-    // buffers[b] holds the matrices of pending whose buffer is b, at their offsets
-    const pending: { expected: ExpectedTensor; st: SafetensorsFile; dtype: WeightDtype; bytes: number; buffer: number; offset: number }[] = [];
+    // the matrices in file order, each with the buffer it goes in; bufferBytes[b]: buffer b's size
+    const pending: { expected: ExpectedTensor; st: SafetensorsFile; dtype: WeightDtype; bytes: number; buffer: number }[] = [];
     const bufferBytes: number[] = [];
     for (const expected of expectedTensors(config)) {
       const file = fileOf(expected.name);
@@ -176,20 +174,18 @@ export async function loadLlamaWeights(modelDir: string, config: LlamaConfig, op
         vectors.set(expected.name, await st.readF32(expected.name));
       } else {
         const bytes = info.dataOffsets[1] - info.dataOffsets[0];
-        const padded = Math.ceil(bytes / MATRIX_ALIGN) * MATRIX_ALIGN;
         const last = bufferBytes.length - 1;
-        if (last < 0 || bufferBytes[last]! + padded > maxBufferBytes) bufferBytes.push(0);
+        if (last < 0 || bufferBytes[last]! + alignedBytes(bytes) > maxBufferBytes) bufferBytes.push(0);
         const buffer = bufferBytes.length - 1;
-        pending.push({ expected, st, dtype, bytes, buffer, offset: bufferBytes[buffer]! });
-        bufferBytes[buffer]! += padded;
+        pending.push({ expected, st, dtype, bytes, buffer });
+        bufferBytes[buffer]! += alignedBytes(bytes);
       }
     }
-    const buffers = bufferBytes.map((bytes) => (options.allocate ? options.allocate(bytes) : new ArrayBuffer(bytes)));
-    for (const { expected, st, dtype, bytes, buffer, offset } of pending) {
-      const arena = buffers[buffer]!;
-      await st.readInto(expected.name, new Uint8Array(arena, offset, bytes));
-      const elements = bytes / WEIGHT_DTYPE_BYTES[dtype];
-      const data = dtype === 'f32' ? new Float32Array(arena, offset, elements) : new Uint16Array(arena, offset, elements);
+    // views handed out in the order the sizes were summed
+    const views = bufferBytes.map((bytes) => alignedViews(options.allocate ? options.allocate(bytes) : new ArrayBuffer(bytes)));
+    for (const { expected, st, dtype, bytes, buffer } of pending) {
+      const data = views[buffer]!(dtype, bytes / WEIGHT_DTYPE_BYTES[dtype]);
+      await st.readInto(expected.name, new Uint8Array(data.buffer, data.byteOffset, bytes));
       matrices.set(expected.name, weightMatrix(dtype, expected.shape[0]!, expected.shape[1]!, data));
     }
     const matrix = (name: string): WeightMatrix => matrices.get(name)!;
